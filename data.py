@@ -103,6 +103,14 @@ def read_json(path):
         raise DataError(f"{path}: cannot be read ({e.strerror})")
 
 
+def read_task_file(path):
+    """A one-task file's content, or its DataError: in a folder, one broken file is one skipped task."""
+    try:
+        return read_json(path)
+    except DataError as e:
+        return e
+
+
 def raw_tasks(source, split):
     """(task_id, task, file name) triples from an embedded set, a challenges file, one task file or a folder."""
     if source in EMBEDDED:
@@ -120,12 +128,12 @@ def raw_tasks(source, split):
         files = sorted(path.glob("*.json"))
         if not files:
             raise DataError(f"{path}: no *.json task files in this folder")
-        return [(f.stem, read_json(f), str(f)) for f in files]
+        return [(f.stem, read_task_file(f), str(f)) for f in files]
     if not path.exists():
         known = ", ".join(EMBEDDED)
         raise DataError(f"{source}: no such file or folder, and not an embedded dataset ({known})")
     data = read_json(path)
-    if isinstance(data, dict) and "train" in data and "test" in data:  # one task in a file of its own
+    if isinstance(data, dict) and ("train" in data or "test" in data):  # one task in a file of its own
         return [(path.stem, data, str(path))]
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a dict of task_id -> task, got a {type(data).__name__}")
@@ -146,6 +154,9 @@ def attach_solutions(challenges, solutions, path):
                 and len(answers) == len(task["test"]):
             task = dict(task, test=[dict(t, output=a) if isinstance(t, dict) else t
                                     for t, a in zip(task["test"], answers)])
+        else:
+            print(f"warning: {path}: no usable solution for task {tid} (missing, or not one grid per test "
+                  "input): it is loaded without answers", file=sys.stderr)
         out[tid] = task
     return out
 
@@ -154,6 +165,9 @@ def read_tasks(source="arc1", split="train"):
     """(tasks, skipped): valid tasks by id, and (task_id, reason) for each invalid one. Raises DataError."""
     tasks, skipped = {}, []
     for tid, task, where in raw_tasks(source, split):
+        if isinstance(task, DataError):
+            skipped.append((tid, str(task)))
+            continue
         try:
             check_task(task)
         except ValueError as e:
@@ -231,14 +245,13 @@ def _digits_decode(line):
 FORMATS = {
     "llama3": (_triple_encode, _triple_decode),
     "digits": (lambda row: "".join(map(str, row)), _digits_decode),
-    # plain digit rows on Llama-3: cells merge, about 2.5x fewer tokens; only for --stats comparisons
-    "merged": (lambda row: "".join(map(str, row)), None),
 }
 IN, OUT, END = "in", "out", "end"  # single tokens on Llama-3 after a newline
 
 
 def format_grid(grid, fmt):
-    encode = FORMATS[fmt][0]
+    # "merged": plain digit rows on Llama-3, whose cells merge (about 2.5x fewer tokens); --stats compares it
+    encode = FORMATS["digits" if fmt == "merged" else fmt][0]
     return "\n".join(encode(row) for row in grid)
 
 

@@ -1,0 +1,543 @@
+"""data.py: grids survive the 8 symmetries and the text formats, Llama-3 sees exactly one token per cell,
+bad data stops with one line naming the file and task, and build_dataset writes the rows training needs.
+
+    python -m pytest tests/test_data.py -q
+"""
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+
+DECODABLE = ("llama3", "digits")
+
+
+@pytest.fixture(scope="module")
+def arc1():
+    """All 800 ARC-AGI-1 tasks, loaded once for the module."""
+    return {split: data.load_tasks("arc1", split) for split in ("train", "eval")}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.llama3_tokenizer()
+
+
+def grids_of(tasks):
+    """(task id, grid) for every train/test input and output."""
+    return [(tid, ex[key]) for tid, task in sorted(tasks.items()) for part in ("train", "test")
+            for ex in task[part] for key in ("input", "output") if key in ex]
+
+
+def grids_in(text, fmt):
+    """The grids written in a prompt or completion, in order (blocks between the in/out/end marker lines)."""
+    blocks, lines = [], []
+    for line in text.split("\n") + [data.END]:
+        if line in (data.IN, data.OUT, data.END):
+            if lines:
+                blocks.append(data.parse_grid("\n".join(lines), fmt))
+            lines = []
+        else:
+            lines.append(line)
+    return blocks
+
+
+def task_grids(task, test_index=0):
+    """The grids of a prompt + completion for `task`, in the order they are written."""
+    test = task["test"][test_index]
+    return [g for ex in task["train"] for g in (ex["input"], ex["output"])] + [test["input"], test["output"]]
+
+
+def small_task(seed, n_train=2, side=3, n_test=1):
+    rng = random.Random(seed)
+    grid = lambda: [[rng.randrange(10) for _ in range(side)] for _ in range(side)]  # noqa: E731
+    return {"train": [{"input": grid(), "output": grid()} for _ in range(n_train)],
+            "test": [{"input": grid(), "output": grid()} for _ in range(n_test)]}
+
+
+# ----------------------------------------------------------------------------
+# symmetries and text formats on every ARC-AGI-1 grid
+
+def test_arc1_has_400_train_and_400_eval_tasks(arc1):
+    assert len(arc1["train"]) == 400 and len(arc1["eval"]) == 400
+
+
+def test_every_arc1_grid_round_trips_through_all_8_symmetries(arc1):
+    grids = grids_of(arc1["train"]) + grids_of(arc1["eval"])
+    assert len(grids) == 7000  # 2,665 train + 835 test pairs, input and output each
+    for tid, grid in grids:
+        for k in range(8):
+            assert data.undo_dihedral(data.dihedral(grid, k), k) == grid, f"task {tid} k={k}"
+
+
+def test_only_llama3_and_digits_have_a_decoder():
+    # a new decodable format must be added to the round-trip tests below
+    assert {name for name, (_, decode) in data.FORMATS.items() if decode} == set(DECODABLE)
+
+
+@pytest.mark.parametrize("fmt", DECODABLE)
+def test_every_arc1_grid_round_trips_through_format_and_parse(arc1, fmt):
+    for tid, grid in grids_of(arc1["train"]) + grids_of(arc1["eval"]):
+        assert data.parse_grid(data.format_grid(grid, fmt), fmt) == grid, f"task {tid}"
+        assert data.parse_output(data.format_completion(grid, fmt), fmt) == grid, f"task {tid}"
+
+
+def test_k4_is_the_transposition():
+    assert data.dihedral([[1, 2, 3], [4, 5, 6]], 4) == [[1, 4], [2, 5], [3, 6]]
+
+
+def test_k1_to_k3_are_the_rotations():
+    g = [[1, 2, 3], [4, 5, 6]]
+    assert data.dihedral(g, 2) == [[6, 5, 4], [3, 2, 1]]
+    assert data.dihedral(data.dihedral(g, 1), 1) == data.dihedral(g, 2)
+    assert data.dihedral(data.dihedral(g, 2), 1) == data.dihedral(g, 3)
+    assert data.dihedral(data.dihedral(g, 3), 1) == g
+
+
+def test_8_symmetries_of_a_non_symmetric_grid_are_8_distinct_grids():
+    g = [[1, 2, 3], [4, 5, 6], [7, 8, 0]]
+    variants = [data.dihedral(g, k) for k in range(8)]
+    assert len({json.dumps(v) for v in variants}) == 8
+    assert variants[0] == g
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_dihedral_of_a_rectangular_grid_has_the_right_shape(k):
+    g = [[c + 10 * r for c in range(5)] for r in range(2)]  # 2x5
+    out = data.dihedral(g, k)
+    assert (len(out), len(out[0])) == ((5, 2) if k in (1, 3, 4, 6) else (2, 5))
+    assert sorted(c for row in out for c in row) == sorted(c for row in g for c in row)
+    assert all(type(c) is int for row in out for c in row)  # plain ints, so json.dumps works
+
+
+# ----------------------------------------------------------------------------
+# the real Llama-3 tokenizer: one token per cell
+
+def test_llama3_gives_one_token_per_cell_on_every_arc1_eval_grid(arc1, tok):
+    grids = [g for _, g in grids_of(arc1["eval"])]
+    encodings = tok.encode_batch([data.format_grid(g, "llama3") for g in grids], add_special_tokens=False)
+    text_of = {i: tok.decode([i]) for i in {i for e in encodings for i in e.ids}}
+    assert {t for t in text_of.values() if t != "\n"} <= {str(d) * 3 for d in range(10)}
+    for grid, enc in zip(grids, encodings):
+        h, w = len(grid), len(grid[0])
+        assert len(enc.ids) == h * w + (h - 1)
+        expected = [t for row in grid for t in [str(c) * 3 for c in row] + ["\n"]][:-1]
+        assert [text_of[i] for i in enc.ids] == expected
+
+
+def test_llama3_prompt_and_completion_tokenize_apart_as_together(arc1, tok):
+    tids = random.Random(0).sample(sorted(arc1["eval"]), 25)
+    for tid in tids:
+        for k in (0, 5):
+            view = data.variant(arc1["eval"][tid], k)
+            prompt = data.format_prompt(view, 0, "llama3")
+            completion = data.format_completion(view["test"][0]["output"], "llama3")
+            whole = tok.encode(prompt + completion, add_special_tokens=False).ids
+            apart = tok.encode(prompt, add_special_tokens=False).ids + tok.encode(completion, add_special_tokens=False).ids
+            assert whole == apart, f"task {tid} k={k}"
+            # every cell, newline and in/out/end marker is one token in the whole sequence too
+            cells = sum(len(g) * len(g[0]) for g in task_grids(view))
+            markers = sum(line in (data.IN, data.OUT, data.END) for line in (prompt + completion).split("\n"))
+            assert len(whole) == cells + (prompt + completion).count("\n") + markers, f"task {tid} k={k}"
+
+
+def test_choose_format_picks_llama3_for_llama3_and_digits_for_a_per_digit_encoder(tok):
+    assert data.choose_format(lambda s: tok.encode(s, add_special_tokens=False).ids) == "llama3"
+    assert data.choose_format(lambda s: list(s)) == "digits"
+
+
+def test_choose_format_refuses_a_tokenizer_with_neither():
+    with pytest.raises(data.DataError, match="no one-token-per-cell format"):
+        data.choose_format(lambda s: [s])  # the whole text as one token
+
+
+# ----------------------------------------------------------------------------
+# malformed data: each case stops with its own clear message
+
+G = [[1, 2], [3, 4]]
+GOOD = {"train": [{"input": G, "output": G}], "test": [{"input": G, "output": G}]}
+
+
+def with_train_input(grid):
+    return {"train": [{"input": grid, "output": G}], "test": [{"input": G}]}
+
+
+# a bad task beside a good one in the same file: the bad one is skipped, its reason names it and the problem
+BAD_TASKS = {
+    "task_is_a_list": ([GOOD], "task is a list, not a dict"),
+    "task_is_a_string": ("train", "task is a str, not a dict"),
+    "missing_train": ({"test": GOOD["test"]}, "'train' is missing"),
+    "empty_train": ({"train": [], "test": GOOD["test"]}, "'train' is missing or not a non-empty list"),
+    "train_not_a_list": ({"train": GOOD["train"][0], "test": GOOD["test"]}, "'train' is missing or not a non-empty list"),
+    "missing_test": ({"train": GOOD["train"]}, "'test' is missing"),
+    "empty_test": ({"train": GOOD["train"], "test": []}, "'test' is missing or not a non-empty list"),
+    "example_not_a_dict": ({"train": [G], "test": GOOD["test"]}, "train[0] is not a dict with an 'input' grid"),
+    "example_without_input": ({"train": [{"output": G}], "test": GOOD["test"]}, "train[0] is not a dict with an 'input'"),
+    "train_without_output": ({"train": [{"input": G}], "test": GOOD["test"]}, "train[0].output is not a non-empty list"),
+    "test_without_input": ({"train": GOOD["train"], "test": [{"output": G}]}, "test[0] is not a dict with an 'input'"),
+    "grid_not_a_list": (with_train_input("0123"), "train[0].input is not a non-empty list of non-empty lists"),
+    "grid_of_numbers": (with_train_input([1, 2, 3]), "train[0].input is not a non-empty list of non-empty lists"),
+    "empty_grid": (with_train_input([]), "train[0].input is not a non-empty list of non-empty lists"),
+    "grid_with_empty_row": (with_train_input([[1, 2], []]), "train[0].input is not a non-empty list"),
+    "ragged_grid": (with_train_input([[1, 2], [3]]), "train[0].input is ragged"),
+    "31_rows": (with_train_input([[0]] * 31), "train[0].input is 31x1, outside 1..30"),
+    "31_columns": (with_train_input([[0] * 31]), "train[0].input is 1x31, outside 1..30"),
+    "cell_10": (with_train_input([[1, 10]]), "has cell 10, not an integer colour 0..9"),
+    "cell_minus_1": (with_train_input([[-1, 1]]), "has cell -1, not an integer colour 0..9"),
+    "cell_string": (with_train_input([[1, "3"]]), "has cell '3', not an integer colour 0..9"),
+    "cell_float": (with_train_input([[1.0, 2]]), "has cell 1.0, not an integer colour 0..9"),
+    "cell_bool": (with_train_input([[True, 2]]), "has cell True, not an integer colour 0..9"),
+    "cell_null": (with_train_input([[None, 2]]), "has cell None, not an integer colour 0..9"),
+    "ragged_test_output": ({"train": GOOD["train"], "test": [{"input": G, "output": [[1], [2, 3]]}]},
+                           "test[0].output is ragged"),
+    "bad_second_train_example": ({"train": GOOD["train"] + [{"input": G, "output": [[11]]}], "test": GOOD["test"]},
+                                 "train[1].output has cell 11"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TASKS)
+def test_bad_task_in_a_good_file_is_skipped_with_its_reason(tmp_path, case):
+    bad, problem = BAD_TASKS[case]
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps({"good1": GOOD, "bad": bad}))
+    tasks, skipped = data.read_tasks(str(path), "train")
+    assert list(tasks) == ["good1"] and tasks["good1"] == GOOD
+    assert [tid for tid, _ in skipped] == ["bad"]
+    reason = skipped[0][1]
+    assert str(path) in reason and "task bad" in reason and problem in reason, reason
+
+
+def test_load_tasks_reports_each_skipped_task_on_stderr(tmp_path, capsys):
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps({"ok": GOOD, "bad": with_train_input([[1, 2], [3]])}))
+    assert list(data.load_tasks(str(path), "train")) == ["ok"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("skipped ") and "task bad" in err[0] and "ragged" in err[0]
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    return path
+
+
+# whole-file failures: files to write under tmp_path, what to load, the file the message names, the problem
+BAD_FILES = {
+    "not_json": ({"t.json": "{not json"}, "t.json", "t.json", "not valid JSON"),
+    "empty_file": ({"t.json": ""}, "t.json", "t.json", "not valid JSON"),
+    "not_utf8": ({"t.json": b"\xff\xfe{}"}, "t.json", "t.json", "not valid JSON"),
+    "file_not_found": ({}, "missing.json", "missing.json", "no such file or folder"),
+    "top_level_list": ({"t.json": json.dumps([GOOD])}, "t.json", "t.json", "expected a dict of task_id -> task, got a list"),
+    "top_level_number": ({"t.json": "42"}, "t.json", "t.json", "expected a dict of task_id -> task, got a int"),
+    "empty_dict": ({"t.json": "{}"}, "t.json", "t.json", "no valid tasks"),
+    "only_bad_tasks": ({"t.json": json.dumps({"x": with_train_input([[1], [2, 3]])})}, "t.json", "t.json",
+                       "no valid tasks; first problem"),
+    "folder_without_json": ({"d/notes.txt": "hi"}, "d", "d", "no *.json task files in this folder"),
+    "folder_with_only_a_subfolder": ({"d/sub/x.json": "{}"}, "d", "d", "no *.json task files in this folder"),
+    "folder_with_only_broken_files": ({"d/b.json": "{"}, "d", "d/b.json", "not valid JSON"),
+    "solutions_not_a_dict": ({"x_challenges.json": json.dumps({"a": GOOD}), "x_solutions.json": "[]"},
+                             "x_challenges.json", "x_solutions.json", "expected a dict of task_id -> list of output grids"),
+    "solutions_not_json": ({"x_challenges.json": json.dumps({"a": GOOD}), "x_solutions.json": "nope"},
+                           "x_challenges.json", "x_solutions.json", "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_file_raises_data_error_naming_the_file(tmp_path, case):
+    files, source, named, problem = BAD_FILES[case]
+    for name, text in files.items():
+        write(tmp_path / name, text)
+    with pytest.raises(data.DataError) as e:
+        data.read_tasks(str(tmp_path / source), "train")
+    message = str(e.value)
+    assert str(tmp_path / named) in message and problem in message, message
+    assert "\n" not in message
+
+
+def test_broken_file_in_a_folder_is_one_skipped_task(tmp_path):
+    write(tmp_path / "a.json", json.dumps(GOOD))
+    write(tmp_path / "b.json", "{")
+    tasks, skipped = data.read_tasks(str(tmp_path), "train")
+    assert tasks == {"a": GOOD}
+    assert [tid for tid, _ in skipped] == ["b"] and str(tmp_path / "b.json") in skipped[0][1]
+    assert "not valid JSON" in skipped[0][1]
+
+
+def test_single_task_file_missing_a_part_names_the_part(tmp_path):
+    path = write(tmp_path / "single.json", json.dumps({"train": GOOD["train"]}))
+    with pytest.raises(data.DataError) as e:
+        data.read_tasks(str(path), "train")
+    assert "single.json" in str(e.value) and "'test' is missing" in str(e.value)
+
+
+def test_unknown_split_of_an_embedded_set_is_a_data_error():
+    with pytest.raises(data.DataError, match="--split test"):
+        data.read_tasks("arc1", "test")
+
+
+def test_folder_in_arc_repo_layout_reads_the_split_subfolder(tmp_path):
+    write(tmp_path / "training" / "aaa.json", json.dumps(GOOD))
+    write(tmp_path / "evaluation" / "bbb.json", json.dumps(small_task(1)))
+    train, _ = data.read_tasks(str(tmp_path), "train")
+    evaluation, _ = data.read_tasks(str(tmp_path), "eval")
+    assert train == {"aaa": GOOD}
+    assert evaluation == {"bbb": small_task(1)}
+
+
+def test_folder_of_task_files_uses_file_names_as_task_ids(tmp_path):
+    for i in range(3):
+        write(tmp_path / f"t{i}.json", json.dumps(small_task(i)))
+    tasks, skipped = data.read_tasks(str(tmp_path), "eval")
+    assert tasks == {f"t{i}": small_task(i) for i in range(3)} and skipped == []
+
+
+def test_single_task_file_is_one_task_named_after_the_file(tmp_path):
+    path = write(tmp_path / "007bbfb7.json", json.dumps(GOOD))
+    assert data.read_tasks(str(path), "train") == ({"007bbfb7": GOOD}, [])
+
+
+def test_kaggle_challenges_get_test_outputs_from_the_solutions_beside_them(tmp_path):
+    a, b = small_task(1, n_test=2), small_task(2)
+    challenges = {tid: {"train": t["train"], "test": [{"input": x["input"]} for x in t["test"]]}
+                  for tid, t in (("a", a), ("b", b))}
+    solutions = {tid: [x["output"] for x in t["test"]] for tid, t in (("a", a), ("b", b))}
+    path = write(tmp_path / "arc-agi_training_challenges.json", json.dumps(challenges))
+    write(tmp_path / "arc-agi_training_solutions.json", json.dumps(solutions))
+    tasks, skipped = data.read_tasks(str(path), "train")
+    assert tasks == {"a": a, "b": b} and skipped == []
+
+
+def test_kaggle_challenges_without_solutions_load_with_test_inputs_only(tmp_path):
+    challenges = {"a": {"train": GOOD["train"], "test": [{"input": G}]}}
+    path = write(tmp_path / "arc-agi_test_challenges.json", json.dumps(challenges))
+    assert data.read_tasks(str(path), "eval") == (challenges, [])
+
+
+# ----------------------------------------------------------------------------
+# parsing model output: garbage gives None, never an exception
+
+GARBAGE = {
+    "empty": ("", DECODABLE),
+    "blank_lines": ("\n\n", DECODABLE),
+    "words": ("hello", DECODABLE),
+    "ragged": ("012\n01", DECODABLE),
+    "letter_in_row": ("0a1", DECODABLE),
+    "bad_triple_row": ("000111\n00011", DECODABLE),
+    "not_a_triple": ("001", ("llama3",)),
+    "not_whole_triples": ("0001", ("llama3",)),
+    "empty_row_inside": ("000\n\n000", DECODABLE),
+    "space_in_row": ("000 111", DECODABLE),
+    "commas": ("0,1", DECODABLE),
+    "minus": ("-1", DECODABLE),
+    "decimal": ("1.0", DECODABLE),
+    "arabic_indic_digits": ("١٢", DECODABLE),
+    "arabic_indic_triple": ("١١١", DECODABLE),
+    "fullwidth_digits": ("０００", DECODABLE),
+    "superscript": ("²²²", DECODABLE),
+    "31_rows_llama3": ("\n".join(["000"] * 31), ("llama3",)),
+    "31_rows_digits": ("\n".join(["0"] * 31), ("digits",)),
+    "31_columns_llama3": ("000" * 31, ("llama3",)),
+    "31_columns_digits": ("0" * 31, ("digits",)),
+    "markers_only": ("in\nout\n", DECODABLE),
+    "none": (None, DECODABLE),
+    "number": (42, DECODABLE),
+    "bytes": (b"000", DECODABLE),
+}
+
+
+@pytest.mark.parametrize("case, fmt", [(case, fmt) for case, (_, fmts) in GARBAGE.items() for fmt in fmts])
+def test_parsing_garbage_gives_none(case, fmt):
+    text = GARBAGE[case][0]
+    assert data.parse_grid(text, fmt) is None
+    ended = text + "\n" + data.END if isinstance(text, str) else text
+    assert data.parse_output(ended, fmt) is None
+
+
+@pytest.mark.parametrize("fmt", DECODABLE)
+def test_parse_output_without_end_marker_is_none_as_truncated(fmt):
+    grid = [[1, 2, 3], [4, 5, 6]]
+    assert data.parse_grid(data.format_grid(grid, fmt), fmt) == grid
+    assert data.parse_output(data.format_grid(grid, fmt), fmt) is None
+    assert data.parse_output(data.format_grid(grid, fmt) + "\n", fmt) is None
+    assert data.parse_output(data.format_grid(grid, fmt)[:-4], fmt) is None
+
+
+@pytest.mark.parametrize("fmt", DECODABLE)
+@pytest.mark.parametrize("tail", ["", "\n", "<|eot_id|>", "\nin\n000\nout\n", " garbage end end", "\n\n\n"])
+def test_parse_output_reads_the_grid_before_end_and_ignores_what_follows(fmt, tail):
+    rng = random.Random(1)
+    for grid in ([[7]], [[1, 2, 3]], [[0] * 30] * 30, [[rng.randrange(10) for _ in range(5)] for _ in range(9)]):
+        assert data.parse_output(data.format_completion(grid, fmt) + tail, fmt) == grid
+
+
+@pytest.mark.parametrize("fmt", DECODABLE)
+def test_parse_grid_on_random_text_is_none_or_the_grid_written(fmt):
+    rng = random.Random(0)
+    alphabet = "0000111222333456789\n\n a١"
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        grid = data.parse_grid(text, fmt)
+        assert grid is None or data.format_grid(grid, fmt) == text.strip(), repr(text)
+        data.parse_output(text + data.END, fmt)
+
+
+# ----------------------------------------------------------------------------
+# the command line
+
+def run_data(*args):
+    return subprocess.run([sys.executable, "data.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_help_is_quick_and_lists_every_flag():
+    t0 = time.time()
+    result = run_data("--help")
+    assert result.returncode == 0, result.stderr
+    assert time.time() - t0 < 15
+    for f in dataclasses.fields(data.Config):
+        assert "--" + f.name.replace("_", "-") in result.stdout
+
+
+def test_importing_data_and_its_tokenizer_does_not_import_torch():
+    code = "import data, sys; data.llama3_tokenizer(); assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--dataset", "/nonexistent"], "/nonexistent"),
+    (["--dataset", "{tmp}/broken.json"], "broken.json"),
+    (["--dataset", "{tmp}/ok.json", "--print", "nosuchtask"], "nosuchtask"),
+])
+def test_user_mistake_exits_with_one_error_line_and_no_traceback(tmp_path, args, named):
+    write(tmp_path / "broken.json", "{")
+    write(tmp_path / "ok.json", json.dumps({"a": GOOD}))
+    result = run_data(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], result.stderr
+
+
+def test_print_writes_a_task_text_that_parses_back(tmp_path):
+    task = small_task(3)
+    write(tmp_path / "abc.json", json.dumps(task))
+    result = run_data("--dataset", str(tmp_path / "abc.json"), "--print", "abc", "--format", "digits")
+    assert result.returncode == 0, result.stderr
+    assert grids_in(result.stdout.strip(), "digits") == task_grids(task)
+
+
+# ----------------------------------------------------------------------------
+# build_dataset: rows for training
+
+def test_build_dataset_gives_8_rows_per_test_input_with_the_transformed_answer():
+    tasks = {"a": small_task(1), "b": small_task(2, n_train=3, side=4), "c": small_task(3, n_test=2)}
+    ds, report = data.build_dataset(tasks, "llama3")
+    assert {"prompt", "completion", "task_id", "k"} <= set(ds.column_names)
+    assert len(ds) == 8 * 4
+    assert Counter(ds["task_id"]) == {"a": 8, "b": 8, "c": 16}
+    assert Counter(zip(ds["task_id"], ds["k"])) == {(t, k): 1 + (t == "c") for t in "abc" for k in range(8)}
+    assert report["trimmed_examples"] == 0 and report["skipped"] == []
+    for row in ds:
+        task, i = tasks[row["task_id"]], row["test_index"]
+        view = data.variant(task, row["k"])
+        assert row["prompt"].endswith(f"\n{data.OUT}\n")
+        assert data.parse_output(row["completion"], "llama3") == data.dihedral(task["test"][i]["output"], row["k"])
+        assert grids_in(row["prompt"] + row["completion"], "llama3") == task_grids(view, i)
+
+
+def test_build_dataset_skips_test_inputs_without_an_answer():
+    task = {"train": GOOD["train"], "test": [{"input": G}, {"input": G, "output": G}]}
+    ds, _ = data.build_dataset({"t": task}, "digits")
+    assert len(ds) == 8 and set(ds["test_index"]) == {1}
+
+
+def square(side, colour):
+    return [[colour] * side for _ in range(side)]
+
+
+def trim_task():
+    """Square grids so every symmetry has the same length; train example 1 is the largest."""
+    return {"train": [{"input": square(2, 1), "output": square(2, 2)},
+                      {"input": square(6, 3), "output": square(6, 4)},
+                      {"input": square(3, 5), "output": square(3, 6)}],
+            "test": [{"input": square(2, 7), "output": square(2, 8)}]}
+
+
+def test_fit_task_drops_the_largest_train_example_first_and_counts_it():
+    task = trim_task()
+    without_largest = dict(task, train=[task["train"][0], task["train"][2]])
+    limit = len(data.format_prompt(without_largest, 0, "digits") + data.format_completion(square(2, 8), "digits"))
+    fitted, trimmed = data.fit_task(task, 0, "digits", limit, len)
+    assert trimmed == 1 and fitted["train"] == without_largest["train"]
+    assert data.fit_task(task, 0, "digits", limit + 1000, len) == (task, 0)
+
+
+def test_build_dataset_reports_trimmed_examples():
+    task = trim_task()
+    without_largest = dict(task, train=[task["train"][0], task["train"][2]])
+    limit = len(data.format_prompt(without_largest, 0, "digits") + data.format_completion(square(2, 8), "digits"))
+    ds, report = data.build_dataset({"t": task}, "digits", max_tokens=limit, count_tokens=len)
+    assert len(ds) == 8
+    assert report["trimmed_examples"] == 8 and report["trimmed_rows"] == 8 and report["skipped"] == []
+    for row in ds:
+        assert len(row["prompt"] + row["completion"]) <= limit
+        assert "333333" not in row["prompt"] and "111111" not in row["prompt"]  # 6x6 gone, 2x2 and 3x3 kept
+        assert "11\n11" in row["prompt"] and "555\n555" in row["prompt"]
+
+
+def test_task_that_does_not_fit_with_one_example_is_skipped_and_reported():
+    big = {"train": [{"input": square(10, 1), "output": square(10, 2)}],
+           "test": [{"input": square(10, 3), "output": square(10, 4)}]}
+    fitted, reason = data.fit_task(big, 0, "digits", 50, len)
+    assert fitted is None and "single train example" in reason and "50" in reason
+    ds, report = data.build_dataset({"big": big, "small": small_task(1, side=2)}, "digits", max_tokens=100,
+                                    count_tokens=len)
+    assert set(ds["task_id"]) == {"small"} and len(ds) == 8
+    assert len(report["skipped"]) == 8 and all(s.startswith("task big k=") for s in report["skipped"])
+
+
+def test_colour_permutation_keeps_0_and_is_a_bijection():
+    rng = random.Random(0)
+    perms = [data.colour_permutation(rng) for _ in range(200)]
+    assert all(p[0] == 0 and sorted(p) == list(range(10)) for p in perms)
+    assert len({tuple(p) for p in perms}) > 150
+
+
+def test_build_dataset_colour_perm_maps_every_grid_of_a_row_by_one_permutation_keeping_0():
+    task = {"train": [{"input": [list(range(10))], "output": [list(range(9, -1, -1))]}],
+            "test": [{"input": [[0, 5, 5]], "output": [[1, 2, 0]]}]}
+    ds, _ = data.build_dataset({"t": task}, "digits", variants=[0], colour_perm=True, copies=20)
+    seen = set()
+    for row in ds:
+        mapping = {}
+        for before, after in zip(task_grids(task), grids_in(row["prompt"] + row["completion"], "digits")):
+            for a, b in zip(before[0], after[0]):
+                assert mapping.setdefault(a, b) == b  # same colour, same replacement everywhere in the row
+        assert mapping[0] == 0 and sorted(mapping.values()) == list(range(10))
+        seen.add(tuple(mapping[c] for c in range(10)))
+    assert len(seen) > 10
+
+
+def test_build_dataset_shuffle_examples_permutes_train_examples_only():
+    task = small_task(5, n_train=4, n_test=2)
+    ds, _ = data.build_dataset({"t": task}, "digits", variants=[0], shuffle_examples=True, copies=20)
+    assert len(ds) == 40
+    pairs = [json.dumps(ex) for ex in task["train"]]
+    orders = set()
+    for row in ds:
+        grids = grids_in(row["prompt"] + row["completion"], "digits")
+        test = task["test"][row["test_index"]]
+        assert grids[-2:] == [test["input"], test["output"]]
+        shown = [json.dumps({"input": grids[j], "output": grids[j + 1]}) for j in range(0, len(grids) - 2, 2)]
+        assert sorted(shown) == sorted(pairs)
+        orders.add(tuple(pairs.index(s) for s in shown))
+    assert len(orders) > 5
