@@ -305,6 +305,17 @@ def choose_format(encode):
 # ----------------------------------------------------------------------------
 # sequences for training and inference
 
+def zero_grid(rows, cols):
+    return [[0] * cols for _ in range(rows)]
+
+
+def expected_shape(task, test_index):
+    """(rows, cols) bounding the answer we make room for: the largest of the train outputs and the test input.
+    Reserving a full 30x30 instead would cost ~930 tokens and evict examples from small tasks."""
+    grids = [ex["output"] for ex in task["train"]] + [task["test"][test_index]["input"]]
+    return max(len(g) for g in grids), max(len(g[0]) for g in grids)
+
+
 def fit_task(task, test_index, fmt, max_tokens, count_tokens):
     """(task, trimmed) with the largest train examples removed until prompt + completion fit `max_tokens`.
     Returns (None, reason) when even one example does not fit."""
@@ -312,8 +323,8 @@ def fit_task(task, test_index, fmt, max_tokens, count_tokens):
         text = format_prompt(t, test_index, fmt)
         if "output" in t["test"][test_index]:
             text += format_completion(t["test"][test_index]["output"], fmt)
-        else:  # the answer is unknown: reserve room for the largest possible output
-            text += format_completion([[0] * MAX_SIDE] * MAX_SIDE, fmt)
+        else:  # answer unknown: reserve room for an output as large as the biggest grid the task shows
+            text += format_completion(zero_grid(*expected_shape(t, test_index)), fmt)
         return count_tokens(text)
 
     trimmed = 0

@@ -1,0 +1,628 @@
+"""Predict ARC test outputs with a fine-tuned model (two guesses: the task as given and transposed), write a Kaggle
+submission and score it.
+
+    python infer.py --split eval                          # latest runs/*/ -> its submission.json and results.json
+    python infer.py --score runs/my-run/submission.json   # score an existing submission, no model loaded
+"""
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import data
+import train
+from data import DataError, opt
+
+GUESSES = (0, 4)  # data.dihedral k of guess 1 (the task as given) and guess 2 (the transposed task)
+NO_ANSWER = [[0]]  # what the submission carries where a guess has no answer (Kaggle needs a grid)
+WRITEUP = dict(tasks=400, predicted=339, solved_any=51, solved_first=38, solved_second=28)  # Llama-3-8B, arc1 eval
+TABLE = ("Num Problems", "Predictions", "Solved by any Guess", "Solved by first Guess", "Solved by transposed Guess")
+TABLE_KEYS = ("tasks", "predicted", "solved_any", "solved_first", "solved_second")
+NEAR_MISS = 0.8  # a wrong guess of the right size with at least this fraction of right pixels gets a picture
+MAX_PLOTS = 24
+
+
+@dataclass
+class Config:
+    dataset: str = opt("arc1", "data", "embedded set (arc1, arc2, kaggle2024, kaggle2025), a *_challenges.json "
+                                       "file (solutions read from *_solutions.json beside it) or a folder of tasks")
+    split: str = opt("eval", "data", "train or eval")
+    limit: int = opt(0, "data", "only the first N tasks by id, for quick checks (0 = all)")
+    shard: str = opt("", "data", "i/n: only tasks i, i+n, i+2n... (sorted by id), so n machines share the work; "
+                                 "join the slices with --merge")
+    model: str = opt("", "model", "run folder written by train.py (default: the runs/*/ with the newest config.json), "
+                                  "or a base model (HF name or folder) to use with --adapter")
+    adapter: str = opt("", "model", "PEFT adapter folder to put on a base --model")
+    max_seq_len: int = opt(0, "model", "prompt + answer token limit; longer tasks lose their largest train examples "
+                                       "(0 = the run's max_seq_len, 8192 for a base model)")
+    batch_size: int = opt(16, "model", "prompts per forward pass (sorted by length)")
+    temperature: float = opt(1.0, "sampling", "sampling temperature (0 = greedy)")
+    top_k: int = opt(50, "sampling", "top-k sampling, the write-up's k=50")
+    max_new_tokens: int = opt(0, "sampling", "answer token limit (0 = the largest possible answer: 30x30 cells, "
+                                             "row breaks, end marker and EOS)")
+    seed: int = opt(0, "sampling", "torch seed for sampling")
+    out: str = opt("", "output", "submission file (default: submission.json in the run folder, or in the --adapter "
+                                 "folder); a .cache.jsonl beside it lets a killed run resume")
+    score: str = opt("", "output", "score this submission file against --dataset/--split and exit (no model)")
+    merge: bool = opt(False, "output", "join the --shard slices beside --out into the full submission and score it")
+    plot: bool = opt(False, "output", "PNGs of solved tasks, near misses and a summary in plots/ beside the submission")
+
+
+# ----------------------------------------------------------------------------
+# which model: a run folder from train.py, or a base model (+ adapter)
+
+def find_run(cfg):
+    """What to load, as a dict: name, dir (default output folder), final, base, adapter, tokenizer, format,
+    max_seq_len, load_in_4bit. Raises DataError when there is no trained run."""
+    if cfg.model and Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").exists():
+        raise DataError(f"--model {cfg.model}: no config.json, neither a run folder nor a model folder")
+    if cfg.model and not is_run(Path(cfg.model)):
+        if cfg.adapter and not Path(cfg.adapter).is_dir():
+            raise DataError(f"--adapter {cfg.adapter}: no such folder")
+        adapter = Path(cfg.adapter) if cfg.adapter else None
+        tokenizer = adapter if adapter and (adapter / "tokenizer_config.json").exists() else cfg.model
+        return dict(name=cfg.model + (f" + {cfg.adapter}" if cfg.adapter else ""), dir=adapter or Path("."),
+                    final=None, base=cfg.model, adapter=adapter, tokenizer=str(tokenizer), format=None,
+                    max_seq_len=cfg.max_seq_len or 8192, load_in_4bit=False)
+    if cfg.adapter:
+        raise DataError(f"--adapter goes with a base --model; {cfg.model or 'the latest run'} is a run folder "
+                        "that names its own adapter")
+    run = Path(cfg.model) if cfg.model else train.latest_run()
+    if run is None:
+        raise DataError("no trained run: runs/ has no */config.json; train one with `python train.py` "
+                        "or pass --model RUN_FOLDER (or a base model with --adapter)")
+    run_cfg = train.read_run_config(run)
+    final = run / run_cfg["final_dir"]
+    if not final.is_dir():
+        raise DataError(f"{final}: missing; the run is still training or failed (train.py writes it last), "
+                        "pick a finished one with --model")
+    base = run_cfg["base_model"]
+    if run_cfg["lora"] and (run / base).exists():  # a relative path is relative to the run folder
+        base = str(run / base)
+    return dict(name=str(run), dir=run, final=final, base=base if run_cfg["lora"] else str(final),
+                adapter=final if run_cfg["lora"] else None, tokenizer=str(final), format=run_cfg["format"],
+                max_seq_len=cfg.max_seq_len or run_cfg["max_seq_len"], load_in_4bit=run_cfg["load_in_4bit"])
+
+
+def is_run(path):
+    try:
+        return "final_dir" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_model(spec, cfg):
+    """(model, tokenizer) ready for generation: Unsloth's fast inference on a GPU, transformers (+ peft) on CPU."""
+    try:
+        return load_weights(spec, cfg)
+    except OSError as e:  # a missing folder or a model name that cannot be found offline
+        raise DataError(f"{spec['name']}: cannot load the model ({str(e).splitlines()[0]})")
+
+
+def load_weights(spec, cfg):
+    import torch
+    if torch.cuda.is_available():
+        import unsloth  # noqa: F401  before transformers/peft, which it patches; it raises on a machine without GPU
+        from unsloth import FastLanguageModel
+        print(f"device: cuda ({torch.cuda.get_device_name(0)}), so Unsloth's fast inference, "
+              f"{'4-bit' if spec['load_in_4bit'] else '16-bit'} weights")
+        # Unsloth reads a run's adapter folder itself (its adapter_config.json names the base model)
+        model, _ = FastLanguageModel.from_pretrained(model_name=str(spec["final"] or spec["base"]),
+                                                     max_seq_length=spec["max_seq_len"],
+                                                     load_in_4bit=spec["load_in_4bit"])
+        if spec["adapter"] and not spec["final"]:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, str(spec["adapter"]))
+        FastLanguageModel.for_inference(model)
+    else:
+        from transformers import AutoModelForCausalLM
+        print("device: cpu (torch.cuda.is_available() is False), so transformers in float32"
+              + (" + the peft adapter" if spec["adapter"] else ""))
+        model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32)
+        if spec["adapter"]:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, str(spec["adapter"]))
+        model.eval()
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(cfg.seed)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------
+# prompts, generation, parsing
+
+def strip_outputs(task):
+    """The task without test outputs, so that fitting it to the context never sees the answer."""
+    return dict(task, test=[{"input": t["input"]} for t in task["test"]])
+
+
+def count_tokens(tokenizer):
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False)) + 2  # + BOS and EOS
+
+
+def answer_tokens(tokenizer, fmt):
+    """Tokens of the largest possible answer: a 30x30 grid, its row breaks and end marker, plus EOS."""
+    return len(tokenizer.encode(data.format_completion([[0] * data.MAX_SIDE] * data.MAX_SIDE, fmt),
+                                add_special_tokens=False)) + 1
+
+
+def build_prompts(tasks, tokenizer, fmt, max_seq_len):
+    """(prompts, records): one prompt per task x test input x guess, each a dict with task_id, test, guess and
+    token ids; records hold each task's empty answer slots, and mark the guesses too long to fit as skipped."""
+    prompts, records = [], {}
+    count = count_tokens(tokenizer)
+    for tid, task in tasks.items():
+        n = len(task["test"])
+        rec = records[tid] = dict(task_id=tid, guesses=[[None, None] for _ in range(n)],
+                                  status=[[None, None] for _ in range(n)], skipped=[], trimmed=0,
+                                  tokens=dict(prompt=0, generated=0))
+        for g, k in enumerate(GUESSES):
+            view = data.variant(strip_outputs(task), k)
+            for i in range(n):
+                fitted, trimmed = data.fit_task(view, i, fmt, max_seq_len, count)
+                if fitted is None:
+                    rec["status"][i][g] = "too_long"
+                    rec["skipped"].append(f"test {i} guess {g + 1}: {trimmed}")
+                    continue
+                ids = train.encode_prompt(tokenizer, data.format_prompt(fitted, i, fmt))
+                rec["trimmed"] += trimmed
+                rec["tokens"]["prompt"] += len(ids)
+                prompts.append(dict(task_id=tid, test=i, guess=g, ids=ids))
+    return prompts, records
+
+
+def generate(model, tokenizer, prompts, cfg, min_new_tokens=0):
+    """Completions of a batch of token-id prompts in one left-padded generate() call, each decoded up to EOS.
+    `min_new_tokens` only serves benchmarks that need a fixed length."""
+    import torch
+    pad = train.pad_id(tokenizer)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    sampling = dict(do_sample=True, top_k=cfg.top_k, temperature=cfg.temperature) if cfg.temperature > 0 \
+        else dict(do_sample=False, top_k=None, temperature=None)
+    # On CPU the default DynamicCache copies every layer's keys and values at each step (torch.cat): at 32 prompts
+    # a step costs 4x more than with a preallocated static cache. Unsloth on a GPU keeps its own cache.
+    cache = dict(cache_implementation="static") if model.device.type == "cpu" else {}
+    # the context bounds the answer too: prompt + answer never exceed max_seq_len
+    max_new = min(cfg.max_new_tokens, cfg.max_seq_len - width) if cfg.max_seq_len else cfg.max_new_tokens
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_new, 1),
+                             min_new_tokens=min_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=pad, **sampling, **cache)
+    texts = []
+    for row in out[:, width:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def parse_guess(text, k, fmt):
+    """(grid in the original task's orientation, status): status is ok, no_end (no end marker: cut off or
+    rambling) or unparsable; the grid is None unless ok."""
+    grid = data.parse_output(text, fmt)
+    if grid is not None:
+        return data.undo_dihedral(grid, k), "ok"
+    return None, "no_end" if not isinstance(text, str) or data.END not in text else "unparsable"
+
+
+def attempts(rec):
+    """Kaggle attempts of a task: guess 1 first (guess 2 moves up when guess 1 has no answer), [[0]] for none."""
+    out = []
+    for g1, g2 in rec["guesses"]:
+        answers = [g for g in (g1, g2) if g is not None] + [NO_ANSWER, NO_ANSWER]
+        out.append({"attempt_1": answers[0], "attempt_2": answers[1]})
+    return out
+
+
+def predict(tasks, model, tokenizer, fmt, cfg, cache, settings):
+    """Generate every guess of `tasks`, longest prompts first, appending each task to the `cache` file as soon as
+    all its guesses are in. Returns (generated tokens, seconds)."""
+    from tqdm import tqdm
+    prompts, records = build_prompts(tasks, tokenizer, fmt, cfg.max_seq_len)
+    lengths = sorted(len(p["ids"]) for p in prompts)
+    skipped = [f"task {tid} {note}" for tid, rec in records.items() for note in rec["skipped"]]
+    trimmed = sum(rec["trimmed"] for rec in records.values())
+    print(f"prompts: {len(prompts)} (2 guesses x {sum(len(t['test']) for t in tasks.values())} test inputs), "
+          + (f"tokens min {lengths[0]} / median {int(statistics.median(lengths))} / max {lengths[-1]}, "
+             if lengths else "") + f"{trimmed} train examples trimmed to fit {cfg.max_seq_len}, "
+          f"{len(skipped)} guesses skipped as too long")
+    for note in skipped:
+        print(f"  skipped {note}")
+    pending = {tid: 0 for tid in tasks}
+    for p in prompts:
+        pending[p["task_id"]] += 1
+    prompts.sort(key=lambda p: -len(p["ids"]))  # longest first: an out-of-memory batch size shows at once
+    bar = tqdm(total=len(tasks), unit="task", desc="tasks")
+    t0, generated = time.time(), 0
+    with open(cache, "a") as f:
+        def finish(tid):
+            rec = records[tid]
+            rec.update(attempts=attempts(rec), settings=settings)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            bar.update(1)
+        for tid in [tid for tid, n in pending.items() if n == 0]:
+            finish(tid)
+        for start in range(0, len(prompts), cfg.batch_size):
+            batch = prompts[start:start + cfg.batch_size]
+            texts = generate(model, tokenizer, [p["ids"] for p in batch], cfg)
+            for p, text in zip(batch, texts):
+                rec = records[p["task_id"]]
+                grid, status = parse_guess(text, GUESSES[p["guess"]], fmt)
+                rec["guesses"][p["test"]][p["guess"]] = grid
+                rec["status"][p["test"]][p["guess"]] = status
+                n = len(tokenizer.encode(text, add_special_tokens=False))  # the answer's tokens, EOS not counted
+                rec["tokens"]["generated"] += n
+                generated += n
+                pending[p["task_id"]] -= 1
+                if pending[p["task_id"]] == 0:
+                    finish(p["task_id"])
+            bar.set_postfix_str(f"{generated / (time.time() - t0):.0f} tok/s")
+    bar.close()
+    return generated, time.time() - t0
+
+
+# ----------------------------------------------------------------------------
+# files: cache, submission, shards
+
+def paths(out, shard=""):
+    """(submission, cache, results, plots folder) for a submission path and an optional shard "i/n"."""
+    out = Path(out)
+    suffix = ""
+    if shard:
+        i, n = shard.split("/")
+        suffix = f".shard-{i}-of-{n}"
+    sub = out.with_name(out.stem + suffix + ".json")
+    return sub, sub.with_suffix(".cache.jsonl"), out.with_name(f"results{suffix}.json"), out.parent / "plots"
+
+
+def read_cache(path, settings=None):
+    """Finished tasks by id. A partially written last line (a run killed mid-write) is cut off the file; lines
+    written with other settings than `settings` are an error, so two models never mix in one submission."""
+    if not path.exists():
+        return {}
+    lines = path.read_text().split("\n")
+    if lines[-1]:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            print(f"note: {path}: dropped a partially written last line (the run was killed while writing it)")
+            lines[-1] = ""
+        write_atomic(path, "\n".join(lines).rstrip("\n") + ("\n" if any(lines) else ""))
+    records = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict) or "task_id" not in rec:
+            raise DataError(f"{path}:{n}: not a task line; the cache is damaged, delete it to start over")
+        if settings is not None and rec.get("settings") != settings:
+            diff = ", ".join(f"{k} {rec.get('settings', {}).get(k)!r} now {v!r}" for k, v in settings.items()
+                             if rec.get("settings", {}).get(k) != v)
+            raise DataError(f"{path}: written with other settings ({diff}); pass another --out or delete it")
+        records[rec["task_id"]] = rec
+    return records
+
+
+def write_atomic(path, text):
+    """Write via a temporary file in the same folder and os.replace: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def check_submission(sub, tasks, where):
+    """Raise DataError unless `sub` is Kaggle-shaped: every task of `tasks` and nothing else, one
+    {attempt_1, attempt_2} dict of valid grids per test input."""
+    shape = "a dict of task_id -> [{attempt_1: grid, attempt_2: grid} per test input]"
+    if not isinstance(sub, dict):
+        raise DataError(f"{where}: not a Kaggle submission: expected {shape}, got a {type(sub).__name__}")
+    missing, extra = sorted(set(tasks) - set(sub)), sorted(set(sub) - set(tasks))
+    if missing:
+        raise DataError(f"{where}: {len(missing)} of {len(tasks)} tasks missing (first {missing[0]}); "
+                        f"Kaggle needs every task (wrong --dataset/--split?)")
+    if extra:
+        raise DataError(f"{where}: {len(extra)} task ids not in the dataset (first {extra[0]}); "
+                        "wrong --dataset/--split?")
+    for tid, task in tasks.items():
+        entries = sub[tid]
+        if not isinstance(entries, list) or len(entries) != len(task["test"]):
+            raise DataError(f"{where}: task {tid}: not a Kaggle submission: expected a list of "
+                            f"{len(task['test'])} attempt dicts (one per test input)")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not {"attempt_1", "attempt_2"} <= set(entry):
+                raise DataError(f"{where}: task {tid} test {i}: not a Kaggle submission: expected {shape}")
+            for key in ("attempt_1", "attempt_2"):
+                try:
+                    data.check_grid(entry[key], key)
+                except ValueError as e:
+                    raise DataError(f"{where}: task {tid} test {i}: {e}")
+
+
+def submission_of(tasks, records):
+    return {tid: records[tid]["attempts"] for tid in sorted(tasks)}
+
+
+def read_submission(path, tasks):
+    sub = data.read_json(path)
+    check_submission(sub, tasks, path)
+    return sub
+
+
+def shard_tasks(tasks, shard):
+    """The slice `i/n` of the tasks: those at index i, i+n, ... in id order."""
+    m = re.fullmatch(r"(\d+)/(\d+)", shard)
+    if not m or not int(m[1]) < int(m[2]):
+        raise DataError(f"--shard {shard}: expected i/n with 0 <= i < n, e.g. 0/4")
+    i, n = int(m[1]), int(m[2])
+    return {tid: tasks[tid] for j, tid in enumerate(sorted(tasks)) if j % n == i}
+
+
+def merge_shards(out, tasks):
+    """(submission, guesses or None) joined from the shard files beside `out`; raises DataError naming what is
+    missing. Guesses come from the shard caches when all of them are there."""
+    folder, stem = Path(out).parent, Path(out).stem
+    found = {}  # n -> {i: path}
+    for p in folder.glob(f"{stem}.shard-*-of-*.json"):
+        m = re.fullmatch(re.escape(stem) + r"\.shard-(\d+)-of-(\d+)\.json", p.name)
+        if m:
+            found.setdefault(int(m[2]), {})[int(m[1])] = p
+    if len(found) != 1:
+        raise DataError(f"{folder}: no {stem}.shard-i-of-n.json files to merge; run --shard i/n first" if not found
+                        else f"{folder}: shard files of several --shard n ({', '.join(map(str, found))}); keep one set")
+    n, files = found.popitem()
+    missing = [f"{i}/{n}" for i in range(n) if i not in files]
+    if missing:
+        raise DataError(f"{folder}: shards {', '.join(missing)} missing; run them with --shard")
+    sub, guesses = {}, {}
+    for i in range(n):
+        part = shard_tasks(tasks, f"{i}/{n}")
+        sub.update(read_submission(files[i], part))
+        cache = read_cache(files[i].with_suffix(".cache.jsonl"))
+        if guesses is not None and all(tid in cache for tid in part):
+            guesses.update({tid: cache[tid]["guesses"] for tid in part})
+        else:
+            guesses = None
+    print(f"merged {n} shards: {', '.join(str(files[i]) for i in range(n))}")
+    return {tid: sub[tid] for tid in sorted(sub)}, guesses
+
+
+# ----------------------------------------------------------------------------
+# scores
+
+def score(tasks, submission, guesses=None):
+    """Scores of a submission: the official one from its attempts (a task counts the fraction of its test inputs
+    where either attempt is exactly right), the write-up's counts (a task is solved by a guess when that guess is
+    right on all its test inputs) and per-guess metrics. `guesses` (task_id -> [[guess 1, guess 2] per test input],
+    None = no answer) default to the attempts, reading [[0]] as no answer."""
+    guesses = guesses or answers_of(submission)
+    known = all("output" in t for task in tasks.values() for t in task["test"])
+    r = dict(score=0.0, score_pct=0.0, tasks=len(tasks), predicted=0, solved_any=0, solved_first=0, solved_second=0,
+             test_inputs=0, guesses=0, unanswered=0, correct_size=0.0, correct_pixels=0.0, solutions=known, per_task={})
+    for tid, task in tasks.items():
+        g = guesses[tid]
+        r["test_inputs"] += len(g)
+        r["guesses"] += 2 * len(g)
+        r["unanswered"] += sum(x is None for pair in g for x in pair)
+        r["predicted"] += any(x is not None for pair in g for x in pair)
+        if not known:
+            continue
+        sols = [t["output"] for t in task["test"]]
+        right = [sol in (e["attempt_1"], e["attempt_2"]) for sol, e in zip(sols, submission[tid])]
+        first = [pair[0] == sol for pair, sol in zip(g, sols)]
+        second = [pair[1] == sol for pair, sol in zip(g, sols)]
+        pixels = [[pixel_accuracy(x, sol) for x in pair] for pair, sol in zip(g, sols)]
+        r["score"] += sum(right) / len(right)
+        r["solved_any"] += all(a or b for a, b in zip(first, second))
+        r["solved_first"] += all(first)
+        r["solved_second"] += all(second)
+        r["correct_size"] += sum(p is not None for pair in pixels for p in pair)
+        r["correct_pixels"] += sum(p or 0.0 for pair in pixels for p in pair)
+        r["per_task"][tid] = dict(score=sum(right) / len(right), first=first, second=second, pixels=pixels)
+    r["score_pct"] = r["score"] / max(r["tasks"], 1)
+    r["correct_size"] /= max(r["guesses"], 1)
+    r["correct_pixels"] /= max(r["guesses"], 1)
+    return r
+
+
+def answers_of(submission):
+    """Guesses read back from a submission's attempts, [[0]] (the no-answer placeholder) as None."""
+    return {tid: [[e[k] if e[k] != NO_ANSWER else None for k in ("attempt_1", "attempt_2")] for e in entries]
+            for tid, entries in submission.items()}
+
+
+def pixel_accuracy(grid, solution):
+    """Fraction of right cells, or None when the guess is missing or of the wrong size."""
+    if grid is None or len(grid) != len(solution) or len(grid[0]) != len(solution[0]):
+        return None
+    return sum(a == b for row, sol in zip(grid, solution) for a, b in zip(row, sol)) / (len(grid) * len(grid[0]))
+
+
+def print_results(r, reference=False):
+    print(f"\n| {' | '.join(TABLE)} |\n|{'|'.join('---' for _ in TABLE)}|")
+    print(f"| {' | '.join(str(r[k]) for k in TABLE_KEYS)} |")
+    if reference:
+        print(f"| {' | '.join(str(WRITEUP[k]) for k in TABLE_KEYS)} |  <- the write-up (Llama-3-8B)")
+    print(f"\nofficial score: {r['score']:.2f} / {r['tasks']} = {r['score_pct']:.2%}   "
+          f"(write-up: {WRITEUP['solved_any']} / {WRITEUP['tasks']} = {WRITEUP['solved_any'] / WRITEUP['tasks']:.2%})")
+    print(f"guesses: {r['guesses']} ({r['test_inputs']} test inputs x 2), unanswered {r['unanswered']}, "
+          f"correct size {r['correct_size']:.1%}, correct pixels {r['correct_pixels']:.1%}")
+
+
+# ----------------------------------------------------------------------------
+# pictures
+
+def plot_results(tasks, guesses, r, folder, title):
+    """PNGs: each solved task and near miss (test input, expected, guess 1, guess 2) and summary.png.
+    Returns the files written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    per_task = r["per_task"]
+    solved = [tid for tid, t in per_task.items() if t["score"] > 0]
+    best = {tid: max((p or 0.0) for pair in t["pixels"] for p in pair) for tid, t in per_task.items()}
+    near = sorted((tid for tid in per_task if tid not in solved and best[tid] >= NEAR_MISS), key=lambda t: -best[t])
+    written = []
+    for tid in (solved + near)[:MAX_PLOTS]:
+        task, t = tasks[tid], per_task[tid]
+        fig, axes = plt.subplots(len(task["test"]), 4, figsize=(8, 2.2 * len(task["test"])), squeeze=False)
+        for i, test in enumerate(task["test"]):
+            data.draw_grid(axes[i, 0], test["input"], f"test {i} input")
+            data.draw_grid(axes[i, 1], test["output"], "expected")
+            for g in range(2):
+                ax, grid, pixels = axes[i, 2 + g], guesses[tid][i][g], t["pixels"][i][g]
+                name = ("guess 1" if g == 0 else "guess 2 (transposed)")
+                if grid is None:
+                    ax.axis("off")
+                    ax.set_title(f"{name}: no answer", fontsize=8)
+                    continue
+                verdict = "right" if [t["first"], t["second"]][g][i] else \
+                    f"{pixels:.0%} pixels" if pixels is not None else "wrong size"
+                data.draw_grid(ax, grid, f"{name}: {verdict}")
+        fig.suptitle(f"task {tid}: {'solved' if tid in solved else 'near miss'} ({title})", fontsize=9)
+        fig.tight_layout()
+        written.append(folder / f"{tid}.png")
+        fig.savefig(written[-1], dpi=80)
+        plt.close(fig)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))
+    values = [r[k] for k in TABLE_KEYS]
+    a.bar(range(5), values, color="#0074D9")
+    a.set_xticks(range(5), [label.replace(" by ", "\nby ") for label in TABLE], fontsize=7)
+    for x, v in enumerate(values):
+        a.text(x, v, str(v), ha="center", va="bottom", fontsize=8)
+    a.set_title(f"tasks (score {r['score']:.2f} / {r['tasks']} = {r['score_pct']:.1%})", fontsize=9)
+    pixels = [p for t in per_task.values() for pair in t["pixels"] for p in pair]
+    right = sum(x for t in per_task.values() for x in t["first"] + t["second"])
+    kinds = dict(right=right, **{"right size only": sum(p is not None for p in pixels) - right,
+                                 "wrong size": len(pixels) - r["unanswered"] - sum(p is not None for p in pixels),
+                                 "no answer": r["unanswered"]})
+    b.bar(range(4), list(kinds.values()), color=["#2ECC40", "#FFDC00", "#FF851B", "#AAAAAA"])
+    b.set_xticks(range(4), list(kinds))
+    b.set_title(f"all {r['guesses']} guesses", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    written.append(folder / "summary.png")
+    fig.savefig(written[-1], dpi=80)
+    plt.close(fig)
+    return written
+
+
+# ----------------------------------------------------------------------------
+
+def report(cfg, tasks, sub, guesses, sub_path, results_path, plots, title, extra=None):
+    """Validate and write the submission, score it when solutions are known, write results.json, plot."""
+    check_submission(sub, tasks, sub_path)
+    write_atomic(sub_path, json.dumps(sub))
+    r = score(tasks, sub, guesses)
+    r.update(extra or {}, submission=str(sub_path))
+    if r["solutions"]:
+        print_results(r, reference=cfg.dataset == "arc1" and cfg.split == "eval" and len(tasks) == 400)
+    else:
+        print(f"\nno solutions for {cfg.dataset} {cfg.split}: not scored; {r['predicted']} of {r['tasks']} tasks "
+              f"have a guess, {r['unanswered']} of {r['guesses']} guesses unanswered")
+    write_atomic(results_path, json.dumps(r, indent=1))
+    files = [sub_path, results_path]
+    if cfg.plot and r["solutions"]:
+        files += plot_results(tasks, guesses or answers_of(sub), r, plots, title)
+    elif cfg.plot:
+        print("--plot: no solutions to compare with, no pictures")
+    return r, files
+
+
+def main(argv=None):
+    cfg = data.parse_config(Config, "Predict ARC test outputs with a fine-tuned model, write a Kaggle submission "
+                                    "and score it.", argv)
+    try:
+        run(cfg)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+def run(cfg):
+    t0 = time.time()
+    tasks, invalid = data.read_tasks(cfg.dataset, cfg.split)
+    for _, reason in invalid:
+        print(f"skipped invalid task: {reason}", file=sys.stderr)
+    if cfg.limit:
+        tasks = {tid: tasks[tid] for tid in sorted(tasks)[:cfg.limit]}
+    if cfg.score:
+        sub_path = Path(cfg.score)
+        sub = read_submission(sub_path, tasks)
+        cache = read_cache(sub_path.with_suffix(".cache.jsonl"))
+        guesses = {tid: cache[tid]["guesses"] for tid in tasks} if all(t in cache for t in tasks) else None
+        _, files = report(cfg, tasks, sub, guesses, sub_path, sub_path.with_name("results.json"),
+                          sub_path.parent / "plots", f"{sub_path} on {cfg.dataset} {cfg.split}")
+        print(f"wrote {', '.join(map(str, files[1:]))}")
+        return
+    if cfg.merge:
+        out = Path(cfg.out) if cfg.out else Path(find_run(cfg)["dir"]) / "submission.json"
+        sub, guesses = merge_shards(out, tasks)
+        sub_path, _, results_path, plots = paths(out)
+        _, files = report(cfg, tasks, sub, guesses, sub_path, results_path, plots, f"{out} (merged shards)")
+        print(f"wrote {', '.join(map(str, files))}")
+        return
+    spec = find_run(cfg)
+    out = Path(cfg.out) if cfg.out else Path(spec["dir"]) / "submission.json"
+    if cfg.shard:
+        tasks = shard_tasks(tasks, cfg.shard)
+    sub_path, cache_path, results_path, plots = paths(out, cfg.shard)
+    settings = dict(model=spec["name"], dataset=cfg.dataset, split=cfg.split, max_seq_len=spec["max_seq_len"],
+                    temperature=cfg.temperature, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    done = {tid: rec for tid, rec in read_cache(cache_path, settings).items() if tid in tasks}
+    todo = {tid: task for tid, task in tasks.items() if tid not in done}
+    print(f"model: {spec['name']} (format {spec['format'] or 'from the tokenizer'}, max_seq_len {spec['max_seq_len']})")
+    print(f"tasks: {len(tasks)} of {cfg.dataset} {cfg.split}" + (f" (shard {cfg.shard})" if cfg.shard else "")
+          + f", {len(done)} already done in {cache_path}, {len(todo)} to do")
+    generated, seconds = 0, 0.0
+    if todo:
+        model, tokenizer = load_model(spec, cfg)
+        fmt = spec["format"] or data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+        cfg = replace(cfg, max_seq_len=spec["max_seq_len"],
+                      max_new_tokens=cfg.max_new_tokens or answer_tokens(tokenizer, fmt))
+        print(f"sampling: top_k {cfg.top_k}, temperature {cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, "
+              f"batch_size {cfg.batch_size}, seed {cfg.seed}, format {fmt}")
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            generated, seconds = predict(todo, model, tokenizer, fmt, cfg, cache_path, settings)
+        except KeyboardInterrupt:
+            n = len(read_cache(cache_path))
+            sys.exit(f"\ninterrupted: {n} finished tasks are saved in {cache_path}; rerun the same command to resume")
+        done.update(read_cache(cache_path, settings))
+    records = {tid: done[tid] for tid in tasks}
+    sub = submission_of(tasks, records)
+    status = [s for rec in records.values() for pair in rec["status"] for s in pair]
+    skipped = [f"task {tid} {note}" for tid, rec in records.items() for note in rec["skipped"]]
+    extra = dict(time_s=round(time.time() - t0, 1), generate_s=round(seconds, 1), generated_tokens=generated,
+                 tokens_per_s=round(generated / seconds, 1) if seconds else None, shard=cfg.shard or None,
+                 guess_status={s: status.count(s) for s in sorted(set(status))}, skipped=skipped,
+                 trimmed_examples=sum(rec["trimmed"] for rec in records.values()), settings=settings)
+    r, files = report(cfg, tasks, sub, {tid: rec["guesses"] for tid, rec in records.items()}, sub_path,
+                      results_path, plots, spec["name"], extra)
+    print(f"\ndone in {extra['time_s']:.0f} s: generated {generated} tokens in {seconds:.0f} s "
+          f"({extra['tokens_per_s'] or 0:.0f} tok/s), peak {'%s %.1f GB' % train.peak_memory_gb()}; "
+          f"guess status {extra['guess_status']}")
+    print(f"wrote {', '.join(map(str, files))} (cache {cache_path})")
+    if cfg.shard:
+        print("when every shard is done: python infer.py --merge (with the same --model/--out/--dataset/--split)")
+
+
+if __name__ == "__main__":
+    main()

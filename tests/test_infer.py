@@ -1,0 +1,244 @@
+"""infer.py: scores match a hand count, every guess lands in a complete Kaggle submission (garbage included), the
+transposed guess is transposed back, a killed run resumes without redoing tasks, shards merge to the single run,
+and a real tiny model runs end to end on CPU.
+
+    python -m pytest tests/test_infer.py -q
+"""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import infer  # noqa: E402
+import train  # noqa: E402
+
+FMT = "digits"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train.tiny_tokenizer()
+
+
+def mirror_task(rng, h, w, tests=1):
+    """A task whose rule is 'flip left-right', grids h x w (not square, so a transposed answer looks wrong)."""
+    def pair():
+        grid = [[rng.randrange(10) for _ in range(w)] for _ in range(h)]
+        return {"input": grid, "output": [row[::-1] for row in grid]}
+    return {"train": [pair(), pair()], "test": [pair() for _ in range(tests)]}
+
+
+def write_tasks(folder, tasks):
+    folder.mkdir(parents=True, exist_ok=True)
+    for tid, task in tasks.items():
+        (folder / f"{tid}.json").write_text(json.dumps(task))
+    return str(folder)
+
+
+def write_run(folder, max_seq_len=8192):
+    """A run folder as train.py leaves it (lora=false); final/ stays empty where the model is faked."""
+    (folder / "final").mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(dict(format=FMT, max_seq_len=max_seq_len, lora=False,
+                                                        base_model="tiny", load_in_4bit=False, final_dir="final")))
+    return str(folder)
+
+
+def fake_model(monkeypatch, tokenizer, answer):
+    """Replace the model by `answer(prompt_ids) -> text`; returns the list of batches generate() was given."""
+    calls = []
+
+    def generate(model, tok, prompts, cfg, min_new_tokens=0):
+        calls.append([list(p) for p in prompts])
+        return [answer(p) for p in prompts]
+    monkeypatch.setattr(infer, "load_model", lambda spec, cfg: (None, tokenizer))
+    monkeypatch.setattr(infer, "generate", generate)
+    return calls
+
+
+def read(path):
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    rng = random.Random(0)
+    tasks = {"t0": mirror_task(rng, 2, 3, tests=2), "t1": mirror_task(rng, 3, 4), "t2": mirror_task(rng, 1, 5, tests=3),
+             "t3": mirror_task(rng, 4, 2), "t4": mirror_task(rng, 2, 5)}
+    return tasks, write_tasks(tmp_path / "tasks", tasks), write_run(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------
+
+def test_score_matches_hand_count_with_multi_test_tasks(tmp_path):
+    a, b, c, d = [[1, 2]], [[3], [4]], [[5, 5], [6, 6]], [[7]]
+    wrong = [[9, 9, 9]]
+    tasks = {"A": {"train": [{"input": [[0]], "output": [[0]]}], "test": [{"input": [[0]], "output": a},
+                                                                          {"input": [[0]], "output": b}]},
+             "B": {"train": [{"input": [[0]], "output": [[0]]}], "test": [{"input": [[0]], "output": c}]},
+             "C": {"train": [{"input": [[0]], "output": [[0]]}], "test": [{"input": [[0]], "output": a},
+                                                                          {"input": [[0]], "output": b},
+                                                                          {"input": [[0]], "output": d}]},
+             "D": {"train": [{"input": [[0]], "output": [[0]]}], "test": [{"input": [[0]], "output": d}]}}
+    sub = {"A": [{"attempt_1": wrong, "attempt_2": a}, {"attempt_1": [[4], [3]], "attempt_2": [[0]]}],  # 1/2
+           "B": [{"attempt_1": c, "attempt_2": [[0]]}],                                               # 1
+           "C": [{"attempt_1": a, "attempt_2": wrong}, {"attempt_1": wrong, "attempt_2": b},           # 2/3
+                 {"attempt_1": wrong, "attempt_2": [[0]]}],
+           "D": [{"attempt_1": [[0]], "attempt_2": [[0]]}]}                                           # 0, unanswered
+    r = infer.score(tasks, sub)
+    assert r["score"] == pytest.approx(0.5 + 1 + 2 / 3)
+    assert r["score_pct"] == pytest.approx((0.5 + 1 + 2 / 3) / 4)
+    assert (r["tasks"], r["predicted"], r["solved_any"], r["solved_first"], r["solved_second"]) == (4, 3, 1, 1, 0)
+    assert (r["test_inputs"], r["guesses"], r["unanswered"]) == (7, 14, 5)
+    # right size: A a, A [[4],[3]] (0 of 2 pixels), B c, C a, C b -> 5 of 14; pixels 1 + 0 + 1 + 1 + 1 = 4
+    assert r["correct_size"] == pytest.approx(5 / 14)
+    assert r["correct_pixels"] == pytest.approx(4 / 14)
+
+    folder = tmp_path / "tasks"
+    write_tasks(folder, tasks)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "submission.json").write_text(json.dumps(sub))
+    infer.main(["--dataset", str(folder), "--score", str(tmp_path / "sub" / "submission.json")])
+    results = read(tmp_path / "sub" / "results.json")
+    assert results["score"] == pytest.approx(0.5 + 1 + 2 / 3)
+    assert [results[k] for k in ("tasks", "predicted", "solved_any", "solved_first", "solved_second")] == [4, 3, 1, 1, 0]
+
+
+@pytest.mark.parametrize("content", ['{"A": [[1, 2]]}', '[1, 2]', '{"A": [{"attempt_1": [[1]]}]}', "not json"])
+def test_score_rejects_a_non_kaggle_file_with_one_line(tmp_path, mirror, content):
+    _, folder, _ = mirror
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--dataset", folder, "--score", str(bad)])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and str(bad) in message and "\n" not in message
+
+
+def test_score_cli_exits_nonzero_without_traceback(tmp_path, mirror):
+    _, folder, _ = mirror
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"t0": "nope"}')
+    p = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--dataset", folder, "--score", str(bad)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode != 0
+    assert p.stderr.strip().startswith("error: ") and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_no_trained_run_is_a_clean_error(tmp_path, monkeypatch, mirror):
+    _, folder, _ = mirror
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--dataset", folder])
+    assert str(e.value.code).startswith("error: no trained run")
+
+
+def test_garbage_model_gives_complete_valid_submission_all_unanswered(tmp_path, monkeypatch, tokenizer, mirror):
+    tasks, folder, run = mirror
+    junk = ["", "hello", "12\n3\nend", "123\n456", "1x1\nend", "out\nin", "end"]
+    calls = fake_model(monkeypatch, tokenizer, lambda ids: junk[len(ids) % len(junk)])
+    infer.main(["--dataset", folder, "--model", run, "--batch-size", "3"])
+    sub = read(Path(run) / "submission.json")
+    infer.check_submission(sub, tasks, "submission")  # every task, every test input, valid grids
+    assert all(e == {"attempt_1": [[0]], "attempt_2": [[0]]} for entries in sub.values() for e in entries)
+    r = read(Path(run) / "results.json")
+    n_tests = sum(len(t["test"]) for t in tasks.values())
+    assert (r["tasks"], r["predicted"], r["unanswered"], r["score"]) == (5, 0, 2 * n_tests, 0)
+    assert sum(len(b) for b in calls) == 2 * n_tests and max(len(b) for b in calls) == 3  # batched, not one by one
+
+
+def test_transposed_guess_is_transposed_back(tmp_path, monkeypatch, tokenizer, mirror):
+    tasks, folder, run = mirror
+    answers = {}  # prompt of the transposed task -> its right answer (transposed), as the model would write it
+    for task in tasks.values():
+        view = data.variant(infer.strip_outputs(task), 4)
+        for i, test in enumerate(task["test"]):
+            ids = train.encode_prompt(tokenizer, data.format_prompt(view, i, FMT))
+            answers[tuple(ids)] = data.format_completion(data.dihedral(test["output"], 4), FMT)
+    fake_model(monkeypatch, tokenizer, lambda ids: answers.get(tuple(ids), "no idea"))
+    infer.main(["--dataset", folder, "--model", run])
+    r = read(Path(run) / "results.json")
+    assert (r["score"], r["solved_second"], r["solved_first"], r["solved_any"]) == (5, 5, 0, 5)
+    sub = read(Path(run) / "submission.json")
+    assert all(e["attempt_1"] == t["output"] and e["attempt_2"] == [[0]]  # the one answer moves up to attempt 1
+               for tid, task in tasks.items() for e, t in zip(sub[tid], task["test"]))
+
+
+def test_killed_run_resumes_without_redoing_finished_tasks(tmp_path, monkeypatch, tokenizer):
+    rng = random.Random(1)
+    # square grids of different sizes: a task's two guesses have the same length and share one batch of 2
+    tasks = {f"k{n}": mirror_task(rng, n, n) for n in range(2, 7)}
+    folder, run = write_tasks(tmp_path / "tasks", tasks), write_run(tmp_path / "run")
+    answer = lambda ids: data.format_completion([[len(ids) % 10]], FMT)  # noqa: E731
+
+    def dies_on_third_call(model, tok, prompts, cfg, min_new_tokens=0):
+        calls.append(prompts)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return [answer(p) for p in prompts]
+    calls = []
+    monkeypatch.setattr(infer, "load_model", lambda spec, cfg: (None, tokenizer))
+    monkeypatch.setattr(infer, "generate", dies_on_third_call)
+    with pytest.raises(RuntimeError):
+        infer.main(["--dataset", folder, "--model", run, "--batch-size", "2"])
+    cache = Path(run) / "submission.cache.jsonl"
+    finished = {json.loads(line)["task_id"] for line in cache.read_text().splitlines()}
+    assert finished == {"k6", "k5"}  # longest first; the third batch died
+    with open(cache, "a") as f:
+        f.write('{"task_id": "k4", "gues')  # killed in the middle of writing a line
+
+    again = fake_model(monkeypatch, tokenizer, answer)
+    infer.main(["--dataset", folder, "--model", run, "--batch-size", "2"])
+    redone = {p for batch in again for p in map(tuple, batch)}
+    assert len(redone) == 2 * 3  # the 3 unfinished tasks x 2 guesses, nothing of k5, k6
+    assert all(len(p) < min(len(q) for q in map(tuple, calls[0])) for p in redone)
+    sub = read(Path(run) / "submission.json")
+    infer.check_submission(sub, tasks, "submission")
+    assert all(e["attempt_1"] != [[0]] for entries in sub.values() for e in entries)
+
+
+def test_shards_merge_to_the_same_submission_as_one_run(tmp_path, monkeypatch, tokenizer, mirror):
+    tasks, folder, run = mirror
+    fake_model(monkeypatch, tokenizer, lambda ids: data.format_completion([[len(ids) % 10, sum(ids) % 10]], FMT))
+    single, sharded = tmp_path / "single" / "submission.json", tmp_path / "sharded" / "submission.json"
+    infer.main(["--dataset", folder, "--model", run, "--out", str(single)])
+    for shard in ("0/2", "1/2"):
+        infer.main(["--dataset", folder, "--model", run, "--out", str(sharded), "--shard", shard])
+    assert set(read(sharded.with_name("submission.shard-0-of-2.json"))) == {"t0", "t2", "t4"}
+    infer.main(["--dataset", folder, "--model", run, "--out", str(sharded), "--merge"])
+    assert sharded.read_bytes() == single.read_bytes()
+    one, merged = read(single.with_name("results.json")), read(sharded.with_name("results.json"))
+    assert all(one[k] == merged[k] for k in ("score", "predicted", "solved_any", "solved_first", "unanswered"))
+
+
+def test_task_too_long_is_listed_and_still_in_the_submission(tmp_path, monkeypatch, tokenizer):
+    rng = random.Random(2)
+    tasks = {"small": mirror_task(rng, 2, 3), "huge": mirror_task(rng, 30, 30)}
+    folder, run = write_tasks(tmp_path / "tasks", tasks), write_run(tmp_path / "run", max_seq_len=1500)
+    fake_model(monkeypatch, tokenizer, lambda ids: data.format_completion([[1]], FMT))
+    infer.main(["--dataset", folder, "--model", run])
+    sub, r = read(Path(run) / "submission.json"), read(Path(run) / "results.json")
+    assert sub["huge"] == [{"attempt_1": [[0]], "attempt_2": [[0]]}] and sub["small"][0]["attempt_1"] == [[1]]
+    assert len(r["skipped"]) == 2 and all(s.startswith("task huge") and "max_seq_len 1500" in s for s in r["skipped"])
+    assert r["guess_status"] == {"ok": 2, "too_long": 2}
+
+
+def test_real_tiny_model_on_cpu_writes_a_complete_submission(tmp_path, monkeypatch):
+    rng = random.Random(3)
+    tasks = {f"s{i}": mirror_task(rng, 3, 3, tests=1 + (i == 0)) for i in range(3)}
+    folder, run = write_tasks(tmp_path / "tasks", tasks), write_run(tmp_path / "run", max_seq_len=2048)
+    tok = train.tiny_tokenizer()
+    train.tiny_model(tok, max_seq_len=2048).save_pretrained(Path(run) / "final")
+    tok.save_pretrained(Path(run) / "final")
+    monkeypatch.chdir(tmp_path)  # "runs/" not needed: --model names the run
+    infer.main(["--dataset", folder, "--model", run, "--max-new-tokens", "24", "--batch-size", "4", "--plot"])
+    sub, r = read(Path(run) / "submission.json"), read(Path(run) / "results.json")
+    infer.check_submission(sub, tasks, "submission")
+    assert r["tasks"] == 3 and r["guesses"] == 8 and r["generated_tokens"] > 0
+    assert sum(r["guess_status"].values()) == 8 and (Path(run) / "plots" / "summary.png").exists()
