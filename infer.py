@@ -207,6 +207,24 @@ def generate(model, tokenizer, prompts, cfg, min_new_tokens=0):
     return texts
 
 
+def generate_halving(model, tokenizer, prompts, cfg):
+    """generate(), retried in two halves when the GPU runs out of memory, so one big batch costs a retry, not
+    the run; a single prompt that does not fit is an error naming the flags that help."""
+    import torch
+    try:
+        return generate(model, tokenizer, prompts, cfg)
+    except torch.cuda.OutOfMemoryError:
+        if len(prompts) == 1:
+            raise DataError(f"GPU out of memory on one prompt of {len(prompts[0])} tokens: lower --max-seq-len "
+                            "(tasks are trimmed to fit) or use a GPU with more memory")
+        torch.cuda.empty_cache()
+        half = len(prompts) // 2
+        print(f"note: GPU out of memory at {len(prompts)} prompts per batch, retrying as 2 x {half}; "
+              f"a smaller --batch-size avoids the retries")
+        return generate_halving(model, tokenizer, prompts[:half], cfg) + \
+            generate_halving(model, tokenizer, prompts[half:], cfg)
+
+
 def parse_guess(text, k, fmt):
     """(grid in the original task's orientation, status): status is ok, no_end (no end marker: cut off or
     rambling) or unparsable; the grid is None unless ok."""
@@ -237,8 +255,10 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings):
           + (f"tokens min {lengths[0]} / median {int(statistics.median(lengths))} / max {lengths[-1]}, "
              if lengths else "") + f"{trimmed} train examples trimmed to fit {cfg.max_seq_len}, "
           f"{len(skipped)} guesses skipped as too long")
-    for note in skipped:
+    for note in skipped[:5]:
         print(f"  skipped {note}")
+    if len(skipped) > 5:
+        print(f"  ... and {len(skipped) - 5} more, all listed under 'skipped' in results.json")
     pending = {tid: 0 for tid in tasks}
     for p in prompts:
         pending[p["task_id"]] += 1
@@ -256,7 +276,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings):
             finish(tid)
         for start in range(0, len(prompts), cfg.batch_size):
             batch = prompts[start:start + cfg.batch_size]
-            texts = generate(model, tokenizer, [p["ids"] for p in batch], cfg)
+            texts = generate_halving(model, tokenizer, [p["ids"] for p in batch], cfg)
             for p, text in zip(batch, texts):
                 rec = records[p["task_id"]]
                 grid, status = parse_guess(text, GUESSES[p["guess"]], fmt)
@@ -299,7 +319,7 @@ def read_cache(path, settings=None):
         except json.JSONDecodeError:
             print(f"note: {path}: dropped a partially written last line (the run was killed while writing it)")
             lines[-1] = ""
-        write_atomic(path, "\n".join(lines).rstrip("\n") + ("\n" if any(lines) else ""))
+        train.write_atomic(path, "\n".join(lines).rstrip("\n") + ("\n" if any(lines) else ""))
     records = {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -316,15 +336,6 @@ def read_cache(path, settings=None):
             raise DataError(f"{path}: written with other settings ({diff}); pass another --out or delete it")
         records[rec["task_id"]] = rec
     return records
-
-
-def write_atomic(path, text):
-    """Write via a temporary file in the same folder and os.replace: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 def check_submission(sub, tasks, where):
@@ -530,7 +541,7 @@ def plot_results(tasks, guesses, r, folder, title):
 def report(cfg, tasks, sub, guesses, sub_path, results_path, plots, title, extra=None):
     """Validate and write the submission, score it when solutions are known, write results.json, plot."""
     check_submission(sub, tasks, sub_path)
-    write_atomic(sub_path, json.dumps(sub))
+    train.write_atomic(sub_path, json.dumps(sub))
     r = score(tasks, sub, guesses)
     r.update(extra or {}, submission=str(sub_path))
     if r["solutions"]:
@@ -538,7 +549,7 @@ def report(cfg, tasks, sub, guesses, sub_path, results_path, plots, title, extra
     else:
         print(f"\nno solutions for {cfg.dataset} {cfg.split}: not scored; {r['predicted']} of {r['tasks']} tasks "
               f"have a guess, {r['unanswered']} of {r['guesses']} guesses unanswered")
-    write_atomic(results_path, json.dumps(r, indent=1))
+    train.write_atomic(results_path, json.dumps(r, indent=1))
     files = [sub_path, results_path]
     if cfg.plot and r["solutions"]:
         files += plot_results(tasks, guesses or answers_of(sub), r, plots, title)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,12 +218,17 @@ def trainer_callbacks():
     return [Progress()]
 
 
+def write_atomic(path, text):
+    """Write via a temporary file in the same folder and os.replace: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
 def write_json(path, obj):
-    """Atomic: a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2))
 
 
 def versions():
@@ -432,7 +438,10 @@ def train(cfg):
                       optimizers=(make_optimizer(model, args, cfg.embedding_lr), None),
                       callbacks=trainer_callbacks())
     trainer.remove_callback(PrinterCallback)  # our Progress prints one line per log step instead
-    print(f"training: {cfg.epochs:g} epochs, batch {cfg.batch_size} x {cfg.grad_accum} accumulation, lr {cfg.lr:g} "
+    per_epoch = len(train_ds) / copies / (cfg.batch_size * cfg.grad_accum)
+    length = f"{cfg.max_steps} steps (~{cfg.max_steps / per_epoch:.2f} epochs)" if cfg.max_steps > 0 \
+        else f"{cfg.epochs:g} epochs (~{math.ceil(per_epoch * cfg.epochs)} steps)"
+    print(f"training: {length}, batch {cfg.batch_size} x {cfg.grad_accum} accumulation, lr {cfg.lr:g} "
           f"(embeddings {cfg.embedding_lr:g}), {cfg.scheduler} schedule, warm-up {cfg.warmup:g}, {cfg.optim}, "
           f"seed {cfg.seed}; checkpoints every {cfg.save_steps} steps in {ckpt_dir}")
     try:

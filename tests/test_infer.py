@@ -242,3 +242,23 @@ def test_real_tiny_model_on_cpu_writes_a_complete_submission(tmp_path, monkeypat
     infer.check_submission(sub, tasks, "submission")
     assert r["tasks"] == 3 and r["guesses"] == 8 and r["generated_tokens"] > 0
     assert sum(r["guess_status"].values()) == 8 and (Path(run) / "plots" / "summary.png").exists()
+
+
+def test_gpu_out_of_memory_halves_the_batch_instead_of_failing(mirror, tmp_path, monkeypatch, tokenizer):
+    import torch
+    tasks, folder, run = mirror
+    sizes = []
+
+    def generate(model, tok, prompts, cfg, min_new_tokens=0):
+        sizes.append(len(prompts))
+        if len(prompts) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return ["junk"] * len(prompts)
+    monkeypatch.setattr(infer, "load_model", lambda spec, cfg: (None, tokenizer))
+    monkeypatch.setattr(infer, "generate", generate)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    infer.main(["--dataset", folder, "--model", run, "--batch-size", "16"])
+    n_prompts = 2 * sum(len(t["test"]) for t in tasks.values())
+    assert sizes[0] == 16 and max(sizes[1:]) <= 8
+    assert sum(s for s in sizes if s <= 3) == n_prompts  # every prompt answered once, in smaller batches
+    assert len(read(Path(run) / "submission.json")) == len(tasks)
