@@ -59,6 +59,8 @@ class Config:
 def find_run(cfg):
     """What to load, as a dict: name, dir (default output folder), final, base, adapter, tokenizer, format,
     max_seq_len, load_in_4bit. Raises DataError when there is no trained run."""
+    if cfg.model:
+        train.check_model_name(cfg.model)
     if cfg.model and Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").exists():
         raise DataError(f"--model {cfg.model}: no config.json, neither a run folder nor a model folder")
     if cfg.model and not is_run(Path(cfg.model)):

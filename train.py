@@ -75,6 +75,12 @@ def pick_path(model_name):
     return "unsloth", f"CUDA device {torch.cuda.get_device_name(0)}: Unsloth"
 
 
+def check_model_name(name):
+    """A --model that is written as a path must exist: say so plainly instead of a hub error about repo ids."""
+    if name != "tiny" and name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise DataError(f"--model {name}: no such folder")
+
+
 def load_model(cfg, path):
     """(model, tokenizer) for cfg.model: "tiny", a local folder or a Hugging Face name (from the local cache
     when offline)."""
@@ -369,6 +375,7 @@ def train(cfg):
         raise DataError(f"--resume: no checkpoint in {ckpt_dir}")
 
     # model
+    check_model_name(cfg.model)
     try:
         model, tokenizer = load_model(cfg, path)
     except (OSError, ValueError) as e:

@@ -1,6 +1,9 @@
 import json
 import os
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,6 +118,23 @@ def test_resume_continues_at_the_right_step(family, tmp_path, capsys):
              if line.startswith("step ")]
     assert steps == [5, 6]
     assert json.loads((out / "config.json").read_text())["summary"]["steps"] == 6
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_model(family, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--dataset", str(family), "--max-steps", "100000",
+                             "--logging-steps", "1", "--batch-size", "4", "--out", str(out)],
+                            cwd=Path(train.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGINT)
+    output = line + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    summary = json.loads((out / "config.json").read_text())["summary"]
+    assert summary["interrupted"] and 0 < summary["steps"] < 100000
+    assert (out / "checkpoints" / f"checkpoint-{summary['steps']}" / "trainer_state.json").exists()
+    assert (out / "final" / "model.safetensors").exists() and "Traceback" not in output
 
 
 def test_cpu_path_is_chosen_without_cuda_and_unsloth_never_imported():
