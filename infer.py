@@ -560,6 +560,13 @@ def report(cfg, tasks, sub, guesses, sub_path, results_path, plots, title, extra
     return r, files
 
 
+def describe_files(files):
+    """The files written, with the pictures counted rather than listed."""
+    pngs = [f for f in files if str(f).endswith(".png")]
+    named = [str(f) for f in files if f not in pngs]
+    return ", ".join(named + ([f"{len(pngs)} PNGs in {Path(pngs[0]).parent}"] if pngs else []))
+
+
 def main(argv=None):
     cfg = data.parse_config(Config, "Predict ARC test outputs with a fine-tuned model, write a Kaggle submission "
                                     "and score it.", argv)
@@ -583,14 +590,14 @@ def run(cfg):
         guesses = {tid: cache[tid]["guesses"] for tid in tasks} if all(t in cache for t in tasks) else None
         _, files = report(cfg, tasks, sub, guesses, sub_path, sub_path.with_name("results.json"),
                           sub_path.parent / "plots", f"{sub_path} on {cfg.dataset} {cfg.split}")
-        print(f"wrote {', '.join(map(str, files[1:]))}")
+        print(f"wrote {describe_files(files[1:])}")
         return
     if cfg.merge:
         out = Path(cfg.out) if cfg.out else Path(find_run(cfg)["dir"]) / "submission.json"
         sub, guesses = merge_shards(out, tasks)
         sub_path, _, results_path, plots = paths(out)
         _, files = report(cfg, tasks, sub, guesses, sub_path, results_path, plots, f"{out} (merged shards)")
-        print(f"wrote {', '.join(map(str, files))}")
+        print(f"wrote {describe_files(files)}")
         return
     spec = find_run(cfg)
     out = Path(cfg.out) if cfg.out else Path(spec["dir"]) / "submission.json"
@@ -632,7 +639,7 @@ def run(cfg):
     print(f"\ndone in {extra['time_s']:.0f} s: generated {generated} tokens in {seconds:.0f} s "
           f"({extra['tokens_per_s'] or 0:.0f} tok/s), peak {'%s %.1f GB' % train.peak_memory_gb()}; "
           f"guess status {extra['guess_status']}")
-    print(f"wrote {', '.join(map(str, files))} (cache {cache_path})")
+    print(f"wrote {describe_files(files)} (cache {cache_path})")
     if cfg.shard:
         print("when every shard is done: python infer.py --merge (with the same --model/--out/--dataset/--split)")
 
