@@ -463,7 +463,7 @@ def train(cfg):
     trainer.save_model(str(final))
     tokenizer.save_pretrained(str(final))
     if cfg.merge and not cfg.full_finetune:
-        save_merged(model, tokenizer, out / "merged", path)
+        save_merged(model, tokenizer, out / "merged", path, base_dir or cfg.model, final)
     elapsed = time.time() - t0
     mem_kind, mem = peak_memory_gb()
     summary = dict(steps=trainer.state.global_step, interrupted=interrupted, train_loss=result.training_loss,
@@ -485,14 +485,18 @@ def pad_id(tokenizer):
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def save_merged(model, tokenizer, path, how):
+def save_merged(model, tokenizer, path, how, base, adapter):
+    """A 16-bit model with the adapter merged in, for other inference engines. The CPU path merges a fresh
+    copy read back from disk, so the trained model in memory stays as it is."""
     if how == "unsloth":
         model.save_pretrained_merged(str(path), tokenizer, save_method="merged_16bit")
-        return
-    import torch
-    merged = model.merge_and_unload()
-    merged.to(torch.bfloat16).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
+    else:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter))
+        fresh.merge_and_unload().to(torch.bfloat16).save_pretrained(str(path))
+        tokenizer.save_pretrained(str(path))
     print(f"merged 16-bit model: {path}")
 
 

@@ -64,7 +64,7 @@ def test_tokenize_drops_and_counts_rows_over_max_seq_len():
 def lora_run(family, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "lora"
     model, run = train.main(["--dataset", str(family), "--split", "train", "--no-full-finetune", "--max-steps", "6",
-                             "--lr", "1e-2", "--batch-size", "4", "--out", str(out), "--logging-steps", "1"])
+                             "--lr", "1e-2", "--batch-size", "4", "--out", str(out), "--logging-steps", "1", "--merge"])
     return model, run
 
 
@@ -104,6 +104,18 @@ def test_embeddings_change_in_training_and_survive_save_and_reload(lora_run):
     model.eval()
     with torch.no_grad():
         assert torch.allclose(model(x).logits, reloaded(x).logits, atol=1e-6)
+
+
+def test_merged_model_predicts_like_base_plus_adapter(lora_run):
+    from transformers import AutoModelForCausalLM
+    model, run = lora_run
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    assert next(merged.parameters()).dtype == torch.bfloat16
+    x = torch.tensor([[1, 15, 14, 4, 5, 14, 16, 14]])
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, merged.float()(x).logits, atol=0.05)
+        assert torch.equal(model(x).logits.argmax(-1), merged.float()(x).logits.argmax(-1))
 
 
 def test_resume_continues_at_the_right_step(family, tmp_path, capsys):
