@@ -70,7 +70,7 @@ def find_run(cfg):
         tokenizer = adapter if adapter and (adapter / "tokenizer_config.json").exists() else cfg.model
         return dict(name=cfg.model + (f" + {cfg.adapter}" if cfg.adapter else ""), dir=adapter or Path("."),
                     final=None, base=cfg.model, adapter=adapter, tokenizer=str(tokenizer), format=None,
-                    max_seq_len=cfg.max_seq_len or 8192, load_in_4bit=False)
+                    max_seq_len=cfg.max_seq_len or 8192, load_in_4bit=False, path="unsloth")
     if cfg.adapter:
         raise DataError(f"--adapter goes with a base --model; {cfg.model or 'the latest run'} is a run folder "
                         "that names its own adapter")
@@ -88,7 +88,8 @@ def find_run(cfg):
         base = str(run / base)
     return dict(name=str(run), dir=run, final=final, base=base if run_cfg["lora"] else str(final),
                 adapter=final if run_cfg["lora"] else None, tokenizer=str(final), format=run_cfg["format"],
-                max_seq_len=cfg.max_seq_len or run_cfg["max_seq_len"], load_in_4bit=run_cfg["load_in_4bit"])
+                max_seq_len=cfg.max_seq_len or run_cfg["max_seq_len"], load_in_4bit=run_cfg["load_in_4bit"],
+                path=run_cfg.get("path", "unsloth"))
 
 
 def is_run(path):
@@ -108,7 +109,8 @@ def load_model(spec, cfg):
 
 def load_weights(spec, cfg):
     import torch
-    if torch.cuda.is_available():
+    # Unsloth where the run was trained with it (a tiny model built from a config was not: transformers)
+    if torch.cuda.is_available() and spec["path"] == "unsloth":
         import unsloth  # noqa: F401  before transformers/peft, which it patches; it raises on a machine without GPU
         from unsloth import FastLanguageModel
         print(f"device: cuda ({torch.cuda.get_device_name(0)}), so Unsloth's fast inference, "
@@ -123,9 +125,11 @@ def load_weights(spec, cfg):
         FastLanguageModel.for_inference(model)
     else:
         from transformers import AutoModelForCausalLM
-        print("device: cpu (torch.cuda.is_available() is False), so transformers in float32"
-              + (" + the peft adapter" if spec["adapter"] else ""))
-        model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=torch.float32)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        print(f"device: {device} ({'the run was trained without Unsloth' if device == 'cuda' else 'no CUDA device'}),"
+              f" so transformers in {str(dtype).split('.')[1]}" + (" + the peft adapter" if spec["adapter"] else ""))
+        model = AutoModelForCausalLM.from_pretrained(spec["base"], dtype=dtype).to(device)
         if spec["adapter"]:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, str(spec["adapter"]))

@@ -374,6 +374,10 @@ def train(cfg):
     if cfg.resume and not list(ckpt_dir.glob("checkpoint-*")):
         raise DataError(f"--resume: no checkpoint in {ckpt_dir}")
 
+    tasks = load_tasks(cfg.dataset, cfg.split)  # before the model: a data error should not wait for 8B weights
+    if cfg.limit_tasks:
+        tasks = dict(sorted(tasks.items())[:cfg.limit_tasks])
+
     # model
     check_model_name(cfg.model)
     try:
@@ -402,10 +406,7 @@ def train(cfg):
               f"{', '.join(PROJECTIONS)}; {' and '.join(EMBEDDINGS)} trained as full matrices (modules_to_save, "
               f"as Unsloth does): {trainable / 1e6:,.2f}M trainable ({embed / 1e6:,.2f}M of them embeddings)")
 
-    # data
-    tasks = load_tasks(cfg.dataset, cfg.split)
-    if cfg.limit_tasks:
-        tasks = dict(sorted(tasks.items())[:cfg.limit_tasks])
+    # data (its sequences need the tokenizer: built below)
     reshuffle = cfg.colour_perm or cfg.shuffle_examples
     copies = max(1, math.ceil(cfg.epochs)) if reshuffle else 1
     count = lambda text: len(encode_prompt(tokenizer, text)) + 1  # + EOS
