@@ -179,3 +179,9 @@ def test_unsloth_path_trains_embeddings(tmp_path, family):
                              "--lr", "1e-2", "--out", str(tmp_path / "run"), "--no-load-in-4bit"])
     info = json.loads((run / "config.json").read_text())
     assert info["path"] == "unsloth" and os.path.exists(run / "final" / "adapter_model.safetensors")
+    from safetensors.torch import load_file
+    trained = load_file(run / "final" / "adapter_model.safetensors")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    for name in ("embed_tokens", "lm_head"):
+        weight = next(v for k, v in trained.items() if name in k)
+        assert not torch.equal(weight.float(), next(v for k, v in base.items() if name in k).float())
