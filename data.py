@@ -59,6 +59,18 @@ def opt(default, group, help, **kw):
     return field(default=default, metadata=dict(group=group, help=help, **kw))
 
 
+@dataclass
+class Config:
+    dataset: str = opt("arc1", "data", "embedded set (arc1, arc2, kaggle2024, kaggle2025), a *_challenges.json "
+                                       "file, a task .json file or a folder of task files")
+    split: list = opt(["train", "eval"], "data", "split(s): train and/or eval")
+    stats: bool = opt(False, "actions", "print tasks, sequences and Llama-3 token lengths per split")
+    show: str = opt("", "actions", "task id to draw with its 8 symmetries as a PNG")
+    format: str = opt("llama3", "output", "text format for --print", choices=["llama3", "digits"])
+    print: str = opt("", "actions", "task id whose training text (k=0, first test input) to print")
+    out: str = opt("assets", "output", "folder for --show pictures")
+
+
 # ----------------------------------------------------------------------------
 # loading and validation
 
@@ -448,18 +460,6 @@ def show_task(task, tid, path):
 
 
 # ----------------------------------------------------------------------------
-
-@dataclass
-class Config:
-    dataset: str = opt("arc1", "data", "embedded set (arc1, arc2, kaggle2024, kaggle2025), a *_challenges.json "
-                                       "file, a task .json file or a folder of task files")
-    split: list = opt(["train", "eval"], "data", "split(s): train and/or eval")
-    stats: bool = opt(False, "actions", "print tasks, sequences and Llama-3 token lengths per split")
-    show: str = opt("", "actions", "task id to draw with its 8 symmetries as a PNG")
-    format: str = opt("llama3", "output", "text format for --print", choices=["llama3", "digits"])
-    print: str = opt("", "actions", "task id whose training text (k=0, first test input) to print")
-    out: str = opt("assets", "output", "folder for --show pictures")
-
 
 def main(argv=None):
     cfg = parse_config(Config, "Load ARC tasks, show them, and measure their training text.", argv)

@@ -16,6 +16,53 @@ from pathlib import Path
 from data import END, IN, OUT, DataError, build_dataset, choose_format, load_tasks, opt, parse_config
 
 TINY_WORDS = [IN, OUT, END]  # the tiny vocabulary is built around data.py's format
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EMBEDDINGS = ["embed_tokens", "lm_head"]
+GPU_MODEL = "unsloth/llama-3-8b-bnb-4bit"  # the write-up's Llama-3-8B, pre-quantized to 4 bits
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = opt("arc1", "data", "embedded set (arc1, arc2, kaggle2024, kaggle2025), a *_challenges.json, "
+                                       "a task file or a folder of task files")
+    split: str = opt("train", "data", "split to train on")
+    variants: int = opt(8, "data", "symmetries per task: 8 = all rotations and transpositions (the write-up)")
+    colour_perm: bool = opt(False, "data", "also permute colours 1-9 (0 fixed), a new draw each epoch")
+    shuffle_examples: bool = opt(False, "data", "shuffle the order of train examples, a new order each epoch")
+    limit_tasks: int = opt(0, "data", "use only the first N tasks (0 = all)")
+    max_seq_len: int = opt(0, "data", "tokens per sequence; longer tasks lose their largest examples "
+                                      "(0 = 8192 for a real model, 1024 for tiny)")
+    # model
+    model: str = opt("auto", "model", f"Hugging Face name, local folder or 'tiny' (auto: {GPU_MODEL} with a "
+                                      "GPU, tiny without)")
+    load_in_4bit: bool = opt(True, "model", "load the base model in 4 bits (Unsloth path only)")
+    full_finetune: bool = opt(None, "model", "train every weight instead of a LoRA (default: on for tiny only)")
+    # lora
+    lora_r: int = opt(16, "lora", "LoRA rank")
+    lora_alpha: int = opt(16, "lora", "LoRA alpha (rank-stabilized: scaling alpha/sqrt(r))")
+    lora_dropout: float = opt(0.0, "lora", "LoRA dropout")
+    # training
+    epochs: float = opt(3.0, "training", "passes over the data")
+    max_steps: int = opt(-1, "training", "stop after N optimizer steps (-1: from --epochs; tiny on CPU: 300)")
+    batch_size: int = opt(0, "training", "sequences per device step (0: 2, or 16 for tiny)")
+    grad_accum: int = opt(0, "training", "gradient accumulation steps (0: 4, or 1 for tiny)")
+    lr: float = opt(0.0, "training", "learning rate (0: 2e-4 for LoRA, 1e-3 for tiny full fine-tuning)")
+    embedding_lr: float = opt(0.0, "training", "learning rate of embed_tokens and lm_head (0: same as --lr)")
+    warmup: float = opt(0.03, "training", "warm-up: a fraction of the steps if < 1, else a step count")
+    scheduler: str = opt("linear", "training", "learning-rate schedule (transformers' names)")
+    optim: str = opt("auto", "training", "optimizer (auto: adamw_8bit on GPU, adamw_torch on CPU)")
+    weight_decay: float = opt(0.0, "training", "weight decay")
+    group_by_length: bool = opt(True, "training", "batch sequences of similar length (less padding)")
+    seed: int = opt(1212, "training", "random seed (the write-up's random_state)")
+    # output
+    out: str = opt("", "output", "run folder (default: runs/<model>-<time>)")
+    resume: bool = opt(False, "output", "continue from the latest checkpoint in --out (default: the latest run)")
+    save_steps: int = opt(200, "output", "checkpoint every N steps")
+    logging_steps: int = opt(10, "output", "print a progress line every N steps")
+    merge: bool = opt(False, "output", "also write a merged 16-bit model to <out>/merged")
+
+
 
 
 def tiny_tokenizer():
@@ -54,11 +101,6 @@ def encode_prompt(tokenizer, text):
 
 # ----------------------------------------------------------------------------
 # device and model
-
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-EMBEDDINGS = ["embed_tokens", "lm_head"]
-GPU_MODEL = "unsloth/llama-3-8b-bnb-4bit"  # the write-up's Llama-3-8B, pre-quantized to 4 bits
-
 
 def pick_path(model_name):
     """("unsloth" | "transformers", why). Unsloth raises on import without an accelerator, so it is imported
@@ -269,54 +311,12 @@ def read_run_config(run):
 
 def latest_run(root="runs"):
     """The run folder whose config.json was written last, or None."""
-    from pathlib import Path
     configs = sorted(Path(root).glob("*/config.json"), key=lambda p: p.stat().st_mtime)
     return configs[-1].parent if configs else None
 
 
 # ----------------------------------------------------------------------------
-
-@dataclass
-class Config:
-    # data
-    dataset: str = opt("arc1", "data", "embedded set (arc1, arc2, kaggle2024, kaggle2025), a *_challenges.json, "
-                                       "a task file or a folder of task files")
-    split: str = opt("train", "data", "split to train on")
-    variants: int = opt(8, "data", "symmetries per task: 8 = all rotations and transpositions (the write-up)")
-    colour_perm: bool = opt(False, "data", "also permute colours 1-9 (0 fixed), a new draw each epoch")
-    shuffle_examples: bool = opt(False, "data", "shuffle the order of train examples, a new order each epoch")
-    limit_tasks: int = opt(0, "data", "use only the first N tasks (0 = all)")
-    max_seq_len: int = opt(0, "data", "tokens per sequence; longer tasks lose their largest examples "
-                                      "(0 = 8192 for a real model, 1024 for tiny)")
-    # model
-    model: str = opt("auto", "model", f"Hugging Face name, local folder or 'tiny' (auto: {GPU_MODEL} with a "
-                                      "GPU, tiny without)")
-    load_in_4bit: bool = opt(True, "model", "load the base model in 4 bits (Unsloth path only)")
-    full_finetune: bool = opt(None, "model", "train every weight instead of a LoRA (default: on for tiny only)")
-    # lora
-    lora_r: int = opt(16, "lora", "LoRA rank")
-    lora_alpha: int = opt(16, "lora", "LoRA alpha (rank-stabilized: scaling alpha/sqrt(r))")
-    lora_dropout: float = opt(0.0, "lora", "LoRA dropout")
-    # training
-    epochs: float = opt(3.0, "training", "passes over the data")
-    max_steps: int = opt(-1, "training", "stop after N optimizer steps (-1: from --epochs; tiny on CPU: 300)")
-    batch_size: int = opt(0, "training", "sequences per device step (0: 2, or 16 for tiny)")
-    grad_accum: int = opt(0, "training", "gradient accumulation steps (0: 4, or 1 for tiny)")
-    lr: float = opt(0.0, "training", "learning rate (0: 2e-4 for LoRA, 1e-3 for tiny full fine-tuning)")
-    embedding_lr: float = opt(0.0, "training", "learning rate of embed_tokens and lm_head (0: same as --lr)")
-    warmup: float = opt(0.03, "training", "warm-up: a fraction of the steps if < 1, else a step count")
-    scheduler: str = opt("linear", "training", "learning-rate schedule (transformers' names)")
-    optim: str = opt("auto", "training", "optimizer (auto: adamw_8bit on GPU, adamw_torch on CPU)")
-    weight_decay: float = opt(0.0, "training", "weight decay")
-    group_by_length: bool = opt(True, "training", "batch sequences of similar length (less padding)")
-    seed: int = opt(1212, "training", "random seed (the write-up's random_state)")
-    # output
-    out: str = opt("", "output", "run folder (default: runs/<model>-<time>)")
-    resume: bool = opt(False, "output", "continue from the latest checkpoint in --out (default: the latest run)")
-    save_steps: int = opt(200, "output", "checkpoint every N steps")
-    logging_steps: int = opt(10, "output", "print a progress line every N steps")
-    merge: bool = opt(False, "output", "also write a merged 16-bit model to <out>/merged")
-
+# main
 
 def resolve(cfg, gpu):
     """Fill the 'auto' settings from the device and model; returns what was decided, to print."""
