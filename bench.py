@@ -43,7 +43,7 @@ def tiny_setup(cfg):
     prompts = []
     for tid in sorted(tasks):
         fitted, _ = data.fit_task(infer.strip_outputs(tasks[tid]), 0, "digits", cfg.max_seq_len,
-                                  infer.count_tokens(tokenizer))
+                                  train.count_tokens(tokenizer))
         if fitted is not None:
             prompts.append(train.encode_prompt(tokenizer, data.format_prompt(fitted, 0, "digits")))
     prompts.sort(key=len, reverse=True)

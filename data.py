@@ -262,8 +262,7 @@ IN, OUT, END = "in", "out", "end"  # single tokens on Llama-3 after a newline
 
 
 def format_grid(grid, fmt):
-    # "merged": plain digit rows on Llama-3, whose cells merge (about 2.5x fewer tokens); --stats compares it
-    encode = FORMATS["digits" if fmt == "merged" else fmt][0]
+    encode = FORMATS[fmt][0]
     return "\n".join(encode(row) for row in grid)
 
 
@@ -493,7 +492,8 @@ def report_stats(dataset, split, tasks, skipped, t0):
     print(f"{dataset} {split}: {len(tasks)} tasks ({len(skipped)} skipped), {n_test} test inputs, "
           f"8 variants -> {8 * n_test} sequences (all train pairs + one test pair each)")
     print(f"  {'format':<28} {'min':>6} {'median':>7} {'p95':>6} {'max':>6} {'<=2048':>7} {'<=4096':>7} {'<=8192':>7}")
-    labels = {"llama3": "llama3 (1 token/cell)", "merged": "plain digits (cells merge)"}
+    # "digits" on Llama-3 is the plain digit rows whose cells merge (about 2.5x fewer tokens)
+    labels = {"llama3": "llama3 (1 token/cell)", "digits": "plain digits (cells merge)"}
     for fmt, s in stats(tasks, tokenizer, labels).items():
         label = labels[fmt]
         print(f"  {label:<28} {s['min']:>6} {s['median']:>7} {s['p95']:>6} {s['max']:>6} "

@@ -151,13 +151,9 @@ def strip_outputs(task):
     return dict(task, test=[{"input": t["input"]} for t in task["test"]])
 
 
-def count_tokens(tokenizer):
-    return lambda text: len(tokenizer.encode(text, add_special_tokens=False)) + 2  # + BOS and EOS
-
-
 def answer_tokens(tokenizer, fmt):
     """Tokens of the largest possible answer: a 30x30 grid, its row breaks and end marker, plus EOS."""
-    return len(tokenizer.encode(data.format_completion([[0] * data.MAX_SIDE] * data.MAX_SIDE, fmt),
+    return len(tokenizer.encode(data.format_completion(data.zero_grid(data.MAX_SIDE, data.MAX_SIDE), fmt),
                                 add_special_tokens=False)) + 1
 
 
@@ -165,7 +161,7 @@ def build_prompts(tasks, tokenizer, fmt, max_seq_len):
     """(prompts, records): one prompt per task x test input x guess, each a dict with task_id, test, guess and
     token ids; records hold each task's empty answer slots, and mark the guesses too long to fit as skipped."""
     prompts, records = [], {}
-    count = count_tokens(tokenizer)
+    count = train.count_tokens(tokenizer)
     for tid, task in tasks.items():
         n = len(task["test"])
         rec = records[tid] = dict(task_id=tid, guesses=[[None, None] for _ in range(n)],

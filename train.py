@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import END, IN, OUT, DataError, build_dataset, choose_format, load_tasks, opt, parse_config
+from data import END, IN, OUT, DataError, build_dataset, choose_format, load_tasks, opt, parse_config, read_json
 
 TINY_WORDS = [IN, OUT, END]  # the tiny vocabulary is built around data.py's format
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -97,6 +97,11 @@ def encode_prompt(tokenizer, text):
     """Token ids of a prompt: BOS (when the tokenizer has one) + the text, never anything else added."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer.encode(text, add_special_tokens=False)
+
+
+def count_tokens(tokenizer):
+    """Tokens of a whole sequence (prompt text + answer text) as trained and generated: BOS + text + EOS."""
+    return lambda text: len(encode_prompt(tokenizer, text)) + 1
 
 
 # ----------------------------------------------------------------------------
@@ -228,10 +233,9 @@ def describe_lengths(lengths):
 # ----------------------------------------------------------------------------
 # progress, Ctrl-C, outputs
 
-def trainer_callbacks():
+def progress_callback():
     """One line per logging step, and a Ctrl-C that saves a checkpoint before stopping (a second one kills)."""
     import signal
-    import time
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -243,7 +247,7 @@ def trainer_callbacks():
 
         def on_sigint(self, *_):
             print("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort)", flush=True)
-            Progress.interrupted = True
+            self.interrupted = True
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
         def on_step_end(self, args, state, control, **kw):
@@ -263,7 +267,7 @@ def trainer_callbacks():
         def on_train_end(self, args, state, control, **kw):
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    return [Progress()]
+    return Progress()
 
 
 def write_atomic(path, text):
@@ -301,12 +305,9 @@ def peak_memory_gb():
 
 def read_run_config(run):
     path = Path(run) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         raise DataError(f"{run}: no config.json, not a run folder written by train.py")
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})")
+    return read_json(path)
 
 
 def latest_run(root="runs"):
@@ -409,9 +410,8 @@ def train(cfg):
     # data (its sequences need the tokenizer: built below)
     reshuffle = cfg.colour_perm or cfg.shuffle_examples
     copies = max(1, math.ceil(cfg.epochs)) if reshuffle else 1
-    count = lambda text: len(encode_prompt(tokenizer, text)) + 1  # + EOS
-    ds, report = build_dataset(tasks, fmt, range(cfg.variants), cfg.max_seq_len, count, cfg.colour_perm,
-                               cfg.shuffle_examples, cfg.seed, copies)
+    ds, report = build_dataset(tasks, fmt, range(cfg.variants), cfg.max_seq_len, count_tokens(tokenizer),
+                               cfg.colour_perm, cfg.shuffle_examples, cfg.seed, copies)
     train_ds, over = tokenize(ds, tokenizer, cfg.max_seq_len)
     if len(train_ds) == 0:
         raise DataError(f"{cfg.dataset} ({cfg.split}): no sequence fits --max-seq-len {cfg.max_seq_len}")
@@ -442,9 +442,10 @@ def train(cfg):
         disable_tqdm=True, remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         gradient_checkpointing=path == "transformers" and cfg.model != "tiny", use_cpu=not gpu)
+    progress = progress_callback()
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collate(pad_id(tokenizer)),
                       optimizers=(make_optimizer(model, args, cfg.embedding_lr), None),
-                      callbacks=trainer_callbacks())
+                      callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # our Progress prints one line per log step instead
     per_epoch = len(train_ds) / copies / (cfg.batch_size * cfg.grad_accum)
     length = f"{cfg.max_steps} steps (~{cfg.max_steps / per_epoch:.2f} epochs)" if cfg.max_steps > 0 \
@@ -457,7 +458,7 @@ def train(cfg):
     except torch.cuda.OutOfMemoryError:
         raise DataError(f"GPU out of memory at --max-seq-len {cfg.max_seq_len}, --batch-size {cfg.batch_size}: "
                         "try --batch-size 1 with a larger --grad-accum, a smaller --max-seq-len, or --load-in-4bit")
-    interrupted = any(getattr(c, "interrupted", False) for c in trainer.callback_handler.callbacks)
+    interrupted = progress.interrupted
 
     # outputs
     final = out / "final"
