@@ -474,11 +474,38 @@ def parse_grid(text, fmt):
     return rows
 
 
+def could_be_answer(text, fmt):
+    """False as soon as `text`, the start of a completion, can no longer become a grid and the end marker: a
+    character other than a digit, a row end or the marker, an empty row, a row over 30 cells or longer than the
+    first, a finished row shorter than the first, more than 30 rows, a tripled cell of unequal digits. Generation
+    stops a guess there, since the rest could never parse; once the marker is written the answer is decided."""
+    if END in text:
+        return parse_output(text, fmt) is not None
+    encode, decode = FORMATS[fmt]
+    *rows, last = text.split("\n")
+    cells = [decode(row) if row.isascii() and row.isdigit() else None for row in rows]
+    if any(row is None for row in cells) or len({len(row) for row in cells}) > 1 or len(rows) > MAX_SIDE \
+            or cells and len(cells[0]) > MAX_SIDE:
+        return False
+    if not last or rows and END.startswith(last):
+        return True
+    width = len(encode([0]))  # characters per cell
+    whole = len(last) - len(last) % width
+    if not (last.isascii() and last.isdigit()) or len(rows) == MAX_SIDE or decode(last[:whole]) is None:
+        return False
+    if whole < len(last) and not encode([int(last[whole])]).startswith(last[whole:]):
+        return False
+    return -(-len(last) // width) <= (len(cells[0]) if cells else MAX_SIDE)
+
+
 def parse_output(text, fmt):
-    """A model's completion -> grid, or None. It must end with the end marker: no marker means truncated."""
+    """A model's completion -> grid, or None. Its start must be exactly the rows as the format writes them, each
+    ending in a row end, then the end marker (no marker means truncated); whatever follows the marker is ignored."""
     if not isinstance(text, str) or END not in text:
         return None
-    return parse_grid(text.split(END, 1)[0], fmt)
+    head = text.split(END, 1)[0]
+    grid = parse_grid(head, fmt)
+    return grid if grid is not None and head == format_grid(grid, fmt) + "\n" else None
 
 
 def format_example(example, fmt):

@@ -315,10 +315,41 @@ def build_prompts(tasks, tokenizer, fmt, max_seq_len, views, writeup=True):
     return prompts, records
 
 
-def generate(model, tokenizer, prompts, cfg, min_new_tokens=0):
-    """Completions of a batch of token-id prompts in one left-padded generate() call, each decoded up to EOS.
-    `min_new_tokens` only serves benchmarks that need a fixed length."""
+def grid_stopper(tokenizer, fmt, width):
+    """A stopping criterion that ends each row of a batch on its own once its text can no longer be an answer
+    (data.could_be_answer) or the end marker is written; `stops[i]` is where row i stopped (tokens generated)."""
     import torch
+    from transformers import StoppingCriteria
+    pieces = {}  # token id -> its text, decoded once
+
+    class GridStop(StoppingCriteria):
+        def __init__(self):
+            self.texts, self.stops = None, None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.texts is None:
+                self.texts, self.stops = [""] * len(input_ids), [None] * len(input_ids)
+            n = input_ids.shape[1] - width
+            for i, token in enumerate(input_ids[:, -1].tolist()):
+                if self.stops[i] is not None or token == tokenizer.eos_token_id:
+                    self.stops[i] = self.stops[i] or n
+                    continue
+                if token not in pieces:
+                    pieces[token] = tokenizer.decode([token])
+                self.texts[i] += pieces[token]
+                if data.END in self.texts[i] or not data.could_be_answer(self.texts[i], fmt):
+                    self.stops[i] = n
+            return torch.tensor([s is not None for s in self.stops], device=input_ids.device)
+    return GridStop()
+
+
+def generate(model, tokenizer, prompts, cfg, fmt=None, min_new_tokens=0):
+    """Completions of a batch of token-id prompts in one left-padded generate() call, each decoded up to EOS.
+    With `fmt`, each row stops as soon as its text can no longer be a grid in that format (grid_stopper): an
+    untrained model's guesses end after a few tokens instead of at max_new_tokens. `min_new_tokens` only serves
+    benchmarks that need a fixed length."""
+    import torch
+    from transformers import StoppingCriteriaList
     pad = data.pad_id(tokenizer)
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
@@ -330,24 +361,28 @@ def generate(model, tokenizer, prompts, cfg, min_new_tokens=0):
     cache = dict(cache_implementation="static") if model.device.type == "cpu" else {}
     # the context bounds the answer too: prompt + answer never exceed max_seq_len
     max_new = min(cfg.max_new_tokens, cfg.max_seq_len - width) if cfg.max_seq_len else cfg.max_new_tokens
+    stop = grid_stopper(tokenizer, fmt, width) if fmt and not min_new_tokens else None
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_new, 1),
                              min_new_tokens=min_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=pad, **sampling, **cache)
+                             pad_token_id=pad, stopping_criteria=StoppingCriteriaList([stop] if stop else []),
+                             **sampling, **cache)
     texts = []
-    for row in out[:, width:].tolist():
+    for i, row in enumerate(out[:, width:].tolist()):
+        if stop and stop.stops and stop.stops[i] is not None:
+            row = row[:stop.stops[i]]
         if tokenizer.eos_token_id in row:
             row = row[:row.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+        texts.append(tokenizer.decode(row))  # special tokens kept: one inside an answer makes it unparsable
     return texts
 
 
-def generate_halving(model, tokenizer, prompts, cfg):
+def generate_halving(model, tokenizer, prompts, cfg, fmt=None):
     """generate(), retried in two halves when the GPU runs out of memory, so one big batch costs a retry, not
     the run; a single prompt that does not fit is an error naming the flags that help."""
     import torch
     try:
-        return generate(model, tokenizer, prompts, cfg)
+        return generate(model, tokenizer, prompts, cfg, fmt)
     except torch.cuda.OutOfMemoryError:
         if len(prompts) == 1:
             raise DataError(f"GPU out of memory on one prompt of {len(prompts[0])} tokens: lower --max-seq-len "
@@ -356,17 +391,17 @@ def generate_halving(model, tokenizer, prompts, cfg):
         half = len(prompts) // 2
         print(f"note: GPU out of memory at {len(prompts)} prompts per batch, retrying as 2 x {half}; "
               f"a smaller --batch-size avoids the retries")
-        return generate_halving(model, tokenizer, prompts[:half], cfg) + \
-            generate_halving(model, tokenizer, prompts[half:], cfg)
+        return generate_halving(model, tokenizer, prompts[:half], cfg, fmt) + \
+            generate_halving(model, tokenizer, prompts[half:], cfg, fmt)
 
 
 def parse_guess(text, fmt):
-    """(grid as written, status): status is ok, no_end (no end marker: cut off or rambling) or unparsable; the
-    grid is None unless ok."""
-    grid = data.parse_output(text, fmt)
+    """(grid as written, status): status is ok, no_end (a grid so far, cut off before its end marker) or
+    unparsable (it can never be a grid); the grid is None unless ok."""
+    grid = data.parse_output(text, fmt) if isinstance(text, str) else None
     if grid is not None:
         return grid, "ok"
-    return None, "no_end" if not isinstance(text, str) or data.END not in text else "unparsable"
+    return None, "no_end" if isinstance(text, str) and data.could_be_answer(text, fmt) else "unparsable"
 
 
 # ----------------------------------------------------------------------------
@@ -514,7 +549,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             if use_adapter is not None and batch[0]["task_id"] != current:
                 current = batch[0]["task_id"]
                 use_adapter(current)
-            texts = generate_halving(model, tokenizer, [p["ids"] for p in batch], cfg)
+            texts = generate_halving(model, tokenizer, [p["ids"] for p in batch], cfg, fmt)
             for p, text in zip(batch, texts):
                 rec, (grid, status) = records[p["task_id"]], parse_guess(text, fmt)
                 if cfg.guesses == "writeup":

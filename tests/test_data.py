@@ -390,6 +390,44 @@ def test_parse_grid_on_random_text_is_none_or_the_grid_written(fmt):
         data.parse_output(text + data.END, fmt)
 
 
+@pytest.mark.parametrize("fmt", DECODABLE)
+def test_every_start_of_a_parsable_completion_could_be_an_answer(fmt):
+    rng = random.Random(2)
+    pieces = ["0", "1", "2", "000", "111", "222", "012", "\n", data.END, " ", "e", "x"]
+    texts = [data.format_completion(g, fmt) for g in ([[7]], [[0] * 30] * 30, [[1, 2], [3, 4], [5, 6]])]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randrange(1, 14))) for _ in range(20000)]
+    parsed = 0
+    for text in texts:
+        if data.parse_output(text, fmt) is not None:
+            parsed += 1
+            ends = text.index(data.END) + len(data.END)
+            assert all(data.could_be_answer(text[:n], fmt) for n in range(ends + 1)), repr(text)
+    assert parsed > 20
+
+
+@pytest.mark.parametrize("fmt", DECODABLE)
+@pytest.mark.parametrize("grid, case", [
+    ([[1] * 31], "a row of 31 cells"),
+    ([[1, 2, 3], [4, 5, 6, 7]], "a row longer than the first"),
+    ([[1, 2, 3], [4, 5], [6, 7, 8]], "a finished row shorter than the first"),
+    ([[5]] * 31, "31 rows"),
+])
+def test_a_start_that_can_no_longer_be_a_grid_is_refused_where_it_goes_wrong(fmt, grid, case):
+    text = data.format_grid(grid, fmt) + "\n"
+    verdicts = [data.could_be_answer(text[:n], fmt) for n in range(len(text) + 1)]
+    first_bad = verdicts.index(False)
+    assert not any(verdicts[first_bad:]) and data.parse_output(text[:first_bad] + data.END, fmt) is None, case
+    assert all(verdicts[:first_bad]) and first_bad > 0
+
+
+@pytest.mark.parametrize("fmt, text", [("digits", "12\nx"), ("digits", "\n1"), ("digits", "1\n\n"),
+                                       ("digits", "e"), ("digits", "12 "), ("llama3", "001"), ("llama3", "000\n001"),
+                                       ("llama3", "000\nen\n"), ("digits", "1\nin")])
+def test_letters_blank_rows_and_unequal_triples_cannot_be_an_answer(fmt, text):
+    assert not data.could_be_answer(text, fmt)
+    assert all(data.parse_output(text + tail, fmt) is None for tail in ("\n" + data.END, data.END, "0\n" + data.END))
+
+
 # ----------------------------------------------------------------------------
 # the command line
 

@@ -63,7 +63,7 @@ def fake_model(monkeypatch, tokenizer, answer):
     """Replace the model by `answer(prompt_ids) -> text`; returns the list of batches generate() was given."""
     calls = []
 
-    def generate(model, tok, prompts, cfg, min_new_tokens=0):
+    def generate(model, tok, prompts, cfg, fmt=None, min_new_tokens=0):
         calls.append([list(p) for p in prompts])
         return [answer(p) for p in prompts]
     monkeypatch.setattr(infer, "load_model", lambda run, cfg: (None, tokenizer))
@@ -251,12 +251,31 @@ def test_real_tiny_model_on_cpu_writes_a_complete_submission(tmp_path, monkeypat
     assert sum(r["guess_status"].values()) == 8 and (Path(run) / "plots" / "summary.png").exists()
 
 
+def test_untrained_model_guesses_stop_when_they_can_no_longer_be_a_grid(tmp_path, monkeypatch):
+    rng = random.Random(4)
+    tasks = {f"s{i}": mirror_task(rng, 3, 3) for i in range(4)}
+    folder = write_tasks(tmp_path / "tasks", tasks)
+    generated = {}
+    for stopping in (False, True):
+        run = tiny_run(tmp_path / f"run{stopping}")
+        if not stopping:  # what generation did before: every row ran on to max_new_tokens or EOS
+            monkeypatch.setattr(infer, "grid_stopper", lambda *args: None)
+        else:
+            monkeypatch.undo()
+        infer.main(["--dataset", folder, "--model", run, "--max-new-tokens", "200", "--batch-size", "8"])
+        r = read(Path(run) / "results.json")
+        generated[stopping] = r["generated_tokens"]
+        infer.check_submission(read(Path(run) / "submission.json"), tasks, "submission")
+    assert generated[True] < generated[False] / 10, generated
+    assert r["guess_status"].get("unparsable", 0) > 0 and sum(r["guess_status"].values()) == 8, r["guess_status"]
+
+
 def test_gpu_out_of_memory_halves_the_batch_instead_of_failing(mirror, tmp_path, monkeypatch, tokenizer):
     import torch
     tasks, folder, run = mirror
     sizes = []
 
-    def generate(model, tok, prompts, cfg, min_new_tokens=0):
+    def generate(model, tok, prompts, cfg, fmt=None, min_new_tokens=0):
         sizes.append(len(prompts))
         if len(prompts) > 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
