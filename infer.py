@@ -32,9 +32,10 @@ MAX_PLOTS = 24
 
 @dataclass
 class Config:
-    dataset: str = opt("arc1", "data", "embedded set (arc1, arc2, kaggle2024, kaggle2025), a *_challenges.json "
-                                       "file (solutions read from *_solutions.json beside it) or a folder of tasks")
-    split: str = opt("eval", "data", "train or eval")
+    dataset: str = opt("arc1", "data", "embedded set (arc1, arc2, kaggle2024, kaggle2025), family (synthetic), a "
+                                       "*_challenges.json file (solutions from *_solutions.json beside it), a "
+                                       "folder of tasks or a Kaggle data folder")
+    split: str = opt("eval", "data", "train, eval, or test (a Kaggle folder's hidden test set)")
     limit: int = opt(0, "data", "only the first N tasks by id, for quick checks (0 = all)")
     shard: str = opt("", "data", "i/n: only tasks i, i+n, i+2n... (sorted by id), so n machines share the work; "
                                  "join the slices with --merge")
@@ -106,6 +107,14 @@ def model_name(run):
     if run.final is not None:
         return str(run.folder)
     return run.base + (f" + {run.adapter}" if run.adapter else "")
+
+
+def is_tiny(run):
+    """True for a run of train.py's tiny model (its config.json names base_model tiny)."""
+    try:
+        return data.read_json(train.run_config_path(run.folder)).get("base_model") == "tiny"
+    except (DataError, AttributeError, TypeError):
+        return False
 
 
 def model_key(run):
@@ -980,6 +989,9 @@ def predict_all(cfg, tasks, unreadable, t0):
         save_submission(sub, tasks, unreadable, sub_path)
         _, files = report(cfg, tasks, sub, {tid: rec.guesses for tid, rec in records.items()},
                           sub_path, results_path, plots, model_name(run), extra)
+    if is_tiny(run):
+        print(f"note: this is the tiny model ({train.TINY_NOTE}): it proves the pipeline, it is not meant to "
+              "solve real ARC tasks; train a real model on a GPU (python train.py) or --model smollm2")
     print(f"\ndone in {extra['time_s']:.0f} s: generated {generated} tokens in {seconds:.0f} s "
           f"({extra['tokens_per_s'] or 0:.0f} tok/s), peak {'%s %.1f GB' % data.peak_memory_gb()}; "
           f"guess status {extra['guess_status']}")

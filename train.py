@@ -34,15 +34,17 @@ SMOLLM2_EOS = "<|im_end|>"  # id 2; the GGUF's tokenizer wrongly names <|im_star
 RUN_CONFIG, FINAL, BASE, CHECKPOINTS, TTT = "config.json", "final", "base", "checkpoints", "ttt"  # in a run folder
 LOSS_PLOT = "loss.png"  # beside config.json
 TTT_MODES = ("per-task", "shared")
+TINY_NOTE = "0.5M parameters, random weights trained a few minutes on a CPU"
 
 
 @dataclass
 class Config:
     # data
     dataset: list = opt(["arc1"], "data", "one or more: embedded sets (arc1, arc2, kaggle2024, kaggle2025), "
-                                          "*_challenges.json files, task files or folders of task files; every "
+                                          "family (synthetic), *_challenges.json files, task files, folders of "
+                                          "task files or Kaggle data folders; every "
                                           "dataset x split is read and exact duplicate tasks are kept once")
-    split: list = opt(["train"], "data", "one or more splits to train on (train, eval)")
+    split: list = opt(["train"], "data", "one or more splits to train on (train, eval; test in a Kaggle folder)")
     variants: int = opt(8, "data", "symmetries per task: 8 = all rotations and transpositions (the write-up)")
     colour_perm: bool = opt(False, "data", "also permute colours 1-9 (0 fixed), a new draw each epoch")
     shuffle_examples: bool = opt(False, "data", "shuffle the order of train examples, a new order each epoch")
@@ -117,6 +119,9 @@ def resolve(cfg, given, gpu):
     if cfg.model is AUTO:
         cfg.model = GPU_MODEL if gpu else "tiny"
         print(f"auto: model {cfg.model} ({'GPU found' if gpu else 'no GPU: the tiny model'})")
+        if not gpu:
+            print(f"note: the tiny model ({TINY_NOTE}) proves that the pipeline runs end to end; it solves no real "
+                  "ARC task, so expect 0 solved from infer.py. For a real score: a GPU, or --model smollm2")
     tiny, small = cfg.model == "tiny", cfg.model == SMOLLM2
     if cfg.max_steps is AUTO and tiny and not gpu:
         cfg.max_steps = 300

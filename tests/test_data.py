@@ -322,6 +322,43 @@ def test_kaggle_challenges_without_solutions_load_with_test_inputs_only(tmp_path
     assert data.read_tasks(str(path), "eval") == (challenges, [])
 
 
+def kaggle_folder(root):
+    """A folder as /kaggle/input/arc-prize-2025 holds it: training and evaluation challenges with their solutions,
+    test challenges without, a sample submission."""
+    root.mkdir()
+    sets = {"training": {f"tr{i}": small_task(i) for i in range(3)},
+            "evaluation": {f"ev{i}": small_task(10 + i, n_test=2) for i in range(2)},
+            "test": {f"te{i}": small_task(20 + i) for i in range(4)}}
+    for name, tasks in sets.items():
+        write(root / f"arc-agi_{name}_challenges.json", json.dumps(
+            {tid: dict(t, test=[{"input": x["input"]} for x in t["test"]]) for tid, t in tasks.items()}))
+        if name != "test":
+            write(root / f"arc-agi_{name}_solutions.json",
+                  json.dumps({tid: [x["output"] for x in t["test"]] for tid, t in tasks.items()}))
+    write(root / "sample_submission.json", json.dumps({}))
+    return root, sets
+
+
+def test_a_kaggle_folder_loads_as_the_kaggle_set_with_its_splits(tmp_path):
+    folder, sets = kaggle_folder(tmp_path / "arc-prize-2025")
+    assert data.read_tasks(str(folder), "train") == (sets["training"], [])
+    assert data.read_tasks(str(folder), "eval") == (sets["evaluation"], [])  # answers from the solutions file
+    test, skipped = data.read_tasks(str(folder), "test")
+    assert sorted(test) == sorted(sets["test"]) and all("output" not in x for t in test.values() for x in t["test"])
+    out = run_data("--dataset", str(folder), "--split", "train", "eval", "--stats")
+    assert out.returncode == 0, out.stderr
+    assert "train: 3 tasks" in out.stdout and "eval: 2 tasks" in out.stdout, out.stdout
+
+
+def test_a_split_a_kaggle_folder_lacks_is_one_line_naming_what_it_has(tmp_path):
+    folder, _ = kaggle_folder(tmp_path / "k")
+    (folder / "arc-agi_test_challenges.json").unlink()
+    with pytest.raises(data.DataError, match=r"--split test: .* holds Kaggle challenges for train, eval"):
+        data.read_tasks(str(folder), "test")
+    with pytest.raises(data.DataError, match=r"--split test: arc1 has the splits train, eval"):
+        data.read_tasks("arc1", "test")
+
+
 # ----------------------------------------------------------------------------
 # parsing model output: garbage gives None, never an exception
 

@@ -1,0 +1,68 @@
+"""Every command README shows names a script that exists, flags that script accepts with values it parses, and
+datasets that exist: README's commands run as written.
+
+    python -m pytest tests/test_readme.py -q
+"""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import bench
+import data
+import infer
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {"data.py": data.Config, "train.py": train.Config, "infer.py": infer.Config, "bench.py": bench.Config}
+
+
+def readme_commands(text):
+    """Each `python SCRIPT.py ...` / `torchrun ... SCRIPT.py ...` command in README's bash blocks and inline code,
+    as (line, script, args)."""
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    lines += re.findall(r"`((?:python|torchrun)[^`]*)`", text)
+    commands = []
+    for line in lines:
+        line = re.sub(r"\s+#.*$", "", line)
+        for part in re.split(r"&&|\|\||;|\|", line):
+            words = shlex.split(part)
+            scripts = [i for i, w in enumerate(words) if w.endswith(".py") and not w.startswith("-")]
+            if words and words[0] in ("python", "python3", "torchrun") and scripts:
+                i = scripts[0]
+                commands.append((line.strip(), words[i], words[i + 1:]))
+    return commands
+
+
+COMMANDS = readme_commands((ROOT / "README.md").read_text())
+
+
+def test_readme_shows_the_commands_of_every_script():
+    assert {script for _, script, _ in COMMANDS} == set(CONFIGS), COMMANDS
+    assert len(COMMANDS) >= 20
+
+
+@pytest.mark.parametrize("line, script, args", COMMANDS, ids=[c[0][:60] for c in COMMANDS])
+def test_every_readme_command_names_a_script_its_flags_and_datasets_that_exist(line, script, args):
+    assert (ROOT / script).is_file(), f"{line}: no {script}"
+    parser = data.config_parser(CONFIGS[script], "", defaults=False)
+    if args == ["--help"]:
+        return
+    try:
+        given = vars(parser.parse_args(args))
+    except SystemExit:
+        pytest.fail(f"README command does not parse: {line}")
+    datasets = given.get("dataset", [])
+    for name in [datasets] if isinstance(datasets, str) else datasets:
+        path_like = "/" in name or name.endswith(".json") or name.isupper()  # a user's own file or folder
+        assert path_like or name in data.EMBEDDED or name == data.FAMILY, f"{line}: no dataset {name!r}"
+
+
+def test_the_checker_catches_a_missing_flag_and_a_missing_dataset():
+    bad = readme_commands("```bash\npython train.py --model smollm2 --dataset tests-family  # CPU\n"
+                          "python infer.py --no-such-flag\n```")
+    assert [script for _, script, _ in bad] == ["train.py", "infer.py"]
+    for line, script, args in bad:
+        with pytest.raises((AssertionError, pytest.fail.Exception)):
+            test_every_readme_command_names_a_script_its_flags_and_datasets_that_exist(line, script, args)
