@@ -51,8 +51,10 @@ def config_parser(cls, description, defaults=True):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = "auto" if default is AUTO else " ".join(map(str, default)) if isinstance(default, list) else default
+        text = f.metadata.get("help", "")
+        said = "(default:" in text or default is AUTO and "(auto:" in text  # the help already names the default
         kwargs = dict(default=default if defaults else argparse.SUPPRESS, dest=f.name,
-                      help=f"{f.metadata.get('help', '')} (default: {shown})")
+                      help=text if said else f"{text} (default: {shown})")
         if f.type in (bool, "bool"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, list):

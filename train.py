@@ -414,10 +414,12 @@ def is_embedding(name):
 
 
 def count_params(model):
-    """(trainable, trainable embeddings, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    embed = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and is_embedding(n))
-    return trainable, embed, sum(p.numel() for p in model.parameters())
+    """(trainable, trainable embeddings, total) parameter counts. A module trained whole through a LoRA
+    (modules_to_save) is counted once: peft's frozen original_module beside the trained copy is not the model."""
+    params = [(n, p) for n, p in model.named_parameters() if "original_module" not in n]
+    trainable = sum(p.numel() for _, p in params if p.requires_grad)
+    embed = sum(p.numel() for n, p in params if p.requires_grad and is_embedding(n))
+    return trainable, embed, sum(p.numel() for _, p in params)
 
 
 def describe_model(cfg, model, fmt):

@@ -5,6 +5,7 @@ bad data stops with one line naming the file and task, and build_dataset writes 
 """
 import dataclasses
 import json
+import os
 import random
 import subprocess
 import sys
@@ -479,6 +480,20 @@ def test_help_is_quick_and_lists_every_flag():
     assert time.time() - t0 < 15
     for f in dataclasses.fields(data.Config):
         assert "--" + f.name.replace("_", "-") in result.stdout
+
+
+@pytest.mark.parametrize("script", ["data.py", "train.py", "infer.py", "bench.py"])
+def test_help_names_each_default_once(script):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, COLUMNS="1000")).stdout
+    flags = []  # one entry per flag: its line and the help lines under it
+    for line in out.splitlines():
+        if line.startswith("  --"):
+            flags.append(line)
+        elif flags and line.startswith("      "):
+            flags[-1] += " " + line.strip()
+    twice = [f for f in flags if f.count("(default:") > 1 or "(auto:" in f and "(default: auto)" in f]
+    assert len(flags) > 5 and not twice, twice
 
 
 def test_importing_data_and_its_tokenizer_does_not_import_torch():

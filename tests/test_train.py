@@ -73,6 +73,17 @@ def test_lora_config_is_the_write_ups(lora_run):
     assert info["lora"] and info["format"] == "digits" and info["summary"]["steps"] == 6
 
 
+def test_parameter_count_is_the_base_plus_the_lora_each_embedding_once(lora_run):
+    from transformers import AutoModelForCausalLM
+    model, run = lora_run
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(run / "base").parameters())
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    trainable, embed, total = train.count_params(model)
+    assert total == base + lora and trainable == embed + lora
+    info = json.loads((run / "config.json").read_text())
+    assert info["summary"]["trainable_params"] == trainable
+
+
 def trained_weights(model):
     sd = model.state_dict()
     return {name: sd[key] for name in ("embed_tokens", "lm_head")
