@@ -625,7 +625,8 @@ def progress_callback():
         def on_step_end(self, args, state, control, **kw):
             if self.interrupted:
                 control.should_save = control.should_training_stop = True
-            self.heartbeat(state)
+            if not control.should_log:  # a logging step prints its own line
+                self.heartbeat(state)
 
         def on_substep_end(self, args, state, control, **kw):  # a gradient-accumulation micro-batch
             self.heartbeat(state)
