@@ -434,6 +434,84 @@ def poe_ranking(grids, prompts, encode, logprobs):
     return sorted(([g, votes[grid_key(g)], s] for g, s in zip(distinct, scores)), key=lambda r: -r[2])
 
 
+# ----------------------------------------------------------------------------
+# depth-first search: every answer above a probability (the ARChitects' turbo DFS)
+
+def dfs(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None):
+    """Every completion of `prompt_ids` whose probability under the model is above `min_prob`, as
+    [(completion ids without EOS, summed nll including EOS), ...] sorted by nll. See dfs_search."""
+    return dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids, first)[0]
+
+
+def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None):
+    """(found, finished, forwards): dfs()'s completions, False when time.time() passed `deadline` first (what was
+    found so far is kept), and the one-token forward passes made. A branch grows while its summed negative
+    log-likelihood stays below -log(min_prob); one reaching EOS (within max_new_tokens, EOS counted) is a
+    completion, so at most 1/min_prob exist. One KV cache serves the whole search: a new branch crops it back to
+    where it leaves the current one (DynamicCache.crop), so memory is one branch's, not a beam's. `first`, a
+    known completion (without EOS), is prefilled with the prompt in one forward pass and explored first, so it
+    costs no decoding. `allowed_ids` (EOS is always allowed) limits the tokens searched, e.g. to those the text
+    format can write; their log-probs are NOT renormalised over the allowed tokens: every nll is the model's own,
+    the one a teacher-forced pass (completion_logprobs) gives, so min_prob means the model's probability."""
+    import inspect
+    import math
+    import torch
+    from transformers import DynamicCache
+    limit, device = -math.log(min_prob), next(model.parameters()).device
+    allowed = None if allowed_ids is None else torch.tensor(sorted({*allowed_ids, eos_id}), device=device)
+    first = list(first or [])[:max(max_new_tokens - 1, 0)]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    trim = dict(logits_to_keep=len(first) + 1) if "logits_to_keep" in inspect.signature(base.forward).parameters \
+        else {}
+    cache, n = DynamicCache(), len(prompt_ids)
+
+    def options(logits, nll, depth, on_first):
+        """The next tokens worth trying after a branch of `depth` tokens and summed `nll`, as (nll, token), in
+        the order to pop them: the known completion's token last (popped first), then the most likely."""
+        lp = logits.float().log_softmax(-1).double()
+        ids = allowed if allowed is not None else torch.arange(lp.numel(), device=device)
+        costs = (nll - lp[ids]).tolist()
+        out = sorted(((c, t) for c, t in zip(costs, ids.tolist()) if c < limit and
+                      (t == eos_id or depth + 2 <= max_new_tokens)), reverse=True)  # room left for EOS
+        if on_first and depth < len(first):
+            out.sort(key=lambda o: o[1] == first[depth])
+        return out
+
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([list(prompt_ids) + first], device=device), past_key_values=cache,
+                    use_cache=True, **trim).logits[0]
+        known = out[out.shape[0] - len(first) - 1:]  # known[d]: the logits after the prompt + first[:d]
+        found, path, forwards = [], [], 0
+        stack = [(options(known[0], 0.0, 0, True), True)]  # per depth: (tokens still to try, on `first`?)
+        while stack:
+            if deadline is not None and time.time() > deadline:
+                return sorted(found, key=lambda f: f[1]), False, forwards
+            todo, on_first = stack[-1]
+            if not todo:
+                stack.pop()
+                if path:
+                    path.pop()
+                continue
+            nll, token = todo.pop()
+            if token == eos_id:
+                found.append((list(path), nll))
+                continue
+            depth = len(path)
+            follows = on_first and depth < len(first) and token == first[depth]
+            if follows:
+                logits = known[depth + 1]
+            else:  # the cache's first n + depth positions hold the prompt and this branch: keep those only
+                excess = cache.get_seq_length() - (n + depth)
+                if excess > 0:
+                    cache.crop(-excess)  # a negative count removes that many (transformers 5.18 drops the positive form)
+                logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
+                               use_cache=True).logits[0, -1]
+                forwards += 1
+            path.append(token)
+            stack.append((options(logits, nll, depth + 1, follows), follows))
+    return sorted(found, key=lambda f: f[1]), True, forwards
+
+
 def choose(mode, samples, prompts, encode, logprobs):
     """Candidates of one test input, best first, as [grid, votes, score]. samples: (view, grid as written or None)
     for every sample; prompts: view -> (k, perm, prompt ids). vote scores a candidate by the mean per-token
