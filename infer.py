@@ -479,6 +479,8 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
     trim = dict(logits_to_keep=len(first) + 1) if "logits_to_keep" in inspect.signature(base.forward).parameters \
         else {}
     cache, n = DynamicCache(), len(prompt_ids)
+    if deadline is not None and time.time() > deadline:  # not even the prefill
+        return [], False, 0
 
     def options(logits, nll, depth, on_first):
         """The next tokens worth trying after a branch of `depth` tokens and summed `nll`, as (nll, token), in
