@@ -76,7 +76,8 @@ CHECKS = [("limit", lambda x: x >= 0, ">= 0 (0 = all)"),
           ("top_k", lambda x: x >= 0, ">= 0 (0 = no top-k cut)"),
           ("max_new_tokens", lambda x: x >= 1, ">= 1"),
           ("views", lambda x: x >= 1, ">= 1"), ("samples", lambda x: x >= 1, ">= 1"),
-          ("min_prob", lambda x: 0 < x < 1, "between 0 and 1"), ("max_task_seconds", lambda x: x >= 0, ">= 0 (0 = none)")]
+          ("min_prob", lambda x: 0 < x < 1, "between 0 and 1"),
+          ("max_task_seconds", lambda x: x >= 0, ">= 0 (0 = none)")]
 # (flag, ok, requirement): checked before any model loads
 
 
@@ -520,7 +521,7 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
             else:  # the cache's first n + depth positions hold the prompt and this branch: keep those only
                 excess = cache.get_seq_length() - (n + depth)
                 if excess > 0:
-                    cache.crop(-excess)  # a negative count removes that many (transformers 5.18 drops the positive form)
+                    cache.crop(-excess)  # a count to remove (transformers 5.18 drops the positive length form)
                 logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
                                use_cache=True).logits[0, -1]
                 forwards += 1
@@ -671,7 +672,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
     n_tests = sum(len(t["test"]) for t in tasks.values())
     n_samples = mode.samples(cfg)
     print(f"prompts: {len(prompts)} ({len(views)} views x {n_tests} test inputs; "
-          + (f"{n_samples} samples each), " if n_samples else "searched, not sampled), ")
+          + (f"{n_samples} sample{'s' * (n_samples > 1)} each), " if n_samples else "searched, not sampled), ")
           + (f"tokens min {lengths[0]} / median {int(statistics.median(lengths))} / max {lengths[-1]}, "
              if lengths else "") + f"{trimmed} train examples trimmed to fit {cfg.max_seq_len}, "
           f"{len(skipped)} {'guesses' if cfg.guesses == 'writeup' else 'views'} skipped as too long")
@@ -1084,8 +1085,8 @@ def describe_mode(cfg):
     """The mode's line: its name and its table description with this run's flags filled in."""
     views = f"{cfg.views} views ({min(cfg.views, 8)} symmetries" + \
         (f", {cfg.views - 8} with colour permutations)" if cfg.views > 8 else ")")
-    budget = f"; at most {cfg.max_task_seconds:g} s per task" if "max_task_seconds" in (MODES[cfg.guesses].flags or ()) \
-        and cfg.max_task_seconds else ""
+    uses_budget = "max_task_seconds" in (MODES[cfg.guesses].flags or ())
+    budget = f"; at most {cfg.max_task_seconds:g} s per task" if uses_budget and cfg.max_task_seconds else ""
     return f"{cfg.guesses}: " + MODES[cfg.guesses].describe.format(views=views, samples=cfg.samples,
                                                                     min_prob=cfg.min_prob) + budget
 
