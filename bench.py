@@ -3,7 +3,7 @@ measured side by side in the same run; all of them go to one JSON record with th
 
     python bench.py                                    # data, train, generate, estimate on the tiny model -> bench.json
     python bench.py --arch llama3-8b --train-batch-size 2 --max-seq-len 8192 --out gpu.json   # a GPU: the 8B's shape
-    python bench.py --sections modes                   # writeup / vote / poe, with and without TTT, side by side
+    python bench.py --sections modes                   # writeup / vote / poe / dfs, with and without TTT, side by side
 """
 import dataclasses
 import json
@@ -60,6 +60,8 @@ class Config:
     modes_tasks: int = opt(12, "modes", "held-out tasks of the family scored by every mode")
     modes_views: int = opt(8, "modes", "--views of vote and poe")
     modes_samples: int = opt(1, "modes", "--samples of vote and poe")
+    modes_dfs: list = opt(["8:0.1", "2:0.1", "8:0.02"], "modes", "dfs runs, each a row, as VIEWS:MIN_PROB")
+    modes_ttt: bool = opt(True, "modes", "the same rows again after per-task test-time training")
 
 
 def device_name():
@@ -335,9 +337,10 @@ def bench_estimate(cfg):
 # modes: the guess modes and test-time training side by side
 
 def bench_modes(cfg):
-    """writeup, vote and poe side by side, with and without test-time training, on the same held-out tasks: the
-    tiny model trained briefly on the colour-mapping family of tests/families.py, then per-task TTT on the
-    held-out tasks' demonstrations. Everything goes through train.main and infer.main, as a user runs them."""
+    """Every guess mode of infer.MODES side by side (dfs once per --modes-dfs VIEWS:MIN_PROB), with and without
+    test-time training, on the same held-out tasks: the tiny model trained briefly on the colour-mapping family of
+    tests/families.py, then per-task TTT on the held-out tasks' demonstrations. Everything goes through train.main
+    and infer.main, as a user runs them."""
     import tempfile
     from tests.families import write_family
     rows = []
@@ -349,29 +352,43 @@ def bench_modes(cfg):
         train.main(["--dataset", str(family), "--max-steps", str(cfg.modes_steps), "--out", str(base),
                     "--logging-steps", "50", "--seed", str(cfg.seed)])
         timed[base] = time.time() - t0
-        t0 = time.time()
-        train.main(["--ttt", "--model", str(base), "--dataset", str(family), "--split", "eval", "--out", str(ttt),
-                    "--epochs", "2", "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3"])
-        timed[ttt] = time.time() - t0
-        for run, label in ((base, f"{cfg.modes_steps} steps"), (ttt, f"{cfg.modes_steps} steps + TTT per task")):
-            for mode in infer.MODES:
+        runs = [(base, f"{cfg.modes_steps} steps")]
+        if cfg.modes_ttt:
+            t0 = time.time()
+            train.main(["--ttt", "--model", str(base), "--dataset", str(family), "--split", "eval", "--out", str(ttt),
+                        "--epochs", "2", "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3"])
+            timed[ttt] = time.time() - t0
+            runs.append((ttt, f"{cfg.modes_steps} steps + TTT per task"))
+        variants = [(mode, ["--views", str(cfg.modes_views), "--samples", str(cfg.modes_samples)])
+                    for mode in infer.MODES if mode != "dfs"]
+        variants += [(f"dfs {v} views P {p}", ["--views", v, "--min-prob", p])
+                     for v, p in (spec.split(":") for spec in cfg.modes_dfs)]
+        for run, label in runs:
+            for i, (name, flags) in enumerate(variants):
+                out = run / f"mode{i}" / "submission.json"
                 t0 = time.time()
-                infer.main(["--model", str(run), "--dataset", str(family), "--split", "eval", "--guesses", mode,
-                            "--views", str(cfg.modes_views), "--samples", str(cfg.modes_samples),
-                            "--seed", str(cfg.seed), "--out", str(run / mode / "submission.json")])
-                r = json.loads((run / mode / "results.json").read_text())
-                rows.append((label, mode, r, time.time() - t0))
+                infer.main(["--model", str(run), "--dataset", str(family), "--split", "eval", "--guesses",
+                            name.split()[0], "--seed", str(cfg.seed), "--out", str(out)] + flags)
+                seconds = time.time() - t0
+                r = json.loads(out.with_name("results.json").read_text())
+                cached = infer.read_cache(out.with_suffix(".cache.jsonl"))
+                candidates = [len(c) for rec in cached.values() for c in rec.candidates]
+                rows.append(dict(model=label, guesses=name, seconds=round(seconds, 1),
+                                 s_per_task=round(seconds / r["tasks"], 2),
+                                 candidates=round(statistics.mean(candidates), 1) if candidates else None,
+                                 **{k: r[k] for k in ("score", "tasks", "solved_any", "solved_first", "solved_second",
+                                                      "correct_pixels")}))
     print(f"\nmodes: tiny model on {cfg.modes_tasks} held-out tasks of the colour-mapping family (tests/families.py), "
-          f"vote/poe with {cfg.modes_views} views x {cfg.modes_samples} samples; training {timed[base]:.0f} s, "
-          f"TTT {timed[ttt]:.0f} s")
-    print("| model | guesses | score | solved by any guess | by guess 1 | by guess 2 | correct pixels | infer s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for label, mode, r, seconds in rows:
-        print(f"| {label} | {mode} | {r['score']:.0f} / {r['tasks']} | {r['solved_any']} | {r['solved_first']} | "
-              f"{r['solved_second']} | {r['correct_pixels']:.1%} | {seconds:.0f} |")
-    return [dict(model=label, guesses=mode, seconds=round(seconds, 1),
-                 **{k: r[k] for k in ("score", "tasks", "solved_any", "solved_first", "solved_second", "correct_pixels")})
-            for label, mode, r, seconds in rows]
+          f"vote/poe with {cfg.modes_views} views x {cfg.modes_samples} samples; training {timed[base]:.0f} s"
+          + (f", TTT {timed[ttt]:.0f} s" if cfg.modes_ttt else ""))
+    print("| model | guesses | score | solved by any guess | by guess 1 | by guess 2 | correct pixels | s / task | "
+          "candidates / test input |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['model']} | {row['guesses']} | {row['score']:.0f} / {row['tasks']} | {row['solved_any']} | "
+              f"{row['solved_first']} | {row['solved_second']} | {row['correct_pixels']:.1%} | {row['s_per_task']} | "
+              f"{row['candidates'] if row['candidates'] is not None else '-'} |")
+    return dict(rows=rows, train_s=round(timed[base], 1), ttt_s=round(timed[ttt], 1) if cfg.modes_ttt else None)
 
 
 SECTIONS = {"data": bench_data, "train": bench_train, "generate": bench_generate, "estimate": bench_estimate,

@@ -21,10 +21,10 @@ import train
 from data import AUTO, DataError, opt
 
 GUESSES = (0, 4)  # data.dihedral k of guess 1 (the task as given) and guess 2 (the transposed task)
-MODES = ("writeup", "vote", "poe")
+MODES = {}  # --guesses name -> Mode: the table beside the mode functions below (filled there)
 NO_ANSWER = [[0]]  # what the submission carries where a guess has no answer (Kaggle needs a grid)
 WRITEUP = dict(tasks=400, predicted=339, solved_any=51, solved_first=38, solved_second=28)  # Llama-3-8B, arc1 eval
-TABLE = ("Num Problems", "Predictions", "Solved by any Guess", "Solved by first Guess", "Solved by transposed Guess")
+TABLE = ("Num Problems", "Predictions", "Solved by any Guess")  # then a column per guess, named by the mode
 TABLE_KEYS = ("tasks", "predicted", "solved_any", "solved_first", "solved_second")
 NEAR_MISS = 0.8  # a wrong guess of the right size with at least this fraction of right pixels gets a picture
 MAX_PLOTS = 24
@@ -52,11 +52,17 @@ class Config:
     seed: int = opt(0, "sampling", "torch seed for sampling")
     guesses: str = opt("writeup", "guesses", "how the two guesses are chosen: writeup (one sample of the task as "
                                              "given and one of the transposed task), vote (the two answers most "
-                                             "views agree on, ties by mean log-prob) or poe (the candidates of all "
-                                             "views ranked by their log-prob summed over every view)", choices=MODES)
-    views: int = opt(8, "guesses", "views sampled for vote and poe: up to 8 symmetries, beyond that each "
-                                   "symmetry again with a colour permutation keeping 0")
+                                             "samples agree on), poe (sampled answers ranked by their log-prob "
+                                             "summed over every view) or dfs (every answer above --min-prob in each "
+                                             "view, ranked as poe); a run's first lines describe its mode",
+                       choices=MODES)
+    views: int = opt(8, "guesses", "views sampled (vote, poe) or searched (dfs): up to 8 symmetries, beyond that "
+                                   "each symmetry again with a colour permutation keeping 0")
     samples: int = opt(1, "guesses", "samples per view for vote and poe")
+    min_prob: float = opt(0.1, "guesses", "dfs: every answer whose probability under the model is above this, in "
+                                          "each view (at most 1/P per view)")
+    max_task_seconds: float = opt(0.0, "guesses", "dfs: time budget of one task; a task out of time keeps the "
+                                                  "answers found so far and says so (0 = none)")
     out: str = opt("", "output", "submission file, or a folder to write submission.json in (default: the run folder, "
                                  "or the --adapter folder); a .cache.jsonl beside it lets a killed run resume")
     score: str = opt("", "output", "score this submission file against --dataset/--split and exit (no model)")
@@ -70,7 +76,9 @@ CHECKS = [("limit", lambda x: x >= 0, ">= 0 (0 = all)"),
           ("temperature", lambda x: x >= 0, ">= 0 (0 = greedy)"),
           ("top_k", lambda x: x >= 0, ">= 0 (0 = no top-k cut)"),
           ("max_new_tokens", lambda x: x >= 1, ">= 1"),
-          ("views", lambda x: x >= 1, ">= 1"), ("samples", lambda x: x >= 1, ">= 1")]
+          ("views", lambda x: x >= 1, ">= 1"), ("samples", lambda x: x >= 1, ">= 1"),
+          ("min_prob", lambda x: 0 < x < 1, "between 0 and 1"),
+          ("max_task_seconds", lambda x: x >= 0, ">= 0 (0 = none)")]
 # (flag, ok, requirement): checked before any model loads
 
 
@@ -261,7 +269,8 @@ class Record:
     trimmed: int = 0  # train examples dropped to fit max_seq_len, over all guesses
     tokens: dict = field(default_factory=lambda: dict(prompt=0, generated=0))
     settings: dict = None  # the settings it was predicted with (read_cache compares them)
-    candidates: list = field(default_factory=list)  # vote/poe, per test input: [grid, votes, score] best first
+    candidates: list = field(default_factory=list)  # vote/poe/dfs, per test input: [grid, votes, score] best first
+    timed_out: list = field(default_factory=list)  # "test i: why", where a search ran out of --max-task-seconds
 
     @classmethod
     def empty(cls, task_id, n_tests):
@@ -295,9 +304,16 @@ def answer_tokens(tokenizer, fmt):
                                 add_special_tokens=False)) + 1
 
 
+def answer_ids(tokenizer, fmt):
+    """The token ids an answer is written with (each colour's cell, row end, end marker, EOS), read off answers
+    the format writes, so that whatever the tokenizer merges at a row's end is included."""
+    grids = ([list(range(10)), list(range(9, -1, -1))], [[c] for c in range(10)], [[0]])
+    return sorted({t for g in grids for t in data.encode_completion(tokenizer, data.format_completion(g, fmt))})
+
+
 def view_list(cfg):
     """The views prompted, as (k, colour permutation): writeup's two guesses, or --views of them."""
-    return [(k, None) for k in GUESSES] if cfg.guesses == "writeup" else data.views(cfg.views, cfg.seed)
+    return MODES[cfg.guesses].views(cfg)
 
 
 def build_prompts(tasks, tokenizer, fmt, max_seq_len, views, writeup=True):
@@ -478,20 +494,201 @@ def poe_ranking(grids, prompts, encode, logprobs):
     return sorted(([g, votes[grid_key(g)], s] for g, s in zip(distinct, scores)), key=lambda r: -r[2])
 
 
-def choose(mode, samples, prompts, encode, logprobs):
-    """Candidates of one test input, best first, as [grid, votes, score]. samples: (view, grid as written or None)
-    for every sample; prompts: view -> (k, perm, prompt ids). vote scores a candidate by the mean per-token
-    log-prob of its samples under their own view (each distinct view x grid scored once); poe by its log-prob
-    summed over every view's prompt."""
-    found = [(v, g) for v, g in samples if g is not None]
-    if mode == "vote":
-        distinct = list({(v, grid_key(g)): (v, g) for v, g in found}.values())
-        completions = [encode(g) for _, g in distinct]
-        sums = logprobs([prompts[v][2] for v, _ in distinct], completions) if distinct else []
-        mean = {(v, grid_key(g)): s / len(c) for (v, g), c, s in zip(distinct, completions, sums)}
-        return tally([(data.undo_view(g, *prompts[v][:2]), mean[v, grid_key(g)]) for v, g in found])
-    return poe_ranking([data.undo_view(g, *prompts[v][:2]) for v, g in found], list(prompts.values()), encode,
-                       logprobs)
+# ----------------------------------------------------------------------------
+# depth-first search: every answer above a probability (the ARChitects' turbo DFS)
+
+def dfs(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None):
+    """Every completion of `prompt_ids` whose probability under the model is above `min_prob`, as
+    [(completion ids without EOS, summed nll including EOS), ...] sorted by nll. See dfs_search."""
+    return dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids, first)[0]
+
+
+def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None):
+    """(found, finished, forwards): dfs()'s completions, False when time.time() passed `deadline` first (what was
+    found so far is kept), and the one-token forward passes made. A branch grows while its summed negative
+    log-likelihood stays below -log(min_prob); one reaching EOS (within max_new_tokens, EOS counted) is a
+    completion, so at most 1/min_prob exist. One KV cache serves the whole search: a new branch crops it back to
+    where it leaves the current one (DynamicCache.crop), so memory is one branch's, not a beam's. `first`, a
+    known completion (without EOS), is prefilled with the prompt in one forward pass and explored first, so it
+    costs no decoding. `allowed_ids` (EOS is always allowed) limits the tokens searched, e.g. to those the text
+    format can write; their log-probs are NOT renormalised over the allowed tokens: every nll is the model's own,
+    the one a teacher-forced pass (completion_logprobs) gives, so min_prob means the model's probability."""
+    import inspect
+    import math
+    import torch
+    from transformers import DynamicCache
+    limit, device = -math.log(min_prob), next(model.parameters()).device
+    allowed = None if allowed_ids is None else torch.tensor(sorted({*allowed_ids, eos_id}), device=device)
+    first = list(first or [])[:max(max_new_tokens - 1, 0)]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    trim = dict(logits_to_keep=len(first) + 1) if "logits_to_keep" in inspect.signature(base.forward).parameters \
+        else {}
+    cache, n = DynamicCache(), len(prompt_ids)
+    if deadline is not None and time.time() > deadline:  # not even the prefill
+        return [], False, 0
+
+    def options(logits, nll, depth, on_first):
+        """The next tokens worth trying after a branch of `depth` tokens and summed `nll`, as (nll, token), in
+        the order to pop them: the known completion's token last (popped first), then the most likely."""
+        lp = logits.float().log_softmax(-1).double()
+        ids = allowed if allowed is not None else torch.arange(lp.numel(), device=device)
+        costs = (nll - lp[ids]).tolist()
+        out = sorted(((c, t) for c, t in zip(costs, ids.tolist()) if c < limit and
+                      (t == eos_id or depth + 2 <= max_new_tokens)), reverse=True)  # room left for EOS
+        if on_first and depth < len(first):
+            out.sort(key=lambda o: o[1] == first[depth])
+        return out
+
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([list(prompt_ids) + first], device=device), past_key_values=cache,
+                    use_cache=True, **trim).logits[0]
+        known = out[out.shape[0] - len(first) - 1:]  # known[d]: the logits after the prompt + first[:d]
+        found, path, forwards = [], [], 0
+        stack = [(options(known[0], 0.0, 0, True), True)]  # per depth: (tokens still to try, on `first`?)
+        while stack:
+            if deadline is not None and time.time() > deadline:
+                return sorted(found, key=lambda f: f[1]), False, forwards
+            todo, on_first = stack[-1]
+            if not todo:
+                stack.pop()
+                if path:
+                    path.pop()
+                continue
+            nll, token = todo.pop()
+            if token == eos_id:
+                found.append((list(path), nll))
+                continue
+            depth = len(path)
+            follows = on_first and depth < len(first) and token == first[depth]
+            if follows:
+                logits = known[depth + 1]
+            else:  # the cache's first n + depth positions hold the prompt and this branch: keep those only
+                excess = cache.get_seq_length() - (n + depth)
+                if excess > 0:
+                    cache.crop(-excess)  # a count to remove (transformers 5.18 drops the positive length form)
+                logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
+                               use_cache=True).logits[0, -1]
+                forwards += 1
+            path.append(token)
+            stack.append((options(logits, nll, depth + 1, follows), follows))
+    return sorted(found, key=lambda f: f[1]), True, forwards
+
+
+# ----------------------------------------------------------------------------
+# guess modes: each one function from a test input's prompts (and samples) to its two guesses, in one table
+
+@dataclass
+class Job:
+    """What a mode's guess function may use. encode(grid as a view writes it) -> completion ids with EOS;
+    decode(ids) -> text; logprobs(prompt ids list, completion ids list) -> summed log-probs, batched;
+    search(prompt ids, first completion ids or None) -> dfs_search's (found, finished, forwards) under --min-prob
+    and the task's `deadline`. A guess function adds what the user must hear to `notes` and its one-token forward
+    passes to `forwards`."""
+    cfg: Config
+    fmt: str
+    encode: object
+    decode: object
+    logprobs: object
+    search: object
+    deadline: float = None
+    notes: list = field(default_factory=list)
+    forwards: int = 0
+
+
+@dataclass(frozen=True)
+class Mode:
+    guess: object        # guess(samples, prompts, job) -> ([guess 1, guess 2], [status 1, status 2], ranked or None)
+    describe: str        # what it submits, for the run's first lines; {views}, {samples}, {min_prob} filled in
+    samples: object      # cfg -> samples generated per prompt before guess() (0: guess() searches by itself)
+    views: object        # cfg -> the views prompted, as (k, colour permutation)
+    flags: tuple         # flags recorded in the cache's settings (None: only the write-up's sampling settings)
+    guess_names: tuple   # guess 1 and guess 2 in the results table ("Solved by first Guess") and the pictures
+
+
+def top_two(ranked):
+    """A ranking mode's result: its two best grids as the guesses (no_candidate where there are fewer)."""
+    guesses = [r[0] for r in ranked[:2]] + [None] * (2 - len(ranked[:2]))
+    return guesses, ["ok" if g is not None else "no_candidate" for g in guesses], ranked
+
+
+def guess_writeup(samples, prompts, job):
+    """The write-up's guesses: guess g is the one sample of view g (the task as given, then transposed), undone;
+    a view too long to fit has no prompt and the status too_long."""
+    guesses, status = [None, None], ["too_long", "too_long"]
+    for v, grid, why in samples:
+        guesses[v], status[v] = data.undo_view(grid, *prompts[v][:2]) if grid else None, why
+    return guesses, status, None
+
+
+def guess_vote(samples, prompts, job):
+    """The two grids most samples give after undoing their view, ties by the mean per-token log-prob of their
+    samples under their own view (each distinct view x grid scored once)."""
+    found = [(v, g) for v, g, _ in samples if g is not None]
+    distinct = list({(v, grid_key(g)): (v, g) for v, g in found}.values())
+    completions = [job.encode(g) for _, g in distinct]
+    sums = job.logprobs([prompts[v][2] for v, _ in distinct], completions) if distinct else []
+    mean = {(v, grid_key(g)): s / len(c) for (v, g), c, s in zip(distinct, completions, sums)}
+    return top_two(tally([(data.undo_view(g, *prompts[v][:2]), mean[v, grid_key(g)]) for v, g in found]))
+
+
+def guess_poe(samples, prompts, job):
+    """The sampled grids, each scored by its log-prob summed over every view's prompt (product of experts)."""
+    grids = [data.undo_view(g, *prompts[v][:2]) for v, g, _ in samples if g is not None]
+    return top_two(poe_ranking(grids, list(prompts.values()), job.encode, job.logprobs))
+
+
+def guess_dfs(samples, prompts, job):
+    """Every answer above --min-prob in each view (dfs_search), the best found so far searched first in the next
+    view (its branch costs one prefill); the grids found, pooled over the views, ranked as poe ranks them (votes:
+    the views that found a grid). Out of time, the views searched so far give the guesses."""
+    found, best = [], None  # best: (grid in the task's frame, its nll in the view that found it)
+    for searched, (k, perm, ids) in enumerate(prompts.values()):
+        first = job.encode(data.apply_view(best[0], k, perm))[:-1] if best else None
+        completions, finished, forwards = job.search(ids, first)
+        job.forwards += forwards
+        for tokens, nll in completions:
+            grid = data.parse_output(job.decode(tokens), job.fmt)
+            if grid is not None:
+                found.append(data.undo_view(grid, k, perm))
+                best = (found[-1], nll) if best is None or nll < best[1] else best
+        if not finished:
+            job.notes.append(f"out of time (--max-task-seconds {job.cfg.max_task_seconds:g}) in view {searched + 1} "
+                             f"of {len(prompts)}: {len(found)} answers found so far are ranked")
+            break
+    return top_two(poe_ranking(found, list(prompts.values()), job.encode, job.logprobs))
+
+
+def sampled_views(cfg):
+    return data.views(cfg.views, cfg.seed)
+
+
+MODES.update(
+    writeup=Mode(guess_writeup, "one sample of the task as given (guess 1) and one of the transposed task (guess 2)",
+                 samples=lambda cfg: 1, views=lambda cfg: [(k, None) for k in GUESSES], flags=None,
+                 guess_names=("first", "transposed")),
+    vote=Mode(guess_vote, "{views} x {samples} samples, the two grids most samples agree on after undoing their "
+                          "view, ties by mean log-prob",
+              samples=lambda cfg: cfg.samples, views=sampled_views, flags=("views", "samples"),
+              guess_names=("first", "second")),
+    poe=Mode(guess_poe, "{views} x {samples} samples, every candidate scored by its log-prob summed over all views",
+             samples=lambda cfg: cfg.samples, views=sampled_views, flags=("views", "samples"),
+             guess_names=("first", "second")),
+    dfs=Mode(guess_dfs, "{views}, every answer above probability {min_prob} in each (depth-first search), scored by "
+                        "its log-prob summed over all views",
+             samples=lambda cfg: 0, views=sampled_views, flags=("views", "min_prob", "max_task_seconds"),
+             guess_names=("first", "second")),
+)
+MODE_FLAGS = ("views", "samples", "min_prob", "max_task_seconds")  # flags that only some modes use
+
+
+def guess_names(mode):
+    """Guess 1 and guess 2 as a mode names them; a mode not in the table (a file of another version) gets the
+    plain first and second, never another mode's names."""
+    return MODES[mode].guess_names if mode in MODES else ("first", "second")
+
+
+def table_columns(mode):
+    return TABLE + tuple(f"Solved by {name} Guess" for name in guess_names(mode))
 
 
 def batches(prompts, size, by_task):
@@ -511,62 +708,73 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
     chosen. use_adapter(task_id), when given, loads that task's test-time-trained adapter before its prompts.
     Returns (generated tokens, seconds)."""
     from tqdm import tqdm
-    views = view_list(cfg)
+    mode, views = MODES[cfg.guesses], view_list(cfg)
     prompts, records = build_prompts(tasks, tokenizer, fmt, cfg.max_seq_len, views, cfg.guesses == "writeup")
     lengths = sorted(len(p["ids"]) for p in prompts)
     skipped = [f"task {tid} {note}" for tid, rec in records.items() for note in rec.skipped]
     trimmed = sum(rec.trimmed for rec in records.values())
     n_tests = sum(len(t["test"]) for t in tasks.values())
-    what = "2 guesses" if cfg.guesses == "writeup" else f"{len(views)} views x {cfg.samples} samples"
-    print(f"prompts: {len(prompts) * (1 if cfg.guesses == 'writeup' else cfg.samples)} ({what} x {n_tests} test "
-          "inputs), " + (f"tokens min {lengths[0]} / median {int(statistics.median(lengths))} / max {lengths[-1]}, "
-                         if lengths else "") + f"{trimmed} train examples trimmed to fit {cfg.max_seq_len}, "
-          f"{len(skipped)} {what.split()[1]} skipped as too long")
+    n_samples = mode.samples(cfg)
+    print(f"prompts: {len(prompts)} ({len(views)} views x {n_tests} test inputs; "
+          + (f"{n_samples} sample{'s' * (n_samples > 1)} each), " if n_samples else "searched, not sampled), ")
+          + (f"tokens min {lengths[0]} / median {int(statistics.median(lengths))} / max {lengths[-1]}, "
+             if lengths else "") + f"{trimmed} train examples trimmed to fit {cfg.max_seq_len}, "
+          f"{len(skipped)} {'guesses' if cfg.guesses == 'writeup' else 'views'} skipped as too long")
     for note in skipped[:5]:
         print(f"  skipped {note}")
     if len(skipped) > 5:
         print(f"  ... and {len(skipped) - 5} more, all listed under 'skipped' in results.json")
-    shown = {}  # (task, test input) -> view -> (k, perm, prompt ids): what vote and poe score candidates against
+    shown = {}  # (task, test input) -> view -> (k, perm, prompt ids): what the modes score candidates against
     for p in prompts:
         shown.setdefault((p["task_id"], p["test"]), {})[p["view"]] = (*views[p["view"]], p["ids"])
-    if cfg.guesses != "writeup":
-        prompts = [p for p in prompts for _ in range(cfg.samples)]
+    prompts = [p for p in prompts for _ in range(n_samples)]
     pending = Counter(p["task_id"] for p in prompts)
-    samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written)
-    encode = lambda grid: data.encode_completion(tokenizer, data.format_completion(grid, fmt))  # noqa: E731
-    logprobs = lambda p, c: completion_logprobs(model, tokenizer, p, c, cfg.batch_size)  # noqa: E731
+    samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
+    allowed = answer_ids(tokenizer, fmt)
+    job = Job(cfg, fmt, encode=lambda grid: data.encode_completion(tokenizer, data.format_completion(grid, fmt)),
+              decode=tokenizer.decode,
+              logprobs=lambda p, c: completion_logprobs(model, tokenizer, p, c, cfg.batch_size),
+              search=lambda ids, first: dfs_search(model, ids, tokenizer.eos_token_id,
+                                                   min(cfg.max_new_tokens, cfg.max_seq_len - len(ids)), cfg.min_prob,
+                                                   allowed, first, job.deadline))
     bar = tqdm(total=len(tasks), unit="task", desc="tasks")
-    t0, generated = time.time(), 0
+    t0, generated, current = time.time(), 0, None
     with open(cache, "a") as f:
+        def load(tid):
+            nonlocal current
+            if use_adapter is not None and tid != current:
+                current = tid
+                use_adapter(tid)
+
         def finish(tid):
+            nonlocal generated
             rec = records[tid]
-            if cfg.guesses != "writeup":
-                rec.candidates = []
-                for i, found in enumerate(samples[tid]):
-                    ranked = choose(cfg.guesses, found, shown.get((tid, i), {}), encode, logprobs)
-                    rec.candidates.append(ranked)
-                    rec.guesses[i] = [r[0] for r in ranked[:2]] + [None] * (2 - len(ranked[:2]))
-                    rec.status[i] = ["ok" if g is not None else "no_candidate" for g in rec.guesses[i]]
+            load(tid)  # a mode that searches (dfs) uses the task's adapter here, after no generation
+            job.deadline = time.time() + cfg.max_task_seconds if cfg.max_task_seconds else None
+            job.forwards, ranked = 0, []
+            for i in range(len(rec.guesses)):
+                job.notes = []
+                rec.guesses[i], rec.status[i], found = mode.guess(samples[tid][i], shown.get((tid, i), {}), job)
+                ranked.append(found)
+                rec.timed_out += [f"test {i}: {note}" for note in job.notes]
+            if any(r is not None for r in ranked):
+                rec.candidates = ranked
+            rec.tokens["generated"] += job.forwards
+            generated += job.forwards
+            for note in rec.timed_out:
+                bar.write(f"task {tid} {note}")
             rec.settings = settings
             f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
             f.flush()
             bar.update(1)
         for tid in [tid for tid in tasks if pending[tid] == 0]:
             finish(tid)
-        current = None
         for batch in batches(prompts, cfg.batch_size, use_adapter is not None):
-            if use_adapter is not None and batch[0]["task_id"] != current:
-                current = batch[0]["task_id"]
-                use_adapter(current)
+            load(batch[0]["task_id"])
             texts = generate_halving(model, tokenizer, [p["ids"] for p in batch], cfg, fmt)
             for p, text in zip(batch, texts):
                 rec, (grid, status) = records[p["task_id"]], parse_guess(text, fmt)
-                if cfg.guesses == "writeup":
-                    k = views[p["view"]][0]
-                    rec.guesses[p["test"]][p["view"]] = data.undo_dihedral(grid, k) if grid else None
-                    rec.status[p["test"]][p["view"]] = status
-                else:
-                    samples[p["task_id"]][p["test"]].append((p["view"], grid))
+                samples[p["task_id"]][p["test"]].append((p["view"], grid, status))
                 n = len(tokenizer.encode(text, add_special_tokens=False))  # the answer's tokens, EOS not counted
                 rec.tokens["generated"] += n
                 generated += n
@@ -789,11 +997,14 @@ def pixel_accuracy(grid, solution):
 
 
 def print_results(r, reference=False):
-    """The write-up's table, one row per mode: the mode's name first (writeup, vote, poe; - when unknown)."""
-    print(f"\n| Guesses | {' | '.join(TABLE)} |\n|---|{'|'.join('---' for _ in TABLE)}|")
+    """The write-up's table, one row per mode: the mode's name first (- when unknown), the guess columns named as
+    the mode names its guesses; the write-up's own row below it when asked."""
+    columns = table_columns(r.get("mode"))
+    print(f"\n| Guesses | {' | '.join(columns)} |\n|---|{'|'.join('---' for _ in columns)}|")
     print(f"| {r.get('mode') or '-'} | {' | '.join(str(r[k]) for k in TABLE_KEYS)} |")
     if reference:
-        print(f"| writeup | {' | '.join(str(WRITEUP[k]) for k in TABLE_KEYS)} |  <- the write-up (Llama-3-8B)")
+        print(f"| writeup | {' | '.join(str(WRITEUP[k]) for k in TABLE_KEYS)} |  <- the write-up (Llama-3-8B)"
+              + ("" if r.get("mode") == "writeup" else ": its last column is its transposed guess"))
     unscored = f" ({r['tasks'] - r['scored']} tasks without a usable solution not scored)" \
         if r["scored"] < r["tasks"] else ""
     print(f"\nofficial score: {r['score']:.2f} / {r['scored']} = {r['score_pct']:.2%}{unscored}   "
@@ -826,7 +1037,8 @@ def plot_results(tasks, guesses, r, folder, title):
             data.draw_grid(axes[i, 1], test["output"], "expected")
             for g in range(2):
                 ax, grid, pixels = axes[i, 2 + g], guesses[tid][i][g], t["pixels"][i][g]
-                name = ("guess 1" if g == 0 else "guess 2 (transposed)")
+                word = guess_names(r.get("mode"))[g]
+                name = f"guess {g + 1}" + (f" ({word})" if word not in ("first", "second") else "")
                 if grid is None:
                     ax.axis("off")
                     ax.set_title(f"{name}: no answer", fontsize=8)
@@ -842,7 +1054,7 @@ def plot_results(tasks, guesses, r, folder, title):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))
     values = [r[k] for k in TABLE_KEYS]
     a.bar(range(5), values, color="#0074D9")
-    a.set_xticks(range(5), [label.replace(" by ", "\nby ") for label in TABLE], fontsize=7)
+    a.set_xticks(range(5), [label.replace(" by ", "\nby ") for label in table_columns(r.get("mode"))], fontsize=7)
     for x, v in enumerate(values):
         a.text(x, v, str(v), ha="center", va="bottom", fontsize=8)
     a.set_title(f"tasks (score {r['score']:.2f} / {r['tasks']} = {r['score_pct']:.1%})", fontsize=9)
@@ -914,13 +1126,20 @@ def merge(cfg, tasks, unreadable):
 
 
 def describe_mode(cfg):
-    if cfg.guesses == "writeup":
-        return "writeup: one sample of the task as given (guess 1) and one of the transposed task (guess 2)"
+    """The mode's line: its name and its table description with this run's flags filled in."""
     views = f"{cfg.views} views ({min(cfg.views, 8)} symmetries" + \
         (f", {cfg.views - 8} with colour permutations)" if cfg.views > 8 else ")")
-    return (f"{cfg.guesses}: {views} x {cfg.samples} samples, "
-            + ("the two grids most samples agree on after undoing their view, ties by mean log-prob"
-               if cfg.guesses == "vote" else "every candidate scored by its log-prob summed over all views"))
+    uses_budget = "max_task_seconds" in (MODES[cfg.guesses].flags or ())
+    budget = f"; at most {cfg.max_task_seconds:g} s per task" if uses_budget and cfg.max_task_seconds else ""
+    return f"{cfg.guesses}: " + MODES[cfg.guesses].describe.format(views=views, samples=cfg.samples,
+                                                                    min_prob=cfg.min_prob) + budget
+
+
+def unused_flags(cfg):
+    """The mode-specific flags given a value other than their default that this mode does not use."""
+    defaults = Config()
+    return [f"--{f.replace('_', '-')} {getattr(cfg, f)}" for f in MODE_FLAGS
+            if getattr(cfg, f) != getattr(defaults, f) and f not in (MODES[cfg.guesses].flags or ())]
 
 
 def warn_seen(run, tasks):
@@ -945,8 +1164,12 @@ def predict_missing(cfg, run, tasks, cache_path, settings):
         fmt = run.format or data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
         cfg = replace(cfg, max_seq_len=run.max_seq_len,
                       max_new_tokens=cfg.max_new_tokens or answer_tokens(tokenizer, fmt))
-        print(f"sampling: top_k {cfg.top_k}, temperature {cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, "
-              f"batch_size {cfg.batch_size}, seed {cfg.seed}, format {fmt}")
+        if MODES[cfg.guesses].samples(cfg):
+            print(f"sampling: top_k {cfg.top_k}, temperature {cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, "
+                  f"batch_size {cfg.batch_size}, seed {cfg.seed}, format {fmt}")
+        else:
+            print(f"search: min_prob {cfg.min_prob} (at most {int(1 / cfg.min_prob)} answers per view), "
+                  f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}")
         print(f"guesses: {describe_mode(cfg)}")
         try:
             use_adapter = adapter_loader(model, run) if run.ttt_mode == "per-task" and ttt_adapters(run) else None
@@ -970,8 +1193,11 @@ def predict_all(cfg, tasks, unreadable, t0):
     settings = dict(model=model_key(run), weights=weights_fingerprint(run), dataset=cfg.dataset, split=cfg.split,
                     max_seq_len=run.max_seq_len, temperature=cfg.temperature, top_k=cfg.top_k,
                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    if cfg.guesses != "writeup":  # writeup caches stay as they were written before the modes existed
-        settings.update(guesses=cfg.guesses, views=cfg.views, samples=cfg.samples)
+    mode = MODES[cfg.guesses]
+    if mode.flags is not None:  # writeup caches stay as they were written before the modes existed
+        settings.update(guesses=cfg.guesses, **{f: getattr(cfg, f) for f in mode.flags})
+    for flag in unused_flags(cfg):
+        print(f"note: {flag}: not used by --guesses {cfg.guesses}")
     print(f"model: {model_name(run)} (format {run.format or 'from the tokenizer'}, max_seq_len {run.max_seq_len})"
           + (f", test-time trained ({run.ttt_mode})" if run.ttt_mode else ""))
     seen = warn_seen(run, tasks)
@@ -982,6 +1208,7 @@ def predict_all(cfg, tasks, unreadable, t0):
         extra = dict(time_s=round(time.time() - t0, 1), generate_s=round(seconds, 1), generated_tokens=generated,
                      tokens_per_s=round(generated / seconds, 1) if seconds else None, shard=cfg.shard or None,
                      guess_status={s: status.count(s) for s in sorted(set(status))}, skipped=skipped,
+                     timed_out={tid: rec.timed_out for tid, rec in records.items() if rec.timed_out},
                      trimmed_examples=sum(rec.trimmed for rec in records.values()), settings=settings,
                      unreadable={tid: reason for tid, (reason, _) in unreadable.items()}, mode=cfg.guesses,
                      seen_in_training=seen)

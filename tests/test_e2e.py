@@ -2,6 +2,7 @@
 solves held-out tasks of that family and writes a valid, scored Kaggle submission."""
 import json
 
+import data
 import train
 import infer
 
@@ -23,3 +24,12 @@ def test_tiny_model_learns_a_task_family_and_solves_held_out_tasks(tmp_path, cap
     assert all(len(entries) == 1 and {"attempt_1", "attempt_2"} <= set(entries[0]) for entries in submission.values())
     assert results["score"] >= 0.9 * 30, results["score"]
     assert results["solved_first"] >= 24 and results["solved_second"] >= 24  # both guesses, transposed undone
+
+    # depth-first search on the same run: every answer above 0.1 in 4 views, ranked by product of experts
+    out = run / "dfs" / "submission.json"
+    infer.main(["--model", str(run), "--dataset", str(family), "--split", "eval", "--guesses", "dfs", "--views", "4",
+                "--out", str(out)])
+    results, submission = json.loads(out.with_name("results.json").read_text()), json.loads(out.read_text())
+    infer.check_submission(submission, data.read_all(str(family), "eval")[0], "dfs submission")  # every task
+    assert results["mode"] == "dfs" and results["tasks"] == 30 == len(submission)
+    assert results["score"] >= 0.9 * 30, results["score"]

@@ -233,7 +233,8 @@ TRAIN_FLAGS = [("--max-seq-len", "-5"), ("--limit-tasks", "-3"), ("--grad-accum"
                ("--variants", "9"), ("--batch-size", "0"), ("--lr", "-1"), ("--warmup", "-1"),
                ("--optim", "nonsense"), ("--scheduler", "nonsense"), ("--max-steps", "0"), ("--lora-r", "0")]
 INFER_FLAGS = [("--max-seq-len", "-5"), ("--max-new-tokens", "-5"), ("--temperature", "-1"), ("--limit", "-3"),
-               ("--batch-size", "0"), ("--top-k", "-5")]
+               ("--batch-size", "0"), ("--top-k", "-5"), ("--min-prob", "0"), ("--min-prob", "1.5"),
+               ("--max-task-seconds", "-1")]
 
 
 def no_model(monkeypatch):

@@ -424,13 +424,13 @@ def test_completion_logprobs_batched_equals_one_at_a_time_and_a_plain_forward(to
     assert batched[3] == pytest.approx(sum(logits[len(p) - 1 + j, t].item() for j, t in enumerate(c)), abs=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["vote", "poe"])
+@pytest.mark.parametrize("mode", ["vote", "poe", "dfs"])
 def test_real_tiny_model_votes_and_scores_on_cpu(tmp_path, monkeypatch, mode):
     rng = random.Random(3)
     tasks = {f"s{i}": mirror_task(rng, 2, 2, tests=1 + (i == 0)) for i in range(2)}
     folder, run = write_tasks(tmp_path / "tasks", tasks), tiny_run(tmp_path / "run")
     infer.main(["--dataset", folder, "--model", run, "--max-new-tokens", "8", "--guesses", mode, "--views", "9",
-                "--samples", "2", "--temperature", "0"])
+                "--samples", "2", "--temperature", "0", "--min-prob", "0.02"])  # dfs: random weights, flat
     sub, r = read(Path(run) / "submission.json"), read(Path(run) / "results.json")
     infer.check_submission(sub, tasks, "submission")
     assert r["mode"] == mode and r["tasks"] == 2 and r["generated_tokens"] > 0
@@ -449,3 +449,120 @@ def test_guard_warns_with_counts_when_scored_tasks_were_trained_on(tmp_path, mon
     assert "warning: 2 of 5 tasks scored here are, grid for grid, tasks this model was trained on (elsewhere train;" \
            in printed
     assert read(Path(run) / "results.json")["seen_in_training"] == ["t1", "t3"]
+
+
+# ----------------------------------------------------------------------------
+# dfs: every answer above --min-prob in each view, pooled and ranked by product of experts; the modes table
+
+def fake_search(monkeypatch, answers):
+    """Replace dfs_search by answers(prompt ids, first) -> ([(completion ids, nll)], finished); returns the calls,
+    each as dict(ids, first, deadline, allowed)."""
+    calls = []
+
+    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None):
+        calls.append(dict(ids=tuple(ids), first=first, deadline=deadline, allowed=allowed_ids, min_prob=min_prob))
+        found, finished = answers(tuple(ids), first)
+        return sorted(found, key=lambda f: f[1]), finished, 3
+    monkeypatch.setattr(infer, "dfs_search", search)
+    return calls
+
+
+def test_dfs_pools_every_view_mapped_back_ranks_by_poe_and_a_resumed_run_reuses_it(tmp_path, monkeypatch, tokenizer):
+    """Each view's search finds the truth (in its own frame); views 0 and 1 also find a wrong grid W, more likely
+    there than the truth, and one completion that is no grid. Pooled over the 8 views and scored under every view,
+    the truth ranks first. Every view after the first starts its search from W (the lowest nll found so far),
+    written in that view's frame."""
+    task = mirror_task(random.Random(5), 3, 4)
+    truth, w = task["test"][0]["output"], [[1, 2, 3, 4], [5, 6, 7, 8], [9, 0, 1, 2]]
+    folder, run = write_tasks(tmp_path / "tasks", {"t": task}), write_run(tmp_path / "run")
+    views = data.views(8)
+    prompt_view = view_prompts(tokenizer, task, views)
+    written = lambda grid, v: data.encode_completion(tokenizer, data.format_completion(  # noqa: E731
+        data.apply_view(grid, *views[v]), FMT))[:-1]
+
+    def answers(ids, first):
+        v = prompt_view[ids]
+        found = [(written(truth, v), 1.0), (tokenizer.encode("12\n3\nend", add_special_tokens=False), 0.1)]
+        return found + ([(written(w, v), 0.5)] if v < 2 else []), True
+    calls = fake_search(monkeypatch, answers)
+    fake_model(monkeypatch, tokenizer, lambda ids: pytest.fail("dfs generates nothing"))
+    truth_texts = {tuple(written(truth, v)) + (tokenizer.eos_token_id,) for v in range(8)}
+    monkeypatch.setattr(infer, "completion_logprobs", lambda model, tok, prompts, completions, batch_size=8:
+                        [-1.0 if tuple(c) in truth_texts else -3.0 for c in completions])
+    infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--min-prob", "0.2"])
+    assert [prompt_view[c["ids"]] for c in calls] == list(range(8)) and calls[0]["first"] is None
+    assert all(c["first"] == written(w, v) for v, c in enumerate(calls) if v >= 1)  # W: the lowest nll so far
+    answer_words = {tokenizer.convert_tokens_to_ids(t) for t in [*"0123456789", "\n", data.END, "</s>"]}
+    assert set(calls[0]["allowed"]) == answer_words and calls[0]["min_prob"] == 0.2
+    sub_path = Path(run) / "submission.json"
+    sub, r = read(sub_path), read(Path(run) / "results.json")
+    assert sub["t"][0] == {"attempt_1": truth, "attempt_2": w}
+    assert (r["mode"], r["solved_first"], r["solved_second"], r["settings"]["min_prob"]) == ("dfs", 1, 0, 0.2)
+    cached = infer.read_cache(Path(run) / "submission.cache.jsonl")["t"]
+    assert cached.candidates == [[[truth, 8, -8.0], [w, 2, -24.0]]]  # votes: the views that found it
+
+    before = sub_path.read_bytes()
+    fake_search(monkeypatch, lambda ids, first: pytest.fail("a finished task is searched again"))
+    infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--min-prob", "0.2"])
+    assert sub_path.read_bytes() == before
+
+
+def test_dfs_task_out_of_time_keeps_its_answers_and_says_so(tmp_path, monkeypatch, tokenizer, capsys):
+    rng = random.Random(6)
+    tasks = {"quick": mirror_task(rng, 2, 2), "slow": mirror_task(rng, 3, 3, tests=2)}
+    folder, run = write_tasks(tmp_path / "tasks", tasks), write_run(tmp_path / "run")
+    views = data.views(8)
+    prompt_view, truth = {}, {}  # prompt ids -> view, and -> the right answer of its test input
+    for tid, i in (("quick", 0), ("slow", 0), ("slow", 1)):
+        shown = view_prompts(tokenizer, tasks[tid], views, test=i)
+        prompt_view.update(shown)
+        truth.update(dict.fromkeys(shown, tasks[tid]["test"][i]["output"]))
+    slow_ids = {ids for ids in prompt_view if ids not in view_prompts(tokenizer, tasks["quick"], views)}
+
+    def answers(ids, first):  # the slow task runs out of time in its third view
+        k, perm = views[prompt_view[ids]]
+        found = [(data.encode_completion(tokenizer, data.format_completion(data.apply_view(truth[ids], k, perm),
+                                                                           FMT))[:-1], 1.0)]
+        return found, not (ids in slow_ids and prompt_view[ids] == 2)
+    calls = fake_search(monkeypatch, answers)
+    fake_model(monkeypatch, tokenizer, lambda ids: pytest.fail("dfs generates nothing"))
+    monkeypatch.setattr(infer, "completion_logprobs", lambda model, tok, p, c, batch_size=8: [-1.0] * len(p))
+    infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--max-task-seconds", "30"])
+    printed = capsys.readouterr()
+    note = "test 0: out of time (--max-task-seconds 30) in view 3 of 8: 3 answers found so far are ranked"
+    assert f"task slow {note}" in printed.out + printed.err
+    sub, r = read(Path(run) / "submission.json"), read(Path(run) / "results.json")
+    infer.check_submission(sub, tasks, "submission")
+    assert r["timed_out"] == {"slow": [note, note.replace("test 0", "test 1")]}
+    assert [e["attempt_1"] for e in sub["slow"]] == [t["output"] for t in tasks["slow"]["test"]]  # found in time
+    assert sum(c["ids"] in slow_ids for c in calls) == 2 * 3 and sum(c["ids"] not in slow_ids for c in calls) == 8
+    assert all(c["deadline"] is not None for c in calls)
+
+
+def test_a_new_mode_is_one_function_and_one_table_row_and_never_described_as_another(tmp_path, monkeypatch,
+                                                                                     tokenizer, mirror, capsys):
+    tasks, folder, run = mirror
+
+    def guess_last(samples, prompts, job):  # the last view's sample, undone
+        v, grid, _ = samples[-1]
+        return infer.top_two([[data.undo_view(grid, *prompts[v][:2]), 1, 0.0]] if grid else [])
+    monkeypatch.setitem(infer.MODES, "last", infer.Mode(
+        guess_last, "the last sample of {views}", samples=lambda cfg: 1, views=infer.sampled_views,
+        flags=("views",), guess_names=("only", "missing")))
+    fake_model(monkeypatch, tokenizer, lambda ids: data.format_completion([[5]], FMT))
+    infer.main(["--dataset", folder, "--model", run, "--guesses", "last", "--views", "3"])
+    out = capsys.readouterr().out
+    assert "guesses: last: the last sample of 3 views (3 symmetries)" in out
+    assert "| Solved by any Guess | Solved by only Guess | Solved by missing Guess |" in out and "\n| last | 5 |" in out
+    assert "poe" not in out and "transposed" not in out and "vote" not in out
+    r = read(Path(run) / "results.json")
+    assert r["mode"] == "last" and {k: r["settings"].get(k) for k in ("guesses", "views", "samples")} == \
+        {"guesses": "last", "views": 3, "samples": None}
+    assert read(Path(run) / "submission.json")["t1"][0]["attempt_1"] == [[5]]
+    with pytest.raises(SystemExit):  # a mode without a table row is refused, not run as another
+        infer.main(["--dataset", folder, "--model", run, "--guesses", "beam"])
+    infer.print_results(dict(read(Path(run) / "results.json"), mode="beam"))  # a results file of another version
+    infer.print_results(dict(read(Path(run) / "results.json"), mode="vote"))
+    out = capsys.readouterr().out
+    assert "| beam | 5 |" in out and out.count("| Solved by first Guess | Solved by second Guess |") == 2
+    assert "transposed" not in out

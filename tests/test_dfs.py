@@ -1,0 +1,129 @@
+"""infer.dfs, the depth-first search for every answer above a probability: exact against brute-force enumeration of
+every sequence, at most the greedy answer above 0.5, and each nll the one a teacher-forced pass gives (the cache
+cropped on backtracking is right), with or without a known first branch.
+
+    python -m pytest tests/test_dfs.py -q
+"""
+import math
+import random
+
+import pytest
+
+import infer
+import train
+
+VOCAB = 6
+
+
+def small_model(seed=0, head_scale=0.3):
+    """A random Llama over 6 tokens whose next-token distributions are neither flat nor one-hot (a scaled lm_head),
+    so that a handful of short completions lie above a few percent."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.5, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model
+
+
+def brute_force(model, prompt, eos, max_new_tokens, allowed=None):
+    """nll of every completion (tokens without EOS -> summed nll with EOS) of at most max_new_tokens tokens, EOS
+    included, made of `allowed` tokens (default: all): each prefix of every length scored by a plain forward pass
+    over prompt + prefix, no cache. The log-softmax is over the whole vocabulary."""
+    import itertools
+    import torch
+    tokens = [t for t in (allowed if allowed is not None else range(VOCAB)) if t != eos]
+    out = {}
+    for length in range(max_new_tokens):
+        prefixes = list(itertools.product(tokens, repeat=length))
+        with torch.inference_mode():
+            lp = model(input_ids=torch.tensor([list(prompt) + list(p) for p in prefixes])).logits.double() \
+                .log_softmax(-1)
+        for row, prefix in enumerate(prefixes):
+            steps = [lp[row, len(prompt) - 1 + j, t].item() for j, t in enumerate(prefix + (eos,))]
+            out[prefix] = -sum(steps)
+    return out
+
+
+def greedy(model, prompt, eos, max_new_tokens):
+    """The greedy completion (without EOS), or None when it does not end within max_new_tokens."""
+    import torch
+    out = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            token = model(input_ids=torch.tensor([list(prompt) + out])).logits[0, -1].argmax().item()
+            if token == eos:
+                return out
+            out.append(token)
+    return None
+
+
+@pytest.mark.parametrize("seed, eos, min_prob, allowed", [(0, 3, 0.02, None), (0, 5, 0.011, None),
+                                                          (1, 2, 0.015, None), (0, 3, 0.012, [0, 2, 3])])
+def test_dfs_finds_exactly_the_completions_above_p_of_brute_force_enumeration(seed, eos, min_prob, allowed):
+    model, max_new = small_model(seed), 5
+    prompt = [0, 4, 2, 5, 3, 1]
+    every = brute_force(model, prompt, eos, max_new, allowed)
+    limit = -math.log(min_prob)
+    expected = {c: nll for c, nll in every.items() if nll < limit}
+    assert all(abs(nll - limit) > 1e-4 for nll in every.values())  # no completion sits on the threshold
+    assert len(expected) >= 2  # the case is worth testing
+    found = infer.dfs(model, prompt, eos, max_new, min_prob, allowed_ids=allowed)
+    assert [nll for _, nll in found] == sorted(nll for _, nll in found)
+    assert {tuple(c): nll for c, nll in found} == pytest.approx(expected, abs=1e-5)
+    assert len(found) == len(expected) <= 1 / min_prob
+    if allowed is not None:  # not renormalised: the same nll as over the whole vocabulary, so fewer pass P
+        assert len(found) < len(infer.dfs(model, prompt, eos, max_new, min_prob))
+
+
+def test_dfs_above_one_half_returns_at_most_the_greedy_answer():
+    """Above 0.5 every token of an answer is its position's most likely one: dfs finds the greedy answer when its
+    probability is above P, nothing otherwise."""
+    import torch
+    rng, hits = random.Random(0), 0
+    for case in range(12):
+        model, eos = small_model(seed=case % 3, head_scale=3.0), 1 + case % 5
+        prompt = [rng.randrange(VOCAB) for _ in range(4 + case % 3)]
+        best, expected = greedy(model, prompt, eos, 6), []
+        if best is not None:
+            with torch.inference_mode():
+                lp = model(input_ids=torch.tensor([prompt + best])).logits[0].double().log_softmax(-1)
+            p = math.exp(sum(lp[len(prompt) - 1 + j, t].item() for j, t in enumerate(best + [eos])))
+            expected = [best] if p > 0.5 else []
+        found = infer.dfs(model, prompt, eos, 6, 0.5)
+        assert [c for c, _ in found] == expected
+        hits += len(found)
+    assert hits >= 3  # the greedy answer was above 0.5, and found, several times
+
+
+def test_each_dfs_nll_is_a_teacher_forced_pass_and_a_known_first_branch_changes_nothing_but_cost():
+    """A 20-token prompt and answers up to 8 tokens: the search backtracks often through one cache. Every
+    completion's nll equals completion_logprobs' one forward pass over prompt + completion + EOS; the same search
+    given a known completion to try first finds the same set with fewer one-token forward passes."""
+    model, eos, tokenizer = small_model(seed=1, head_scale=0.6), 4, train.tiny_tokenizer()
+    rng = random.Random(1)
+    prompt = [rng.randrange(VOCAB) for _ in range(20)]
+    found, finished, forwards = infer.dfs_search(model, prompt, eos, 8, 0.005)
+    assert finished and len(found) >= 5 and max(len(c) for c, _ in found) >= 4
+    forced = infer.completion_logprobs(model, tokenizer, [prompt] * len(found), [c + [eos] for c, _ in found])
+    assert [nll for _, nll in found] == pytest.approx([-lp for lp in forced], abs=1e-4)
+    for known, _ in (found[-1], found[0]):
+        again, finished, fewer = infer.dfs_search(model, prompt, eos, 8, 0.005, first=known)
+        assert finished and [c for c, _ in again] == [c for c, _ in found]
+        assert [nll for _, nll in again] == pytest.approx([nll for _, nll in found], abs=1e-5)
+        assert fewer <= forwards - len(known)  # the known branch was prefilled, not decoded
+
+
+def test_dfs_past_its_deadline_keeps_what_it_found(monkeypatch):
+    model, eos = small_model(seed=2), 4
+    prompt = [3, 1, 2, 5, 0, 2]
+    everything = dict((tuple(c), nll) for c, nll in infer.dfs(model, prompt, eos, 8, 0.005))
+    clock = iter(range(10**6))
+    monkeypatch.setattr(infer.time, "time", lambda: next(clock))  # each look at the clock: one second later
+    found, finished, _ = infer.dfs_search(model, prompt, eos, 8, 0.005, deadline=60)
+    assert not finished and 0 < len(found) < len(everything)
+    assert {tuple(c): nll for c, nll in found} == pytest.approx({tuple(c): everything[tuple(c)] for c, _ in found})
