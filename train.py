@@ -36,6 +36,7 @@ LOSS_PLOT = "loss.png"  # beside config.json
 TTT_MODES = ("per-task", "shared")
 BACKENDS = ("unsloth", "transformers")
 UNSLOTH_CPU = "UNSLOTH_ALLOW_CPU"  # Unsloth's own test-only switch: its GPU path on a CPU (tests/unsloth_cpu.py)
+UNSLOTH_OFFLOAD = "unsloth_offload"  # in the run folder: the frozen embeddings Unsloth offloads while training them
 
 
 @dataclass
@@ -209,6 +210,10 @@ def import_unsloth():
     import torch
     if not torch.cuda.is_available() and not os.environ.get(UNSLOTH_CPU):
         return "no CUDA device found"
+    from importlib.metadata import version
+    # the kernels Unsloth compiles on import go to our cache, not into the working directory
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION",
+                          str(hf_cache_root() / f"unsloth_compiled_cache-{version('unsloth')}"))
     try:
         import unsloth  # noqa: F401
     except Exception as e:  # a broken CUDA/unsloth install should not stop training
@@ -346,6 +351,35 @@ def model_source(name):
     return str(smollm2_folder()) if name == SMOLLM2 else name
 
 
+def model_positions(name):
+    """max_position_embeddings of --model from its config, or None (the tiny model, a run, a hub name not cached)."""
+    if name == "tiny" or is_run_folder(name):
+        return None
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(model_source(name))
+    except Exception:  # offline and not cached: load_model says so with its own error
+        return None
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def fit_positions(cfg, given, backend):
+    """cfg with an automatic --max-seq-len capped at the model's positions, so that both backends train the same
+    model (Unsloth would scale RoPE to reach it). A larger value given on the command line stays, said here."""
+    positions = model_positions(cfg.model)
+    if not positions or cfg.max_seq_len <= positions:
+        return cfg
+    if "max_seq_len" not in given and not cfg.resume:
+        print(f"auto: max_seq_len {positions} (the model's max_position_embeddings; a longer --max-seq-len means "
+              "RoPE scaling on Unsloth, positions it never saw on transformers)")
+        return dataclasses.replace(cfg, max_seq_len=positions)
+    scaling = rope_scaling(cfg, backend)
+    print(f"note: --max-seq-len {cfg.max_seq_len} > the model's {positions} positions: " +
+          (f"Unsloth scales RoPE linearly by {scaling['factor']:g} (recorded in {RUN_CONFIG})" if scaling else
+           "transformers scales nothing: positions past its own are untrained"))
+    return cfg
+
+
 def untie_embeddings(model):
     """Give lm_head a weight of its own, a copy of the shared embedding, and mark the config untied. The write-up
     trains embed_tokens and lm_head as two matrices; on a tied model (SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B/3B)
@@ -382,9 +416,10 @@ def load_model(cfg, backend):
     try:
         if backend == "unsloth":
             from unsloth import FastLanguageModel
-            return FastLanguageModel.from_pretrained(
+            model, tokenizer = FastLanguageModel.from_pretrained(
                 model_name=source, max_seq_length=cfg.max_seq_len, dtype=None, load_in_4bit=cfg.load_in_4bit,
                 full_finetuning=cfg.full_finetune)
+            return model, own_pad(model, tokenizer, source)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
@@ -394,6 +429,20 @@ def load_model(cfg, backend):
     except Exception as e:  # a damaged folder (bad config field, truncated weights) fails in many library ways
         raise DataError(f"--model {cfg.model}: cannot load it ({type(e).__name__}: {first_line(e)}); give a local "
                         "folder or a name in the Hugging Face cache (offline: set HF_HUB_OFFLINE=1)")
+
+
+def own_pad(model, tokenizer, source):
+    """The tokenizer with the pad token of the model's own tokenizer: Unsloth replaces a pad equal to eos (SmolLM2's
+    <|im_end|> becomes <|endoftext|>), and the run saves its tokenizer, so the two backends would disagree. Our
+    labels are built by hand (eos kept, padding -100), so a pad equal to eos costs nothing."""
+    from transformers import AutoTokenizer
+    pad = AutoTokenizer.from_pretrained(source).pad_token
+    if pad is not None and pad != tokenizer.pad_token:
+        tokenizer.pad_token = pad
+        for config in (model.config, getattr(model, "generation_config", None)):
+            if config is not None:
+                config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
 
 
 def load_run_model(folder):
@@ -420,7 +469,8 @@ def add_lora(model, cfg, backend, embeddings=True):
         return FastLanguageModel.get_peft_model(
             model, r=cfg.lora_r, target_modules=PROJECTIONS + EMBEDDINGS, lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout, bias="none", use_gradient_checkpointing="unsloth",
-            random_state=cfg.seed, use_rslora=True, loftq_config=None)
+            random_state=cfg.seed, use_rslora=True, loftq_config=None,
+            temporary_location=str(Path(cfg.out) / UNSLOTH_OFFLOAD))
     from peft import LoraConfig, get_peft_model
     # test-time training leaves the embeddings alone: two full matrices per task would dwarf the LoRA
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
@@ -715,12 +765,22 @@ def run_config_path(folder):
     return Path(folder) / RUN_CONFIG
 
 
+def rope_scaling(cfg, backend):
+    """What Unsloth does to a model whose positions are fewer than --max-seq-len: linear RoPE scaling by the ratio
+    (transformers scales nothing). None when nothing is scaled."""
+    positions = model_positions(cfg.model)
+    if backend != "unsloth" or not positions or cfg.max_seq_len <= positions:
+        return None
+    return {"type": "linear", "factor": round(cfg.max_seq_len / positions, 4), "positions": positions}
+
+
 def run_info(cfg, fmt, backend, why, base, trained_on, fingerprints, ttt=None):
     """config.json as written at the start of training; the summary is added at the end. trained_on and
     fingerprints say which tasks' answers the weights have seen (infer.py's contamination guard reads them);
     ttt: what a test-time-training run trained on, demonstrations only."""
     return dict(config=dataclasses.asdict(cfg), format=fmt, max_seq_len=cfg.max_seq_len, lora=not cfg.full_finetune,
-                base_model=base, load_in_4bit=cfg.load_in_4bit and backend == "unsloth", backend=backend, why=why,
+                base_model=base, load_in_4bit=cfg.load_in_4bit and backend == "unsloth" and not cfg.full_finetune,  # Unsloth: 4 bits off
+                backend=backend, why=why, rope_scaling=rope_scaling(cfg, backend),
                 trained_on=trained_on, fingerprints=fingerprints, ttt=ttt, versions=versions(), summary=None)
 
 
@@ -783,6 +843,7 @@ def save_merged(model, tokenizer, folder, backend, base, adapter):
     copy read back from disk, so the trained model in memory stays as it is."""
     if backend == "unsloth":
         model.save_pretrained_merged(str(folder), tokenizer, save_method="merged_16bit")
+        keep_trained_head(model, folder)
     else:
         import torch
         from peft import PeftModel
@@ -794,6 +855,36 @@ def save_merged(model, tokenizer, folder, backend, base, adapter):
         merged.to(torch.bfloat16).save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
     print(f"merged 16-bit model: {folder}")
+
+
+def keep_trained_head(model, folder):
+    """Unsloth's merge of an untied-on-purpose tied base writes no lm_head.weight and tie_word_embeddings true, so
+    a reload would use the embedding as head: write the trained head and mark the config untied (peft 2777)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    config = read_json(folder / "config.json")
+    index = folder / "model.safetensors.index.json"
+    names = read_json(index)["weight_map"] if index.exists() else load_file(folder / "model.safetensors")
+    if "lm_head.weight" in names and not config.get("tie_word_embeddings"):
+        return
+    head = model.get_output_embeddings()
+    if hasattr(head, "modules_to_save"):  # peft's wrapper: the trained copy
+        head = head.modules_to_save["default"]
+    dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float16")  # as the merge saved
+    weight = head.weight.detach().to("cpu", dtype).contiguous()
+    if index.exists():  # sharded: the head in a shard of its own, named in the index
+        save_file({"lm_head.weight": weight}, folder / "lm_head.safetensors", metadata={"format": "pt"})
+        info = read_json(index)
+        info["weight_map"]["lm_head.weight"] = "lm_head.safetensors"
+        write_json(index, info)
+    else:
+        save_file(dict(names, **{"lm_head.weight": weight}), folder / "model.safetensors.partial",
+                  metadata={"format": "pt"})
+        os.replace(folder / "model.safetensors.partial", folder / "model.safetensors")
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+    write_json(folder / "config.json", config)
 
 
 def run_loss(losses, resumed_from, training_loss, steps):
@@ -905,6 +996,8 @@ def train(cfg, given=frozenset()):
     else:
         backend, why = pick_backend(cfg.backend, cfg.model, unsloth_error)
     print(f"backend: {backend} ({why})")
+    if not cfg.ttt:
+        cfg = fit_positions(cfg, given, backend)
     out = Path(cfg.out)
     checkpoint = resume_checkpoint(out) if cfg.resume else None
     if checkpoint:

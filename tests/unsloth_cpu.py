@@ -30,9 +30,10 @@ def available():
     return importlib.util.find_spec("unsloth") is not None
 
 
-def run(mode, *args, timeout=600, cwd=None):
-    """CompletedProcess of `python tests/unsloth_cpu.py mode args` (stdout and stderr together in .stdout)."""
-    env = {k: v for k, v in os.environ.items() if k not in SWITCHES}
+def run(mode, *args, timeout=600, cwd=None, env=None):
+    """CompletedProcess of `python tests/unsloth_cpu.py mode args` (stdout and stderr together in .stdout), with
+    the switches and `env` added to this process's environment."""
+    env = {**{k: v for k, v in os.environ.items() if k not in SWITCHES}, **(env or {})}
     env.update(PLAIN if mode == "reference" else SWITCHES)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, __file__, mode, *map(str, args)], env=env, cwd=cwd or ROOT,
@@ -197,7 +198,7 @@ def main():
     patch_before()
     sys.meta_path.insert(0, AfterUnsloth())
     if mode == "grads":
-        import unsloth  # noqa: F401  before transformers, as train.py does
+        assert __import__("train").import_unsloth() is None  # before transformers, as train.py does
         return grads(*args)
     script = __import__(mode)  # train or infer: its own main(), its own import order
     return script.main(args)
