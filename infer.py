@@ -247,12 +247,10 @@ def load_weights(run, cfg):
             model = PeftModel.from_pretrained(model, str(run.adapter))
         FastLanguageModel.for_inference(model)
     else:
-        from transformers import AutoModelForCausalLM
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        print(f"device: {device} ({why}),"
-              f" so transformers in {str(dtype).split('.')[1]}" + (" + the peft adapter" if run.adapter else ""))
-        model = AutoModelForCausalLM.from_pretrained(run.base, dtype=dtype).to(device)
+        dtype, dtype_why = train.pick_dtype()
+        print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'} ({why}), so transformers in "
+              f"{str(dtype).split('.')[1]} ({dtype_why})" + (" + the peft adapter" if run.adapter else ""))
+        model = train.load_pretrained(run.base)
         if run.adapter:
             from peft import PeftModel
             train.untie_embeddings(model)  # as in training: the adapter brings an lm_head of its own

@@ -405,6 +405,25 @@ def device_map():
     return {"": int(os.environ.get("LOCAL_RANK", 0))} if world_size() > 1 else "auto"
 
 
+def pick_dtype():
+    """(dtype, why): the one rule of train.py, infer.py and bench.py. bf16 where the GPU supports it, fp16 on a GPU
+    without it (T4, V100: Kaggle's GPUs are T4s), fp32 on a CPU. Unsloth's dtype=None follows the same rule."""
+    import torch
+    if not torch.cuda.is_available():
+        return torch.float32, "CPU"
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, f"{torch.cuda.get_device_name(0)} supports bf16"
+    return torch.float16, f"{torch.cuda.get_device_name(0)} has no bf16"
+
+
+def load_pretrained(source):
+    """A transformers model from a folder or Hugging Face name, in pick_dtype()'s dtype, on the GPU(s) if any."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype()[0], device_map=device_map())
+    return model if torch.cuda.is_available() else model.to("cpu")
+
+
 def load_model(cfg, backend):
     """(model, tokenizer) for cfg.model: "tiny", a local folder or a Hugging Face name (from the local cache
     when offline)."""
@@ -420,12 +439,8 @@ def load_model(cfg, backend):
                 model_name=source, max_seq_length=cfg.max_seq_len, dtype=None, load_in_4bit=cfg.load_in_4bit,
                 full_finetuning=cfg.full_finetune)
             return model, own_pad(model, tokenizer, source)
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map())
-        return model, tokenizer
+        from transformers import AutoTokenizer
+        return load_pretrained(source), AutoTokenizer.from_pretrained(source)
     except Exception as e:  # a damaged folder (bad config field, truncated weights) fails in many library ways
         raise DataError(f"--model {cfg.model}: cannot load it ({type(e).__name__}: {first_line(e)}); give a local "
                         "folder or a name in the Hugging Face cache (offline: set HF_HUB_OFFLINE=1)")
@@ -448,12 +463,9 @@ def own_pad(model, tokenizer, source):
 def load_run_model(folder):
     """(model, tokenizer) of a finished run in 16/32 bits through transformers, its adapter merged in: the base that
     test-time training puts its own LoRA on."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     run = read_run(folder)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(run.base, dtype=dtype).to(device)
+    model = load_pretrained(run.base)
     if run.adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(run.adapter)).merge_and_unload()
@@ -653,7 +665,7 @@ def training_args(cfg, copies, backend, save=True):
     import torch
     from transformers import TrainingArguments
     gpu = torch.cuda.is_available()
-    bf16 = gpu and torch.cuda.is_bf16_supported()
+    bf16 = pick_dtype()[0] == torch.bfloat16
     return TrainingArguments(
         output_dir=str(Path(cfg.out) / CHECKPOINTS), num_train_epochs=cfg.epochs / copies, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -996,6 +1008,10 @@ def train(cfg, given=frozenset()):
     else:
         backend, why = pick_backend(cfg.backend, cfg.model, unsloth_error)
     print(f"backend: {backend} ({why})")
+    dtype, dtype_why = pick_dtype()
+    if backend == "unsloth" and not torch.cuda.is_available():  # Unsloth's CPU test switch reports no bf16
+        dtype, dtype_why = torch.float16, f"Unsloth under {UNSLOTH_CPU}"
+    print(f"dtype: {str(dtype).split('.')[1]} ({dtype_why})")
     if not cfg.ttt:
         cfg = fit_positions(cfg, given, backend)
     out = Path(cfg.out)
