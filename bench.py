@@ -119,7 +119,7 @@ def bench_data(cfg):
 # train: forward + backward tokens/s, padded batches against the same batches packed
 
 def arch_model(cfg):
-    """(model, tokenizer, what) for --arch: random weights in bf16 on a GPU (float32 on a CPU), built on the
+    """(model, tokenizer, what) for --arch: random weights in train.pick_dtype()'s dtype, built on the
     device directly so that an 8B never passes through host memory in float32."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -131,7 +131,7 @@ def arch_model(cfg):
     gpu = torch.cuda.is_available()
     torch.manual_seed(cfg.seed)
     with torch.device("cuda" if gpu else "cpu"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16 if gpu else torch.float32)
+        model = LlamaForCausalLM._from_config(config, dtype=train.pick_dtype()[0])
     return model, tokenizer, f"{cfg.arch}-shaped, random weights"
 
 

@@ -42,6 +42,9 @@ class Config:
     model: str = opt("", "model", "run folder written by train.py (default: the runs/*/ with the newest config.json), "
                                   "or a base model (HF name or folder) to use with --adapter")
     adapter: str = opt("", "model", "PEFT adapter folder to put on a base --model")
+    backend: str = opt(AUTO, "model", "unsloth (needs a CUDA GPU), transformers, or auto: Unsloth on a GPU for a "
+                                      "run trained with it, transformers otherwise",
+                       choices=["auto", *train.BACKENDS])
     max_seq_len: int = opt(AUTO, "model", "prompt + answer token limit; longer tasks lose their largest train "
                                           "examples (auto: the run's max_seq_len, 8192 for a base model)")
     batch_size: int = opt(16, "model", "prompts per forward pass (sorted by length)")
@@ -98,7 +101,7 @@ def find_model(cfg):
         adapter = Path(cfg.adapter) if cfg.adapter else None
         return train.Run(folder=adapter or Path("."), final=None, base=train.model_source(cfg.model), adapter=adapter,
                          format=None,
-                         max_seq_len=cfg.max_seq_len or 8192, load_in_4bit=False, backend="unsloth")
+                         max_seq_len=cfg.max_seq_len or 8192, load_in_4bit=is_4bit(cfg.model), backend="unsloth")
     if cfg.adapter:
         raise DataError(f"--adapter goes with a base --model; {cfg.model or 'the latest run'} is a run folder "
                         "that names its own adapter")
@@ -108,6 +111,28 @@ def find_model(cfg):
                         "or pass --model RUN_FOLDER (or a base model with --adapter)")
     run = train.read_run(folder)
     return replace(run, max_seq_len=cfg.max_seq_len or run.max_seq_len)
+
+
+def is_4bit(name):
+    """True for a base saved in 4 bits (unsloth/*-bnb-4bit, or a folder whose config says so): loading it in 16 bits
+    would make Unsloth fetch the 16-bit repo instead."""
+    config = Path(name) / "config.json"
+    quantized = (data.read_json(config).get("quantization_config") or {}) if config.is_file() else {}
+    return name.rstrip("/").endswith("bnb-4bit") or bool(quantized.get("load_in_4bit"))
+
+
+def load_backend(cfg, run):
+    """("unsloth" | "transformers", why) for loading `run`; --backend unsloth where it cannot run is a DataError."""
+    import torch
+    if run.ttt_mode or cfg.backend == "transformers":
+        return "transformers", "a test-time-trained run" if run.ttt_mode else "--backend transformers"
+    if cfg.backend != "unsloth" and (run.backend != "unsloth" or not torch.cuda.is_available()):
+        return "transformers", "the run was trained without Unsloth" if torch.cuda.is_available() else \
+            "no CUDA device"
+    error = train.import_unsloth()
+    if error and cfg.backend == "unsloth":
+        raise DataError(f"--backend unsloth: {error}; use --backend transformers (or auto)")
+    return ("transformers", f"{error}: transformers") if error else ("unsloth", "Unsloth's fast inference")
 
 
 def model_name(run):
@@ -179,6 +204,8 @@ def load_model(run, cfg):
     """(model, tokenizer) ready for generation: Unsloth's fast inference on a GPU, transformers (+ peft) on CPU."""
     try:
         return load_weights(run, cfg)
+    except DataError:
+        raise
     except Exception as e:  # a missing name offline, a bad config field, truncated weights: many library errors
         raise DataError(f"{model_name(run)}: cannot load the model ({type(e).__name__}: {data.first_line(e)})")
 
@@ -220,14 +247,14 @@ def adapter_loader(model, run):
 
 
 def load_weights(run, cfg):
+    # Unsloth where the run was trained with it (a tiny model built from a config was not: transformers)
+    backend, why = load_backend(cfg, run)  # first: `import unsloth` must come before transformers and peft
     import torch
     if run.ttt_mode:
         model = ttt_model(run).eval()
-    # Unsloth where the run was trained with it (a tiny model built from a config was not: transformers)
-    elif torch.cuda.is_available() and run.backend == "unsloth":
-        import unsloth  # noqa: F401  before transformers/peft, which it patches; it raises on a machine without GPU
+    elif backend == "unsloth":
         from unsloth import FastLanguageModel
-        print(f"device: cuda ({torch.cuda.get_device_name(0)}), so Unsloth's fast inference, "
+        print(f"device: cuda ({torch.cuda.get_device_name(0)}), so {why}, "
               f"{'4-bit' if run.load_in_4bit else '16-bit'} weights")
         # Unsloth reads a run's adapter folder itself (its adapter_config.json names the base model)
         model, _ = FastLanguageModel.from_pretrained(model_name=str(run.final or run.base),
@@ -237,12 +264,10 @@ def load_weights(run, cfg):
             model = PeftModel.from_pretrained(model, str(run.adapter))
         FastLanguageModel.for_inference(model)
     else:
-        from transformers import AutoModelForCausalLM
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        print(f"device: {device} ({'the run was trained without Unsloth' if device == 'cuda' else 'no CUDA device'}),"
-              f" so transformers in {str(dtype).split('.')[1]}" + (" + the peft adapter" if run.adapter else ""))
-        model = AutoModelForCausalLM.from_pretrained(run.base, dtype=dtype).to(device)
+        dtype, dtype_why = train.pick_dtype()
+        print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'} ({why}), so transformers in "
+              f"{str(dtype).split('.')[1]} ({dtype_why})" + (" + the peft adapter" if run.adapter else ""))
+        model = train.load_pretrained(run.base)
         if run.adapter:
             from peft import PeftModel
             train.untie_embeddings(model)  # as in training: the adapter brings an lm_head of its own

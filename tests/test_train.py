@@ -182,8 +182,18 @@ def test_a_slow_step_is_never_silent_between_logging_steps(family, tmp_path, mon
 def test_cpu_path_is_chosen_without_cuda_and_unsloth_never_imported():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    backend, why = train.pick_backend("unsloth/llama-3-8b-bnb-4bit")
+    backend, why = train.pick_backend(data.AUTO, "unsloth/llama-3-8b-bnb-4bit", train.import_unsloth())
     assert backend == "transformers" and "no CUDA" in why
+    assert "unsloth" not in sys.modules
+
+
+def test_backend_unsloth_without_gpu_is_one_line_error(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    monkeypatch.delenv(train.UNSLOTH_CPU, raising=False)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--backend", "unsloth", "--model", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert str(e.value) == "error: --backend unsloth: no CUDA device found; use --backend transformers (or auto)"
     assert "unsloth" not in sys.modules
 
 

@@ -1,0 +1,201 @@
+"""The Unsloth path on a CPU: train.py and infer.py with --backend unsloth, each in a process of its own with
+Unsloth's CPU switches (tests/unsloth_cpu.py), on a tiny tied model saved as a folder. Unsloth's loss and
+gradients match transformers + peft computed in a process that never imported unsloth; the run trains, resumes,
+merges and predicts; and the faults found in our Unsloth calls stay fixed.
+
+    python -m pytest tests/test_unsloth.py -q
+"""
+import json
+import sys
+
+import pytest
+import torch
+
+import data
+import infer
+import train
+import unsloth_cpu
+from families import write_family
+
+pytestmark = pytest.mark.skipif(not unsloth_cpu.available(), reason="unsloth is not installed")
+POSITIONS = 512  # the tiny model's max_position_embeddings: auto --max-seq-len is capped to it
+
+
+def tied_tiny_model(folder):
+    """A tiny Llama with tied embeddings (as SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B) and pad == eos (as SmolLM2's
+    <|im_end|>), saved as a model folder that Unsloth can load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = train.tiny_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=POSITIONS,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unsloth")
+    return root, tied_tiny_model(root / "tied"), write_family(root / "family", n_train=6, n_eval=3)
+
+
+def run(mode, *args, root):
+    """A script through Unsloth on the CPU, from a working directory of its own (to see what it leaves there),
+    with the Hugging Face cache in the test's folder."""
+    work = root / "work"
+    work.mkdir(exist_ok=True)
+    result = unsloth_cpu.run(mode, *args, cwd=work, env={"HF_HOME": str(root / "hf_home")})
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    """One Unsloth run shared by the tests: 6 steps with a checkpoint at 4 and a merged model, then resumed to 8."""
+    root, model, family = setup
+    out = root / "runs" / "lora"
+    first = run("train", "--backend", "unsloth", "--model", model, "--dataset", family, "--split", "train",
+                "--max-steps", "6", "--save-steps", "4", "--logging-steps", "1", "--batch-size", "4", "--grad-accum", "1",
+                "--lr", "1e-2",
+                "--no-load-in-4bit", "--merge", "--out", out, root=root)
+    info = json.loads((out / "config.json").read_text())
+    resumed = run("train", "--resume", "--out", out, "--max-steps", "8", root=root)
+    return out, first, info, resumed
+
+
+def test_unsloth_loss_and_gradients_match_transformers_in_a_process_without_unsloth(setup):
+    root, model, family = setup
+    run("grads", root / "unsloth.pt", model, family, root=root)
+    reference = unsloth_cpu.run("reference", root / "reference.pt", model, family, root / "unsloth.pt", cwd=root)
+    assert reference.returncode == 0, reference.stdout[-4000:]  # it asserts "unsloth" not in sys.modules itself
+    ours, theirs = torch.load(root / "unsloth.pt", weights_only=False), torch.load(root / "reference.pt")
+    assert ours["dtype"] == "torch.float16"  # Unsloth on this "GPU" without bf16: fp16, against an fp32 reference
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-3)
+    names = set(ours["grads"])
+    assert names == set(theirs["grads"])
+    assert {n for n in names if "modules_to_save" in n and "embed_tokens" in n}
+    assert {n for n in names if "modules_to_save" in n and "lm_head" in n}
+    assert sum("lora_A" in n for n in names) == sum("lora_B" in n for n in names) == 2 * len(train.PROJECTIONS)
+    for name in names:
+        a, b = ours["grads"][name].flatten(), theirs["grads"][name].flatten()
+        assert b.norm() > 0, name
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999, name
+        assert float(a.norm() / b.norm()) == pytest.approx(1, abs=0.01), name
+
+
+def test_packing_on_unsloth_gives_the_padded_loss_because_it_carries_the_boundaries(setup):
+    """Fault 1: Unsloth finds packed sequences' boundaries only from packed_seq_lengths, which train.py's packed
+    batches now carry; without it (position_ids only, as before) the sequences attend to each other."""
+    root, model, family = setup
+    if not (root / "unsloth.pt").exists():
+        run("grads", root / "unsloth.pt", model, family, root=root)
+    ours = torch.load(root / "unsloth.pt", weights_only=False)
+    assert ours["packed_loss"] == pytest.approx(ours["loss"], rel=1e-5)
+    # a random tiny model attends almost uniformly, so the leak moves its loss by little, but clearly
+    assert abs(ours["unbounded_loss"] - ours["loss"]) > 2e-4 * ours["loss"]
+
+
+def test_unsloth_run_trains_embeddings_and_resumes(setup, trained):
+    root, model, _ = setup
+    out, first, info, resumed = trained
+    assert info["backend"] == "unsloth" and "--backend unsloth" in info["why"] and info["lora"]
+    assert "backend: unsloth" in first
+    losses = [loss for _, loss in info["summary"]["losses"]]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    from safetensors.torch import load_file
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    trained_embed = [v for k, v in adapter.items() if "embed_tokens" in k]
+    trained_head = [v for k, v in adapter.items() if "lm_head" in k]
+    assert len(trained_embed) == len(trained_head) == 1
+    start = load_file(model / "model.safetensors")["model.embed_tokens.weight"].float()
+    assert not torch.allclose(trained_embed[0].float(), start, atol=1e-3)
+    assert not torch.allclose(trained_head[0].float(), start, atol=1e-3)  # started as the tied copy
+    assert "resume: from" in resumed and "checkpoint-6" in resumed  # the Trainer saves its last step too
+    summary = json.loads((out / "config.json").read_text())["summary"]
+    assert summary["resumed_from"] == 6 and summary["steps"] == 8
+
+
+def test_unsloth_run_predicts_a_valid_submission(setup, trained):
+    root, _, family = setup
+    out = trained[0]
+    output = run("infer", "--backend", "unsloth", "--model", out, "--dataset", family, "--split", "eval",
+                 "--max-new-tokens", "12", "--out", root / "submission.json", root=root)
+    assert "Unsloth's fast inference" in output and "Unsloth should be imported before" not in output
+    tasks, _ = data.read_all(str(family), "eval")
+    submission = json.loads((root / "submission.json").read_text())
+    infer.check_submission(submission, tasks, "submission")
+    assert set(submission) == set(tasks)
+
+
+def test_unsloth_merge_of_a_tied_base_keeps_the_trained_head(trained):
+    """Fault 2: Unsloth's merged save of an untied-on-purpose base wrote no lm_head and said tied."""
+    out = trained[0]
+    from safetensors.torch import load_file
+    merged = json.loads((out / "merged" / "config.json").read_text())
+    assert merged["tie_word_embeddings"] is False
+    weights = load_file(out / "merged" / "model.safetensors")
+    head = [v for k, v in load_file(out / "final" / "adapter_model.safetensors").items() if "lm_head" in k][0]
+    assert torch.allclose(weights["lm_head.weight"].float(), head.float(), atol=1e-2)
+    assert not torch.allclose(weights["lm_head.weight"].float(), weights["model.embed_tokens.weight"].float(),
+                              atol=1e-3)
+    from transformers import AutoModelForCausalLM
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert torch.allclose(reloaded.lm_head.weight.float(), head.float(), atol=1e-2)
+
+
+def test_unsloth_is_imported_before_transformers_and_leaves_no_cache_in_the_working_directory(setup, trained):
+    """Fault 3, and Unsloth's compiled cache and embedding offload out of the user's way."""
+    root = setup[0]
+    out, first, _, resumed = trained
+    for output in (first, resumed):
+        assert "Unsloth should be imported before" not in output
+        assert "Traceback" not in output
+    assert not list((root / "work").iterdir())
+    assert list((root / "hf_home" / "arc-lora").glob("unsloth_compiled_cache-*"))
+
+
+def test_auto_max_seq_len_is_capped_at_the_models_positions(trained):
+    """Fault 4: Unsloth scales RoPE past the model's positions, transformers does not: auto stays within them."""
+    _, first, info, _ = trained
+    assert info["max_seq_len"] == POSITIONS and info["rope_scaling"] is None
+    assert f"auto: max_seq_len {POSITIONS} (the model's max_position_embeddings" in first
+
+
+def test_pad_and_eos_agree_between_backends(setup, trained):
+    """Fault 6: Unsloth replaces a pad equal to eos (SmolLM2's <|im_end|>); the run keeps the model's own."""
+    model = setup[1]
+    from transformers import AutoTokenizer
+    saved = AutoTokenizer.from_pretrained(trained[0] / "final")
+    _, plain = train.load_model(train.Config(model=str(model)), "transformers")
+    assert (saved.pad_token, saved.eos_token) == (plain.pad_token, plain.eos_token) == ("</s>", "</s>")
+    assert "unsloth" not in sys.modules
+
+
+def test_full_finetune_past_the_positions_records_16_bits_and_rope_scaling(setup):
+    """Faults 5 and 4: a --full-finetune run on Unsloth (which turns 4 bits off) is recorded as 16-bit; a
+    --max-seq-len given past the model's positions is kept, said, and its RoPE scaling recorded."""
+    root, model, family = setup
+    out = root / "runs" / "full"
+    output = run("train", "--backend", "unsloth", "--model", model, "--dataset", family, "--split", "train",
+                 "--limit-tasks", "2", "--variants", "1", "--max-steps", "1", "--full-finetune", "--max-seq-len",
+                 str(2 * POSITIONS), "--out", out, root=root)
+    info = json.loads((out / "config.json").read_text())
+    assert info["load_in_4bit"] is False and info["lora"] is False
+    assert info["max_seq_len"] == 2 * POSITIONS
+    assert info["rope_scaling"] == {"type": "linear", "factor": 2.0, "positions": POSITIONS}
+    assert "Unsloth scales RoPE linearly by 2" in output
+    assert train.read_run(out).load_in_4bit is False
+
+
+def test_base_and_adapter_on_a_4bit_base_load_the_4bit_repo(tmp_path):
+    """Fault 5: --model unsloth/llama-3-8b-bnb-4bit --adapter DIR loaded the 16-bit repo (a 16 GB download)."""
+    (tmp_path / "adapter").mkdir()
+    for name, four in (("unsloth/llama-3-8b-bnb-4bit", True), ("unsloth/llama-3-8b", False)):
+        run_ = infer.find_model(infer.Config(model=name, adapter=str(tmp_path / "adapter")))
+        assert run_.load_in_4bit is four and run_.backend == "unsloth"

@@ -1,0 +1,208 @@
+"""Our Unsloth path on a CPU, for the tests: train.py / infer.py run in a process of their own with Unsloth's CPU
+switches, a few monkeypatches and torch stand-ins for three per-row Triton kernels (../shared/UNSLOTH-CPU.md has
+the Unsloth line behind each). The scripts' own main() runs unchanged; `--backend unsloth` picks the branch.
+
+    python tests/unsloth_cpu.py train --backend unsloth --model FOLDER ...     # train.main(...)
+    python tests/unsloth_cpu.py infer --backend unsloth --model RUN ...        # infer.main(...)
+    python tests/unsloth_cpu.py grads OUT.pt MODEL DATASET                     # loss + gradients of one batch
+    python tests/unsloth_cpu.py reference OUT.pt MODEL DATASET STATE.pt        # the same, transformers + peft
+
+Only tests import this module; `run()` starts the subprocess. A same-process comparison would be meaningless:
+`import unsloth` patches transformers' Llama classes for the whole process, so `reference` asserts it never
+imported unsloth.
+"""
+import importlib.abc
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SWITCHES = {"UNSLOTH_ALLOW_CPU": "1",  # Unsloth's test-only switch: its GPU path on a CPU
+            "TRITON_INTERPRET": "1",  # Triton's CPU interpreter for the kernels not replaced below
+            "UNSLOTH_DISABLE_PINNED_MEMORY": "1",  # pinned host buffers need a driver
+            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+PLAIN = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def available():
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def run(mode, *args, timeout=600, cwd=None, env=None):
+    """CompletedProcess of `python tests/unsloth_cpu.py mode args` (stdout and stderr together in .stdout), with
+    the switches and `env` added to this process's environment."""
+    env = {**{k: v for k, v in os.environ.items() if k not in SWITCHES}, **(env or {})}
+    env.update(PLAIN if mode == "reference" else SWITCHES)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, __file__, mode, *map(str, args)], env=env, cwd=cwd or ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------
+# inside the subprocess: patches before and after `import unsloth`, whoever imports it first
+
+def patch_before():
+    """What Unsloth asks of the GPU before it has one: its device statistics (device_type.py:411)."""
+    import types
+    import torch
+    props = types.SimpleNamespace(name="CPU (UNSLOTH_ALLOW_CPU)", total_memory=16 * 2**30, major=8, minor=0,
+                                  multi_processor_count=1)
+    torch.cuda.get_device_properties = lambda *a, **k: props
+    torch.cuda.get_device_name = lambda *a, **k: props.name
+
+
+def patch_after():
+    """Modules and RoPE caches on the CPU, and three kernels in torch (same math; the interpreter runs ~20 ms per
+    Triton program instance, a forward of the tiny model would take a minute)."""
+    import torch
+    import unsloth.kernels.fast_lora as fast_lora
+    import unsloth.kernels.rms_layernorm as rms
+    import unsloth.models.llama as llama
+    from unsloth.kernels.swiglu import _DWf_DW_dfg_traced
+    llama.DEVICE_TYPE_TORCH, llama.DEVICE_COUNT = "cpu", 1
+    llama.get_current_device = lambda: "cpu"
+    cache = llama._PerDeviceRopeCache
+    ensure = cache._ensure_rope_cache
+    cache._ensure_rope_cache = lambda self, index: ensure(self, 0 if index is None else index)
+
+    class OnCpu(list):  # per-GPU cache lists indexed by device.index, which is None for the CPU
+        __getitem__ = lambda self, i: list.__getitem__(self, 0 if i is None else i)  # noqa: E731
+        __setitem__ = lambda self, i, v: list.__setitem__(self, 0 if i is None else i, v)  # noqa: E731
+
+    def build(self, index):
+        self.multi_gpu_cos_cached, self.multi_gpu_sin_cached = map(OnCpu, (self.multi_gpu_cos_cached,
+                                                                           self.multi_gpu_sin_cached))
+        size = self.current_rope_size
+        self._set_cos_sin_cache(seq_len=self._rope_cache_rows(), device=torch.device("cpu"),
+                                dtype=self._rope_cache_dtype)
+        self.current_rope_size = size
+        self._rope_cache_versions[index] = self._rope_cache_version
+    cache._build_rope_cache = build
+
+    def rope(Q, K, cos, sin, position_ids=None):
+        cos, sin = cos.squeeze(), sin.squeeze()
+        cos, sin = (cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)) if position_ids is not None \
+            else (cos[:Q.shape[2]], sin[:Q.shape[2]])
+        half = Q.shape[-1] // 2
+        turn = lambda x: torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # noqa: E731
+        return Q * cos + turn(Q) * sin, K * cos + turn(K) * sin
+
+    def rms_norm(layernorm, X, gemma=False, *args, **kwargs):
+        W = layernorm.weight
+        eps = getattr(layernorm, "variance_epsilon", getattr(layernorm, "eps", 1e-6))
+        Xf = X.float()
+        Y = (Xf * torch.rsqrt(Xf.pow(2).mean(-1, keepdim=True) + eps)).to(W.dtype)
+        return Y * (1 + W) if gemma else Y * W
+
+    def swiglu(e, g):
+        ef = e.float()
+        return (ef * torch.sigmoid(ef)).to(g.dtype) * g
+
+    llama.fast_rope_embedding = rope
+    llama.fast_rms_layernorm = rms.fast_rms_layernorm = rms_norm
+    fast_lora.swiglu_fg_kernel = swiglu
+    fast_lora.swiglu_DWf_DW_dfg_kernel = _DWf_DW_dfg_traced
+
+
+class AfterUnsloth(importlib.abc.MetaPathFinder):
+    """Runs patch_after() as soon as `import unsloth` finishes, wherever our scripts import it: the scripts keep
+    their own import order (train.py must import unsloth before transformers, and the test checks it does)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "unsloth":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            patch_after()
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def model_and_rows(model_folder, dataset, backend):
+    """(cfg, model, tokenizer, rows): the model as train.py loads it for `backend` (untied), and four training
+    sequences of `dataset` as train.py tokenizes them."""
+    import data
+    import train
+    cfg = train.Config(model=model_folder, dataset=[dataset], variants=1, max_seq_len=512, load_in_4bit=False,
+                       full_finetune=False, epochs=1)
+    model, tokenizer = train.load_model(cfg, backend)
+    train.untie_embeddings(model)
+    fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    tasks, _ = data.read_sets(cfg.dataset, cfg.split)
+    ds, _, _ = train.training_data(cfg, tasks, tokenizer, fmt)
+    return cfg, model, tokenizer, [ds[i] for i in range(4)]
+
+
+def loss_and_grads(model, batch):
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return float(loss), grads
+
+
+def grads(out, model_folder, dataset):
+    """Unsloth's loss and gradients on one padded batch, and its loss on the same rows packed (train.py's
+    collators), after the LoRA B matrices are set to random values (at their start, zero, every lora_A gradient
+    would be zero too); saved with those weights and the padded batch for `reference`."""
+    import torch
+    import data
+    import train
+    cfg, model, tokenizer, rows = model_and_rows(model_folder, dataset, "unsloth")
+    model = train.add_lora(model, cfg, "unsloth")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    state = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    padded, packed = train.collate(data.pad_id(tokenizer))(rows), train.packed_collate("unsloth")(rows)
+    loss, g = loss_and_grads(model, padded)
+    packed_loss, _ = loss_and_grads(model, packed)
+    unbounded = {k: v for k, v in packed.items() if k != "packed_seq_lengths"}  # position_ids only
+    unbounded_loss, _ = loss_and_grads(model, unbounded)
+    torch.save(dict(loss=loss, grads=g, packed_loss=packed_loss, unbounded_loss=unbounded_loss, state=state,
+                    batch=padded, dtype=str(next(model.parameters()).dtype)), out)
+
+
+def reference(out, model_folder, dataset, state_file):
+    """The same loss and gradients through transformers + peft in float32, in a process without unsloth."""
+    import torch
+    import train
+    saved = torch.load(state_file, weights_only=False)
+    cfg, model, _, _ = model_and_rows(model_folder, dataset, "transformers")
+    model = train.add_lora(model.float(), cfg, "transformers")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == set(saved["state"]), sorted(names ^ set(saved["state"]))[:6]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in names:
+                p.copy_(saved["state"][n])
+    loss, g = loss_and_grads(model, saved["batch"])
+    assert "unsloth" not in sys.modules, "the reference imported unsloth: it would run Unsloth's patched code"
+    torch.save(dict(loss=loss, grads=g), out)
+
+
+def main():
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "reference":
+        return reference(*args)
+    assert os.environ.get("UNSLOTH_ALLOW_CPU") == "1", "run through tests/unsloth_cpu.py run()"
+    patch_before()
+    sys.meta_path.insert(0, AfterUnsloth())
+    if mode == "grads":
+        assert __import__("train").import_unsloth() is None  # before transformers, as train.py does
+        return grads(*args)
+    script = __import__(mode)  # train or infer: its own main(), its own import order
+    return script.main(args)
+
+
+if __name__ == "__main__":
+    main()
