@@ -97,7 +97,7 @@ def find_model(cfg):
                         "that names its own adapter")
     folder = Path(cfg.model) if cfg.model else train.latest_run(finished=True)
     if folder is None:
-        raise DataError("no finished run: runs/ has no */config.json of a run that finished training; train one "
+        raise DataError("no trained run: runs/ has no */config.json of a run that finished training; train one "
                         "with `python train.py` or pass --model RUN_FOLDER (or a base model with --adapter)")
     if not cfg.model:
         newer = [str(r) for r in [train.latest_run()] if r and r != folder]

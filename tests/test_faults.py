@@ -564,7 +564,8 @@ def test_ttt_adapters_are_keyed_by_the_base_weights_and_odd_ids_get_their_own_fo
            "--epochs", "1", "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1"]
     train.main(ttt + ["--model", str(bases[0])])
     folders = {tid: train.ttt_folder(tmp_path / "ttt", tid) for tid in ODD_IDS}
-    assert len(set(folders.values())) == 4 and all(f.is_dir() and f.parent == tmp_path / "ttt" for f in folders.values())
+    assert len(set(folders.values())) == 4 and all(f.is_dir() and f.parent == tmp_path / "ttt" / "ttt"
+                                             for f in folders.values())
     message = error_of(train.main, ttt + ["--model", str(bases[1])])
     assert "trained with another base weights" in message and "--overwrite" in message
     capsys.readouterr()
@@ -754,7 +755,7 @@ def test_merge_ignored_is_said_no_blank_loss_plot_and_weights_are_0644(family, t
 
 def test_lora_run_without_its_base_folder_is_one_line(lora_run, mirror, tmp_path):
     _, folder, _ = mirror
-    run = tmp_path / "run"
+    run = tmp_path / "lora"
     shutil.copytree(lora_run, run)
     shutil.rmtree(run / "base")
     message = error_of(infer.main, ["--dataset", folder, "--model", str(run)])
