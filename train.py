@@ -561,7 +561,7 @@ def safetensors_complete(path):
 def checkpoint_problem(folder):
     """Why `folder` cannot be resumed exactly, or "" when it can: every file the Trainer reads back, whole."""
     try:
-        json.loads((folder / "trainer_state.json").read_text())
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "trainer_state.json missing or half-written"
     for name in ("optimizer.pt", "scheduler.pt"):  # torch.save writes a zip: a cut-off one has no directory
