@@ -1,15 +1,17 @@
 """ARC tasks -> training text: load, validate, expand into the 8 symmetries, render one token per cell.
 
     python data.py --stats                      # tasks, sequences and token lengths per split
-    python data.py --show 007bbfb7              # PNG of a task and its 8 variants in assets/
+    python data.py --show 007bbfb7              # PNG of a task and its 8 variants in ./show/
 """
 import argparse
 import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -107,22 +109,37 @@ class Config:
     show: str = opt("", "actions", "task id to draw with its 8 symmetries as a PNG")
     format: str = opt("llama3", "output", "text format for --print", choices=["llama3", "digits"])
     print: str = opt("", "actions", "task id whose training text (k=0, first test input) to print")
-    out: str = opt("assets", "output", "folder for --show pictures")
+    out: str = opt("show", "output", "folder for --show pictures")
 
 
 # ----------------------------------------------------------------------------
 # files: every JSON we read and every file we write goes through these
 
 def read_json(path):
+    """A JSON file's content, read as UTF-8 whatever the locale; a key given twice in one object is said (JSON
+    keeps the last one, so a challenges file would silently lose a task)."""
+    twice = []
+
+    def pairs(items):
+        obj = dict(items)
+        if len(obj) < len(items):
+            twice.extend(k for k in dict.fromkeys(k for k, _ in items) if [j for j, _ in items].count(k) > 1)
+        return obj
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f, object_pairs_hook=pairs)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})")
+    except RecursionError:
+        raise DataError(f"{path}: not valid JSON (nested too deeply)")
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror})")
+    if twice:
+        print(f"warning: {path}: key{'s' * (len(twice) > 1)} {', '.join(map(repr, twice[:5]))} given twice in one "
+              "object: only the last one is read", file=sys.stderr)
+    return out
 
 
 def file_mode():
@@ -138,8 +155,8 @@ def write_atomic(path, text):
     path, tmp = Path(path), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp",
-                                         delete=False) as f:
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=path.name + ".",
+                                         suffix=".tmp", delete=False) as f:
             tmp = f.name
             f.write(text)
         os.chmod(tmp, file_mode())
@@ -163,6 +180,33 @@ def check_writable(folder, flag="--out"):
         raise DataError(f"{flag} {folder}: cannot write there ({e.strerror or e})")
 
 
+def write_failure(path, error):
+    """One line for a failed write of `path`: the reason and what to free or set. Libraries word a full disk or a
+    file-size limit their own way (torch.save: "unexpected pos"), so the limit and the free space are looked at."""
+    import resource
+    import shutil
+    reason = getattr(error, "strerror", None) or first_line(error)
+    hints = []
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        hints.append(f"a file-size limit of {limit:,} bytes is set (ulimit -f): raise it")
+    existing = next((p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.is_dir()), None)
+    free = shutil.disk_usage(existing).free if existing else 0
+    if free < 2**30:
+        hints.append(f"{free / 2**20:,.0f} MB free on its disk: free some space")
+    return f"{path}: cannot write it ({reason}); " + ("; ".join(hints) or "free disk space or give another folder")
+
+
+def safe_name(task_id):
+    """A file or folder name for a task id: the id itself when it is a plain name; otherwise (a '/', '..', a leading
+    dot, odd characters, over 100 characters) the id's safe characters and 8 hex digits of its hash, so that no
+    two ids share a name."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(task_id))[:100]
+    if name == task_id and not name.startswith("."):
+        return name
+    return f"{name.lstrip('.')[:90]}-{hashlib.sha1(str(task_id).encode()).hexdigest()[:8]}"
+
+
 def write_json(path, obj, indent=2):
     write_atomic(path, json.dumps(obj, indent=indent))
 
@@ -181,10 +225,14 @@ def check_model_name(name):
 
 def range_errors(cfg, checks):
     """One '--flag value: must be ...' line per flag outside its range, from (name, ok, requirement) rows;
-    AUTO values are decided later by the script and not checked here."""
+    AUTO values are decided later by the script and not checked here. inf and nan are never in range (inf passes
+    a `> 0` and trains a NaN model)."""
     shown = lambda v: f"{v:g}" if isinstance(v, float) else v  # noqa: E731  --lr -1, not -1.0
-    return [f"--{name.replace('_', '-')} {shown(getattr(cfg, name))}: must be {need}" for name, ok, need in checks
-            if getattr(cfg, name) is not AUTO and not ok(getattr(cfg, name))]
+    finite = lambda v: not isinstance(v, float) or math.isfinite(v)  # noqa: E731
+    return [f"--{name.replace('_', '-')} {shown(getattr(cfg, name))}: must be " + (need if finite(getattr(cfg, name))
+                                                                                 else f"a finite number, {need}")
+            for name, ok, need in checks if getattr(cfg, name) is not AUTO and not (finite(getattr(cfg, name))
+                                                                                   and ok(getattr(cfg, name)))]
 
 
 def check_ranges(cfg, checks):
@@ -903,7 +951,7 @@ def main(argv=None):
                 raise DataError(f"task {tid} is not in {cfg.dataset} ({', '.join(cfg.split)})")
         if cfg.show:
             check_writable(cfg.out)
-            path = os.path.join(cfg.out, f"{cfg.show}.png")
+            path = os.path.join(cfg.out, f"{safe_name(cfg.show)}.png")
             show_task(found[cfg.show], cfg.show, path)
             print(f"wrote {path}")
         if cfg.print:

@@ -8,6 +8,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import re
 import statistics
 import sys
@@ -81,7 +82,8 @@ CHECKS = [("limit", lambda x: x >= 0, ">= 0 (0 = all)"),
           ("max_new_tokens", lambda x: x >= 1, ">= 1"),
           ("views", lambda x: x >= 1, ">= 1"), ("samples", lambda x: x >= 1, ">= 1"),
           ("min_prob", lambda x: 0 < x < 1, "between 0 and 1"),
-          ("max_task_seconds", lambda x: x >= 0, ">= 0 (0 = none)")]
+          ("max_task_seconds", lambda x: x >= 0, ">= 0 (0 = none)"),
+          ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295")]
 # (flag, ok, requirement): checked before any model loads
 
 
@@ -105,10 +107,16 @@ def find_model(cfg):
     if cfg.adapter:
         raise DataError(f"--adapter goes with a base --model; {cfg.model or 'the latest run'} is a run folder "
                         "that names its own adapter")
-    folder = Path(cfg.model) if cfg.model else train.latest_run()
+    folder = Path(cfg.model) if cfg.model else train.latest_run(finished=True)
     if folder is None:
-        raise DataError("no trained run: runs/ has no */config.json; train one with `python train.py` "
-                        "or pass --model RUN_FOLDER (or a base model with --adapter)")
+        raise DataError("no trained run: runs/ has no */config.json of a run that finished training; train one "
+                        "with `python train.py` or pass --model RUN_FOLDER (or a base model with --adapter)")
+    if not cfg.model:
+        newer = [str(r) for r in [train.latest_run()] if r and r != folder]
+        print(f"model: {folder} (the newest finished run" + (f"; {newer[0]} is newer but "
+                                                             f"{train.run_status(newer[0])}" if newer else "") + ")")
+    elif train.run_status(folder) == "interrupted":
+        print(f"note: {folder} was interrupted (Ctrl-C or SIGTERM): its weights are those of the step it stopped at")
     run = train.read_run(folder)
     return replace(run, max_seq_len=cfg.max_seq_len or run.max_seq_len)
 
@@ -151,15 +159,10 @@ def is_tiny(run):
 
 
 def model_key(run):
-    """The model as the cache's settings name it: folders resolved, so `runs/x` and `/abs/runs/x` are one model."""
-    if run.final is not None:
-        return resolved(run.folder)
-    return resolved(run.base) + (f" + {resolved(run.adapter)}" if run.adapter else "")
-
-
-def resolved(name):
-    """A local path as an absolute one; a hub name as it is."""
-    return str(Path(name).resolve()) if Path(name).exists() else str(name)
+    """The model as the cache's settings name it: hub names only. Local folders are named by their weights (the
+    settings' `weights`), so a run folder renamed or copied (runs/x to runs/best, into a Kaggle dataset) keeps
+    its cache."""
+    return " + ".join(str(n) for n in (run.base, run.adapter) if n and not Path(n).exists())
 
 
 def weights_fingerprint(run):
@@ -167,18 +170,7 @@ def weights_fingerprint(run):
     weights, such as a run trained further, is never reused. Files up to 1 GiB (adapters, small models) are
     hashed whole; larger ones (an 8B model's shards, minutes to hash) by size and modification time, which
     every rewrite changes. A hub name has no local files: its name in the settings identifies it."""
-    digest = hashlib.sha256()
-    for folder in sorted(weight_folders(run)):
-        for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-            size = f.stat().st_size
-            digest.update(f"{f.name} {size}".encode())
-            if size > 2**30:
-                digest.update(str(f.stat().st_mtime_ns).encode())
-                continue
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(2**24), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return train.weights_digest(weight_folders(run))
 
 
 def weight_folders(run):
@@ -304,12 +296,22 @@ class Record:
 
     @classmethod
     def from_json(cls, obj):
-        """A Record from a cache line's object; ValueError when fields are missing or of the wrong kind."""
+        """A Record from a cache line's object; ValueError when fields are missing or of the wrong kind, or a guess
+        is not a valid grid (hand-edited or damaged lines cost their own task, never the submission)."""
         try:
-            return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls)
-                          if f.name in obj or f.default is dataclasses.MISSING is f.default_factory})
+            rec = cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls)
+                         if f.name in obj or f.default is dataclasses.MISSING is f.default_factory})
         except (KeyError, TypeError) as e:
             raise ValueError(f"missing field {e}")
+        pairs = rec.guesses if isinstance(rec.guesses, list) else None
+        if not isinstance(rec.task_id, str) or not pairs or not isinstance(rec.status, list) or \
+                not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
+            raise ValueError("task_id, guesses or status of the wrong kind")
+        for pair in pairs:
+            for grid in pair:
+                if grid is not None:
+                    data.check_grid(grid, "a guess")
+        return rec
 
     def attempts(self):
         """Kaggle attempts: guess 1 first (guess 2 moves up when guess 1 has no answer), [[0]] for none."""
@@ -393,19 +395,48 @@ def grid_stopper(tokenizer, fmt, width):
     return GridStop()
 
 
-def generate(model, tokenizer, prompts, cfg, fmt=None, min_new_tokens=0):
+def row_seed(seed, *where):
+    """The sampling seed of one prompt: from --seed and the prompt's task, test input, view and sample number only."""
+    return int(hashlib.sha256(repr((seed, *where)).encode()).hexdigest()[:15], 16)
+
+
+def seeded_sampler(seeds, top_k, temperature, device):
+    """A logits processor drawing each row's next token (temperature, then top-k, as generate's own sampling) from
+    a generator of its own, seeded by `seeds`: a guess depends on its seed only, not on the other prompts of its
+    batch nor on how many ran before, so a killed and resumed or sharded run samples what one run would. It
+    returns scores where only the drawn token is finite, for generate's greedy step to take."""
+    import torch
+    from transformers import LogitsProcessor
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    class Sampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores = scores.float() / temperature
+            if top_k:
+                kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+                scores = scores.masked_fill(scores < kth, -math.inf)
+            probs = scores.softmax(-1)
+            picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+            return torch.full_like(scores, -math.inf).scatter(1, picks[:, None], 0.0)
+    return Sampler()
+
+
+def generate(model, tokenizer, prompts, cfg, fmt=None, min_new_tokens=0, seeds=None):
     """Completions of a batch of token-id prompts in one left-padded generate() call, each decoded up to EOS.
     With `fmt`, each row stops as soon as its text can no longer be a grid in that format (grid_stopper): an
-    untrained model's guesses end after a few tokens instead of at max_new_tokens. `min_new_tokens` only serves
-    benchmarks that need a fixed length."""
+    untrained model's guesses end after a few tokens instead of at max_new_tokens. `seeds`: one per prompt, each
+    row sampled from its own (seeded_sampler). `min_new_tokens` only serves benchmarks that need a fixed length."""
     import torch
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
     pad = data.pad_id(tokenizer)
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     sampling = dict(do_sample=True, top_k=cfg.top_k, temperature=cfg.temperature) if cfg.temperature > 0 \
         else dict(do_sample=False, top_k=None, temperature=None)
+    if seeds is not None and cfg.temperature > 0:
+        sampling = dict(do_sample=False, top_k=None, temperature=None, logits_processor=LogitsProcessorList(
+            [seeded_sampler(seeds, cfg.top_k, cfg.temperature, model.device)]))
     # On CPU the default DynamicCache copies every layer's keys and values at each step (torch.cat): at 32 prompts
     # a step costs 4x more than with a preallocated static cache. Unsloth on a GPU keeps its own cache.
     cache = dict(cache_implementation="static") if model.device.type == "cpu" else {}
@@ -427,12 +458,12 @@ def generate(model, tokenizer, prompts, cfg, fmt=None, min_new_tokens=0):
     return texts
 
 
-def generate_halving(model, tokenizer, prompts, cfg, fmt=None):
+def generate_halving(model, tokenizer, prompts, cfg, fmt=None, seeds=None):
     """generate(), retried in two halves when the GPU runs out of memory, so one big batch costs a retry, not
     the run; a single prompt that does not fit is an error naming the flags that help."""
     import torch
     try:
-        return generate(model, tokenizer, prompts, cfg, fmt)
+        return generate(model, tokenizer, prompts, cfg, fmt, seeds=seeds)
     except torch.cuda.OutOfMemoryError:
         if len(prompts) == 1:
             raise DataError(f"GPU out of memory on one prompt of {len(prompts[0])} tokens: lower --max-seq-len "
@@ -441,8 +472,8 @@ def generate_halving(model, tokenizer, prompts, cfg, fmt=None):
         half = len(prompts) // 2
         print(f"note: GPU out of memory at {len(prompts)} prompts per batch, retrying as 2 x {half}; "
               f"a smaller --batch-size avoids the retries")
-        return generate_halving(model, tokenizer, prompts[:half], cfg, fmt) + \
-            generate_halving(model, tokenizer, prompts[half:], cfg, fmt)
+        return generate_halving(model, tokenizer, prompts[:half], cfg, fmt, seeds and seeds[:half]) + \
+            generate_halving(model, tokenizer, prompts[half:], cfg, fmt, seeds and seeds[half:])
 
 
 def parse_guess(text, fmt):
@@ -752,7 +783,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
     shown = {}  # (task, test input) -> view -> (k, perm, prompt ids): what the modes score candidates against
     for p in prompts:
         shown.setdefault((p["task_id"], p["test"]), {})[p["view"]] = (*views[p["view"]], p["ids"])
-    prompts = [p for p in prompts for _ in range(n_samples)]
+    prompts = [dict(p, sample=j) for p in prompts for j in range(n_samples)]
     pending = Counter(p["task_id"] for p in prompts)
     samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
     allowed = answer_ids(tokenizer, fmt)
@@ -764,13 +795,12 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
                                                    allowed, first, job.deadline))
     bar = tqdm(total=len(tasks), unit="task", desc="tasks")
     t0, generated, current = time.time(), 0, None
-    with open(cache, "a") as f:
+    with open(cache, "a", encoding="utf-8") as f:
         def load(tid):
             nonlocal current
             if use_adapter is not None and tid != current:
                 current = tid
                 use_adapter(tid)
-
         def finish(tid):
             nonlocal generated
             rec = records[tid]
@@ -796,7 +826,8 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             finish(tid)
         for batch in batches(prompts, cfg.batch_size, use_adapter is not None):
             load(batch[0]["task_id"])
-            texts = generate_halving(model, tokenizer, [p["ids"] for p in batch], cfg, fmt)
+            seeds = [row_seed(cfg.seed, p["task_id"], p["test"], p["view"], p.get("sample", 0)) for p in batch]
+            texts = generate_halving(model, tokenizer, [p["ids"] for p in batch], cfg, fmt, seeds)
             for p, text in zip(batch, texts):
                 rec, (grid, status) = records[p["task_id"]], parse_guess(text, fmt)
                 samples[p["task_id"]][p["test"]].append((p["view"], grid, status))
@@ -814,13 +845,16 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
 # ----------------------------------------------------------------------------
 # files: cache, submission, shards
 
-def paths(out, shard=""):
-    """(submission, cache, results, plots folder) for a submission path and an optional shard "i/n"."""
+def paths(out, shard="", limit=0):
+    """(submission, cache, results, plots folder) for a submission path, an optional shard "i/n" and --limit N (a
+    partial submission named so, never the full one)."""
     out = Path(out)
     suffix = ""
     if shard:
         i, n = shard.split("/")
         suffix = f".shard-{i}-of-{n}"
+    if limit:
+        suffix += f".limit-{limit}"
     sub = out.with_name(out.stem + suffix + ".json")
     return sub, sub.with_suffix(".cache.jsonl"), out.with_name(f"results{suffix}.json"), out.parent / "plots"
 
@@ -841,11 +875,14 @@ def read_cache(path, settings=None, repair=False):
             continue
         try:
             rec = Record.from_json(json.loads(line))
-        except ValueError:  # json.JSONDecodeError is one
+        except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
             damaged.append(n)
             continue
         if settings is not None and rec.settings != settings:
-            raise DataError(f"{path}: {settings_change(rec.settings or {}, settings)}; pass another --out or delete it")
+            change = settings_change(rec.settings or {}, settings)
+            if repair and "other weights" in change:
+                return move_aside(path, rec.settings)
+            raise DataError(f"{path}: {change}; pass another --out or delete it")
         records[rec.task_id] = rec
         good.append(line)
     if damaged:
@@ -856,9 +893,19 @@ def read_cache(path, settings=None, repair=False):
     return records
 
 
+def move_aside(cache, saved):
+    """A cache of other weights (the run trained further, or replaced) renamed to cache.<its weights>.jsonl, kept
+    whole, so that every task is predicted afresh; said in one line. Returns no records."""
+    old = cache.with_name(f"{cache.name[:-len('.jsonl')]}.{data.safe_name(str((saved or {}).get('weights')))}.jsonl")
+    cache.replace(old)
+    print(f"note: {cache}: written by other weights (the run was trained further or replaced): moved to {old}; "
+          "every task is predicted afresh")
+    return {}
+
+
 def settings_change(saved, settings):
     """Why a cache line cannot be reused under `settings`."""
-    if {k for k, v in settings.items() if saved.get(k) != v} == {"weights"}:
+    if {k for k, v in settings.items() if saved.get(k) != v} <= {"weights", "model"}:
         return "written by other weights (the run was trained further or replaced)"
     return "written with other settings (" + ", ".join(f"{k} {saved.get(k)!r} now {v!r}" for k, v in settings.items()
                                                        if saved.get(k) != v) + ")"
@@ -926,8 +973,35 @@ def save_submission(sub, tasks, unreadable, path):
 
 
 def submission_path(out):
-    """`out` itself, or submission.json inside it when it names an existing folder."""
-    return out / "submission.json" if out.is_dir() else out
+    """`out` itself when it names a .json file; otherwise a folder (made when missing) with submission.json in it."""
+    return out if out.suffix == ".json" and not out.is_dir() else out / "submission.json"
+
+
+def input_files(cfg, run=None):
+    """Files infer.py reads, which no output may replace: the dataset's (a file and its *_solutions.json, a
+    folder's task files) and the model's (the run's config.json, its weight and tokenizer files)."""
+    source, files = Path(cfg.dataset), set()
+    if source.is_file():
+        files |= {source, source.with_name(source.name.replace("_challenges", "_solutions"))}
+    elif source.is_dir():
+        files |= set(source.rglob("*.json"))
+    if run is not None:
+        files |= {train.run_config_path(run.folder)} if run.final is not None else set()
+        files |= {f for folder in weight_folders(run) for f in folder.iterdir() if f.is_file()}
+    return {f.resolve() for f in files}
+
+
+def check_outputs(flag, outputs, inputs):
+    """Refuse, in one line, an output path that is another output's (name -> path) or an input file's."""
+    seen = {}
+    for name, path in outputs.items():
+        where = Path(path).resolve()
+        if where in inputs:
+            raise DataError(f"{flag}: the {name} {path} would be written over an input file; give another {flag}")
+        if where in seen:
+            raise DataError(f"{flag}: the {seen[where]} and the {name} would both be written to {path}; give "
+                            f"{flag} another name")
+        seen[where] = name
 
 
 def shard_tasks(tasks, shard):
@@ -1073,7 +1147,7 @@ def plot_results(tasks, guesses, r, folder, title):
                 data.draw_grid(ax, grid, f"{name}: {verdict}")
         fig.suptitle(f"task {tid}: {'solved' if tid in solved else 'near miss'} ({title})", fontsize=9)
         fig.tight_layout()
-        written.append(folder / f"{tid}.png")
+        written.append(folder / f"{data.safe_name(tid)}.png")
         fig.savefig(written[-1], dpi=80)
         plt.close(fig)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))
@@ -1130,6 +1204,8 @@ def describe_files(files):
 def score_file(cfg, tasks, unreadable):
     """--score FILE: score an existing submission, no model loaded; the file itself is only read."""
     sub_path = Path(cfg.score)
+    check_outputs("--score", dict(scored=sub_path, results=sub_path.with_name("results.json")),
+                  input_files(cfg) - {sub_path.resolve()})
     sub = read_submission(sub_path, tasks, unreadable)
     cache = read_cache(sub_path.with_suffix(".cache.jsonl"))
     guesses = {tid: cache[tid].guesses for tid in tasks} if all(t in cache for t in tasks) else None
@@ -1179,7 +1255,8 @@ def warn_seen(run, tasks):
 
 def predict_missing(cfg, run, tasks, cache_path, settings):
     """(records, generated tokens, seconds): every task's Record, from the cache or predicted now."""
-    done = {tid: rec for tid, rec in read_cache(cache_path, settings, repair=True).items() if tid in tasks}
+    done = {tid: rec for tid, rec in read_cache(cache_path, settings, repair=True).items()
+            if tid in tasks and len(rec.guesses) == len(tasks[tid]["test"])}  # a line of another task: done again
     todo = {tid: task for tid, task in tasks.items() if tid not in done}
     print(f"tasks: {len(tasks)} of {cfg.dataset} {cfg.split}" + (f" (shard {cfg.shard})" if cfg.shard else "")
           + f", {len(done)} already done in {cache_path}, {len(todo)} to do")
@@ -1202,6 +1279,9 @@ def predict_missing(cfg, run, tasks, cache_path, settings):
         except KeyboardInterrupt:
             n = len(read_cache(cache_path))
             sys.exit(f"\ninterrupted: {n} finished tasks are saved in {cache_path}; rerun the same command to resume")
+        except OSError as e:  # a full disk or a file-size limit while appending a task's line
+            raise DataError(data.write_failure(cache_path, e) + "; the tasks finished before it are kept: the same "
+                            "command again resumes")
         done.update(read_cache(cache_path, settings))
     return {tid: done[tid] for tid in tasks}, generated, seconds
 
@@ -1212,7 +1292,11 @@ def predict_all(cfg, tasks, unreadable, t0):
     out = submission_path(Path(cfg.out) if cfg.out else run.folder / "submission.json")
     if cfg.shard:  # unreadable tasks join the submission at --merge
         tasks, unreadable = shard_tasks(tasks, cfg.shard), {}
-    sub_path, cache_path, results_path, plots = paths(out, cfg.shard)
+    sub_path, cache_path, results_path, plots = paths(out, cfg.shard, cfg.limit)
+    check_outputs("--out", dict(submission=sub_path, cache=cache_path, results=results_path,
+                                lock=cache_path.with_name(cache_path.name + ".lock")), input_files(cfg, run))
+    if cfg.limit:
+        print(f"partial: --limit {cfg.limit}: {len(tasks)} tasks only, so the submission is {sub_path}, not {out}")
     data.check_writable(sub_path.parent)
     sub_path.parent.mkdir(parents=True, exist_ok=True)  # for the lock file
     settings = dict(model=model_key(run), weights=weights_fingerprint(run), dataset=cfg.dataset, split=cfg.split,

@@ -5,6 +5,7 @@
     python train.py --ttt --model runs/llama3-8b --split eval       # test-time training, one adapter per task
 """
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -19,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data import (AUTO, END, IN, OUT, DataError, build_dataset, check_model_name, check_ranges, check_writable,
-                  choose_format, count_tokens, encode_example, first_line, given_flags, line_buffered,
+                  choose_format, count_tokens, encode_example, file_mode, first_line, given_flags, line_buffered,
                   llama3_tokenizer, opt, pad_id, parse_config, peak_memory_gb, quiet_libraries, read_json, read_sets,
-                  task_fingerprint, ttt_dataset, views, write_json)
+                  safe_name, task_fingerprint, ttt_dataset, views, write_failure, write_json)
 
 TINY_WORDS = [IN, OUT, END]  # the tiny vocabulary is built around data.py's format
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -39,6 +40,11 @@ TINY_NOTE = "0.5M parameters, random weights trained a few minutes on a CPU"
 BACKENDS = ("unsloth", "transformers")
 UNSLOTH_CPU = "UNSLOTH_ALLOW_CPU"  # Unsloth's own test-only switch: its GPU path on a CPU (tests/unsloth_cpu.py)
 UNSLOTH_OFFLOAD = "unsloth_offload"  # in the run folder: the frozen embeddings Unsloth offloads while training them
+# flags that change the model or the shape of its weights: a checkpoint cannot be resumed under other values
+SHAPE_FLAGS = ("model", "full_finetune", "lora_r", "ttt", "ttt_mode")
+LOCK = "train.lock"  # in a run folder, held by the train.py writing it
+HELD = []  # the lock files this process holds; main releases them
+STOP = {}  # the signal that asked training to stop: set by the handlers that only train.py's own main installs
 
 
 @dataclass
@@ -85,6 +91,8 @@ class Config:
     # output
     out: str = opt("", "output", "run folder (default: runs/<model>-<time>)")
     resume: bool = opt(False, "output", "continue from the latest checkpoint in --out (default: the latest run)")
+    overwrite: bool = opt(False, "output", "replace the run already in --out (without it train.py refuses, so that "
+                                           "a finished run is never lost by a forgotten --resume)")
     save_steps: int = opt(200, "output", "checkpoint every N steps")
     logging_steps: int = opt(10, "output", "print a progress line every N steps")
     merge: bool = opt(False, "output", "also write a merged 16-bit model to <out>/merged")
@@ -114,7 +122,14 @@ def resolve(cfg, given, gpu):
                 raise DataError("--resume: no run in runs/ to resume; give --out RUN_FOLDER")
             cfg = dataclasses.replace(cfg, out=str(run))
         saved = read_json(run_config_path(cfg.out)).get("config", {})
-        names = {f.name for f in dataclasses.fields(Config)} - given - {"resume", "out"}
+        changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run has {saved[k]})" for k in SHAPE_FLAGS
+                   if k in given and k in saved and getattr(cfg, k) != saved[k]
+                   and not (k == "lora_r" and saved.get("full_finetune"))]
+        if changed:
+            raise DataError(f"--resume {cfg.out}: {', '.join(changed)} changes the model or the shape of its weights, "
+                            "which its checkpoints cannot take: drop it to resume, or train a new run with another "
+                            "--out (nothing was written)")
+        names = {f.name for f in dataclasses.fields(Config)} - given - {"resume", "out", "overwrite"}
         inherited = {k: v for k, v in saved.items() if k in names and v != getattr(cfg, k)}
         cfg = dataclasses.replace(cfg, **inherited)
         if inherited:
@@ -180,7 +195,8 @@ def checks():
             ("scheduler", lambda x: x in schedulers, f"one of {', '.join(schedulers)}"),
             ("optim", lambda x: x in optimizers, "a transformers optimizer name, e.g. adamw_torch or adamw_8bit"),
             ("weight_decay", lambda x: x >= 0, ">= 0"),
-            ("save_steps", positive, ">= 1"), ("logging_steps", positive, ">= 1")]
+            ("save_steps", positive, ">= 1"), ("logging_steps", positive, ">= 1"),
+            ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295 (numpy's seed range)")]
 
 
 def world_size():
@@ -196,11 +212,14 @@ def resolve_ttt(cfg):
     """--ttt starts from a finished run: --model is that run (auto: the latest), and the run's context length
     is kept. The new weights are always a LoRA: a full copy per task would not fit anywhere."""
     if cfg.model is AUTO:
-        cfg.model = str(latest_run() or "")
+        cfg.model = str(latest_run(finished=True) or "")
         if not cfg.model:
-            raise DataError("--ttt: no run in runs/ to start from; train one or give --model RUN_FOLDER")
-        print(f"auto: model {cfg.model} (--ttt starts from the latest run)")
+            raise DataError("--ttt: no finished run in runs/ to start from; train one or give --model RUN_FOLDER")
+        print(f"auto: model {cfg.model} (--ttt starts from the newest finished run)")
     base = read_run(cfg.model)
+    if base.ttt_mode:
+        raise DataError(f"--ttt --model {cfg.model}: a test-time-trained run itself; give the run it started from "
+                        f"({base.base})")
     if cfg.max_seq_len is AUTO:
         cfg.max_seq_len = base.max_seq_len
         print(f"auto: max_seq_len {cfg.max_seq_len} (the run's)")
@@ -313,12 +332,13 @@ def smollm2_folder():
     if (folder / "config.json").is_file():
         return folder
     gguf = smollm2_gguf()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by a killed conversion
-        if time.time() - stale.stat().st_mtime > 600:
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by a killed conversion
+            if time.time() - stale.stat().st_mtime > 600:
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
         print(f"converting {gguf.name} into {folder} (first use only, about 30 s)")
         convert_gguf(gguf, tmp)
         try:
@@ -326,8 +346,14 @@ def smollm2_folder():
         except OSError:  # another process converted it meanwhile
             if not (folder / "config.json").is_file():
                 raise
+    except DataError:
+        raise
+    except Exception as e:  # an unwritable HF_HOME, a full disk, a file-size limit
+        raise DataError(write_failure(folder, e) + "; or set HF_HOME to a writable folder with 600 MB free "
+                        "(the converted SmolLM2 is kept there)")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -642,7 +668,7 @@ def safetensors_complete(path):
 def checkpoint_problem(folder):
     """Why `folder` cannot be resumed exactly, or "" when it can: every file the Trainer reads back, whole."""
     try:
-        json.loads((folder / "trainer_state.json").read_text())
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "trainer_state.json missing or half-written"
     for name in ("optimizer.pt", "scheduler.pt"):  # torch.save writes a zip: a cut-off one has no directory
@@ -654,11 +680,20 @@ def checkpoint_problem(folder):
     return ""
 
 
+def checkpoints(out):
+    """The checkpoint folders in out/checkpoints, newest first."""
+    return sorted((p for p in (Path(out) / CHECKPOINTS).glob("checkpoint-*") if p.name[len("checkpoint-"):].isdigit()),
+                  key=lambda p: int(p.name[len("checkpoint-"):]), reverse=True)
+
+
+def newest_complete_checkpoint(out):
+    return next((c for c in checkpoints(out) if not checkpoint_problem(c)), None)
+
+
 def resume_checkpoint(out):
     """The newest complete checkpoint in out/checkpoints; each newer one passed over is said, with why."""
     folder = Path(out) / CHECKPOINTS
-    found = sorted((p for p in folder.glob("checkpoint-*") if p.name[len("checkpoint-"):].isdigit()),
-                   key=lambda p: int(p.name[len("checkpoint-"):]), reverse=True)
+    found = checkpoints(out)
     if not found:
         raise DataError(f"--resume: no checkpoint in {folder}")
     for checkpoint in found:
@@ -667,6 +702,21 @@ def resume_checkpoint(out):
             return checkpoint
         print(f"note: {checkpoint} is incomplete ({problem}; killed while saving, or a full disk?): skipped")
     raise DataError(f"--resume: no complete checkpoint in {folder}; start again without --resume")
+
+
+def guard_saves(trainer, folder):
+    """A checkpoint that cannot be written (a full disk, a file-size limit) stops training with one line naming
+    the folder instead of a library traceback; the complete checkpoints before it stay usable. The Trainer has
+    no public hook around its save, so its _save_checkpoint is wrapped."""
+    save = trainer._save_checkpoint
+
+    def guarded(*args, **kw):
+        try:
+            return save(*args, **kw)
+        except Exception as e:  # torch.save, safetensors and the OS each word a failed write their own way
+            raise DataError(write_failure(folder, e) + "; the complete checkpoints before it stay usable: "
+                            "train.py --resume")
+    trainer._save_checkpoint = guarded
 
 
 def training_args(cfg, copies, backend, save=True):
@@ -703,26 +753,50 @@ def make_optimizer(model, args, embedding_lr):
     return cls([g for g in groups if g["params"]], lr=args.learning_rate, weight_decay=args.weight_decay, **kwargs)
 
 
-def progress_callback():
-    """One line per logging step, and a Ctrl-C that saves a checkpoint before stopping (a second one kills)."""
+def stop_on_signals():
+    """Ctrl-C (SIGINT) and SIGTERM (what Kaggle, Slurm, docker stop and Kubernetes send at preemption) ask training
+    to save a checkpoint at the end of the current step and stop; the same signal again kills at once. Installed
+    by train.py's own main only, never on import or in a library call: a test process's Ctrl-C stays pytest's."""
     import signal
+
+    def handler(signum, _):
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: saving a checkpoint at the end of this step ({name} again to abort)", flush=True)
+        STOP["signal"] = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
+def finite_weights(params):
+    """True when no trainable weight is NaN or inf: one reduction per tensor, one device sync in all."""
+    import torch
+    return bool(torch.stack([p.detach().sum(dtype=torch.float32) for p in params]).isfinite().all())
+
+
+def progress_callback():
+    """One line per logging step; a stop asked by a signal (stop_on_signals) saves a checkpoint first; weights or a
+    loss gone NaN or inf stop training before that step is saved (`diverged`: the step)."""
+    import math
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        interrupted = False
+        interrupted, diverged = False, 0
 
-        def on_train_begin(self, args, state, control, **kw):
+        def on_train_begin(self, args, state, control, model=None, **kw):
             self.start, self.start_step, self.start_tokens = time.time(), state.global_step, state.num_input_tokens_seen
             self.printed = self.start
-            signal.signal(signal.SIGINT, self.on_sigint)
+            self.params = [p for p in model.parameters() if p.requires_grad]
 
-        def on_sigint(self, *_):
-            print("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort)", flush=True)
-            self.interrupted = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        def stop_diverged(self, state, control):
+            self.diverged = state.global_step
+            control.should_save, control.should_training_stop = False, True
 
         def on_step_end(self, args, state, control, **kw):
-            if self.interrupted:
+            if not finite_weights(self.params):
+                self.stop_diverged(state, control)
+            elif STOP:
+                self.interrupted = True
                 control.should_save = control.should_training_stop = True
             if not control.should_log:  # a logging step prints its own line
                 self.heartbeat(state)
@@ -736,8 +810,11 @@ def progress_callback():
                 self.line(state, "loss at the next logging step")
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.line(state, f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e}")
+            if not logs or "loss" not in logs:
+                return
+            if not math.isfinite(logs["loss"]):
+                self.stop_diverged(state, control)
+            self.line(state, f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e}")
 
         def line(self, state, middle):
             self.printed = time.time()
@@ -746,9 +823,6 @@ def progress_callback():
             eta = f"eta {elapsed / done * (state.max_steps - state.global_step) / 60:.1f} min" if done else "eta after step 1"
             tok_s = (state.num_input_tokens_seen - self.start_tokens) / max(elapsed, 1e-9)
             print(f"step {state.global_step:>5}/{state.max_steps} | {middle} | {tok_s:,.0f} tok/s | {eta}", flush=True)
-
-        def on_train_end(self, args, state, control, **kw):
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     return Progress()
 
@@ -837,6 +911,9 @@ def read_run(folder):
         raise DataError(f"{final}: missing; the run is still training or failed (train.py writes it last), "
                         "pick a finished one with --model")
     base = info["base_model"]
+    if info["lora"] and base == BASE and not (folder / BASE).is_dir():
+        raise DataError(f"{folder / BASE}: missing; this LoRA's base model (random weights, saved nowhere else) was "
+                        "deleted: train the run again")
     if info["lora"] and (folder / base).exists():  # the tiny model's random base travels inside the run
         base = str(folder / base)
     elif info["lora"]:
@@ -850,10 +927,99 @@ def read_run(folder):
                ttt_mode=ttt_mode)
 
 
-def latest_run(root="runs"):
-    """The run folder whose config.json was written last, or None."""
+def latest_run(root="runs", finished=False):
+    """The run folder whose config.json was written last (with `finished`: the newest finished one), or None."""
     configs = sorted(Path(root).glob(f"*/{RUN_CONFIG}"), key=lambda p: p.stat().st_mtime)
-    return configs[-1].parent if configs else None
+    runs = [p.parent for p in configs if not finished or run_status(p.parent) == "finished"]
+    return runs[-1] if runs else None
+
+
+def run_status(folder):
+    """"finished", "interrupted" (Ctrl-C or SIGTERM: stopped after saving a checkpoint), "unfinished" (training,
+    killed or failed: no summary yet) or None when `folder` holds no run."""
+    if not is_run_folder(folder):
+        return None
+    summary = read_json(run_config_path(folder)).get("summary")
+    if not isinstance(summary, dict) or not (Path(folder) / FINAL).is_dir():
+        return "unfinished"
+    return "interrupted" if summary.get("interrupted") else "finished"
+
+
+def lock_run(out):
+    """An exclusive lock on out/train.lock while this process trains there: a second train.py on the same --out
+    stops at once. main releases it; the OS drops it when the process exits, kill -9 included."""
+    import fcntl
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK, "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise DataError(f"--out {out}: another train.py is training there ({out / LOCK} is held); wait for it to "
+                        "finish or give another --out")
+    HELD.append(f)
+
+
+def test_time_key(cfg):
+    """What a test-time run's adapters depend on: the base run's weights, the tasks' source and every setting that
+    shapes training. A rerun into the same --out reuses adapters only under the same key."""
+    start = read_run(cfg.model)
+    names = ("dataset", "split", "ttt_mode", "ttt_views", "lora_r", "lora_alpha", "lora_dropout", "epochs",
+             "max_steps", "batch_size", "grad_accum", "lr", "warmup", "scheduler", "optim", "weight_decay", "seed",
+             "max_seq_len")
+    return dict(base_weights=weights_digest([start.final, start.base]), **{n: getattr(cfg, n) for n in names})
+
+
+def check_out_is_free(cfg, out, ttt_key=None):
+    """Refuse to train over a run already in `out` unless --resume or --overwrite says so. A per-task test-time
+    run is the exception: the same command again (same base weights, tasks and settings) trains the tasks it lacks."""
+    status = run_status(out)
+    if status is None or cfg.resume or cfg.overwrite:
+        return
+    saved = (read_json(run_config_path(out)).get("ttt") or {}).get("key")
+    if cfg.ttt and cfg.ttt_mode == "per-task" and saved == ttt_key:
+        return
+    if cfg.ttt and isinstance(saved, dict):
+        differ = [k for k in ttt_key if saved.get(k) != ttt_key[k]]
+        raise DataError(f"--out {out}: its test-time adapters were trained with another "
+                        f"{', '.join(d.replace('_', ' ') for d in differ)}: --overwrite trains them again, or give "
+                        "another --out")
+    raise DataError(f"--out {out}: a {status} run is already there: --resume continues it, --overwrite replaces it, "
+                    "or give another --out")
+
+
+def clear_run(out):
+    """--overwrite: remove what train.py wrote in `out` (infer.py's files stay: its cache notices new weights)."""
+    gone = [p for p in (out / n for n in (RUN_CONFIG, LOSS_PLOT, FINAL, BASE, CHECKPOINTS, TTT, "merged")) if p.exists()]
+    for p in gone:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if gone:
+        print(f"overwrite: removed the run in {out} ({', '.join(p.name for p in gone)})")
+
+
+def weights_digest(folders):
+    """16 hex digits of sha256 over the weight files in `folders` (missing ones and hub names skipped). Files up to
+    1 GiB (adapters, small models) are hashed whole; larger ones (an 8B model's shards, minutes to hash) by size
+    and modification time, which every rewrite changes."""
+    digest = hashlib.sha256()
+    for folder in sorted({Path(p).resolve() for p in folders if p and Path(p).is_dir()}):
+        for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+            size = f.stat().st_size
+            digest.update(f"{f.name} {size}".encode())
+            if size > 2**30:
+                digest.update(str(f.stat().st_mtime_ns).encode())
+                continue
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(2**24), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def readable(folder):
+    """Give every file in `folder` the mode open() would (0644 under umask 022): some libraries write 0600."""
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            f.chmod(file_mode())
 
 
 def versions():
@@ -964,8 +1130,8 @@ def summarize(trainer, result, progress, seconds, train_ds, report, trainable):
 # ----------------------------------------------------------------------------
 
 def ttt_folder(run_folder, task_id):
-    """Where a per-task test-time-training run keeps the adapter of one task."""
-    return Path(run_folder) / TTT / task_id.replace("/", "_")
+    """Where a per-task test-time-training run keeps the adapter of one task (a safe folder name of its own)."""
+    return Path(run_folder) / TTT / safe_name(task_id)
 
 
 def reset_weights(model, start):
@@ -985,6 +1151,9 @@ def train_per_task(cfg, model, tokenizer, fmt, tasks, out):
     t0, per_task, done, empty = time.time(), {}, 0, []
     for i, tid in enumerate(sorted(tasks), 1):
         folder = ttt_folder(out, tid)
+        if STOP:
+            print(f"stopped before task {i}/{len(tasks)}: the same command again trains the tasks left")
+            break
         if folder.is_dir():
             done += 1
             continue
@@ -1003,7 +1172,13 @@ def train_per_task(cfg, model, tokenizer, fmt, tasks, out):
         losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
         partial = folder.with_name(f".{folder.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(str(partial))
+        try:
+            model.save_pretrained(str(partial))
+        except Exception as e:  # a full disk or a file-size limit
+            shutil.rmtree(partial, ignore_errors=True)
+            raise DataError(write_failure(partial, e) + "; the adapters already there stay usable: the same "
+                            "command again trains the tasks left")
+        readable(partial)
         os.replace(partial, folder)
         per_task[tid] = dict(sequences=len(train_ds), steps=trainer.state.global_step, first_loss=losses[0],
                              last_loss=losses[-1], seconds=round(time.time() - t, 1))
@@ -1040,6 +1215,14 @@ def train(cfg, given=frozenset()):
     if checkpoint:
         print(f"resume: from {checkpoint}")
     check_writable(out)
+    rank0 = is_main_process()  # under torchrun every process trains; one writes the run folder
+    if rank0:
+        lock_run(out)
+    ttt_key = test_time_key(cfg) if cfg.ttt else None
+    check_out_is_free(cfg, out, ttt_key)
+    if cfg.merge and (cfg.full_finetune or cfg.ttt):
+        print(f"note: --merge ignored: {'a test-time run keeps an adapter per task' if cfg.ttt else 'a full fine-tune is a whole model already'} "
+              f"(final/ is what a merge would write)")
     # before the model: a data error should not wait for 8B weights
     tasks, sources = read_sets(cfg.dataset, cfg.split)
     if cfg.limit_tasks:
@@ -1055,7 +1238,8 @@ def train(cfg, given=frozenset()):
     if tokenizer.eos_token_id is None:
         raise DataError(f"--model {cfg.model}: its tokenizer has no EOS token to end answers with")
     base = str(Path(cfg.model).resolve()) if cfg.ttt else cfg.model
-    rank0 = is_main_process()  # under torchrun every process trains; one writes the run folder
+    if cfg.overwrite and rank0:
+        clear_run(out)
     if cfg.model == "tiny" and not cfg.full_finetune:  # the random base must travel with its adapter
         base = BASE
         if rank0:
@@ -1072,7 +1256,8 @@ def train(cfg, given=frozenset()):
     if cfg.ttt:
         start = read_run(cfg.model)
         trained_on, fingerprints = start.trained_on, start.fingerprints
-        ttt = dict(mode=cfg.ttt_mode, base_run=base, views=cfg.ttt_views, sources=sources, tasks=len(tasks))
+        ttt = dict(mode=cfg.ttt_mode, base_run=base, views=cfg.ttt_views, sources=sources, tasks=len(tasks),
+                   key=ttt_key)
     else:
         trained_on, fingerprints, ttt = sources, sorted(task_fingerprint(t) for t in tasks.values()), None
     info = run_info(cfg, fmt, backend, why, base, trained_on, fingerprints, ttt)
@@ -1092,36 +1277,56 @@ def train(cfg, given=frozenset()):
         raise DataError(f"--ttt: no task of {' '.join(cfg.dataset)} {' '.join(cfg.split)} has two demonstrations "
                         f"that fit --max-seq-len {cfg.max_seq_len}")
     print(describe_data(cfg, tasks, train_ds, copies, report))
-    if rank0:
-        write_json(run_config_path(out), info)  # now, so that a killed run can be resumed
 
     # training
     trainer, progress, line = make_trainer(cfg, model, tokenizer, train_ds, copies, backend)
+    guard_saves(trainer, out / CHECKPOINTS)
     print(line)
+    if rank0:  # now, so that a killed run can be resumed; a resumed finished run keeps its summary meanwhile
+        previous = read_json(run_config_path(out)).get("summary") if checkpoint else None
+        write_json(run_config_path(out), dict(info, summary=previous))
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.cuda.OutOfMemoryError:
         raise DataError(f"GPU out of memory at --max-seq-len {cfg.max_seq_len}, --batch-size {cfg.batch_size}: "
                         "try --batch-size 1 with a larger --grad-accum, a smaller --max-seq-len, or --load-in-4bit")
+    if progress.diverged:
+        good = newest_complete_checkpoint(out)
+        raise DataError(f"loss or weights became NaN or inf at step {progress.diverged} (--lr {cfg.lr:g}): training "
+                        "stopped before saving that step; " + (f"the last good checkpoint is {good}: train.py --resume "
+                                                              "--lr SMALLER continues from it" if good else
+                                                              "no checkpoint was saved before it: start again with a "
+                                                              "smaller --lr"))
 
     # outputs
     final = out / FINAL
-    trainer.save_model(str(final))  # the Trainer writes from the main process only
+    try:
+        trainer.save_model(str(final))  # the Trainer writes from the main process only
+        if rank0:
+            tokenizer.save_pretrained(str(final))
+            readable(final)
+            if cfg.merge and not cfg.full_finetune:
+                save_merged(model, tokenizer, out / "merged", backend, out / base if base == BASE else base, final)
+    except Exception as e:  # a full disk or a file-size limit, worded by each library its own way
+        raise DataError(write_failure(final, e) + f"; the checkpoints in {out / CHECKPOINTS} stay usable: "
+                        "train.py --resume")
     summary = summarize(trainer, result, progress, time.time() - t0, train_ds, report,
                         count_params(model)[0])
     if not rank0:
         return model, out
-    tokenizer.save_pretrained(str(final))
-    if cfg.merge and not cfg.full_finetune:
-        save_merged(model, tokenizer, out / "merged", backend, out / base if base == BASE else base, final)
     write_json(run_config_path(out), dict(info, summary=summary))
-    plot_losses(summary["losses"], out / LOSS_PLOT, f"{cfg.model}: {out.name}")
+    if summary["losses"]:
+        plot_losses(summary["losses"], out / LOSS_PLOT, f"{cfg.model}: {out.name}")
+    else:
+        print(f"note: no {LOSS_PLOT}: no loss was logged before training stopped at step {summary['steps']} "
+              f"(--logging-steps {cfg.logging_steps})")
     print(f"\n{'interrupted' if progress.interrupted else 'done'}: {summary['steps']} steps in "
           f"{summary['seconds'] / 60:.1f} min, train loss {summary['train_loss']:.4f}, {summary['tokens']:,} tokens "
           f"({summary['tokens_per_second']:,} tok/s), peak {summary['peak_memory_kind']} {summary['peak_memory_gb']:.2f} GB")
-    print(f"saved: {final} ({'full model' if cfg.full_finetune else 'adapter'}), {run_config_path(out)}, "
-          f"{out / LOSS_PLOT}; "
-          f"next: python infer.py --model {out} --split eval")
+    print(f"saved: {final} ({'full model' if cfg.full_finetune else 'adapter'}), {run_config_path(out)}"
+          + (f", {out / LOSS_PLOT}" if summary["losses"] else "") + "; "
+          + (f"resume: python train.py --out {out} --resume (infer.py picks this run only when given --model)"
+             if progress.interrupted else f"next: python infer.py --model {out} --split eval"))
     return model, out
 
 
@@ -1132,10 +1337,17 @@ def main(argv=None):
     if not is_main_process():  # under torchrun / accelerate launch one process speaks for all
         sys.stdout = open(os.devnull, "w")
     try:
-        return train(cfg, given_flags(Config, argv))
+        result = train(cfg, given_flags(Config, argv))
     except DataError as e:
         sys.exit(f"error: {e}")
+    finally:
+        while HELD:
+            HELD.pop().close()
+    if STOP.get("signal") == 15:  # SIGTERM: a preempted job did not finish, so `train.py && infer.py` stops here
+        sys.exit(143)
+    return result
 
 
 if __name__ == "__main__":
+    stop_on_signals()
     main()

@@ -6,11 +6,14 @@ Each test goes through the real entry points (train.main, infer.main, data.main)
 """
 import fcntl
 import json
+import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,13 +145,22 @@ def right_answer(tasks, tokenizer):
     return lambda ids: answers.get(tuple(ids), "no idea")
 
 
-def test_cache_of_other_weights_is_not_reused(mirror, monkeypatch, tokenizer):
+def test_cache_of_other_weights_is_moved_aside_and_every_task_predicted_afresh(mirror, monkeypatch, tokenizer,
+                                                                               capsys):
     tasks, folder, run = mirror
     fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
     infer.main(["--dataset", folder, "--model", str(run)])
+    old = (run / "submission.cache.jsonl").read_text()
     (run / train.FINAL / "model.safetensors").write_bytes(b"weights v2")  # train.py --resume trained it further
-    message = error_of(infer.main, ["--dataset", folder, "--model", str(run)])
-    assert "other weights" in message and "submission.cache.jsonl" in message
+    again = fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    capsys.readouterr()
+    infer.main(["--dataset", folder, "--model", str(run)])
+    out = capsys.readouterr().out
+    assert "written by other weights" in out and "moved to" in out and "0 already done" in out, out
+    assert sum(len(batch) for batch in again) == 8  # 4 tasks x 2 guesses, none reused
+    moved = list(run.glob("submission.cache.*.jsonl"))
+    assert len(moved) == 1 and moved[0].read_text() == old  # nothing lost
+    assert read(run / "results.json")["score"] == 4
 
 
 def test_relative_and_absolute_run_paths_share_the_cache(mirror, monkeypatch, tokenizer, tmp_path, capsys):
@@ -375,3 +387,403 @@ def test_second_infer_on_the_same_out_says_the_first_is_running(mirror, monkeypa
     assert "another infer.py" in message and calls == []
     infer.main(["--dataset", folder, "--model", str(run)])  # the lock is gone with its holder
     assert read(run / "results.json")["score"] == 4
+
+
+# ----------------------------------------------------------------------------
+# Issue 17: preemption, mistyped resumes, outputs over inputs (numbered as its items)
+
+ROOT = Path(train.__file__).parent
+
+
+def script(name, *argv, **kw):
+    """A real process of one of the scripts, in the repository, its output merged into stdout."""
+    return subprocess.Popen([sys.executable, name, *map(str, argv)], cwd=kw.pop("cwd", ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def wait_for_step(proc):
+    """Read the process's output until its first training step line; returns what it printed."""
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if line.startswith("step "):
+            return "".join(said)
+    raise AssertionError("no step line:\n" + "".join(said))
+
+
+def finish(run, steps=1):
+    """Mark a write_run folder as a run that finished training (config.json's summary)."""
+    path = train.run_config_path(run)
+    data.write_json(path, dict(json.loads(Path(path).read_text()), summary=dict(steps=steps, interrupted=False)))
+    return run
+
+
+@pytest.fixture(scope="module")
+def lora_run(family, tmp_path_factory):
+    """A tiny LoRA run (its random base saved in base/) of 2 steps, one checkpoint."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    train.main(["--dataset", str(family), "--out", str(out), "--no-full-finetune", "--max-steps", "2",
+                "--save-steps", "2", "--batch-size", "4", "--logging-steps", "1"])
+    return out
+
+
+# 1. a mistyped resume is refused before anything is written; the run stays resumable
+
+@pytest.mark.parametrize("flag", [["--lora-r", "4"], ["--full-finetune"], ["--model", "smollm2"]])
+def test_resume_with_a_flag_that_changes_the_weights_is_refused_and_writes_nothing(lora_run, tmp_path, flag):
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    before = (out / "config.json").read_bytes()
+    message = error_of(train.main, ["--out", str(out), "--resume", "--max-steps", "3"] + flag)
+    assert "\n" not in message and flag[0] in message and "shape of its weights" in message, message
+    assert (out / "config.json").read_bytes() == before  # summary and settings as they were
+    train.main(["--out", str(out), "--resume", "--max-steps", "3"])  # a plain --resume still works
+    summary = json.loads((out / "config.json").read_text())["summary"]
+    assert summary["steps"] == 3 and summary["resumed_from"] == 2
+
+
+# 2. SIGTERM saves a checkpoint at the end of the step and exits; infer.py's default passes over that run
+# 4. a second train.py on the same --out stops at once
+
+def test_sigterm_saves_a_checkpoint_a_second_train_is_refused_and_infer_skips_the_run(family, mirror, tmp_path,
+                                                                                     monkeypatch, tokenizer, capsys):
+    tasks, folder, _ = mirror
+    runs = tmp_path / "runs"
+    finish(write_run(runs / "a-finished"))
+    killed = runs / "b-killed"
+    proc = script("train.py", "--dataset", family, "--out", killed, "--max-steps", 100000, "--save-steps", 100000,
+                  "--logging-steps", 1, "--batch-size", 4)
+    said = wait_for_step(proc)
+    message = error_of(train.main, ["--dataset", str(family), "--out", str(killed), "--max-steps", "1"])
+    assert "another train.py is training there" in message and "train.lock" in message
+    proc.send_signal(signal.SIGTERM)
+    said += proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143 and "SIGTERM: saving a checkpoint" in said and "Traceback" not in said, said
+    summary = json.loads((killed / "config.json").read_text())["summary"]
+    assert summary["interrupted"] and 0 < summary["steps"] < 100000
+    assert train.checkpoint_problem(killed / "checkpoints" / f"checkpoint-{summary['steps']}") == ""
+    assert train.run_status(killed) == "interrupted" and train.latest_run(runs) == killed
+    monkeypatch.chdir(tmp_path)
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    capsys.readouterr()
+    infer.main(["--dataset", folder])
+    out = capsys.readouterr().out
+    assert "model: runs/a-finished (the newest finished run; runs/b-killed is newer but interrupted)" in out, out
+    assert (runs / "a-finished" / "submission.json").exists() and not (killed / "submission.json").exists()
+
+
+def test_a_sigint_stops_pytest_itself(family, tmp_path):
+    """15.7: train.py's handlers are installed by its own main only, so Ctrl-C in a test process stops pytest."""
+    marker = tmp_path / "second-test-ran"
+    (tmp_path / "test_long.py").write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+
+def test_long():
+    train.main(["--dataset", {str(family)!r}, "--out", {str(tmp_path / "run")!r}, "--max-steps", "100000",
+                "--logging-steps", "1", "--batch-size", "4", "--save-steps", "100000"])
+
+def test_after():
+    open({str(marker)!r}, "w").close()
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "test_long.py"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    said = wait_for_step(proc)
+    proc.send_signal(signal.SIGINT)
+    said += proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2 and "KeyboardInterrupt" in said and not marker.exists(), said
+
+
+# 3. no output over another output or an input file; 15.5: outputs where the flags say
+
+def test_outputs_never_overwrite_each_other_or_an_input(mirror, tmp_path, monkeypatch, tokenizer):
+    tasks, folder, run = mirror
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    path = write_kaggle(tmp_path / "kaggle", tasks, {tid: [t["test"][0]["output"]] for tid, t in tasks.items()})
+    solutions = tmp_path / "kaggle" / "x_solutions.json"
+    before = solutions.read_bytes()
+    for argv, said in ((["--out", str(run / "results.json")], "the submission and the results would both"),
+                       (["--out", str(solutions)], "over an input file"),
+                       (["--out", str(run / "config.json")], "over an input file")):
+        message = error_of(infer.main, ["--dataset", path, "--model", str(run)] + argv)
+        assert said in message and "\n" not in message, message
+    assert solutions.read_bytes() == before and not (run / "submission.json").exists()
+    infer.main(["--dataset", path, "--model", str(run)])
+    message = error_of(infer.main, ["--dataset", path, "--score", str(run / "results.json")])
+    assert "the scored and the results would both" in message
+
+
+def test_out_limit_and_show_write_where_the_flags_say(mirror, tmp_path, monkeypatch, tokenizer, capsys):
+    tasks, folder, run = mirror
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    infer.main(["--dataset", folder, "--model", str(run), "--out", str(tmp_path / "X")])
+    assert sorted(p.name for p in (tmp_path / "X").iterdir()) == ["plots", "results.json", "submission.cache.jsonl",
+                                                                  "submission.cache.jsonl.lock", "submission.json"] \
+        or sorted(p.name for p in (tmp_path / "X").iterdir()) == ["results.json", "submission.cache.jsonl",
+                                                                 "submission.cache.jsonl.lock", "submission.json"]
+    assert not (tmp_path / "X.json").exists() and not (tmp_path / "results.json").exists()
+    capsys.readouterr()
+    infer.main(["--dataset", folder, "--model", str(run), "--limit", "2"])
+    out = capsys.readouterr().out
+    assert "partial: --limit 2: 2 tasks only" in out and not (run / "submission.json").exists()
+    assert sorted(read(run / "submission.limit-2.json")) == ["t0", "t1"] and (run / "results.limit-2.json").exists()
+    monkeypatch.chdir(tmp_path)
+    assets = sorted((ROOT / "assets").iterdir())
+    data.main(["--dataset", folder, "--show", "t0"])
+    assert (tmp_path / "show" / "t0.png").exists() and sorted((ROOT / "assets").iterdir()) == assets
+
+
+# 4. a finished run is never replaced without --overwrite
+
+def test_train_refuses_a_finished_run_unless_overwrite(four_steps, family, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    before = (out / "config.json").read_bytes()
+    message = error_of(train.main, ["--dataset", str(family), "--out", str(out), "--max-steps", "1"])
+    assert "a finished run is already there" in message and "--overwrite" in message and "--resume" in message
+    assert (out / "config.json").read_bytes() == before
+    train.main(["--dataset", str(family), "--out", str(out), "--max-steps", "1", "--overwrite", "--save-steps", "1"])
+    assert "overwrite: removed the run" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["summary"]["steps"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]  # none of the old run's
+
+
+# 5. test-time adapters: keyed by the base run's weights and settings, one safe folder per task id
+
+ODD_IDS = ["a/b", "a_b", "..", "x" * 300]
+
+
+def test_ttt_adapters_are_keyed_by_the_base_weights_and_odd_ids_get_their_own_folders(family, tmp_path, capsys):
+    bases = [tmp_path / "base1", tmp_path / "base2"]
+    for seed, base in enumerate(bases):
+        train.main(["--dataset", str(family), "--max-steps", "1", "--batch-size", "4", "--out", str(base),
+                    "--seed", str(seed)])
+    files = sorted((family / "training").glob("*.json"))[:4]
+    tasks = {tid: json.loads(f.read_text()) for tid, f in zip(ODD_IDS, files)}
+    (tmp_path / "odd_challenges.json").write_text(json.dumps({t: data.strip_outputs(x) for t, x in tasks.items()}))
+    ttt = ["--ttt", "--dataset", str(tmp_path / "odd_challenges.json"), "--out", str(tmp_path / "ttt"),
+           "--epochs", "1", "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1"]
+    train.main(ttt + ["--model", str(bases[0])])
+    folders = {tid: train.ttt_folder(tmp_path / "ttt", tid) for tid in ODD_IDS}
+    assert len(set(folders.values())) == 4 and all(f.is_dir() and f.parent == tmp_path / "ttt" / "ttt"
+                                             for f in folders.values())
+    message = error_of(train.main, ttt + ["--model", str(bases[1])])
+    assert "trained with another base weights" in message and "--overwrite" in message
+    capsys.readouterr()
+    train.main(ttt + ["--model", str(bases[1]), "--overwrite"])
+    assert "4 task adapters trained (0 already there" in capsys.readouterr().out
+    message = error_of(train.main, ["--ttt", "--model", str(tmp_path / "ttt"), "--dataset", str(family),
+                                    "--out", str(tmp_path / "ttt2")])
+    assert "a test-time-trained run itself" in message and str(bases[1].resolve()) in message
+
+
+# 6. the cache: a bad line costs only its task; renaming the run folder keeps it
+
+@pytest.mark.parametrize("damage", ["ragged", "huge_cell", "guesses_null", "task_id_list", "deep"])
+def test_a_valid_json_cache_line_with_bad_content_costs_only_its_task(mirror, monkeypatch, tokenizer, capsys, damage):
+    tasks, folder, run = mirror
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    infer.main(["--dataset", folder, "--model", str(run)])
+    cache = run / "submission.cache.jsonl"
+    lines = cache.read_text().splitlines()
+    rec = json.loads(lines[1])
+    if damage == "ragged":
+        rec["guesses"][0][0] = [[1, 2], [3]]
+    elif damage == "huge_cell":
+        rec["guesses"][0][0] = [[10 ** 30]]
+    elif damage == "guesses_null":
+        rec["guesses"] = None
+    elif damage == "task_id_list":
+        rec["task_id"] = ["t1"]
+    lines[1] = "[" * 100000 + "]" * 100000 if damage == "deep" else json.dumps(rec)
+    cache.write_text("\n".join(lines) + "\n")
+    again = fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    capsys.readouterr()
+    infer.main(["--dataset", folder, "--model", str(run)])
+    out = capsys.readouterr().out
+    assert "damaged line 2" in out and "3 already done" in out and sum(map(len, again)) == 2, out
+    assert read(run / "results.json")["score"] == 4
+
+
+def test_a_renamed_or_copied_run_folder_keeps_its_cache(mirror, monkeypatch, tokenizer, tmp_path, capsys):
+    tasks, folder, run = mirror
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    infer.main(["--dataset", folder, "--model", str(run)])
+    best = tmp_path / "best"
+    shutil.copytree(run, best)
+    again = fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    capsys.readouterr()
+    infer.main(["--dataset", folder, "--model", str(best)])
+    assert "4 already done" in capsys.readouterr().out and again == []
+
+
+# 7. a full disk, a file-size limit, an unwritable HF_HOME: one line each, what was complete stays usable
+
+def limit_file_size(limit):
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def test_checkpoint_over_a_file_size_limit_is_one_line(family, tmp_path):
+    """The tiny model's weights (about 2 MB) fit under a 3 MB limit, its optimizer state does not."""
+    out = tmp_path / "run"
+    proc = script("train.py", "--dataset", family, "--out", out, "--max-steps", 3, "--save-steps", 1,
+                  "--batch-size", 4, preexec_fn=limit_file_size(3_000_000))
+    said = proc.communicate(timeout=300)[0]
+    last = said.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in said, said
+    assert last.startswith(f"error: {out / 'checkpoints'}: cannot write it") and "ulimit -f" in last, last
+    assert json.loads((out / "config.json").read_text())["summary"] is None  # still a resumable, unfinished run
+
+
+def test_cache_append_over_a_file_size_limit_is_one_line_and_keeps_the_finished_tasks(mirror, tmp_path, monkeypatch,
+                                                                                     tokenizer, capsys):
+    tasks, folder, run = mirror
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""
+import resource, sys
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+import infer, train
+infer.load_model = lambda run, cfg: (None, train.tiny_tokenizer())
+infer.generate = lambda model, tok, prompts, cfg, fmt=None, **kw: ["junk"] * len(prompts)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+infer.main(["--dataset", {folder!r}, "--model", {str(run)!r}, "--batch-size", "2"])
+""")
+    p = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "submission.cache.jsonl: cannot write it (File too large); a file-size limit of 1,000 bytes" in p.stderr
+    kept = len(infer.read_cache(run / "submission.cache.jsonl"))
+    assert 0 < kept < 4
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    capsys.readouterr()
+    infer.main(["--dataset", folder, "--model", str(run)])
+    assert f"{kept} already done" in capsys.readouterr().out
+
+
+def test_unwritable_hf_home_for_the_smollm2_conversion_is_one_line(family, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("HF_HOME", str(blocker / "hf"))
+    monkeypatch.setattr(train, "smollm2_gguf", lambda: Path("SmolLM2.gguf"))  # the package's file is not needed
+    message = error_of(train.main, ["--dataset", str(family), "--model", "smollm2", "--out", str(tmp_path / "r")])
+    assert "\n" not in message and "a-file" in message and "HF_HOME" in message, message
+
+
+# 8. a killed and resumed infer.py samples what one uninterrupted run samples
+
+def test_killed_and_resumed_infer_equals_an_uninterrupted_run_byte_for_byte(tmp_path):
+    from test_infer import tiny_run
+    rng = random.Random(8)
+    tasks = {f"s{i}": mirror_task(rng, 2 + i % 3, 3) for i in range(8)}
+    folder, run = write_tasks(tmp_path / "tasks", tasks), tiny_run(tmp_path / "run")
+    common = ["--dataset", folder, "--model", run, "--max-new-tokens", "30"]
+    one, resumed = tmp_path / "one" / "submission.json", tmp_path / "resumed" / "submission.json"
+    infer.main(common + ["--out", str(one), "--batch-size", "2"])
+    proc = script("infer.py", *common, "--out", resumed, "--batch-size", "1")
+    cache = resumed.with_suffix(".cache.jsonl")
+    while proc.poll() is None and not (cache.exists() and cache.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.kill()
+    said = proc.communicate()[0]
+    done = cache.read_text().count("\n")
+    assert 0 < done < 8, said  # killed part way
+    infer.main(common + ["--out", str(resumed), "--batch-size", "3"])  # other batches too
+    assert resumed.read_bytes() == one.read_bytes()
+    key = lambda path: sorted((r["task_id"], r["guesses"], r["status"], r["tokens"])  # noqa: E731
+                              for r in map(json.loads, path.read_text().splitlines()))
+    assert key(cache) == key(one.with_suffix(".cache.jsonl"))
+
+
+# 9. values that pass a `> 0` but are nonsense; a loss gone NaN stops training, keeping the last good checkpoint
+
+def test_weights_gone_nan_stop_training_with_one_line_and_keep_the_last_good_checkpoint(family, tmp_path):
+    out = tmp_path / "run"
+    message = error_of(train.main, ["--dataset", str(family), "--out", str(out), "--max-steps", "6", "--save-steps",
+                                    "1", "--batch-size", "4", "--lr", "1e30", "--warmup", "0"])
+    assert "NaN or inf at step" in message and "last good checkpoint" in message and "\n" not in message, message
+    good = Path(message.split("last good checkpoint is ")[1].split(":")[0])
+    assert train.checkpoint_problem(good) == "" and good == train.checkpoints(out)[0]
+    state = json.loads((good / "trainer_state.json").read_text())
+    assert all(math.isfinite(log["loss"]) for log in state["log_history"] if "loss" in log)
+    assert train.run_status(out) == "unfinished" and not (out / "final").exists()
+
+
+# 10. deeply nested JSON: one skipped file in a folder, one line for a file
+
+def test_deeply_nested_json_is_one_skipped_task(mirror, tmp_path, monkeypatch, tokenizer, capsys):
+    tasks, folder, run = mirror
+    (Path(folder) / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    infer.main(["--dataset", folder, "--model", str(run)])
+    assert "deep.json: not valid JSON (nested too deeply)" in capsys.readouterr().err
+    sub = read(run / "submission.json")
+    assert sub["deep"] == [{"attempt_1": [[0]], "attempt_2": [[0]]}] and read(run / "results.json")["score"] == 4
+    message = error_of(data.main, ["--dataset", str(Path(folder) / "deep.json"), "--stats"])
+    assert "nested too deeply" in message and "\n" not in message
+
+
+# 11. the minor ones
+
+def test_duplicate_task_id_in_a_challenges_file_is_said(tmp_path, capsys):
+    task = json.dumps({"train": [{"input": G, "output": G}], "test": [{"input": G, "output": G}]})
+    (tmp_path / "dup_challenges.json").write_text('{"a": %s, "b": %s, "a": %s}' % (task, task, task))
+    data.main(["--stats", "--dataset", str(tmp_path / "dup_challenges.json")])
+    assert "key 'a' given twice in one object: only the last one is read" in capsys.readouterr().err
+
+
+def test_utf8_json_is_read_under_an_ascii_locale(tmp_path):
+    task = {"name": "carré — ünïcode", "train": [{"input": G, "output": G}], "test": [{"input": G, "output": G}]}
+    (tmp_path / "t.json").write_text(json.dumps(task, ensure_ascii=False), encoding="utf-8")
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    p = subprocess.run([sys.executable, "data.py", "--stats", "--dataset", str(tmp_path / "t.json")], cwd=ROOT,
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and "1 tasks (0 skipped)" in p.stdout, p.stderr
+
+
+def test_merge_ignored_is_said_no_blank_loss_plot_and_weights_are_0644(family, tmp_path, capsys):
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        train.main(["--dataset", str(family), "--out", str(out), "--max-steps", "1", "--batch-size", "4", "--merge"])
+    finally:
+        os.umask(old)
+    said = capsys.readouterr().out
+    assert "note: --merge ignored: a full fine-tune is a whole model already" in said
+    assert "note: no loss.png: no loss was logged before training stopped at step 1" in said  # 15.6
+    assert not (out / "loss.png").exists() and not (out / "merged").exists()
+    assert (out / "final" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_lora_run_without_its_base_folder_is_one_line(lora_run, mirror, tmp_path):
+    _, folder, _ = mirror
+    run = tmp_path / "lora"
+    shutil.copytree(lora_run, run)
+    shutil.rmtree(run / "base")
+    message = error_of(infer.main, ["--dataset", folder, "--model", str(run)])
+    assert f"{run / 'base'}: missing" in message and "network" not in message and "\n" not in message
+
+
+def test_plot_of_a_task_id_with_a_slash(tmp_path, monkeypatch, tokenizer):
+    tasks = {"a/b": mirror_task(random.Random(11), 2, 3)}
+    path = write_kaggle(tmp_path / "kaggle", tasks, {"a/b": [tasks["a/b"]["test"][0]["output"]]})
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    run = write_run(tmp_path / "run")
+    infer.main(["--dataset", path, "--model", run, "--plot"])
+    assert [p.name for p in (Path(run) / "plots").glob("a_b-*.png")] and (Path(run) / "plots" / "summary.png").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--epochs", "inf"), ("--seed", "-1"), ("--lora-alpha", "inf")])
+def test_train_nonsense_value_stops_before_the_model(family, tmp_path, monkeypatch, flag, value):
+    no_model(monkeypatch)
+    message = error_of(train.main, ["--dataset", str(family), "--out", str(tmp_path / "r"), flag, value])
+    assert message.startswith(f"error: {flag} {value}: must be") and "\n" not in message, message
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", "10000000000000000000000000"), ("--temperature", "inf"),
+                                         ("--seed", "-1")])
+def test_infer_nonsense_value_stops_before_the_model(mirror, monkeypatch, flag, value):
+    _, folder, run = mirror
+    no_model(monkeypatch)
+    message = error_of(infer.main, ["--dataset", folder, "--model", str(run), flag, value])
+    assert message.startswith(f"error: {flag} {value}: must be") and "model" not in message, message

@@ -63,7 +63,7 @@ def fake_model(monkeypatch, tokenizer, answer):
     """Replace the model by `answer(prompt_ids) -> text`; returns the list of batches generate() was given."""
     calls = []
 
-    def generate(model, tok, prompts, cfg, fmt=None, min_new_tokens=0):
+    def generate(model, tok, prompts, cfg, fmt=None, min_new_tokens=0, **kw):
         calls.append([list(p) for p in prompts])
         return [answer(p) for p in prompts]
     monkeypatch.setattr(infer, "load_model", lambda run, cfg: (None, tokenizer))
@@ -187,7 +187,7 @@ def test_killed_run_resumes_without_redoing_finished_tasks(tmp_path, monkeypatch
     folder, run = write_tasks(tmp_path / "tasks", tasks), write_run(tmp_path / "run")
     answer = lambda ids: data.format_completion([[len(ids) % 10]], FMT)  # noqa: E731
 
-    def dies_on_third_call(model, tok, prompts, cfg, min_new_tokens=0):
+    def dies_on_third_call(model, tok, prompts, cfg, fmt=None, min_new_tokens=0, **kw):
         calls.append(prompts)
         if len(calls) == 3:
             raise RuntimeError("killed")
@@ -275,7 +275,7 @@ def test_gpu_out_of_memory_halves_the_batch_instead_of_failing(mirror, tmp_path,
     tasks, folder, run = mirror
     sizes = []
 
-    def generate(model, tok, prompts, cfg, fmt=None, min_new_tokens=0):
+    def generate(model, tok, prompts, cfg, fmt=None, min_new_tokens=0, **kw):
         sizes.append(len(prompts))
         if len(prompts) > 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
