@@ -339,17 +339,18 @@ def bench_estimate(cfg):
 def bench_modes(cfg):
     """Every guess mode of infer.MODES side by side (dfs once per --modes-dfs VIEWS:MIN_PROB), with and without
     test-time training, on the same held-out tasks: the tiny model trained briefly on the colour-mapping family of
-    tests/families.py, then per-task TTT on the held-out tasks' demonstrations. Everything goes through train.main
+    --dataset family, then per-task TTT on the held-out tasks' demonstrations. Everything goes through train.main
     and infer.main, as a user runs them."""
     import tempfile
-    from tests.families import write_family
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         family, base, ttt = Path(tmp) / "family", Path(tmp) / "base", Path(tmp) / "ttt"
-        write_family(family, n_train=300, n_eval=cfg.modes_tasks, seed=1)
+        held_out = sorted(data.colour_family(*data.FAMILY_SIZES)["eval"].items())[:cfg.modes_tasks]
+        for tid, task in held_out:  # the first --modes-tasks of --dataset family's eval tasks
+            data.write_json(family / f"{tid}.json", task)
         timed = {}
         t0 = time.time()
-        train.main(["--dataset", str(family), "--max-steps", str(cfg.modes_steps), "--out", str(base),
+        train.main(["--dataset", data.FAMILY, "--max-steps", str(cfg.modes_steps), "--out", str(base),
                     "--logging-steps", "50", "--seed", str(cfg.seed)])
         timed[base] = time.time() - t0
         runs = [(base, f"{cfg.modes_steps} steps")]
@@ -378,7 +379,7 @@ def bench_modes(cfg):
                                  candidates=round(statistics.mean(candidates), 1) if candidates else None,
                                  **{k: r[k] for k in ("score", "tasks", "solved_any", "solved_first", "solved_second",
                                                       "correct_pixels")}))
-    print(f"\nmodes: tiny model on {cfg.modes_tasks} held-out tasks of the colour-mapping family (tests/families.py), "
+    print(f"\nmodes: tiny model on {cfg.modes_tasks} held-out tasks of the colour-mapping family (--dataset family), "
           f"vote/poe with {cfg.modes_views} views x {cfg.modes_samples} samples; training {timed[base]:.0f} s"
           + (f", TTT {timed[ttt]:.0f} s" if cfg.modes_ttt else ""))
     print("| model | guesses | score | solved by any guess | by guess 1 | by guess 2 | correct pixels | s / task | "

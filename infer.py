@@ -657,7 +657,7 @@ class Mode:
     describe: str        # what it submits, for the run's first lines; {views}, {samples}, {min_prob} filled in
     samples: object      # cfg -> samples generated per prompt before guess() (0: guess() searches by itself)
     views: object        # cfg -> the views prompted, as (k, colour permutation)
-    flags: tuple         # flags recorded in the cache's settings (None: only the write-up's sampling settings)
+    flags: tuple         # flags recorded in the cache's settings (beyond the sampling settings every mode has)
     guess_names: tuple   # guess 1 and guess 2 in the results table ("Solved by first Guess") and the pictures
 
 
@@ -720,7 +720,7 @@ def sampled_views(cfg):
 
 MODES.update(
     writeup=Mode(guess_writeup, "one sample of the task as given (guess 1) and one of the transposed task (guess 2)",
-                 samples=lambda cfg: 1, views=lambda cfg: [(k, None) for k in GUESSES], flags=None,
+                 samples=lambda cfg: 1, views=lambda cfg: [(k, None) for k in GUESSES], flags=(),
                  guess_names=("first", "transposed")),
     vote=Mode(guess_vote, "{views} x {samples} samples, the two grids most samples agree on after undoing their "
                           "view, ties by mean log-prob",
@@ -1230,7 +1230,7 @@ def describe_mode(cfg):
     """The mode's line: its name and its table description with this run's flags filled in."""
     views = f"{cfg.views} views ({min(cfg.views, 8)} symmetries" + \
         (f", {cfg.views - 8} with colour permutations)" if cfg.views > 8 else ")")
-    uses_budget = "max_task_seconds" in (MODES[cfg.guesses].flags or ())
+    uses_budget = "max_task_seconds" in MODES[cfg.guesses].flags
     budget = f"; at most {cfg.max_task_seconds:g} s per task" if uses_budget and cfg.max_task_seconds else ""
     return f"{cfg.guesses}: " + MODES[cfg.guesses].describe.format(views=views, samples=cfg.samples,
                                                                     min_prob=cfg.min_prob) + budget
@@ -1240,7 +1240,7 @@ def unused_flags(cfg):
     """The mode-specific flags given a value other than their default that this mode does not use."""
     defaults = Config()
     return [f"--{f.replace('_', '-')} {getattr(cfg, f)}" for f in MODE_FLAGS
-            if getattr(cfg, f) != getattr(defaults, f) and f not in (MODES[cfg.guesses].flags or ())]
+            if getattr(cfg, f) != getattr(defaults, f) and f not in MODES[cfg.guesses].flags]
 
 
 def warn_seen(run, tasks):
@@ -1303,8 +1303,7 @@ def predict_all(cfg, tasks, unreadable, t0):
                     max_seq_len=run.max_seq_len, temperature=cfg.temperature, top_k=cfg.top_k,
                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     mode = MODES[cfg.guesses]
-    if mode.flags is not None:  # writeup caches stay as they were written before the modes existed
-        settings.update(guesses=cfg.guesses, **{f: getattr(cfg, f) for f in mode.flags})
+    settings.update(guesses=cfg.guesses, **{f: getattr(cfg, f) for f in mode.flags})
     for flag in unused_flags(cfg):
         print(f"note: {flag}: not used by --guesses {cfg.guesses}")
     print(f"model: {model_name(run)} (format {run.format or 'from the tokenizer'}, max_seq_len {run.max_seq_len})"

@@ -134,8 +134,6 @@ def resolve(cfg, given, gpu):
         cfg = dataclasses.replace(cfg, **inherited)
         if inherited:
             print(f"inherited: {', '.join(f'{k} {v}' for k, v in inherited.items())} (from {cfg.out}/{RUN_CONFIG})")
-    # runs written before several datasets were accepted saved one name
-    cfg.dataset, cfg.split = ([v] if isinstance(v, str) else v for v in (cfg.dataset, cfg.split))
     if cfg.ttt:
         cfg = resolve_ttt(cfg)
     if cfg.model is AUTO:
@@ -897,7 +895,7 @@ def is_run_folder(folder):
         info = read_json(run_config_path(folder))
     except DataError:
         return False
-    return isinstance(info, dict) and {"format", "lora", "base_model"} <= set(info)
+    return isinstance(info, dict) and {"format", "lora", "base_model", "backend"} <= set(info)
 
 
 def read_run(folder):
@@ -922,7 +920,7 @@ def read_run(folder):
     return Run(folder=folder, final=final, base=base if info["lora"] else str(final),
                adapter=final if info["lora"] and ttt_mode != "per-task" else None, format=info["format"],
                max_seq_len=info["max_seq_len"], load_in_4bit=info["load_in_4bit"],
-               backend=info.get("backend", info.get("path", "unsloth")),  # "path": runs written before the rename
+               backend=info["backend"],
                fingerprints=info.get("fingerprints") or [], trained_on=info.get("trained_on") or [],
                ttt_mode=ttt_mode)
 
