@@ -448,10 +448,8 @@ def pick_dtype():
 
 def load_pretrained(source):
     """A transformers model from a folder or Hugging Face name, in pick_dtype()'s dtype, on the GPU(s) if any."""
-    import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype()[0], device_map=device_map())
-    return model if torch.cuda.is_available() else model.to("cpu")
+    return AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype()[0], device_map=device_map())
 
 
 def load_model(cfg, backend):
@@ -882,9 +880,10 @@ def rope_scaling(cfg, backend):
 def run_info(cfg, fmt, backend, why, base, trained_on, fingerprints, ttt=None):
     """config.json as written at the start of training; the summary is added at the end. trained_on and
     fingerprints say which tasks' answers the weights have seen (infer.py's contamination guard reads them);
-    ttt: what a test-time-training run trained on, demonstrations only."""
+    ttt: what a test-time-training run trained on, demonstrations only. Unsloth turns 4 bits off for a full
+    fine-tune, so such a run is recorded as 16-bit (infer.py reloads it as recorded)."""
     return dict(config=dataclasses.asdict(cfg), format=fmt, max_seq_len=cfg.max_seq_len, lora=not cfg.full_finetune,
-                base_model=base, load_in_4bit=cfg.load_in_4bit and backend == "unsloth" and not cfg.full_finetune,  # Unsloth: 4 bits off
+                base_model=base, load_in_4bit=cfg.load_in_4bit and backend == "unsloth" and not cfg.full_finetune,
                 backend=backend, why=why, rope_scaling=rope_scaling(cfg, backend),
                 trained_on=trained_on, fingerprints=fingerprints, ttt=ttt, versions=versions(), summary=None)
 

@@ -61,8 +61,8 @@ def trained(setup):
     root, model, family = setup
     out = root / "runs" / "lora"
     first = run("train", "--backend", "unsloth", "--model", model, "--dataset", family, "--split", "train",
-                "--max-steps", "6", "--save-steps", "4", "--logging-steps", "1", "--batch-size", "4", "--grad-accum", "1",
-                "--lr", "1e-2",
+                "--max-steps", "6", "--save-steps", "4", "--logging-steps", "1", "--batch-size", "4",
+                "--grad-accum", "1", "--lr", "1e-2",
                 "--no-load-in-4bit", "--merge", "--out", out, root=root)
     info = json.loads((out / "config.json").read_text())
     resumed = run("train", "--resume", "--out", out, "--max-steps", "8", root=root)
