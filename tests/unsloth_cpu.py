@@ -129,7 +129,7 @@ def model_and_rows(model_folder, dataset, backend):
     sequences of `dataset` as train.py tokenizes them."""
     import data
     import train
-    cfg = train.Config(model=model_folder, dataset=[dataset], variants=1, max_seq_len=512, load_in_4bit=False,
+    cfg = train.Config(model=model_folder, dataset=[dataset], views=1, max_seq_len=512, load_in_4bit=False,
                        full_finetune=False, epochs=1)
     model, tokenizer = train.load_model(cfg, backend)
     train.untie_embeddings(model)
