@@ -57,8 +57,8 @@ class Config:
                                     f"PyPI) or 'tiny' (auto: {GPU_MODEL} with a GPU, tiny without)")
     load_in_4bit: bool = opt(True, "model", "load the base model in 4 bits (Unsloth path only)")
     full_finetune: bool = opt(AUTO, "model", "train every weight instead of a LoRA (auto: on for tiny only)")
-    vocab: str = opt("arc", "model", "arc: the tokenizer and embed_tokens/lm_head cut to the tokens the text format "
-                                     "uses (a few dozen); full: the whole vocabulary (the write-up)",
+    vocab: str = opt("full", "model", "full: the whole vocabulary (the write-up); arc: the tokenizer and "
+                                      "embed_tokens/lm_head cut to the tokens the text format uses (a few dozen)",
                      choices=list(VOCABS))
     # lora
     lora_r: int = opt(16, "lora", "LoRA rank")

@@ -172,7 +172,7 @@ def test_smollm2_run_trains_resumes_predicts_ttt_and_merges_with_the_cut_vocabul
                                                                                     monkeypatch):
     monkeypatch.setenv("HF_HOME", str(smollm2.parent.parent))  # the module's converted folder
     out = tmp_path / "run"
-    common = ["--model", "smollm2", "--dataset", str(family), "--max-seq-len", "256", "--batch-size", "4",
+    common = ["--model", "smollm2", "--vocab", "arc", "--dataset", str(family), "--max-seq-len", "256", "--batch-size", "4",
               "--grad-accum", "1", "--lr", "2e-3", "--save-steps", "2", "--logging-steps", "1", "--out", str(out)]
     train.main(common + ["--max-steps", "2"])
     train.main(common + ["--max-steps", "3", "--resume", "--merge"])
