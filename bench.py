@@ -4,6 +4,8 @@ measured side by side in the same run; all of them go to one JSON record with th
     python bench.py                                    # data, train, generate, estimate on the tiny model -> bench.json
     python bench.py --arch llama3-8b --train-batch-size 2 --max-seq-len 8192 --out gpu.json   # a GPU: the 8B's shape
     python bench.py --sections modes                   # writeup / vote / poe / dfs, with and without TTT, side by side
+    python bench.py --sections modes                   # writeup / vote / poe, with and without TTT, side by side
+    python bench.py --sections vocab --train-batch-size 2 --train-batches 2 --max-seq-len 512   # --vocab full vs arc
 """
 import dataclasses
 import json
@@ -37,7 +39,8 @@ WRITE_UP = dict(gpu="H100", train_s=8243, predict_s=7688, epochs=3)  # ../shared
 class Config:
     sections: list = opt(["data", "train", "generate", "estimate"], "benchmark",
                          "sections to run, in the order given: data, train, generate, estimate (estimate uses the "
-                         "figures of the other three, so it comes last), modes (a few minutes more)")
+                         "figures of the other three, so it comes last), modes (a few minutes more), vocab (--vocab full "
+                         "against arc, about 15 minutes)")
     out: str = opt("bench.json", "benchmark", "JSON record: machine, package versions and every figure")
     dataset: str = opt("arc1", "data", "tasks measured (see infer.py --dataset)")
     split: str = opt("eval", "data", "split whose prompts generate measures")
@@ -62,6 +65,10 @@ class Config:
     modes_samples: int = opt(1, "modes", "--samples of vote and poe")
     modes_dfs: list = opt(["8:0.1", "2:0.1", "8:0.02"], "modes", "dfs runs, each a row, as VIEWS:MIN_PROB")
     modes_ttt: bool = opt(True, "modes", "the same rows again after per-task test-time training")
+    vocab_models: list = opt(["smollm2", "llama3-8b-2l"], "vocab", "models timed: smollm2 and/or llama3-8b-2l (Llama-3-8B's "
+                                                                   "vocabulary and width, 2 layers, random weights)")
+    vocab_steps: int = opt(30, "vocab", "SmolLM2 LoRA steps on the synthetic family, with each --vocab (0: none)")
+    vocab_tasks: int = opt(20, "vocab", "held-out tasks of the family that each of those two runs predicts")
 
 
 def device_name():
@@ -392,8 +399,127 @@ def bench_modes(cfg):
     return dict(rows=rows, train_s=round(timed[base], 1), ttt_s=round(timed[ttt], 1) if cfg.modes_ttt else None)
 
 
+# ----------------------------------------------------------------------------
+# vocab: train.py --vocab full against --vocab arc
+
+def vocab_models(name, seed):
+    """{vocab: (model, tokenizer)} for "smollm2" (float32, as train.py loads it on a CPU) or "llama3-8b-2l": Llama-3-8B's
+    vocabulary and width with 2 layers and random weights (bf16, as on a GPU), set up as train.py trains them:
+    --vocab arc cut, embeddings untied, rsLoRA + embed_tokens/lm_head as full matrices."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    out = {}
+    for vocab in train.VOCABS:
+        if name == "smollm2":
+            model, tokenizer = train.load_model(replace(train.Config(), model="smollm2", max_seq_len=8192),
+                                                "transformers")
+        else:
+            spec = {k: v for k, v in ARCHS["llama3-8b"].items() if k != "tokenizer"}
+            tokenizer = train.llama3_hf_tokenizer()
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM._from_config(
+                LlamaConfig(**dict(spec, num_hidden_layers=2), max_position_embeddings=8192,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+                dtype=torch.bfloat16)
+        if vocab == "arc":
+            fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+            tokenizer, _ = train.arc_vocabulary(model, tokenizer, fmt)
+        train.untie_embeddings(model)
+        model.config.use_cache = False
+        model = train.add_lora(model, train.Config(seed=seed), "transformers")
+        out[vocab] = model.train().cuda() if torch.cuda.is_available() else model.train(), tokenizer
+    return out
+
+
+def training_state_gb(model):
+    """GB held by the weights, their gradients and AdamW's two fp32 moments of every trainable weight."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return (weights + sum(p.numel() * p.element_size() for p in trainable) + 8 * sum(p.numel() for p in trainable)) / 2**30
+
+
+def bench_vocab_model(cfg, name):
+    """Trainable parameters, adapter size, memory and forward + backward tokens/s of --vocab full and arc on the
+    same training sequences, timed batch by batch in turn."""
+    import tempfile
+    import torch
+    gpu = torch.cuda.is_available()
+    models = vocab_models(name, cfg.seed)
+    batches = {v: train_batches(cfg, tok) for v, (_, tok) in models.items()}
+    assert [[len(r["input_ids"]) for r in b] for b in batches["full"]] == \
+        [[len(r["input_ids"]) for r in b] for b in batches["arc"]]  # the same text, the same token count
+    tokens = sum(len(r["input_ids"]) for b in batches["full"] for r in b)
+    out = dict(model=name, device=device_name(), batches=len(batches["full"]), batch_size=cfg.train_batch_size,
+               tokens=tokens)
+    for vocab, (model, tok) in models.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            size = sum(f.stat().st_size for f in Path(tmp).iterdir() if f.suffix == ".safetensors")
+        out[vocab] = dict(vocab_size=model.get_input_embeddings().weight.shape[0],
+                          trainable_params=train.count_params(model)[0], adapter_mb=round(size / 2**20, 2),
+                          training_state_gb=round(training_state_gb(model), 3), seconds=0.0, peak_gb=0.0)
+        forward_backward(model, train.collate(data.pad_id(tok))(batches[vocab][0]))  # warm-up
+    for i in range(len(batches["full"])):
+        for vocab in (train.VOCABS if i % 2 == 0 else train.VOCABS[::-1]):
+            model, tok = models[vocab]
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            out[vocab]["seconds"] += forward_backward(model, train.collate(data.pad_id(tok))(batches[vocab][i]))[1]
+            if gpu:
+                out[vocab]["peak_gb"] = round(max(out[vocab]["peak_gb"], data.peak_memory_gb()[1]), 2)
+    print(f"vocab: {name} on {device_name()}; {out['batches']} batches of {cfg.train_batch_size} arc1 train "
+          f"sequences, {tokens:,} tokens, forward + backward")
+    for vocab in train.VOCABS:
+        r = out[vocab]
+        r["tok_s"] = round(tokens / r["seconds"], 1)
+        memory = f", peak GPU {r['peak_gb']:.2f} GB" if gpu else ""
+        print(f"  {vocab:<4} {r['vocab_size']:>7,} tokens  {r['trainable_params'] / 1e6:>8.2f}M trainable  adapter "
+              f"{r['adapter_mb']:>8.2f} MB  weights+grads+AdamW {r['training_state_gb']:>6.2f} GB  {r['tok_s']:>8.1f} "
+              f"tok/s{memory}")
+    out["arc_over_full_tok_s"] = round(out["arc"]["tok_s"] / out["full"]["tok_s"], 2)
+    out["full_over_arc_adapter"] = round(out["full"]["adapter_mb"] / out["arc"]["adapter_mb"], 1)
+    if not gpu:
+        out["peak_rss_gb"] = round(data.peak_memory_gb()[1], 2)
+    print(f"  arc / full tokens/s {out['arc_over_full_tok_s']:.2f}x, adapter full / arc {out['full_over_arc_adapter']}x"
+          f"{busy_note()}")
+    del models
+    return out
+
+
+def bench_vocab(cfg):
+    """--vocab full against arc: the training figures for SmolLM2 and the 8B-shaped 2-layer model, then SmolLM2
+    trained cfg.vocab_steps steps with each vocabulary on the colour-mapping family (tests/families.py, same seed)
+    and scored on cfg.vocab_tasks held-out tasks, through train.main and infer.main."""
+    import tempfile
+    from tests.families import write_family
+    out = {name: bench_vocab_model(cfg, name) for name in cfg.vocab_models}
+    if not cfg.vocab_steps:
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        family = write_family(Path(tmp) / "family", n_train=200, n_eval=cfg.vocab_tasks, seed=1)
+        for vocab in train.VOCABS:
+            run = Path(tmp) / vocab
+            t0 = time.time()
+            train.main(["--model", "smollm2", "--vocab", vocab, "--dataset", str(family), "--max-steps",
+                        str(cfg.vocab_steps), "--batch-size", "4", "--grad-accum", "1", "--max-seq-len", "512",
+                        "--logging-steps", "10", "--seed", str(cfg.seed), "--out", str(run)])
+            seconds = time.time() - t0
+            infer.main(["--model", str(run), "--dataset", str(family), "--split", "eval", "--seed", str(cfg.seed)])
+            summary = json.loads((run / "config.json").read_text())["summary"]
+            r = json.loads((run / "results.json").read_text())
+            out[f"family_{vocab}"] = dict(steps=summary["steps"], train_s=round(seconds), tok_s=summary["tokens_per_second"],
+                                          train_loss=summary["train_loss"], solved=r["solved_any"], tasks=r["tasks"])
+    print(f"\nvocab: SmolLM2, {cfg.vocab_steps} steps of 4 sequences on the colour-mapping family, "
+          f"{cfg.vocab_tasks} held-out tasks")
+    for vocab in train.VOCABS:
+        f = out[f"family_{vocab}"]
+        print(f"  {vocab:<4} train {f['train_s']} s ({f['tok_s']} tok/s), loss {f['train_loss']:.4f}, solved "
+              f"{f['solved']} / {f['tasks']}")
+    return out
+
+
 SECTIONS = {"data": bench_data, "train": bench_train, "generate": bench_generate, "estimate": bench_estimate,
-            "modes": bench_modes}
+            "modes": bench_modes, "vocab": bench_vocab}
 
 
 def main(argv=None):

@@ -409,6 +409,18 @@ def format_completion(grid, fmt):
     return f"{format_grid(grid, fmt)}\n{END}"
 
 
+def format_texts(fmt):
+    """Texts holding everything `fmt` can write: every colour, every pair of neighbouring cells, rows of 1 and 30
+    cells, and each marker where the format puts it (first in a prompt, after a row, last in a prompt, last in an
+    answer). Their tokens are the tokens the format uses: train.py --vocab arc keeps only those."""
+    pairs = [[a, b] for a in range(10) for b in range(10)]
+    wide = [[(i + k) % 10 for i in range(MAX_SIDE)] for k in range(10)]
+    task = {"train": [{"input": pairs[i:i + 10], "output": [[c] for c in range(10)]} for i in range(0, 100, 10)],
+            "test": [{"input": wide}]}
+    return [format_prompt(task, 0, fmt), format_completion(wide, fmt), format_completion(pairs, fmt),
+            *(format_completion([[c]], fmt) for c in range(10))]
+
+
 def choose_format(encode):
     """The format giving one token per cell on a tokenizer, from its encode(text) -> token ids."""
     if len(encode("0123456789")) == 10 and len(encode("0011")) == 4:

@@ -248,10 +248,14 @@ def load_weights(run, cfg):
         from unsloth import FastLanguageModel
         print(f"device: cuda ({torch.cuda.get_device_name(0)}), so {why}, "
               f"{'4-bit' if run.load_in_4bit else '16-bit'} weights")
-        # Unsloth reads a run's adapter folder itself (its adapter_config.json names the base model)
-        model, _ = FastLanguageModel.from_pretrained(model_name=str(run.final or run.base),
+        # Unsloth reads a run's adapter folder itself (its adapter_config.json names the base model), unless the
+        # base must first be cut to the run's --vocab arc rows
+        model, _ = FastLanguageModel.from_pretrained(model_name=str(run.base if run.keep_ids else run.final or run.base),
                                                      max_seq_length=run.max_seq_len, load_in_4bit=run.load_in_4bit)
-        if run.adapter and not run.final:
+        if run.keep_ids:
+            train.shrink_embeddings(model, run.keep_ids)
+            train.untie_embeddings(model)
+        if run.adapter and (run.keep_ids or not run.final):
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, str(run.adapter))
         FastLanguageModel.for_inference(model)
@@ -260,6 +264,8 @@ def load_weights(run, cfg):
         print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'} ({why}), so transformers in "
               f"{str(dtype).split('.')[1]} ({dtype_why})" + (" + the peft adapter" if run.adapter else ""))
         model = train.load_pretrained(run.base)
+        if run.keep_ids:  # --vocab arc: the base cut to the run's tokens, as it was trained
+            train.shrink_embeddings(model, run.keep_ids)
         if run.adapter:
             from peft import PeftModel
             train.untie_embeddings(model)  # as in training: the adapter brings an lm_head of its own

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data import (AUTO, END, IN, OUT, OneLineError, build_dataset, check_model_name, check_ranges, check_writable,
-                  choose_format, count_tokens, encode_example, file_mode, first_line, given_flags, line_buffered,
-                  llama3_tokenizer, opt, pad_id, parse_config, peak_memory_gb, quiet_libraries, read_json, read_sets,
-                  safe_name, task_fingerprint, ttt_dataset, views, write_failure, write_json)
+                  choose_format, count_tokens, encode_example, file_mode, first_line, format_texts, given_flags,
+                  line_buffered, llama3_tokenizer, opt, pad_id, parse_config, peak_memory_gb, quiet_libraries,
+                  read_json, read_sets, safe_name, task_fingerprint, ttt_dataset, views, write_failure, write_json)
 
 TINY_WORDS = [IN, OUT, END]  # the tiny vocabulary is built around data.py's format
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -45,6 +45,8 @@ SHAPE_FLAGS = ("model", "full_finetune", "lora_r", "ttt", "ttt_mode")
 LOCK = "train.lock"  # in a run folder, held by the train.py writing it
 HELD = []  # the lock files this process holds; main releases them
 STOP = {}  # the signal that asked training to stop: set by the handlers that only train.py's own main installs
+VOCABS = ("arc", "full")
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # in model configs
 
 
 @dataclass
@@ -69,6 +71,9 @@ class Config:
                                       "or auto: Unsloth on a GPU when it imports, transformers otherwise",
                        choices=["auto", *BACKENDS])
     full_finetune: bool = opt(AUTO, "model", "train every weight instead of a LoRA (auto: on for tiny only)")
+    vocab: str = opt("full", "model", "full: the whole vocabulary (the write-up); arc: the tokenizer and "
+                                      "embed_tokens/lm_head cut to the tokens the text format uses (a few dozen)",
+                     choices=list(VOCABS))
     # lora
     lora_r: int = opt(16, "lora", "LoRA rank")
     lora_alpha: int = opt(16, "lora", "LoRA alpha (rank-stabilized: scaling alpha/sqrt(r))")
@@ -224,6 +229,7 @@ def resolve_ttt(cfg):
     if cfg.full_finetune:
         raise OneLineError("--ttt trains a LoRA; drop --full-finetune")
     cfg.full_finetune = False
+    cfg.vocab = "arc" if base.keep_ids else "full"  # the run's own tokenizer and embedding rows, as they are
     return cfg
 
 
@@ -426,6 +432,134 @@ def untie_embeddings(model):
     return True
 
 
+def arc_token_ids(tokenizer, fmt, *configs):
+    """Sorted ids of every token the format's text can produce (data.format_texts), with the tokens the tokenizer
+    adds around a text, its special tokens (BOS, EOS, PAD, UNK, ...) and every token id the configs name."""
+    ids = set(tokenizer.all_special_ids)
+    for text in format_texts(fmt):
+        ids.update(tokenizer.encode(text, add_special_tokens=True))
+    for config in configs:
+        for name in TOKEN_ID_FIELDS:
+            value = getattr(config, name, None)
+            ids.update(v for v in (value if isinstance(value, list) else [value]) if v is not None)
+    return sorted(ids)
+
+
+def remap_token_ids(node, new):
+    """Token ids inside a tokenizer.json part (a post-processor's special tokens) rewritten through `new`, in place;
+    with new=None, the set of ids found."""
+    found = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "ids" and isinstance(value, list):
+                found.update(value)
+                node[key] = [new[i] for i in value] if new else value
+            elif key in ("sep", "cls") and isinstance(value, list) and len(value) == 2:  # Bert/Roberta processors
+                found.add(value[1])
+                node[key] = [value[0], new[value[1]]] if new else value
+            else:
+                found |= remap_token_ids(value, new)
+    elif isinstance(node, list):
+        for value in node:
+            found |= remap_token_ids(value, new)
+    return found
+
+
+def reduced_tokenizer(tokenizer, keep):
+    """(tokenizer, kept ids): `tokenizer` rewritten to the tokens `keep` (old ids), numbered 0.. in their old order.
+    A BPE model also keeps the tokens its merges build the kept ones from (a few: '00' for Llama-3's '000') and
+    only the merges among kept tokens: BPE then splits every text of kept tokens exactly as before. Special tokens
+    keep their names, so bos/eos/pad/unk are the same tokens under new ids."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model["type"] not in ("BPE", "WordLevel"):
+        raise OneLineError(f"--vocab arc: the tokenizer's model is {model['type']}, not BPE or WordLevel; use --vocab full")
+    vocab = model["vocab"]
+    keep = set(keep) | remap_token_ids(spec["post_processor"], None)
+    if model.get("unk_token") in vocab:
+        keep.add(vocab[model["unk_token"]])
+    if model["type"] == "BPE":
+        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+        parts = {}
+        for a, b in merges:
+            parts.setdefault(a + b, []).append((a, b))
+        todo = [t for t, i in vocab.items() if i in keep]
+        while todo:
+            for part in (p for pair in parts.get(todo.pop(), ()) for p in pair):
+                if vocab[part] not in keep:
+                    keep.add(vocab[part])
+                    todo.append(part)
+    keep = sorted(keep)
+    new = {old: i for i, old in enumerate(keep)}
+    model["vocab"] = {t: new[i] for t, i in vocab.items() if i in new}
+    if model["type"] == "BPE":
+        model["merges"] = [[a, b] for a, b in merges if {a, b, a + b} <= model["vocab"].keys()]
+    spec["added_tokens"] = [dict(a, id=new[a["id"]]) for a in spec["added_tokens"] if a["id"] in new]
+    remap_token_ids(spec["post_processor"], new)
+    specials = {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+                if getattr(tokenizer, name) is not None}
+    reduced = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), **specials)
+    reduced.padding_side = tokenizer.padding_side
+    return reduced, keep
+
+
+def check_reduced_tokenizer(full, reduced, keep, fmt):
+    """OneLineError unless `reduced` encodes and decodes every text of the format as `full` does, ids mapped."""
+    new = {old: i for i, old in enumerate(keep)}
+    for text in format_texts(fmt):
+        ids = full.encode(text, add_special_tokens=False)
+        if [new.get(i) for i in ids] != reduced.encode(text, add_special_tokens=False) or \
+                reduced.decode([new[i] for i in ids]) != full.decode(ids):
+            raise OneLineError("--vocab arc: the reduced tokenizer does not split the format's text as the model's own "
+                               "does; use --vocab full")
+
+
+def shrink_embeddings(model, keep):
+    """Cut embed_tokens and lm_head to the rows of `keep` (old ids, in their new order), tied or untied, and remap
+    every token id of the config and generation config. Plain torch on the loaded model, before any LoRA: the same
+    on a transformers- or an Unsloth-loaded model."""
+    import torch
+    new = {old: i for i, old in enumerate(keep)}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+
+    def rows(weight):
+        return torch.nn.Parameter(weight.detach()[torch.tensor(keep, device=weight.device)].clone(),
+                                  requires_grad=weight.requires_grad)
+    embed.weight, embed.num_embeddings = rows(embed.weight), len(keep)
+    if getattr(embed, "padding_idx", None) is not None:
+        embed.padding_idx = new.get(embed.padding_idx)
+    if head is not None:
+        head.weight = embed.weight if tied else rows(head.weight)
+        if getattr(head, "bias", None) is not None:
+            head.bias = rows(head.bias)
+        head.out_features = len(keep)
+    for m in (model, getattr(model, "model", None)):
+        if isinstance(getattr(m, "vocab_size", None), int):
+            m.vocab_size = len(keep)
+    model.config.vocab_size = model.config.get_text_config().vocab_size = len(keep)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config(),
+                                      getattr(model, "generation_config", None)) if c is not None}.values():
+        for name in TOKEN_ID_FIELDS:
+            value = getattr(config, name, None)
+            if isinstance(value, list):
+                setattr(config, name, [new[v] for v in value if v in new])
+            elif value is not None:
+                setattr(config, name, new.get(value))
+
+
+def arc_vocabulary(model, tokenizer, fmt, keep=None):
+    """(reduced tokenizer, kept ids) for --vocab arc, `model` shrunk to them in place. `keep`: a resumed run's own
+    ids (its checkpoints have exactly those rows); else they are derived from the format and the tokenizer."""
+    configs = [model.config.get_text_config(), getattr(model, "generation_config", None)]
+    reduced, keep = reduced_tokenizer(tokenizer, keep or arc_token_ids(tokenizer, fmt, *configs))
+    check_reduced_tokenizer(tokenizer, reduced, keep, fmt)
+    shrink_embeddings(model, keep)
+    return reduced, keep
+
+
 def device_map():
     """Where the transformers path puts the weights: spread over every GPU for one process; under torchrun each
     process holds a whole copy on its own GPU (DDP); None on a CPU."""
@@ -494,8 +628,11 @@ def load_run_model(folder):
     from transformers import AutoTokenizer
     run = read_run(folder)
     model = load_pretrained(run.base)
+    if run.keep_ids:
+        shrink_embeddings(model, run.keep_ids)
     if run.adapter:
         from peft import PeftModel
+        untie_embeddings(model)  # as in training: the adapter brings an lm_head of its own
         model = PeftModel.from_pretrained(model, str(run.adapter)).merge_and_unload()
     return model, AutoTokenizer.from_pretrained(str(run.final))
 
@@ -535,7 +672,7 @@ def count_params(model):
 def describe_model(cfg, model, fmt):
     trainable, embed, total = count_params(model)
     line = f"model: {cfg.model} ({total / 1e6:,.1f}M params, {next(model.parameters()).dtype}), format '{fmt}' " \
-           "(one token per cell)\n"
+           f"(one token per cell), vocab {cfg.vocab} ({model.get_input_embeddings().weight.shape[0]:,} tokens)\n"
     if cfg.full_finetune:
         return line + f"full fine-tune: {trainable / 1e6:,.2f}M trainable parameters"
     if cfg.ttt:
@@ -862,6 +999,7 @@ class Run:
     fingerprints: list = field(default_factory=list)  # data.task_fingerprint of every task it was trained on
     trained_on: list = field(default_factory=list)    # one dict per dataset x split: dataset, split, tasks, ...
     ttt_mode: str = None  # a test-time-training run: per-task (adapters in folder/ttt/<task>/) or shared
+    keep_ids: list = None  # --vocab arc: the base's token ids kept, in their new order; cut the base to them
 
 
 def run_config_path(folder):
@@ -877,12 +1015,14 @@ def rope_scaling(cfg, backend):
     return {"type": "linear", "factor": round(cfg.max_seq_len / positions, 4), "positions": positions}
 
 
-def run_info(cfg, fmt, backend, why, base, trained_on, fingerprints, ttt=None):
+def run_info(cfg, fmt, backend, why, base, trained_on, fingerprints, ttt=None, keep=None):
     """config.json as written at the start of training; the summary is added at the end. trained_on and
     fingerprints say which tasks' answers the weights have seen (infer.py's contamination guard reads them);
-    ttt: what a test-time-training run trained on, demonstrations only. Unsloth turns 4 bits off for a full
-    fine-tune, so such a run is recorded as 16-bit (infer.py reloads it as recorded)."""
+    ttt: what a test-time-training run trained on, demonstrations only; keep_ids: the base model's token ids that
+    --vocab arc kept (final/ holds the tokenizer rewritten to them). Unsloth turns 4 bits off for a full fine-tune,
+    so such a run is recorded as 16-bit (infer.py reloads it as recorded)."""
     return dict(config=dataclasses.asdict(cfg), format=fmt, max_seq_len=cfg.max_seq_len, lora=not cfg.full_finetune,
+                vocab=cfg.vocab, keep_ids=keep,
                 base_model=base, load_in_4bit=cfg.load_in_4bit and backend == "unsloth" and not cfg.full_finetune,
                 backend=backend, why=why, rope_scaling=rope_scaling(cfg, backend),
                 trained_on=trained_on, fingerprints=fingerprints, ttt=ttt, versions=versions(), summary=None)
@@ -921,7 +1061,7 @@ def read_run(folder):
                max_seq_len=info["max_seq_len"], load_in_4bit=info["load_in_4bit"],
                backend=info["backend"],
                fingerprints=info.get("fingerprints") or [], trained_on=info.get("trained_on") or [],
-               ttt_mode=ttt_mode)
+               ttt_mode=ttt_mode, keep_ids=info.get("keep_ids") if info["lora"] else None)
 
 
 def latest_run(root="runs", finished=False):
@@ -1034,9 +1174,10 @@ def versions():
 # ----------------------------------------------------------------------------
 # outputs
 
-def save_merged(model, tokenizer, folder, backend, base, adapter):
+def save_merged(model, tokenizer, folder, backend, base, adapter, keep=None):
     """A 16-bit model with the adapter merged in, for other inference engines. The CPU path merges a fresh
-    copy read back from disk, so the trained model in memory stays as it is."""
+    copy read back from disk (cut to the `keep` rows of a --vocab arc run), so the trained model in memory stays
+    as it is. The folder holds the run's own tokenizer: plain from_pretrained loads both."""
     if backend == "unsloth":
         model.save_pretrained_merged(str(folder), tokenizer, save_method="merged_16bit")
         keep_trained_head(model, folder)
@@ -1045,6 +1186,8 @@ def save_merged(model, tokenizer, folder, backend, base, adapter):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
         base_model = AutoModelForCausalLM.from_pretrained(model_source(str(base)))
+        if keep:
+            shrink_embeddings(base_model, keep)
         untie_embeddings(base_model)  # as in training: the adapter holds an lm_head of its own
         merged = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
         merged.config.tie_word_embeddings = False  # whatever peft decides, the trained head must survive a reload
@@ -1242,6 +1385,13 @@ def train(cfg, given=frozenset()):
         if rank0:
             model.save_pretrained(out / BASE)
             tokenizer.save_pretrained(out / BASE)
+    keep = None
+    if cfg.vocab == "arc" and not cfg.ttt:  # a test-time run starts from its run's model, already cut
+        size = len(tokenizer)
+        saved = read_json(run_config_path(out)).get("keep_ids") if checkpoint else None
+        tokenizer, keep = arc_vocabulary(model, tokenizer, fmt, saved)
+        print(f"vocab arc: {len(keep)} of {size:,} tokens kept (the format's, the special ones and the pieces BPE "
+              f"builds them from), new ids 0..{len(keep) - 1}; embed_tokens and lm_head cut to their rows")
     if not cfg.full_finetune:
         if untie_embeddings(model):
             print("tied embeddings: untied on purpose, lm_head starts as a copy of embed_tokens; both are trained "
@@ -1257,7 +1407,7 @@ def train(cfg, given=frozenset()):
                    key=ttt_key)
     else:
         trained_on, fingerprints, ttt = sources, sorted(task_fingerprint(t) for t in tasks.values()), None
-    info = run_info(cfg, fmt, backend, why, base, trained_on, fingerprints, ttt)
+    info = run_info(cfg, fmt, backend, why, base, trained_on, fingerprints, ttt, keep)
     if cfg.ttt and cfg.ttt_mode == "per-task":
         write_json(run_config_path(out), info)
         summary = train_per_task(cfg, model, tokenizer, fmt, tasks, out)
@@ -1303,7 +1453,8 @@ def train(cfg, given=frozenset()):
             tokenizer.save_pretrained(str(final))
             readable(final)
             if cfg.merge and not cfg.full_finetune:
-                save_merged(model, tokenizer, out / "merged", backend, out / base if base == BASE else base, final)
+                save_merged(model, tokenizer, out / "merged", backend, out / base if base == BASE else base, final,
+                             keep)
     except Exception as e:  # a full disk or a file-size limit, worded by each library its own way
         raise OneLineError(write_failure(final, e) + f"; the checkpoints in {out / CHECKPOINTS} stay usable: "
                            "train.py --resume")
