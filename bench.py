@@ -94,7 +94,7 @@ def bench_data(cfg):
         tasks = data.load_tasks(cfg.dataset, split)
         t0 = time.perf_counter()
         pairs = [(k, data.format_prompt(view, i, "llama3"), data.format_completion(test["output"], "llama3"))
-                 for task in tasks.values() for k in range(8) for view in [data.variant(task, k)]
+                 for task in tasks.values() for k in range(8) for view in [data.view_task(task, k)]
                  for i, test in enumerate(view["test"]) if "output" in test]
         render_s = time.perf_counter() - t0
         t0 = time.perf_counter()

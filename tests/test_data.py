@@ -138,7 +138,7 @@ def test_llama3_prompt_and_completion_tokenize_apart_as_together(arc1, tok):
     tids = random.Random(0).sample(sorted(arc1["eval"]), 25)
     for tid in tids:
         for k in (0, 5):
-            view = data.variant(arc1["eval"][tid], k)
+            view = data.view_task(arc1["eval"][tid], k)
             prompt = data.format_prompt(view, 0, "llama3")
             completion = data.format_completion(view["test"][0]["output"], "llama3")
             whole = tok.encode(prompt + completion, add_special_tokens=False).ids
@@ -156,7 +156,7 @@ def test_choose_format_picks_llama3_for_llama3_and_digits_for_a_per_digit_encode
 
 
 def test_choose_format_refuses_a_tokenizer_with_neither():
-    with pytest.raises(data.DataError, match="no one-token-per-cell format"):
+    with pytest.raises(data.OneLineError, match="no one-token-per-cell format"):
         data.choose_format(lambda s: [s])  # the whole text as one token
 
 
@@ -256,7 +256,7 @@ def test_bad_file_raises_data_error_naming_the_file(tmp_path, case):
     files, source, named, problem = BAD_FILES[case]
     for name, text in files.items():
         write(tmp_path / name, text)
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(data.OneLineError) as e:
         data.read_tasks(str(tmp_path / source), "train")
     message = str(e.value)
     assert str(tmp_path / named) in message and problem in message, message
@@ -274,13 +274,13 @@ def test_broken_file_in_a_folder_is_one_skipped_task(tmp_path):
 
 def test_single_task_file_missing_a_part_names_the_part(tmp_path):
     path = write(tmp_path / "single.json", json.dumps({"train": GOOD["train"]}))
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(data.OneLineError) as e:
         data.read_tasks(str(path), "train")
     assert "single.json" in str(e.value) and "'test' is missing" in str(e.value)
 
 
 def test_unknown_split_of_an_embedded_set_is_a_data_error():
-    with pytest.raises(data.DataError, match="--split test"):
+    with pytest.raises(data.OneLineError, match="--split test"):
         data.read_tasks("arc1", "test")
 
 
@@ -448,7 +448,7 @@ def test_build_dataset_gives_8_rows_per_test_input_with_the_transformed_answer()
     assert report["trimmed_examples"] == 0 and report["skipped"] == []
     for row in ds:
         task, i = tasks[row["task_id"]], row["test_index"]
-        view = data.variant(task, row["k"])
+        view = data.view_task(task, row["k"])
         assert row["prompt"].endswith(f"\n{data.OUT}\n")
         assert data.parse_output(row["completion"], "llama3") == data.dihedral(task["test"][i]["output"], row["k"])
         assert grids_in(row["prompt"] + row["completion"], "llama3") == task_grids(view, i)
@@ -515,7 +515,7 @@ def test_colour_permutation_keeps_0_and_is_a_bijection():
 def test_build_dataset_colour_perm_maps_every_grid_of_a_row_by_one_permutation_keeping_0():
     task = {"train": [{"input": [list(range(10))], "output": [list(range(9, -1, -1))]}],
             "test": [{"input": [[0, 5, 5]], "output": [[1, 2, 0]]}]}
-    ds, _ = data.build_dataset({"t": task}, "digits", variants=[0], colour_perm=True, copies=20)
+    ds, _ = data.build_dataset({"t": task}, "digits", symmetries=[0], colour_perm=True, copies=20)
     seen = set()
     for row in ds:
         mapping = {}
@@ -529,7 +529,7 @@ def test_build_dataset_colour_perm_maps_every_grid_of_a_row_by_one_permutation_k
 
 def test_build_dataset_shuffle_examples_permutes_train_examples_only():
     task = small_task(5, n_train=4, n_test=2)
-    ds, _ = data.build_dataset({"t": task}, "digits", variants=[0], shuffle_examples=True, copies=20)
+    ds, _ = data.build_dataset({"t": task}, "digits", symmetries=[0], shuffle_examples=True, copies=20)
     assert len(ds) == 40
     pairs = [json.dumps(ex) for ex in task["train"]]
     orders = set()
@@ -558,17 +558,17 @@ def test_views_are_the_8_symmetries_then_distinct_colour_permutations_keeping_0(
     assert len({(k, tuple(p)) for k, p in vs[8:]}) == 32
 
 
-def test_undo_view_inverts_apply_view_which_matches_variant():
+def test_undo_view_inverts_apply_view_which_matches_view_task():
     task = {"train": [{"input": GRID, "output": GRID}], "test": [{"input": GRID}]}
     for k, perm in data.views(24):
         seen = data.apply_view(GRID, k, perm)
-        assert seen == data.variant(task, k, perm)["train"][0]["input"]
+        assert seen == data.view_task(task, k, perm)["train"][0]["input"]
         assert data.undo_view(seen, k, perm) == GRID
 
 
-def test_view_task_never_carries_test_outputs(arc1):
+def test_prompt_view_never_carries_test_outputs(arc1):
     task = arc1["eval"]["00576224"]
-    assert all("output" not in t for k, p in data.views(10) for t in data.view_task(task, k, p)["test"])
+    assert all("output" not in t for k, p in data.views(10) for t in data.prompt_view(task, k, p)["test"])
 
 
 # ----------------------------------------------------------------------------

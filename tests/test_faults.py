@@ -242,7 +242,7 @@ def test_data_reads_a_file_once_whatever_the_splits(tmp_path, monkeypatch, capsy
 # 5. every flag's range, before any model loads
 
 TRAIN_FLAGS = [("--max-seq-len", "-5"), ("--limit-tasks", "-3"), ("--grad-accum", "-1"), ("--epochs", "0"),
-               ("--variants", "9"), ("--batch-size", "0"), ("--lr", "-1"), ("--warmup", "-1"),
+               ("--views", "9"), ("--batch-size", "0"), ("--lr", "-1"), ("--warmup", "-1"),
                ("--optim", "nonsense"), ("--scheduler", "nonsense"), ("--max-steps", "0"), ("--lora-r", "0")]
 INFER_FLAGS = [("--max-seq-len", "-5"), ("--max-new-tokens", "-5"), ("--temperature", "-1"), ("--limit", "-3"),
                ("--batch-size", "0"), ("--top-k", "-5")]

@@ -167,7 +167,7 @@ def test_transposed_guess_is_transposed_back(tmp_path, monkeypatch, tokenizer, m
     tasks, folder, run = mirror
     answers = {}  # prompt of the transposed task -> its right answer (transposed), as the model would write it
     for task in tasks.values():
-        view = data.variant(data.strip_outputs(task), 4)
+        view = data.view_task(data.strip_outputs(task), 4)
         for i, test in enumerate(task["test"]):
             ids = data.encode_prompt(tokenizer, data.format_prompt(view, i, FMT))
             answers[tuple(ids)] = data.format_completion(data.dihedral(test["output"], 4), FMT)
@@ -276,7 +276,7 @@ def test_gpu_out_of_memory_halves_the_batch_instead_of_failing(mirror, tmp_path,
 
 def view_prompts(tokenizer, task, views, test=0):
     """prompt ids (as a tuple) -> view index, for the prompts infer.py builds for `task` (nothing trimmed)."""
-    return {tuple(data.encode_prompt(tokenizer, data.format_prompt(data.view_task(task, k, perm), test, FMT))): v
+    return {tuple(data.encode_prompt(tokenizer, data.format_prompt(data.prompt_view(task, k, perm), test, FMT))): v
             for v, (k, perm) in enumerate(views)}
 
 
@@ -332,7 +332,7 @@ def test_poe_sums_each_candidate_over_every_view_in_one_call():
     task = {"train": [{"input": [[1, 0], [0, 2]], "output": [[2, 0], [0, 1]]}],
             "test": [{"input": [[5, 0], [6, 7]], "output": [[7, 6], [0, 5]]}]}
     views = data.views(12, seed=2)
-    prompts = [(k, perm, data.format_prompt(data.view_task(task, k, perm), 0, FMT)) for k, perm in views]
+    prompts = [(k, perm, data.format_prompt(data.prompt_view(task, k, perm), 0, FMT)) for k, perm in views]
     cands = [[[7, 6], [0, 5]], [[5, 6], [0, 7]], [[1, 1], [1, 1]], [[7, 6, 0], [0, 5, 0]]]
     rng = random.Random(0)
     table = {(v, c): -rng.uniform(0, 10) for v in range(len(views)) for c in range(len(cands))}

@@ -87,7 +87,7 @@ def run(folder, tmp_path_factory):
     """A short LoRA run (the write-up's targets) on four small real arc1 tasks, merged at the end."""
     root = tmp_path_factory.mktemp("smollm2")
     write_tasks(root / "tasks", "train", TRAIN_IDS)
-    model, out = train.main(["--model", "smollm2", "--dataset", str(root / "tasks"), "--variants", "2",
+    model, out = train.main(["--model", "smollm2", "--dataset", str(root / "tasks"), "--views", "2",
                              "--max-steps", "4", "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3",
                              "--max-seq-len", "512", "--logging-steps", "1", "--out", str(root / "run"), "--merge"])
     return model.eval(), out, root

@@ -24,7 +24,7 @@ def test_label_mask_covers_exactly_the_prompt(make_tokenizer):
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     tasks = data.load_tasks("arc1", "train")
     tasks = {tid: tasks[tid] for tid in sorted(tasks)[:3]}
-    ds, _ = data.build_dataset(tasks, fmt, variants=range(2))
+    ds, _ = data.build_dataset(tasks, fmt, symmetries=range(2))
     tokenized, over = train.tokenize(ds, tokenizer, 100_000)
     assert over == 0 and len(tokenized) == len(ds)
     for row, prompt, completion in zip(tokenized, ds["prompt"], ds["completion"]):
@@ -44,7 +44,7 @@ def test_label_mask_covers_exactly_the_prompt(make_tokenizer):
 def test_tokenize_drops_and_counts_rows_over_max_seq_len():
     tokenizer = train.tiny_tokenizer()
     tasks = data.load_tasks("arc1", "train")
-    ds, _ = data.build_dataset({tid: tasks[tid] for tid in sorted(tasks)[:4]}, "digits", variants=[0])
+    ds, _ = data.build_dataset({tid: tasks[tid] for tid in sorted(tasks)[:4]}, "digits", symmetries=[0])
     lengths = [len(r["input_ids"]) for r in train.tokenize(ds, tokenizer, 100_000)[0]]
     limit = sorted(lengths)[len(lengths) // 2]
     kept, over = train.tokenize(ds, tokenizer, limit)
@@ -185,7 +185,7 @@ def test_packed_batch_gives_the_padded_loss():
     a cross-sequence attention leak or a label across a boundary would change the loss."""
     tokenizer = train.tiny_tokenizer()
     tasks = data.load_tasks("arc1", "train")
-    ds, _ = data.build_dataset({tid: tasks[tid] for tid in sorted(tasks)[:3]}, "digits", variants=[0, 1])
+    ds, _ = data.build_dataset({tid: tasks[tid] for tid in sorted(tasks)[:3]}, "digits", symmetries=[0, 1])
     rows = list(train.tokenize(ds, tokenizer, 100_000)[0])
     assert len({len(r["input_ids"]) for r in rows}) > 1  # lengths differ, so the padded batch does pad
     packed = train.packed_collate()(rows)
@@ -203,7 +203,7 @@ def test_run_writes_a_loss_curve(lora_run):
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-ARC_SLICE = ["--dataset", "arc1", "--limit-tasks", "8", "--variants", "4", "--max-steps", "3", "--warmup", "0",
+ARC_SLICE = ["--dataset", "arc1", "--limit-tasks", "8", "--views", "4", "--max-steps", "3", "--warmup", "0",
              "--logging-steps", "1", "--no-group-by-length", "--save-steps", "1000"]
 
 
