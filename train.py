@@ -845,10 +845,12 @@ def guard_saves(trainer, folder):
 
     def guarded(*args, **kw):
         try:
-            return save(*args, **kw)
+            save(*args, **kw)
         except Exception as e:  # torch.save, safetensors and the OS each word a failed write their own way
             raise OneLineError(write_failure(folder, e) + "; the complete checkpoints before it stay usable: "
                                "train.py --resume")
+        for newest in checkpoints(folder.parent)[:1]:
+            readable(newest)
     trainer._save_checkpoint = guarded
 
 
@@ -1127,7 +1129,8 @@ def check_out_is_free(cfg, out, ttt_key=None):
 
 def clear_run(out):
     """--overwrite: remove what train.py wrote in `out` (infer.py's files stay: its cache notices new weights)."""
-    gone = [p for p in (out / n for n in (RUN_CONFIG, LOSS_PLOT, FINAL, BASE, CHECKPOINTS, TTT, "merged")) if p.exists()]
+    names = (RUN_CONFIG, LOSS_PLOT, FINAL, BASE, CHECKPOINTS, TTT, "merged")
+    gone = [out / n for n in names if (out / n).exists()]
     for p in gone:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     if gone:
@@ -1326,6 +1329,7 @@ def train_per_task(cfg, model, tokenizer, fmt, tasks, out):
               f"{losses[0]:.3f} -> {losses[-1]:.3f}, {time.time() - t:.1f} s", flush=True)
     mem_kind, mem = peak_memory_gb()
     return dict(mode="per-task", tasks=len(tasks), trained=len(per_task), already_done=done, no_sequences=empty,
+                interrupted=bool(STOP),
                 steps=sum(t["steps"] for t in per_task.values()), seconds=round(time.time() - t0, 1),
                 peak_memory_gb=round(mem, 2), peak_memory_kind=mem_kind, per_task=per_task)
 
@@ -1361,8 +1365,8 @@ def train(cfg, given=frozenset()):
     ttt_key = test_time_key(cfg) if cfg.ttt else None
     check_out_is_free(cfg, out, ttt_key)
     if cfg.merge and (cfg.full_finetune or cfg.ttt):
-        print(f"note: --merge ignored: {'a test-time run keeps an adapter per task' if cfg.ttt else 'a full fine-tune is a whole model already'} "
-              f"(final/ is what a merge would write)")
+        why = "a test-time run keeps an adapter per task" if cfg.ttt else "a full fine-tune is a whole model already"
+        print(f"note: --merge ignored: {why} (final/ is what a merge would write)")
     # before the model: a data error should not wait for 8B weights
     tasks, sources = read_sets(cfg.dataset, cfg.split)
     if cfg.limit_tasks:
@@ -1385,6 +1389,7 @@ def train(cfg, given=frozenset()):
         if rank0:
             model.save_pretrained(out / BASE)
             tokenizer.save_pretrained(out / BASE)
+            readable(out / BASE)
     keep = None
     if cfg.vocab == "arc" and not cfg.ttt:  # a test-time run starts from its run's model, already cut
         size = len(tokenizer)
@@ -1455,6 +1460,7 @@ def train(cfg, given=frozenset()):
             if cfg.merge and not cfg.full_finetune:
                 save_merged(model, tokenizer, out / "merged", backend, out / base if base == BASE else base, final,
                              keep)
+                readable(out / "merged")
     except Exception as e:  # a full disk or a file-size limit, worded by each library its own way
         raise OneLineError(write_failure(final, e) + f"; the checkpoints in {out / CHECKPOINTS} stay usable: "
                            "train.py --resume")

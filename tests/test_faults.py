@@ -773,7 +773,8 @@ def test_plot_of_a_task_id_with_a_slash(tmp_path, monkeypatch, tokenizer):
     assert [p.name for p in (Path(run) / "plots").glob("a_b-*.png")] and (Path(run) / "plots" / "summary.png").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--epochs", "inf"), ("--seed", "-1"), ("--lora-alpha", "inf")])
+@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--epochs", "inf"), ("--seed", "-1"),
+                                         ("--embedding-lr", "inf")])
 def test_train_nonsense_value_stops_before_the_model(family, tmp_path, monkeypatch, flag, value):
     no_model(monkeypatch)
     message = error_of(train.main, ["--dataset", str(family), "--out", str(tmp_path / "r"), flag, value])
