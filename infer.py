@@ -925,7 +925,8 @@ def lock(cache):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise OneLineError(f"{cache}: another infer.py is predicting into it; wait for it to finish or give another --out")
+        raise OneLineError(f"{cache}: another infer.py is predicting into it; wait for it to finish or give "
+                           "another --out")
     return f
 
 

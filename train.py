@@ -131,8 +131,8 @@ def resolve(cfg, given, gpu):
                    if k in given and k in saved and getattr(cfg, k) != saved[k]
                    and not (k == "lora_r" and saved.get("full_finetune"))]
         if changed:
-            raise OneLineError(f"--resume {cfg.out}: {', '.join(changed)} changes the model or the shape of its weights, "
-                               "which its checkpoints cannot take: drop it to resume, or train a new run with another "
+            raise OneLineError(f"--resume {cfg.out}: {', '.join(changed)} changes the model or the shape of its "
+                               "weights, which its checkpoints cannot take: drop it to resume, or train a new run with another "
                                "--out (nothing was written)")
         names = {f.name for f in dataclasses.fields(Config)} - given - {"resume", "out", "overwrite"}
         inherited = {k: v for k, v in saved.items() if k in names and v != getattr(cfg, k)}
@@ -475,7 +475,8 @@ def reduced_tokenizer(tokenizer, keep):
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec["model"]
     if model["type"] not in ("BPE", "WordLevel"):
-        raise OneLineError(f"--vocab arc: the tokenizer's model is {model['type']}, not BPE or WordLevel; use --vocab full")
+        raise OneLineError(f"--vocab arc: the tokenizer's model is {model['type']}, not BPE or WordLevel; "
+                           "use --vocab full")
     vocab = model["vocab"]
     keep = set(keep) | remap_token_ids(spec["post_processor"], None)
     if model.get("unk_token") in vocab:
@@ -955,7 +956,8 @@ def progress_callback():
             self.printed = time.time()
             elapsed = self.printed - self.start
             done = state.global_step - self.start_step
-            eta = f"eta {elapsed / done * (state.max_steps - state.global_step) / 60:.1f} min" if done else "eta after step 1"
+            left = elapsed / done * (state.max_steps - state.global_step) if done else None
+            eta = f"eta {left / 60:.1f} min" if done else "eta after step 1"
             tok_s = (state.num_input_tokens_seen - self.start_tokens) / max(elapsed, 1e-9)
             print(f"step {state.global_step:>5}/{state.max_steps} | {middle} | {tok_s:,.0f} tok/s | {eta}", flush=True)
 
@@ -1373,8 +1375,8 @@ def train(cfg, given=frozenset()):
         tasks = dict(sorted(tasks.items())[:cfg.limit_tasks])
     print(describe_sources(sources, tasks))
     if not cfg.ttt and not any("output" in t for task in tasks.values() for t in task["test"]):
-        raise OneLineError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no test outputs to train on (a challenges "
-                           "file without its *_solutions.json beside it?)")
+        raise OneLineError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no test outputs to train on (a "
+                           "challenges file without its *_solutions.json beside it?)")
 
     # model
     model, tokenizer = load_run_model(cfg.model) if cfg.ttt else load_model(cfg, backend)
@@ -1444,11 +1446,10 @@ def train(cfg, given=frozenset()):
                            "try --batch-size 1 with a larger --grad-accum, a smaller --max-seq-len, or --load-in-4bit")
     if progress.diverged:
         good = newest_complete_checkpoint(out)
-        raise OneLineError(f"loss or weights became NaN or inf at step {progress.diverged} (--lr {cfg.lr:g}): training "
-                           "stopped before saving that step; " + (f"the last good checkpoint is {good}: train.py --resume "
-                                                              "--lr SMALLER continues from it" if good else
-                                                              "no checkpoint was saved before it: start again with a "
-                                                              "smaller --lr"))
+        then = f"the last good checkpoint is {good}: train.py --resume --lr SMALLER continues from it" if good \
+            else "no checkpoint was saved before it: start again with a smaller --lr"
+        raise OneLineError(f"loss or weights became NaN or inf at step {progress.diverged} (--lr {cfg.lr:g}): "
+                           f"training stopped before saving that step; {then}")
 
     # outputs
     final = out / FINAL

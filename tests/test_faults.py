@@ -21,20 +21,9 @@ import pytest
 import data
 import infer
 import train
-from families import write_family
-from test_infer import FMT, fake_model, mirror_task, read, write_run, write_tasks
+from conftest import FMT, fake_model, mirror_task, read, tiny_run, write_run, write_tasks
 
 G = [[1, 2], [3, 4]]
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return write_family(tmp_path_factory.mktemp("family"), n_train=6, n_eval=0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train.tiny_tokenizer()
 
 
 def error_of(main, argv):
@@ -673,7 +662,6 @@ def test_unwritable_hf_home_for_the_smollm2_conversion_is_one_line(family, tmp_p
 # 8. a killed and resumed infer.py samples what one uninterrupted run samples
 
 def test_killed_and_resumed_infer_equals_an_uninterrupted_run_byte_for_byte(tmp_path):
-    from test_infer import tiny_run
     rng = random.Random(8)
     tasks = {f"s{i}": mirror_task(rng, 2 + i % 3, 3) for i in range(8)}
     folder, run = write_tasks(tmp_path / "tasks", tasks), tiny_run(tmp_path / "run")

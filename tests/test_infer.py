@@ -15,65 +15,9 @@ import pytest
 import data
 import infer
 import train
+from conftest import FMT, fake_model, mirror_task, read, tiny_run, write_run, write_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
-
-FMT = "digits"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train.tiny_tokenizer()
-
-
-def mirror_task(rng, h, w, tests=1):
-    """A task whose rule is 'flip left-right', grids h x w (not square, so a transposed answer looks wrong)."""
-    def pair():
-        grid = [[rng.randrange(10) for _ in range(w)] for _ in range(h)]
-        return {"input": grid, "output": [row[::-1] for row in grid]}
-    return {"train": [pair(), pair()], "test": [pair() for _ in range(tests)]}
-
-
-def write_tasks(folder, tasks):
-    folder.mkdir(parents=True, exist_ok=True)
-    for tid, task in tasks.items():
-        (folder / f"{tid}.json").write_text(json.dumps(task))
-    return str(folder)
-
-
-def write_run(folder, max_seq_len=8192):
-    """A run folder as train.py leaves it (lora=false); final/ stays empty where the model is faked."""
-    (folder / train.FINAL).mkdir(parents=True, exist_ok=True)
-    data.write_json(train.run_config_path(folder), dict(format=FMT, max_seq_len=max_seq_len, lora=False,
-                                                        base_model="tiny", load_in_4bit=False, backend="transformers"))
-    assert train.read_run(folder).adapter is None
-    return str(folder)
-
-
-def tiny_run(folder):
-    """A run folder holding a real tiny model with random weights (a full model, no adapter)."""
-    run = write_run(folder, max_seq_len=2048)
-    tok = train.tiny_tokenizer()
-    train.tiny_model(tok, max_seq_len=2048).save_pretrained(Path(run) / "final")
-    tok.save_pretrained(Path(run) / "final")
-    return run
-
-
-def fake_model(monkeypatch, tokenizer, answer):
-    """Replace the model by `answer(prompt_ids) -> text`; returns the list of batches generate() was given."""
-    calls = []
-
-    def generate(model, tok, prompts, cfg, fmt=None, min_new_tokens=0, **kw):
-        calls.append([list(p) for p in prompts])
-        return [answer(p) for p in prompts]
-    monkeypatch.setattr(infer, "load_model", lambda run, cfg: (None, tokenizer))
-    monkeypatch.setattr(infer, "generate", generate)
-    return calls
-
-
-def read(path):
-    return json.loads(Path(path).read_text())
-
 
 @pytest.fixture
 def mirror(tmp_path):

@@ -11,12 +11,7 @@ import torch
 
 import data
 import train
-from families import write_family
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return write_family(tmp_path_factory.mktemp("family"), n_train=6, n_eval=0)
+from conftest import write_family
 
 
 @pytest.mark.parametrize("make_tokenizer", [train.tiny_tokenizer, train.llama3_hf_tokenizer])

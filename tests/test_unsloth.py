@@ -15,7 +15,7 @@ import data
 import infer
 import train
 import unsloth_cpu
-from families import write_family
+from conftest import write_family
 
 pytestmark = pytest.mark.skipif(not unsloth_cpu.available(), reason="unsloth is not installed")
 POSITIONS = 512  # the tiny model's max_position_embeddings: auto --max-seq-len is capped to it

