@@ -100,7 +100,7 @@ def bench_data(cfg):
     tokenizer = data.llama3_tokenizer()
     out = {}
     for split in ("train", "eval"):
-        tasks = data.load_tasks(cfg.dataset, split)
+        tasks = data.load_tasks(cfg.dataset, split)[0]
         t0 = time.perf_counter()
         pairs = [(k, data.format_prompt(view, i, "llama3"), data.format_completion(test["output"], "llama3"))
                  for task in tasks.values() for k in range(8) for view in [data.view_task(task, k)]
@@ -173,7 +173,7 @@ def train_batches(cfg, tokenizer):
     fitted to max_seq_len as train.py fits them."""
     import random
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
-    tasks = data.load_tasks(cfg.dataset, "train")
+    tasks = data.load_tasks(cfg.dataset, "train")[0]
     rng = random.Random(cfg.seed)
     picked = rng.sample(sorted(tasks), min(len(tasks), cfg.train_batches * cfg.train_batch_size + 8))
     ds, _ = data.build_dataset({tid: tasks[tid] for tid in picked}, fmt, [rng.randrange(8)], cfg.max_seq_len,
@@ -257,7 +257,7 @@ def generate_setup(cfg):
                                             "transformers")
     model = model.eval().cuda() if torch.cuda.is_available() else model.eval()
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
-    tasks, _ = data.read_tasks(cfg.dataset, cfg.split)
+    tasks, _ = data.load_tasks(cfg.dataset, cfg.split)
     prompts = []
     for tid in sorted(tasks):
         fitted, _ = data.fit_task(data.strip_outputs(tasks[tid]), 0, fmt, cfg.max_seq_len,

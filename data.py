@@ -196,9 +196,10 @@ def test_count(task):
     return len(tests) if isinstance(tests, list) and tests else 1
 
 
-def read_all(source="arc1", split="train", strict_solutions=True):
-    """(tasks, unreadable): valid tasks by id, and task_id -> (reason, test inputs) for each invalid one, so
-    that infer.py can still give it a placeholder answer. Raises OneLineError."""
+def load_tasks(source="arc1", split="train", strict_solutions=True, quiet=False):
+    """The one task loader: (tasks, unreadable), the valid tasks by id in the ARC JSON shape and, for each invalid
+    one, task_id -> (reason, test inputs), so that infer.py can still give it a placeholder answer. Each invalid
+    task is reported on stderr with its reason unless `quiet`. Raises OneLineError."""
     tasks, unreadable = {}, {}
     for tid, task, where in raw_tasks(source, split, strict_solutions):
         if isinstance(task, OneLineError):
@@ -213,13 +214,9 @@ def read_all(source="arc1", split="train", strict_solutions=True):
     if not tasks:
         first = next(iter(unreadable.values()), None)
         raise OneLineError(f"{source} ({split}): no valid tasks" + (f"; first problem: {first[0]}" if first else ""))
+    for reason, _ in [] if quiet else unreadable.values():
+        print(f"skipped {reason}", file=sys.stderr)
     return tasks, unreadable
-
-
-def read_tasks(source="arc1", split="train"):
-    """(tasks, skipped): valid tasks by id, and (task_id, reason) for each invalid one. Raises OneLineError."""
-    tasks, unreadable = read_all(source, split)
-    return tasks, [(tid, reason) for tid, (reason, _) in unreadable.items()]
 
 
 def has_splits(source):
@@ -228,14 +225,6 @@ def has_splits(source):
     path = Path(source)
     return source in EMBEDDED or source == FAMILY or path.is_dir() and (
         bool(kaggle_files(path)) or any((path / n).is_dir() for names in SPLITS.values() for n in names))
-
-
-def load_tasks(source="arc1", split="train"):
-    """Valid tasks by id in the ARC JSON shape; each skipped task is reported on stderr with its reason."""
-    tasks, skipped = read_tasks(source, split)
-    for _, reason in skipped:
-        print(f"skipped {reason}", file=sys.stderr)
-    return tasks
 
 
 # ----------------------------------------------------------------------------
@@ -614,9 +603,7 @@ def read_sets(datasets, splits):
     tasks, sources, seen = {}, [], set()
     for name in datasets:
         for split in splits:
-            found, skipped = read_tasks(name, split)
-            for _, reason in skipped:
-                print(f"skipped {reason}", file=sys.stderr)
+            found, skipped = load_tasks(name, split)
             duplicates = 0
             for tid, task in sorted(found.items()):
                 fp = task_fingerprint(task)
@@ -953,9 +940,7 @@ def main(argv=None):
         split_apply = has_splits(cfg.dataset)
         for split in cfg.split if split_apply else cfg.split[:1]:  # a file is the same tasks whatever the split
             t0 = time.time()
-            tasks, skipped = read_tasks(cfg.dataset, split)
-            for _, reason in skipped:
-                print(f"skipped {reason}", file=sys.stderr)
+            tasks, skipped = load_tasks(cfg.dataset, split)
             if cfg.stats or not (cfg.show or cfg.print):
                 report_stats(cfg.dataset, split if split_apply else "(all tasks: no splits)", tasks, skipped, t0)
             found.update(tasks)

@@ -1351,7 +1351,8 @@ def main(argv=None):
     try:
         data.check_ranges(cfg, CHECKS)
         # only --score needs the solutions: a broken *_solutions.json does not stop predicting
-        tasks, unreadable = data.read_all(cfg.dataset, cfg.split, strict_solutions=bool(cfg.score))
+        tasks, unreadable = data.load_tasks(cfg.dataset, cfg.split, strict_solutions=bool(cfg.score),
+                                                quiet=True)  # said below as unreadable tasks
         if cfg.limit:
             first = set(sorted({*tasks, *unreadable})[:cfg.limit])
             tasks = {tid: task for tid, task in tasks.items() if tid in first}

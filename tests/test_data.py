@@ -22,10 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DECODABLE = ("llama3", "digits")
 
 
+def read_tasks(source, split):
+    """data.load_tasks as (tasks, [(task_id, reason), ...]): what these tests compare."""
+    tasks, unreadable = data.load_tasks(source, split, quiet=True)
+    return tasks, [(tid, reason) for tid, (reason, _) in unreadable.items()]
+
+
 @pytest.fixture(scope="module")
 def arc1():
     """All 800 ARC-AGI-1 tasks, loaded once for the module."""
-    return {split: data.load_tasks("arc1", split) for split in ("train", "eval")}
+    return {split: data.load_tasks("arc1", split)[0] for split in ("train", "eval")}
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +216,7 @@ def test_bad_task_in_a_good_file_is_skipped_with_its_reason(tmp_path, case):
     bad, problem = BAD_TASKS[case]
     path = tmp_path / "tasks.json"
     path.write_text(json.dumps({"good1": GOOD, "bad": bad}))
-    tasks, skipped = data.read_tasks(str(path), "train")
+    tasks, skipped = read_tasks(str(path), "train")
     assert list(tasks) == ["good1"] and tasks["good1"] == GOOD
     assert [tid for tid, _ in skipped] == ["bad"]
     reason = skipped[0][1]
@@ -220,7 +226,7 @@ def test_bad_task_in_a_good_file_is_skipped_with_its_reason(tmp_path, case):
 def test_load_tasks_reports_each_skipped_task_on_stderr(tmp_path, capsys):
     path = tmp_path / "tasks.json"
     path.write_text(json.dumps({"ok": GOOD, "bad": with_train_input([[1, 2], [3]])}))
-    assert list(data.load_tasks(str(path), "train")) == ["ok"]
+    assert list(data.load_tasks(str(path), "train")[0]) == ["ok"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("skipped ") and "task bad" in err[0] and "ragged" in err[0]
 
@@ -258,7 +264,7 @@ def test_bad_file_raises_data_error_naming_the_file(tmp_path, case):
     for name, text in files.items():
         write(tmp_path / name, text)
     with pytest.raises(data.OneLineError) as e:
-        data.read_tasks(str(tmp_path / source), "train")
+        read_tasks(str(tmp_path / source), "train")
     message = str(e.value)
     assert str(tmp_path / named) in message and problem in message, message
     assert "\n" not in message
@@ -267,7 +273,7 @@ def test_bad_file_raises_data_error_naming_the_file(tmp_path, case):
 def test_broken_file_in_a_folder_is_one_skipped_task(tmp_path):
     write(tmp_path / "a.json", json.dumps(GOOD))
     write(tmp_path / "b.json", "{")
-    tasks, skipped = data.read_tasks(str(tmp_path), "train")
+    tasks, skipped = read_tasks(str(tmp_path), "train")
     assert tasks == {"a": GOOD}
     assert [tid for tid, _ in skipped] == ["b"] and str(tmp_path / "b.json") in skipped[0][1]
     assert "not valid JSON" in skipped[0][1]
@@ -276,20 +282,20 @@ def test_broken_file_in_a_folder_is_one_skipped_task(tmp_path):
 def test_single_task_file_missing_a_part_names_the_part(tmp_path):
     path = write(tmp_path / "single.json", json.dumps({"train": GOOD["train"]}))
     with pytest.raises(data.OneLineError) as e:
-        data.read_tasks(str(path), "train")
+        read_tasks(str(path), "train")
     assert "single.json" in str(e.value) and "'test' is missing" in str(e.value)
 
 
 def test_unknown_split_of_an_embedded_set_is_a_data_error():
     with pytest.raises(data.OneLineError, match="--split test"):
-        data.read_tasks("arc1", "test")
+        read_tasks("arc1", "test")
 
 
 def test_folder_in_arc_repo_layout_reads_the_split_subfolder(tmp_path):
     write(tmp_path / "training" / "aaa.json", json.dumps(GOOD))
     write(tmp_path / "evaluation" / "bbb.json", json.dumps(small_task(1)))
-    train, _ = data.read_tasks(str(tmp_path), "train")
-    evaluation, _ = data.read_tasks(str(tmp_path), "eval")
+    train, _ = read_tasks(str(tmp_path), "train")
+    evaluation, _ = read_tasks(str(tmp_path), "eval")
     assert train == {"aaa": GOOD}
     assert evaluation == {"bbb": small_task(1)}
 
@@ -297,13 +303,13 @@ def test_folder_in_arc_repo_layout_reads_the_split_subfolder(tmp_path):
 def test_folder_of_task_files_uses_file_names_as_task_ids(tmp_path):
     for i in range(3):
         write(tmp_path / f"t{i}.json", json.dumps(small_task(i)))
-    tasks, skipped = data.read_tasks(str(tmp_path), "eval")
+    tasks, skipped = read_tasks(str(tmp_path), "eval")
     assert tasks == {f"t{i}": small_task(i) for i in range(3)} and skipped == []
 
 
 def test_single_task_file_is_one_task_named_after_the_file(tmp_path):
     path = write(tmp_path / "007bbfb7.json", json.dumps(GOOD))
-    assert data.read_tasks(str(path), "train") == ({"007bbfb7": GOOD}, [])
+    assert read_tasks(str(path), "train") == ({"007bbfb7": GOOD}, [])
 
 
 def test_kaggle_challenges_get_test_outputs_from_the_solutions_beside_them(tmp_path):
@@ -313,14 +319,14 @@ def test_kaggle_challenges_get_test_outputs_from_the_solutions_beside_them(tmp_p
     solutions = {tid: [x["output"] for x in t["test"]] for tid, t in (("a", a), ("b", b))}
     path = write(tmp_path / "arc-agi_training_challenges.json", json.dumps(challenges))
     write(tmp_path / "arc-agi_training_solutions.json", json.dumps(solutions))
-    tasks, skipped = data.read_tasks(str(path), "train")
+    tasks, skipped = read_tasks(str(path), "train")
     assert tasks == {"a": a, "b": b} and skipped == []
 
 
 def test_kaggle_challenges_without_solutions_load_with_test_inputs_only(tmp_path):
     challenges = {"a": {"train": GOOD["train"], "test": [{"input": G}]}}
     path = write(tmp_path / "arc-agi_test_challenges.json", json.dumps(challenges))
-    assert data.read_tasks(str(path), "eval") == (challenges, [])
+    assert read_tasks(str(path), "eval") == (challenges, [])
 
 
 def kaggle_folder(root):
@@ -342,9 +348,9 @@ def kaggle_folder(root):
 
 def test_a_kaggle_folder_loads_as_the_kaggle_set_with_its_splits(tmp_path):
     folder, sets = kaggle_folder(tmp_path / "arc-prize-2025")
-    assert data.read_tasks(str(folder), "train") == (sets["training"], [])
-    assert data.read_tasks(str(folder), "eval") == (sets["evaluation"], [])  # answers from the solutions file
-    test, skipped = data.read_tasks(str(folder), "test")
+    assert read_tasks(str(folder), "train") == (sets["training"], [])
+    assert read_tasks(str(folder), "eval") == (sets["evaluation"], [])  # answers from the solutions file
+    test, skipped = read_tasks(str(folder), "test")
     assert sorted(test) == sorted(sets["test"]) and all("output" not in x for t in test.values() for x in t["test"])
     out = run_data("--dataset", str(folder), "--split", "train", "eval", "--stats")
     assert out.returncode == 0, out.stderr
@@ -355,9 +361,9 @@ def test_a_split_a_kaggle_folder_lacks_is_one_line_naming_what_it_has(tmp_path):
     folder, _ = kaggle_folder(tmp_path / "k")
     (folder / "arc-agi_test_challenges.json").unlink()
     with pytest.raises(data.OneLineError, match=r"--split test: .* holds Kaggle challenges for train, eval"):
-        data.read_tasks(str(folder), "test")
+        read_tasks(str(folder), "test")
     with pytest.raises(data.OneLineError, match=r"--split test: arc1 has the splits train, eval"):
-        data.read_tasks("arc1", "test")
+        read_tasks("arc1", "test")
 
 
 # ----------------------------------------------------------------------------
@@ -727,7 +733,7 @@ def test_fingerprint_ignores_ids_order_and_test_outputs_but_not_grids():
 
 
 def test_guard_finds_arc1_eval_inside_arc2_train(arc1):
-    arc2_train = data.load_tasks("arc2", "train")
+    arc2_train = data.load_tasks("arc2", "train")[0]
     seen = data.seen_in_training(arc1["eval"], map(data.task_fingerprint, arc2_train.values()))
     assert len(seen) == 375 and all(tid in arc2_train for tid in seen)  # arc2 kept the ids
     assert data.seen_in_training(arc1["eval"], map(data.task_fingerprint, arc1["train"].values())) == ["070dd51e"]

@@ -31,6 +31,6 @@ def test_tiny_model_learns_a_task_family_and_solves_held_out_tasks(tmp_path, cap
         infer.main(["--model", str(run), "--dataset", "family", "--split", "eval", "--guesses", "dfs", "--views", "4",
                     "--out", str(out)])
     results, submission = json.loads(out.with_name("results.json").read_text()), json.loads(out.read_text())
-    infer.check_submission(submission, data.read_all("family", "eval")[0], "dfs submission")  # every task
+    infer.check_submission(submission, data.load_tasks("family", "eval")[0], "dfs submission")  # every task
     assert results["mode"] == "dfs" and results["tasks"] == 30 == len(submission)
     assert results["score"] >= 0.9 * 30, results["score"]

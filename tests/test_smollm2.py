@@ -39,7 +39,7 @@ def tokenizer(folder):
 
 
 def write_tasks(root, split, ids):
-    tasks = data.load_tasks("arc1", split)
+    tasks = data.load_tasks("arc1", split)[0]
     for tid in ids:
         data.write_json(root / f"{tid}.json", tasks[tid])
     return {tid: tasks[tid] for tid in ids}
@@ -65,14 +65,14 @@ def test_missing_package_is_one_line_with_the_install_command(monkeypatch, tmp_p
 
 def test_digits_format_gives_one_token_per_cell_on_every_arc1_eval_grid(tokenizer):
     assert data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False)) == "digits"
-    rows = [row for task in data.load_tasks("arc1", "eval").values() for ex in task["train"] + task["test"]
+    rows = [row for task in data.load_tasks("arc1", "eval")[0].values() for ex in task["train"] + task["test"]
             for grid in (ex["input"], ex.get("output")) if grid for row in grid]
     encoded = tokenizer([data.format_grid([row], "digits") for row in rows], add_special_tokens=False)["input_ids"]
     assert all(len(ids) == len(row) for ids, row in zip(encoded, rows)) and len(rows) > 40_000
 
 
 def test_label_mask_and_end_token_with_the_real_tokenizer(tokenizer):
-    task = data.load_tasks("arc1", "train")[TRAIN_IDS[0]]
+    task = data.load_tasks("arc1", "train")[0][TRAIN_IDS[0]]
     prompt = data.format_prompt(task, 0, "digits")
     completion = data.format_completion(task["test"][0]["output"], "digits")
     ids, labels = data.encode_example(tokenizer, prompt, completion)
@@ -119,7 +119,7 @@ def test_short_lora_run_lowers_the_loss_on_its_real_tasks(run, folder, tokenizer
     assert info["format"] == "digits" and info["base_model"] == "smollm2" and info["summary"]["steps"] == 4
     config = model.peft_config["default"]
     assert config.use_rslora and config.r == 16 and set(config.target_modules) == set(train.PROJECTIONS)
-    seqs = sequences(tokenizer, {tid: data.load_tasks("arc1", "train")[tid] for tid in TRAIN_IDS})
+    seqs = sequences(tokenizer, {tid: data.load_tasks("arc1", "train")[0][tid] for tid in TRAIN_IDS})
     before, after = answer_loss(fresh_base(folder), seqs), answer_loss(model, seqs)
     assert after < 0.7 * before, (before, after)
     adapter = json.loads((out / "final" / "adapter_config.json").read_text())
@@ -135,7 +135,7 @@ def test_embeddings_untied_trained_and_every_save_predicts_the_same(run, folder,
     assert not torch.equal(embed, base.get_input_embeddings().weight)
     assert not torch.equal(head, base.get_output_embeddings().weight) and not torch.equal(embed, head)
 
-    x = torch.tensor([data.encode_prompt(tokenizer, data.format_prompt(data.load_tasks("arc1", "eval")[EVAL_IDS[0]],
+    x = torch.tensor([data.encode_prompt(tokenizer, data.format_prompt(data.load_tasks("arc1", "eval")[0][EVAL_IDS[0]],
                                                                        0, "digits"))])
     with torch.no_grad():
         trained = model(x).logits
@@ -161,7 +161,7 @@ def test_infer_writes_a_complete_submission_and_stops_at_the_models_end_token(ru
     results = json.loads((out / "results.json").read_text())
     assert results["tasks"] == 2 and sum(results["guess_status"].values()) == 4
     # a training prompt followed by its answer and end marker: the next token must end generation (id 2)
-    task = data.load_tasks("arc1", "train")[TRAIN_IDS[0]]
+    task = data.load_tasks("arc1", "train")[0][TRAIN_IDS[0]]
     text = data.format_prompt(task, 0, "digits") + data.format_completion(task["test"][0]["output"], "digits")
     loaded, tok = infer.load_model(train.read_run(out), infer.Config())
     assert tok.eos_token_id == 2

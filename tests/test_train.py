@@ -18,7 +18,7 @@ from conftest import write_family
 def test_label_mask_covers_exactly_the_prompt(make_tokenizer):
     tokenizer = make_tokenizer()
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
-    tasks = data.load_tasks("arc1", "train")
+    tasks = data.load_tasks("arc1", "train")[0]
     tasks = {tid: tasks[tid] for tid in sorted(tasks)[:3]}
     ds, _ = data.build_dataset(tasks, fmt, symmetries=range(2))
     tokenized, over = train.tokenize(ds, tokenizer, 100_000)
@@ -39,7 +39,7 @@ def test_label_mask_covers_exactly_the_prompt(make_tokenizer):
 
 def test_tokenize_drops_and_counts_rows_over_max_seq_len():
     tokenizer = train.tiny_tokenizer()
-    tasks = data.load_tasks("arc1", "train")
+    tasks = data.load_tasks("arc1", "train")[0]
     ds, _ = data.build_dataset({tid: tasks[tid] for tid in sorted(tasks)[:4]}, "digits", symmetries=[0])
     lengths = [len(r["input_ids"]) for r in train.tokenize(ds, tokenizer, 100_000)[0]]
     limit = sorted(lengths)[len(lengths) // 2]
@@ -226,7 +226,7 @@ def test_packed_batch_gives_the_padded_loss():
     """A packed row (no attention_mask, positions restarting per sequence) must score exactly as the padded batch:
     a cross-sequence attention leak or a label across a boundary would change the loss."""
     tokenizer = train.tiny_tokenizer()
-    tasks = data.load_tasks("arc1", "train")
+    tasks = data.load_tasks("arc1", "train")[0]
     ds, _ = data.build_dataset({tid: tasks[tid] for tid in sorted(tasks)[:3]}, "digits", symmetries=[0, 1])
     rows = list(train.tokenize(ds, tokenizer, 100_000)[0])
     assert len({len(r["input_ids"]) for r in rows}) > 1  # lengths differ, so the padded batch does pad

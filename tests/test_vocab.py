@@ -48,7 +48,7 @@ def test_every_arc1_eval_row_and_prompt_tokenizes_the_same_under_the_reduced_tok
     fmt, reduced, keep = cut(tokenizer)
     assert fmt == {"llama3": "llama3", "smollm2": "digits"}[which] and len(keep) <= 64 < len(tokenizer)
     new = {old: i for i, old in enumerate(keep)}
-    tasks = data.load_tasks("arc1", "eval")
+    tasks = data.load_tasks("arc1", "eval")[0]
     rows = [data.format_grid([row], fmt) for task in tasks.values() for ex in task["train"] + task["test"]
             for grid in (ex["input"], ex.get("output")) if grid for row in grid]
     texts = [data.format_prompt(task, i, fmt) for task in tasks.values() for i in range(len(task["test"]))]
@@ -82,7 +82,7 @@ def test_reduced_model_gives_the_full_models_logits_at_the_kept_tokens(which, re
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert tied == which.endswith(", tied")
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
-    task = data.load_tasks("arc1", "eval")["66e6c45b"]
+    task = data.load_tasks("arc1", "eval")[0]["66e6c45b"]
     text = data.format_prompt(task, 0, fmt) + data.format_completion(task["test"][0]["output"], fmt)
     ids = data.encode_prompt(tokenizer, text) + [tokenizer.eos_token_id]
     with torch.no_grad():
@@ -107,7 +107,7 @@ def adapter_rows(folder):
 
 def answer_logits(model, tokenizer, family):
     """Logits over every eval task's prompt + answer, the run's text as this folder's tokenizer encodes it."""
-    tasks = data.load_tasks(str(family), "eval")
+    tasks = data.load_tasks(str(family), "eval")[0]
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     rows = [data.encode_example(tokenizer, data.format_prompt(t, 0, fmt), data.format_completion(t["test"][0]["output"],
                                                                                                 fmt))[0]
