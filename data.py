@@ -746,6 +746,19 @@ def safe_name(task_id):
     return f"{name.lstrip('.')[:90]}-{hashlib.sha1(str(task_id).encode()).hexdigest()[:8]}"
 
 
+def lock_file(path, busy):
+    """`path` opened and locked exclusively for as long as the returned file stays open; OneLineError(`busy`) when
+    another process holds it. The OS drops the lock when the process exits, kill -9 included."""
+    import fcntl
+    f = open(path, "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise OneLineError(busy)
+    return f
+
+
 def write_json(path, obj, indent=2):
     write_atomic(path, json.dumps(obj, indent=indent))
 

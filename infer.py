@@ -5,7 +5,6 @@ submission and score it.
     python infer.py --score runs/my-run/submission.json   # score an existing submission, no model loaded
 """
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -920,14 +919,8 @@ def settings_change(saved, settings):
 def lock(cache):
     """An exclusive lock on a file beside the cache, held while this process predicts into it: a second infer.py on
     the same --out stops at once instead of doing every task again. The OS drops it when we exit, kill -9 too."""
-    f = open(cache.with_name(cache.name + ".lock"), "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise OneLineError(f"{cache}: another infer.py is predicting into it; wait for it to finish or give "
-                           "another --out")
-    return f
+    return data.lock_file(cache.with_name(cache.name + ".lock"), f"{cache}: another infer.py is predicting into "
+                          "it; wait for it to finish or give another --out")
 
 
 def check_submission(sub, tasks, where, unreadable=None):

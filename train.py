@@ -21,8 +21,9 @@ from pathlib import Path
 
 from data import (AUTO, END, IN, OUT, OneLineError, build_dataset, check_model_name, check_ranges, check_writable,
                   choose_format, count_tokens, encode_example, file_mode, first_line, format_texts, given_flags,
-                  line_buffered, llama3_tokenizer, opt, pad_id, parse_config, peak_memory_gb, quiet_libraries,
-                  read_json, read_sets, safe_name, task_fingerprint, ttt_dataset, views, write_failure, write_json)
+                  line_buffered, llama3_tokenizer, lock_file, opt, pad_id, parse_config, peak_memory_gb,
+                  quiet_libraries, read_json, read_sets, safe_name, task_fingerprint, ttt_dataset, views, write_failure,
+                  write_json)
 
 TINY_WORDS = [IN, OUT, END]  # the tiny vocabulary is built around data.py's format
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -1089,16 +1090,9 @@ def run_status(folder):
 def lock_run(out):
     """An exclusive lock on out/train.lock while this process trains there: a second train.py on the same --out
     stops at once. main releases it; the OS drops it when the process exits, kill -9 included."""
-    import fcntl
     out.mkdir(parents=True, exist_ok=True)
-    f = open(out / LOCK, "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise OneLineError(f"--out {out}: another train.py is training there ({out / LOCK} is held); wait for it to "
-                           "finish or give another --out")
-    HELD.append(f)
+    HELD.append(lock_file(out / LOCK, f"--out {out}: another train.py is training there ({out / LOCK} is held); "
+                                      "wait for it to finish or give another --out"))
 
 
 def test_time_key(cfg):
