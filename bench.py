@@ -488,15 +488,17 @@ def bench_vocab_model(cfg, name):
 
 def bench_vocab(cfg):
     """--vocab full against arc: the training figures for SmolLM2 and the 8B-shaped 2-layer model, then SmolLM2
-    trained cfg.vocab_steps steps with each vocabulary on the colour-mapping family (tests/families.py, same seed)
+    trained cfg.vocab_steps steps with each vocabulary on the colour-mapping family (data.colour_family, same seed)
     and scored on cfg.vocab_tasks held-out tasks, through train.main and infer.main."""
     import tempfile
-    from tests.families import write_family
     out = {name: bench_vocab_model(cfg, name) for name in cfg.vocab_models}
     if not cfg.vocab_steps:
         return out
     with tempfile.TemporaryDirectory() as tmp:
-        family = write_family(Path(tmp) / "family", n_train=200, n_eval=cfg.vocab_tasks, seed=1)
+        family = Path(tmp) / "family"  # 200 train tasks and --vocab-tasks eval tasks of data.colour_family, seed 1
+        for split, tasks in data.colour_family(200, cfg.vocab_tasks, seed=1).items():
+            for tid, task in tasks.items():
+                data.write_json(family / split / f"{tid}.json", task)
         for vocab in train.VOCABS:
             run = Path(tmp) / vocab
             t0 = time.time()

@@ -66,3 +66,9 @@ def test_the_checker_catches_a_missing_flag_and_a_missing_dataset():
     for line, script, args in bad:
         with pytest.raises((AssertionError, pytest.fail.Exception)):
             test_every_readme_command_names_a_script_its_flags_and_datasets_that_exist(line, script, args)
+
+
+@pytest.mark.parametrize("script", sorted(CONFIGS))
+def test_no_script_imports_from_tests(script):
+    source = (ROOT / script).read_text()
+    assert not re.search(r"^\s*(from tests\b|import tests\b|from (conftest|families|test_\w+) import)", source, re.M)
