@@ -214,8 +214,9 @@ def load_tasks(source="arc1", split="train", strict_solutions=True, quiet=False)
     if not tasks:
         first = next(iter(unreadable.values()), None)
         raise OneLineError(f"{source} ({split}): no valid tasks" + (f"; first problem: {first[0]}" if first else ""))
-    for reason, _ in [] if quiet else unreadable.values():
-        print(f"skipped {reason}", file=sys.stderr)
+    if not quiet:
+        for reason, _ in unreadable.values():
+            print(f"skipped {reason}", file=sys.stderr)
     return tasks, unreadable
 
 
