@@ -1180,6 +1180,7 @@ def save_merged(model, tokenizer, folder, backend, base, adapter, keep=None):
     if backend == "unsloth":
         model.save_pretrained_merged(str(folder), tokenizer, save_method="merged_16bit")
         keep_trained_head(model, folder)
+        keep_token_ids(model, folder)
     else:
         import torch
         from peft import PeftModel
@@ -1193,6 +1194,16 @@ def save_merged(model, tokenizer, folder, backend, base, adapter, keep=None):
         merged.to(torch.bfloat16).save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
     print(f"merged 16-bit model: {folder}")
+
+
+def keep_token_ids(model, folder):
+    """Unsloth's merge writes the base's config.json from disk with only vocab_size carried over, so a --vocab arc
+    run's merged config named bos/eos/pad by their full-vocabulary ids: write the model's own (remapped) ones."""
+    config, own = read_json(folder / "config.json"), model.config.get_text_config()
+    for part in (config, config.get("text_config")):
+        if isinstance(part, dict):
+            part.update({name: getattr(own, name) for name in TOKEN_ID_FIELDS if getattr(own, name, None) is not None})
+    write_json(folder / "config.json", config)
 
 
 def keep_trained_head(model, folder):

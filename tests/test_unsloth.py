@@ -21,11 +21,28 @@ pytestmark = pytest.mark.skipif(not unsloth_cpu.available(), reason="unsloth is 
 POSITIONS = 512  # the tiny model's max_position_embeddings: auto --max-seq-len is capped to it
 
 
+UNUSED = 200  # words of the tiny model's vocabulary that ARC text never uses: --vocab arc cuts them
+KEPT = 17  # the tiny tokenizer's 18 tokens but <pad>: the tied model pads with </s>
+
+
+def tiny_tokenizer_with_unused_words():
+    """The tiny word-level tokenizer with UNUSED more words in its vocabulary (after its own, ids unchanged), as a
+    real tokenizer holds far more tokens than the format writes."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    tiny = train.tiny_tokenizer()
+    spec = json.loads(tiny.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"unused{i}": len(vocab) + i for i in range(UNUSED)})
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
 def tied_tiny_model(folder):
-    """A tiny Llama with tied embeddings (as SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B) and pad == eos (as SmolLM2's
-    <|im_end|>), saved as a model folder that Unsloth can load."""
+    """A tiny Llama with tied embeddings (as SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B), pad == eos (as SmolLM2's
+    <|im_end|>) and words no ARC text uses, saved as a model folder that Unsloth can load."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    tokenizer = train.tiny_tokenizer()
+    tokenizer = tiny_tokenizer_with_unused_words()
     tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -57,25 +74,32 @@ def run(mode, *args, root):
 
 @pytest.fixture(scope="module")
 def trained(setup):
-    """One Unsloth run shared by the tests: 6 steps with a checkpoint at 4 and a merged model, then resumed to 8."""
+    """One Unsloth run shared by the tests, on the cut vocabulary: 6 steps with a checkpoint at 4 and a merged
+    model, then resumed to 8."""
     root, model, family = setup
     out = root / "runs" / "lora"
     first = run("train", "--backend", "unsloth", "--model", model, "--dataset", family, "--split", "train",
                 "--max-steps", "6", "--save-steps", "4", "--logging-steps", "1", "--batch-size", "4",
-                "--grad-accum", "1", "--lr", "1e-2",
+                "--grad-accum", "1", "--lr", "1e-2", "--vocab", "arc",
                 "--no-load-in-4bit", "--merge", "--out", out, root=root)
     info = json.loads((out / "config.json").read_text())
     resumed = run("train", "--resume", "--out", out, "--max-steps", "8", root=root)
     return out, first, info, resumed
 
 
-def test_unsloth_loss_and_gradients_match_transformers_in_a_process_without_unsloth(setup):
+@pytest.mark.parametrize("vocab", train.VOCABS)
+def test_unsloth_loss_and_gradients_match_transformers_in_a_process_without_unsloth(setup, vocab):
     root, model, family = setup
-    run("grads", root / "unsloth.pt", model, family, root=root)
-    reference = unsloth_cpu.run("reference", root / "reference.pt", model, family, root / "unsloth.pt", cwd=root)
-    assert reference.returncode == 0, reference.stdout[-4000:]  # it asserts "unsloth" not in sys.modules itself
-    ours, theirs = torch.load(root / "unsloth.pt", weights_only=False), torch.load(root / "reference.pt")
+    if not (root / "reference.pt").exists():
+        run("grads", root / "unsloth.pt", model, family, root=root)
+        reference = unsloth_cpu.run("reference", root / "reference.pt", model, family, root / "unsloth.pt", cwd=root)
+        assert reference.returncode == 0, reference.stdout[-4000:]  # it asserts "unsloth" not in sys.modules itself
+    ours = torch.load(root / "unsloth.pt", weights_only=False)[vocab]
+    theirs = torch.load(root / "reference.pt")[vocab]
     assert ours["dtype"] == "torch.float16"  # Unsloth on this "GPU" without bf16: fp16, against an fp32 reference
+    full = len(tiny_tokenizer_with_unused_words())
+    assert full == KEPT + 1 + UNUSED
+    assert ours["vocab_size"] == theirs["vocab_size"] == (full if vocab == "full" else KEPT)
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-3)
     names = set(ours["grads"])
     assert names == set(theirs["grads"])
@@ -89,13 +113,14 @@ def test_unsloth_loss_and_gradients_match_transformers_in_a_process_without_unsl
         assert float(a.norm() / b.norm()) == pytest.approx(1, abs=0.01), name
 
 
-def test_packing_on_unsloth_gives_the_padded_loss_because_it_carries_the_boundaries(setup):
+@pytest.mark.parametrize("vocab", train.VOCABS)
+def test_packing_on_unsloth_gives_the_padded_loss_because_it_carries_the_boundaries(setup, vocab):
     """Fault 1: Unsloth finds packed sequences' boundaries only from packed_seq_lengths, which train.py's packed
     batches now carry; without it (position_ids only, as before) the sequences attend to each other."""
     root, model, family = setup
     if not (root / "unsloth.pt").exists():
         run("grads", root / "unsloth.pt", model, family, root=root)
-    ours = torch.load(root / "unsloth.pt", weights_only=False)
+    ours = torch.load(root / "unsloth.pt", weights_only=False)[vocab]
     assert ours["packed_loss"] == pytest.approx(ours["loss"], rel=1e-5)
     # a random tiny model attends almost uniformly, so the leak moves its loss by little, but clearly
     assert abs(ours["unbounded_loss"] - ours["loss"]) > 2e-4 * ours["loss"]
@@ -106,14 +131,18 @@ def test_unsloth_run_trains_embeddings_and_resumes(setup, trained):
     out, first, info, resumed = trained
     assert info["backend"] == "unsloth" and "--backend unsloth" in info["why"] and info["lora"]
     assert "backend: unsloth" in first
+    keep = info["keep_ids"]
+    assert info["vocab"] == "arc" and len(keep) == KEPT
     losses = [loss for _, loss in info["summary"]["losses"]]
     assert len(losses) == 6 and losses[-1] < losses[0]
     from safetensors.torch import load_file
     adapter = load_file(out / "final" / "adapter_model.safetensors")
-    trained_embed = [v for k, v in adapter.items() if "embed_tokens" in k]
-    trained_head = [v for k, v in adapter.items() if "lm_head" in k]
+    # the trained copies (peft also saves the cut base's rows, as for any resized vocabulary)
+    trained_embed = [v for k, v in adapter.items() if "embed_tokens.modules_to_save" in k]
+    trained_head = [v for k, v in adapter.items() if "lm_head.modules_to_save" in k]
     assert len(trained_embed) == len(trained_head) == 1
-    start = load_file(model / "model.safetensors")["model.embed_tokens.weight"].float()
+    assert trained_embed[0].shape[0] == trained_head[0].shape[0] == len(keep)
+    start = load_file(model / "model.safetensors")["model.embed_tokens.weight"].float()[keep]
     assert not torch.allclose(trained_embed[0].float(), start, atol=1e-3)
     assert not torch.allclose(trained_head[0].float(), start, atol=1e-3)  # started as the tied copy
     assert "resume: from" in resumed and "checkpoint-6" in resumed  # the Trainer saves its last step too
@@ -134,19 +163,24 @@ def test_unsloth_run_predicts_a_valid_submission(setup, trained):
 
 
 def test_unsloth_merge_of_a_tied_base_keeps_the_trained_head(trained):
-    """Fault 2: Unsloth's merged save of an untied-on-purpose base wrote no lm_head and said tied."""
-    out = trained[0]
+    """Fault 2: Unsloth's merged save of an untied-on-purpose base wrote no lm_head and said tied. The merged
+    folder holds the cut vocabulary and its own tokenizer."""
+    out, info = trained[0], trained[2]
     from safetensors.torch import load_file
     merged = json.loads((out / "merged" / "config.json").read_text())
     assert merged["tie_word_embeddings"] is False
     weights = load_file(out / "merged" / "model.safetensors")
-    head = [v for k, v in load_file(out / "final" / "adapter_model.safetensors").items() if "lm_head" in k][0]
+    head = [v for k, v in load_file(out / "final" / "adapter_model.safetensors").items()
+            if "lm_head.modules_to_save" in k][0]
     assert torch.allclose(weights["lm_head.weight"].float(), head.float(), atol=1e-2)
     assert not torch.allclose(weights["lm_head.weight"].float(), weights["model.embed_tokens.weight"].float(),
                               atol=1e-3)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     reloaded = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert torch.allclose(reloaded.lm_head.weight.float(), head.float(), atol=1e-2)
+    assert reloaded.config.vocab_size == len(info["keep_ids"]) == reloaded.model.embed_tokens.weight.shape[0]
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    assert len(tokenizer) == len(info["keep_ids"]) and reloaded.config.eos_token_id == tokenizer.eos_token_id
 
 
 def test_unsloth_is_imported_before_transformers_and_leaves_no_cache_in_the_working_directory(setup, trained):
@@ -183,8 +217,8 @@ def test_full_finetune_past_the_positions_records_16_bits_and_rope_scaling(setup
     root, model, family = setup
     out = root / "runs" / "full"
     output = run("train", "--backend", "unsloth", "--model", model, "--dataset", family, "--split", "train",
-                 "--limit-tasks", "2", "--views", "1", "--max-steps", "1", "--full-finetune", "--max-seq-len",
-                 str(2 * POSITIONS), "--out", out, root=root)
+                 "--limit-tasks", "2", "--views", "1", "--max-steps", "1", "--full-finetune", "--vocab", "full",
+                 "--max-seq-len", str(2 * POSITIONS), "--out", out, root=root)
     info = json.loads((out / "config.json").read_text())
     assert info["load_in_4bit"] is False and info["lora"] is False
     assert info["max_seq_len"] == 2 * POSITIONS

@@ -4,7 +4,7 @@ the Unsloth line behind each). The scripts' own main() runs unchanged; `--backen
 
     python tests/unsloth_cpu.py train --backend unsloth --model FOLDER ...     # train.main(...)
     python tests/unsloth_cpu.py infer --backend unsloth --model RUN ...        # infer.main(...)
-    python tests/unsloth_cpu.py grads OUT.pt MODEL DATASET                     # loss + gradients of one batch
+    python tests/unsloth_cpu.py grads OUT.pt MODEL DATASET                     # loss + gradients, each --vocab
     python tests/unsloth_cpu.py reference OUT.pt MODEL DATASET STATE.pt        # the same, transformers + peft
 
 Only tests import this module; `run()` starts the subprocess. A same-process comparison would be meaningless:
@@ -124,16 +124,18 @@ class AfterUnsloth(importlib.abc.MetaPathFinder):
         return spec
 
 
-def model_and_rows(model_folder, dataset, backend):
-    """(cfg, model, tokenizer, rows): the model as train.py loads it for `backend` (untied), and four training
-    sequences of `dataset` as train.py tokenizes them."""
+def model_and_rows(model_folder, dataset, backend, vocab):
+    """(cfg, model, tokenizer, rows): the model as train.py loads it for `backend` with --vocab `vocab` (cut, then
+    untied), and four training sequences of `dataset` as train.py tokenizes them."""
     import data
     import train
     cfg = train.Config(model=model_folder, dataset=[dataset], views=1, max_seq_len=512, load_in_4bit=False,
-                       full_finetune=False, epochs=1)
+                       full_finetune=False, epochs=1, vocab=vocab)
     model, tokenizer = train.load_model(cfg, backend)
-    train.untie_embeddings(model)
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    if vocab == "arc":
+        tokenizer, _ = train.arc_vocabulary(model, tokenizer, fmt)
+    train.untie_embeddings(model)
     tasks, _ = data.read_sets(cfg.dataset, cfg.split)
     ds, _, _ = train.training_data(cfg, tasks, tokenizer, fmt)
     return cfg, model, tokenizer, [ds[i] for i in range(4)]
@@ -149,45 +151,51 @@ def loss_and_grads(model, batch):
 
 
 def grads(out, model_folder, dataset):
-    """Unsloth's loss and gradients on one padded batch, and its loss on the same rows packed (train.py's
-    collators), after the LoRA B matrices are set to random values (at their start, zero, every lora_A gradient
-    would be zero too); saved with those weights and the padded batch for `reference`."""
+    """Per --vocab: Unsloth's loss and gradients on one padded batch, after the LoRA B matrices are set to random
+    values (at their start, zero, every lora_A gradient would be zero too), saved with those weights and the batch
+    for `reference`; and its loss on the same rows packed (train.py's collators)."""
     import torch
     import data
     import train
-    cfg, model, tokenizer, rows = model_and_rows(model_folder, dataset, "unsloth")
-    model = train.add_lora(model, cfg, "unsloth")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
-    state = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-    padded, packed = train.collate(data.pad_id(tokenizer))(rows), train.packed_collate("unsloth")(rows)
-    loss, g = loss_and_grads(model, padded)
-    packed_loss, _ = loss_and_grads(model, packed)
-    unbounded = {k: v for k, v in packed.items() if k != "packed_seq_lengths"}  # position_ids only
-    unbounded_loss, _ = loss_and_grads(model, unbounded)
-    torch.save(dict(loss=loss, grads=g, packed_loss=packed_loss, unbounded_loss=unbounded_loss, state=state,
-                    batch=padded, dtype=str(next(model.parameters()).dtype)), out)
+    saved = {}
+    for vocab in train.VOCABS:
+        cfg, model, tokenizer, rows = model_and_rows(model_folder, dataset, "unsloth", vocab)
+        model = train.add_lora(model, cfg, "unsloth")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        state = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        padded, packed = train.collate(data.pad_id(tokenizer))(rows), train.packed_collate("unsloth")(rows)
+        loss, g = loss_and_grads(model, padded)
+        packed_loss, _ = loss_and_grads(model, packed)
+        unbounded = {k: v for k, v in packed.items() if k != "packed_seq_lengths"}  # position_ids only
+        unbounded_loss, _ = loss_and_grads(model, unbounded)
+        saved[vocab] = dict(loss=loss, grads=g, packed_loss=packed_loss, unbounded_loss=unbounded_loss, state=state,
+                            batch=padded, dtype=str(next(model.parameters()).dtype),
+                            vocab_size=model.get_input_embeddings().weight.shape[0])
+    torch.save(saved, out)
 
 
 def reference(out, model_folder, dataset, state_file):
-    """The same loss and gradients through transformers + peft in float32, in a process without unsloth."""
+    """The same losses and gradients through transformers + peft in float32, in a process without unsloth."""
     import torch
     import train
-    saved = torch.load(state_file, weights_only=False)
-    cfg, model, _, _ = model_and_rows(model_folder, dataset, "transformers")
-    model = train.add_lora(model.float(), cfg, "transformers")
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names == set(saved["state"]), sorted(names ^ set(saved["state"]))[:6]
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in names:
-                p.copy_(saved["state"][n])
-    loss, g = loss_and_grads(model, saved["batch"])
+    saved, result = torch.load(state_file, weights_only=False), {}
+    for vocab in train.VOCABS:
+        cfg, model, _, _ = model_and_rows(model_folder, dataset, "transformers", vocab)
+        model = train.add_lora(model.float(), cfg, "transformers")
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert names == set(saved[vocab]["state"]), sorted(names ^ set(saved[vocab]["state"]))[:6]
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in names:
+                    p.copy_(saved[vocab]["state"][n])
+        loss, g = loss_and_grads(model, saved[vocab]["batch"])
+        result[vocab] = dict(loss=loss, grads=g, vocab_size=model.get_input_embeddings().weight.shape[0])
     assert "unsloth" not in sys.modules, "the reference imported unsloth: it would run Unsloth's patched code"
-    torch.save(dict(loss=loss, grads=g), out)
+    torch.save(result, out)
 
 
 def main():
