@@ -4,7 +4,6 @@ measured side by side in the same run; all of them go to one JSON record with th
     python bench.py                                    # data, train, generate, estimate on the tiny model -> bench.json
     python bench.py --arch llama3-8b --train-batch-size 2 --max-seq-len 8192 --out gpu.json   # a GPU: the 8B's shape
     python bench.py --sections modes                   # writeup / vote / poe / dfs, with and without TTT, side by side
-    python bench.py --sections modes                   # writeup / vote / poe, with and without TTT, side by side
     python bench.py --sections vocab --train-batch-size 2 --train-batches 2 --max-seq-len 512   # --vocab full vs arc
 """
 import dataclasses
@@ -67,8 +66,9 @@ class Config:
     modes_ttt: bool = opt(True, "modes", "the same rows again after per-task test-time training")
     vocab_models: list = opt(["smollm2", "llama3-8b-2l"], "vocab", "models timed: smollm2 and/or llama3-8b-2l (Llama-3-8B's "
                                                                    "vocabulary and width, 2 layers, random weights)")
-    vocab_steps: int = opt(30, "vocab", "SmolLM2 LoRA steps on the synthetic family, with each --vocab (0: none)")
-    vocab_tasks: int = opt(20, "vocab", "held-out tasks of the family that each of those two runs predicts")
+    vocab_steps: list = opt(["10", "20", "40"], "vocab", "SmolLM2 LoRA runs on the synthetic family, one per step "
+                                                         "count and --vocab, 4 sequences a step (0: none)")
+    vocab_tasks: int = opt(20, "vocab", "held-out tasks of the family that each of those runs predicts")
 
 
 def device_name():
@@ -488,35 +488,39 @@ def bench_vocab_model(cfg, name):
 
 def bench_vocab(cfg):
     """--vocab full against arc: the training figures for SmolLM2 and the 8B-shaped 2-layer model, then SmolLM2
-    trained cfg.vocab_steps steps with each vocabulary on the colour-mapping family (data.colour_family, same seed)
-    and scored on cfg.vocab_tasks held-out tasks, through train.main and infer.main."""
+    trained each of cfg.vocab_steps step counts with each vocabulary on the colour-mapping family
+    (data.colour_family, same seed) and scored on cfg.vocab_tasks held-out tasks, through train.main and infer.main."""
     import tempfile
+    if not all(n.isdigit() for n in cfg.vocab_steps):
+        raise SystemExit(f"error: --vocab-steps {' '.join(cfg.vocab_steps)}: give step counts (0: none)")
+    steps = [int(n) for n in cfg.vocab_steps if int(n) > 0]
     out = {name: bench_vocab_model(cfg, name) for name in cfg.vocab_models}
-    if not cfg.vocab_steps:
+    if not steps:
         return out
     with tempfile.TemporaryDirectory() as tmp:
         family = Path(tmp) / "family"  # 200 train tasks and --vocab-tasks eval tasks of data.colour_family, seed 1
         for split, tasks in data.colour_family(200, cfg.vocab_tasks, seed=1).items():
             for tid, task in tasks.items():
                 data.write_json(family / split / f"{tid}.json", task)
-        for vocab in train.VOCABS:
-            run = Path(tmp) / vocab
-            t0 = time.time()
-            train.main(["--model", "smollm2", "--vocab", vocab, "--dataset", str(family), "--max-steps",
-                        str(cfg.vocab_steps), "--batch-size", "4", "--grad-accum", "1", "--max-seq-len", "512",
-                        "--logging-steps", "10", "--seed", str(cfg.seed), "--out", str(run)])
-            seconds = time.time() - t0
-            infer.main(["--model", str(run), "--dataset", str(family), "--split", "eval", "--seed", str(cfg.seed)])
-            summary = json.loads((run / "config.json").read_text())["summary"]
-            r = json.loads((run / "results.json").read_text())
-            out[f"family_{vocab}"] = dict(steps=summary["steps"], train_s=round(seconds), tok_s=summary["tokens_per_second"],
-                                          train_loss=summary["train_loss"], solved=r["solved_any"], tasks=r["tasks"])
-    print(f"\nvocab: SmolLM2, {cfg.vocab_steps} steps of 4 sequences on the colour-mapping family, "
+        out["family"] = []
+        for n in steps:
+            for vocab in train.VOCABS:
+                run = Path(tmp) / f"{vocab}-{n}"
+                t0 = time.time()
+                train.main(["--model", "smollm2", "--vocab", vocab, "--dataset", str(family), "--max-steps", str(n),
+                            "--batch-size", "4", "--grad-accum", "1", "--max-seq-len", "512", "--logging-steps", "10", "--seed", str(cfg.seed), "--out", str(run)])
+                seconds = time.time() - t0
+                infer.main(["--model", str(run), "--dataset", str(family), "--split", "eval", "--seed", str(cfg.seed)])
+                summary = json.loads((run / "config.json").read_text())["summary"]
+                r = json.loads((run / "results.json").read_text())
+                out["family"].append(dict(vocab=vocab, steps=summary["steps"], train_s=round(seconds),
+                                          tok_s=summary["tokens_per_second"], train_loss=summary["train_loss"],
+                                          solved=r["solved_any"], tasks=r["tasks"]))
+    print(f"\nvocab: SmolLM2 LoRA on the colour-mapping family, 4 sequences a step (SmolLM2's default lr), "
           f"{cfg.vocab_tasks} held-out tasks")
-    for vocab in train.VOCABS:
-        f = out[f"family_{vocab}"]
-        print(f"  {vocab:<4} train {f['train_s']} s ({f['tok_s']} tok/s), loss {f['train_loss']:.4f}, solved "
-              f"{f['solved']} / {f['tasks']}")
+    for f in out["family"]:
+        print(f"  {f['vocab']:<4} {f['steps']:>4} steps  train {f['train_s']:>4} s ({f['tok_s']} tok/s), loss "
+              f"{f['train_loss']:.4f}, solved {f['solved']} / {f['tasks']}")
     return out
 
 
