@@ -4,7 +4,7 @@ measured side by side in the same run; all of them go to one JSON record with th
     python bench.py                                    # data, train, generate, estimate on the tiny model -> bench.json
     python bench.py --arch llama3-8b --train-batch-size 2 --max-seq-len 8192 --out gpu.json   # a GPU: the 8B's shape
     python bench.py --sections modes                   # writeup / vote / poe / dfs, with and without TTT, side by side
-    python bench.py --sections vocab --train-batch-size 2 --train-batches 2 --max-seq-len 512   # --vocab full vs arc
+    python bench.py --sections vocab --train-batch-size 2 --train-batches 4 --max-seq-len 512   # --vocab arc vs full
 """
 import dataclasses
 import json
@@ -66,8 +66,10 @@ class Config:
     modes_ttt: bool = opt(True, "modes", "the same rows again after per-task test-time training")
     vocab_models: list = opt(["smollm2", "llama3-8b-2l"], "vocab", "models timed: smollm2 and/or llama3-8b-2l (Llama-3-8B's "
                                                                    "vocabulary and width, 2 layers, random weights)")
-    vocab_steps: list = opt(["10", "20", "40"], "vocab", "SmolLM2 LoRA runs on the synthetic family, one per step "
+    vocab_steps: list = opt(["15", "30", "60"], "vocab", "SmolLM2 LoRA runs on the synthetic family, one per step "
                                                          "count and --vocab, 4 sequences a step (0: none)")
+    vocab_lr: float = opt(1e-3, "vocab", "their learning rate (at SmolLM2's default 4e-4 neither vocabulary solves a "
+                                         "task within 40 steps)")
     vocab_tasks: int = opt(20, "vocab", "held-out tasks of the family that each of those runs predicts")
 
 
@@ -184,14 +186,16 @@ def train_batches(cfg, tokenizer):
     return [rows[i:i + n] for i in range(0, len(rows) - n + 1, n)][:cfg.train_batches]
 
 
-def forward_backward(model, batch):
-    """(loss, seconds) of one forward + backward pass."""
+def forward_backward(model, batch, optimizer=None):
+    """(loss, seconds) of one forward + backward pass, and of the optimizer's step when one is given."""
     import torch
     batch = {k: v.to(model.device) for k, v in batch.items()}
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     loss = model(**batch).loss
     loss.backward()
+    if optimizer is not None:
+        optimizer.step()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return loss.item(), time.perf_counter() - t0
@@ -439,8 +443,9 @@ def training_state_gb(model):
 
 
 def bench_vocab_model(cfg, name):
-    """Trainable parameters, adapter size, memory and forward + backward tokens/s of --vocab full and arc on the
-    same training sequences, timed batch by batch in turn."""
+    """Trainable parameters, adapter size, memory and training tokens/s (forward, backward and an AdamW step, as
+    train.py's CPU path; adamw_8bit on a GPU would keep smaller moments) of --vocab full and arc on the same
+    training sequences, timed batch by batch in turn."""
     import tempfile
     import torch
     gpu = torch.cuda.is_available()
@@ -451,6 +456,7 @@ def bench_vocab_model(cfg, name):
     tokens = sum(len(r["input_ids"]) for b in batches["full"] for r in b)
     out = dict(model=name, device=device_name(), batches=len(batches["full"]), batch_size=cfg.train_batch_size,
                tokens=tokens)
+    optimizers = {}
     for vocab, (model, tok) in models.items():
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
@@ -458,17 +464,19 @@ def bench_vocab_model(cfg, name):
         out[vocab] = dict(vocab_size=model.get_input_embeddings().weight.shape[0],
                           trainable_params=train.count_params(model)[0], adapter_mb=round(size / 2**20, 2),
                           training_state_gb=round(training_state_gb(model), 3), seconds=0.0, peak_gb=0.0)
-        forward_backward(model, train.collate(data.pad_id(tok))(batches[vocab][0]))  # warm-up
+        optimizers[vocab] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        forward_backward(model, train.collate(data.pad_id(tok))(batches[vocab][0]), optimizers[vocab])  # warm-up
     for i in range(len(batches["full"])):
         for vocab in (train.VOCABS if i % 2 == 0 else train.VOCABS[::-1]):
             model, tok = models[vocab]
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
-            out[vocab]["seconds"] += forward_backward(model, train.collate(data.pad_id(tok))(batches[vocab][i]))[1]
+            out[vocab]["seconds"] += forward_backward(model, train.collate(data.pad_id(tok))(batches[vocab][i]),
+                                                      optimizers[vocab])[1]
             if gpu:
                 out[vocab]["peak_gb"] = round(max(out[vocab]["peak_gb"], data.peak_memory_gb()[1]), 2)
     print(f"vocab: {name} on {device_name()}; {out['batches']} batches of {cfg.train_batch_size} arc1 train "
-          f"sequences, {tokens:,} tokens, forward + backward")
+          f"sequences, {tokens:,} tokens, forward + backward + AdamW step")
     for vocab in train.VOCABS:
         r = out[vocab]
         r["tok_s"] = round(tokens / r["seconds"], 1)
@@ -508,7 +516,8 @@ def bench_vocab(cfg):
                 run = Path(tmp) / f"{vocab}-{n}"
                 t0 = time.time()
                 train.main(["--model", "smollm2", "--vocab", vocab, "--dataset", str(family), "--max-steps", str(n),
-                            "--batch-size", "4", "--grad-accum", "1", "--max-seq-len", "512", "--logging-steps", "10", "--seed", str(cfg.seed), "--out", str(run)])
+                            "--lr", str(cfg.vocab_lr), "--batch-size", "4", "--grad-accum", "1", "--max-seq-len", "512",
+                            "--logging-steps", "10", "--seed", str(cfg.seed), "--out", str(run)])
                 seconds = time.time() - t0
                 infer.main(["--model", str(run), "--dataset", str(family), "--split", "eval", "--seed", str(cfg.seed)])
                 summary = json.loads((run / "config.json").read_text())["summary"]
@@ -516,7 +525,7 @@ def bench_vocab(cfg):
                 out["family"].append(dict(vocab=vocab, steps=summary["steps"], train_s=round(seconds),
                                           tok_s=summary["tokens_per_second"], train_loss=summary["train_loss"],
                                           solved=r["solved_any"], tasks=r["tasks"]))
-    print(f"\nvocab: SmolLM2 LoRA on the colour-mapping family, 4 sequences a step (SmolLM2's default lr), "
+    print(f"\nvocab: SmolLM2 LoRA on the colour-mapping family, 4 sequences a step, lr {cfg.vocab_lr:g}, "
           f"{cfg.vocab_tasks} held-out tasks")
     for f in out["family"]:
         print(f"  {f['vocab']:<4} {f['steps']:>4} steps  train {f['train_s']:>4} s ({f['tok_s']} tok/s), loss "
