@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -848,9 +849,12 @@ def given_flags(cls, argv=None):
 
 def quiet_libraries():
     """Keep library chatter that means nothing to our users out of their output: bitsandbytes' CPU kernel
-    lookup ("Failed to load CPU gemm_4bit_forward from kernels-community") and torch's pytree deprecations."""
+    lookup ("Failed to load CPU gemm_4bit_forward from kernels-community"), torch's pytree deprecations, and
+    peft's note at every save of a --vocab arc run that the embedding "has been resized" (it was cut on purpose;
+    peft then also saves the cut base rows, under 1 MB on Llama-3-8B)."""
     for name in ("bitsandbytes.backends.cpu.ops", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
 
 
 def line_buffered():
