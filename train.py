@@ -42,7 +42,7 @@ BACKENDS = ("unsloth", "transformers")
 UNSLOTH_CPU = "UNSLOTH_ALLOW_CPU"  # Unsloth's own test-only switch: its GPU path on a CPU (tests/unsloth_cpu.py)
 UNSLOTH_OFFLOAD = "unsloth_offload"  # in the run folder: the frozen embeddings Unsloth offloads while training them
 # flags that change the model or the shape of its weights: a checkpoint cannot be resumed under other values
-SHAPE_FLAGS = ("model", "full_finetune", "lora_r", "ttt", "ttt_mode")
+SHAPE_FLAGS = ("model", "full_finetune", "lora_r", "vocab", "ttt", "ttt_mode")
 LOCK = "train.lock"  # in a run folder, held by the train.py writing it
 HELD = []  # the lock files this process holds; main releases them
 STOP = {}  # the signal that asked training to stop: set by the handlers that only train.py's own main installs
@@ -72,9 +72,9 @@ class Config:
                                       "or auto: Unsloth on a GPU when it imports, transformers otherwise",
                        choices=["auto", *BACKENDS])
     full_finetune: bool = opt(AUTO, "model", "train every weight instead of a LoRA (auto: on for tiny only)")
-    vocab: str = opt("full", "model", "full: the whole vocabulary (the write-up); arc: the tokenizer and "
-                                      "embed_tokens/lm_head cut to the tokens the text format uses (a few dozen)",
-                     choices=list(VOCABS))
+    vocab: str = opt("arc", "model", "arc: the tokenizer and embed_tokens/lm_head cut to the tokens the text format "
+                                     "writes (a few dozen; the same text, a smaller model: see README); full: the "
+                                     "whole vocabulary (the write-up's recipe)", choices=list(VOCABS))
     # lora
     lora_r: int = opt(16, "lora", "LoRA rank")
     lora_alpha: int = opt(16, "lora", "LoRA alpha (rank-stabilized: scaling alpha/sqrt(r))")

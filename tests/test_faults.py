@@ -418,7 +418,7 @@ def lora_run(family, tmp_path_factory):
 
 # 1. a mistyped resume is refused before anything is written; the run stays resumable
 
-@pytest.mark.parametrize("flag", [["--lora-r", "4"], ["--full-finetune"], ["--model", "smollm2"]])
+@pytest.mark.parametrize("flag", [["--lora-r", "4"], ["--full-finetune"], ["--model", "smollm2"], ["--vocab", "full"]])
 def test_resume_with_a_flag_that_changes_the_weights_is_refused_and_writes_nothing(lora_run, tmp_path, flag):
     out = tmp_path / "run"
     shutil.copytree(lora_run, out)

@@ -84,12 +84,13 @@ def test_label_mask_and_end_token_with_the_real_tokenizer(tokenizer):
 
 @pytest.fixture(scope="module")
 def run(folder, tmp_path_factory):
-    """A short LoRA run (the write-up's targets) on four small real arc1 tasks, merged at the end."""
+    """A short LoRA run (the write-up's recipe: targets and --vocab full) on four small real arc1 tasks, merged at
+    the end. tests/test_vocab.py runs SmolLM2 with the cut vocabulary."""
     root = tmp_path_factory.mktemp("smollm2")
     write_tasks(root / "tasks", "train", TRAIN_IDS)
-    model, out = train.main(["--model", "smollm2", "--dataset", str(root / "tasks"), "--views", "2",
-                             "--max-steps", "4", "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3",
-                             "--max-seq-len", "512", "--logging-steps", "1", "--out", str(root / "run"), "--merge"])
+    model, out = train.main(["--model", "smollm2", "--vocab", "full", "--dataset", str(root / "tasks"),
+                             "--views", "2", "--max-steps", "4", "--batch-size", "4", "--grad-accum", "1",
+                             "--lr", "1e-3", "--max-seq-len", "512", "--logging-steps", "1", "--out", str(root / "run"), "--merge"])
     return model.eval(), out, root
 
 
