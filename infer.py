@@ -237,6 +237,23 @@ def adapter_loader(model, run):
     return use
 
 
+def check_adapter_rows(run, model):
+    """OneLineError when the adapter's embed_tokens have other rows than the base `model` they go on: a --vocab arc
+    adapter given as --adapter, without the run folder that lists the token ids it kept (peft would fail with a
+    size mismatch deep in its loader)."""
+    from safetensors import safe_open
+    weights = Path(run.adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), "pt") as f:
+        rows = {f.get_slice(k).get_shape()[0] for k in f.keys() if "embed_tokens" in k}
+    base = model.get_input_embeddings().weight.shape[0]
+    if rows and rows != {base}:
+        raise OneLineError(f"--adapter {run.adapter}: its embed_tokens have {min(rows):,} rows and the base model's "
+                           f"{base:,}: an adapter trained with --vocab arc loads through its run folder (--model "
+                           "RUN_FOLDER: its config.json lists the tokens kept)")
+
+
 def load_weights(run, cfg):
     # Unsloth where the run was trained with it (a tiny model built from a config was not: transformers)
     backend, why = load_backend(cfg, run)  # first: `import unsloth` must come before transformers and peft
@@ -256,6 +273,7 @@ def load_weights(run, cfg):
             train.untie_embeddings(model)
         if run.adapter and (run.keep_ids or not run.final):
             from peft import PeftModel
+            check_adapter_rows(run, model)
             model = PeftModel.from_pretrained(model, str(run.adapter))
         FastLanguageModel.for_inference(model)
     else:
@@ -267,6 +285,7 @@ def load_weights(run, cfg):
             train.shrink_embeddings(model, run.keep_ids)
         if run.adapter:
             from peft import PeftModel
+            check_adapter_rows(run, model)
             train.untie_embeddings(model)  # as in training: the adapter brings an lm_head of its own
             model = PeftModel.from_pretrained(model, str(run.adapter))
         model.eval()

@@ -128,6 +128,12 @@ def check_run(out, family, steps, n_keep, tmp_path):
     infer.main(["--model", str(out), "--limit", "1"] + common)
     results = json.loads((out / "results.limit-1.json").read_text())
     assert results["tasks"] == 1 and sum(results["guess_status"].values()) == 2
+    # its adapter alone on the whole base: one line pointing to the run folder, not peft's size mismatch
+    with pytest.raises(SystemExit) as e:
+        infer.main(["--model", info["base_model"], "--adapter", str(out / "final"), "--limit", "1",
+                    "--out", str(tmp_path / "alone.json")] + common)
+    message = str(e.value)
+    assert "\n" not in message and f"its embed_tokens have {n_keep} rows" in message and "--model RUN_FOLDER" in message
     # the merged folder: a plain model with the cut vocabulary and the run's own tokenizer
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert merged.config.vocab_size == n_keep == merged.get_output_embeddings().weight.shape[0]
