@@ -1402,7 +1402,8 @@ def train(cfg, given=frozenset()):
         size = len(tokenizer)
         saved = read_json(run_config_path(out)).get("keep_ids") if checkpoint else None
         tokenizer, keep = arc_vocabulary(model, tokenizer, fmt, saved)
-        print(f"vocab arc: {len(keep)} of {size:,} tokens kept (the format's, the special ones and the pieces BPE "
+        print(f"vocab arc: all {size} tokens are the format's or special: nothing to cut" if len(keep) == size else
+              f"vocab arc: {len(keep)} of {size:,} tokens kept (the format's, the special ones and the pieces BPE "
               f"builds them from), new ids 0..{len(keep) - 1}; embed_tokens and lm_head cut to their rows")
     if not cfg.full_finetune:
         if untie_embeddings(model):
