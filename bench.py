@@ -406,14 +406,14 @@ def bench_modes(cfg):
 # ----------------------------------------------------------------------------
 # vocab: train.py --vocab full against --vocab arc
 
-def vocab_models(name, seed):
+def vocab_models(name, seed, vocabs=train.VOCABS):
     """{vocab: (model, tokenizer)} for "smollm2" (float32, as train.py loads it on a CPU) or "llama3-8b-2l": Llama-3-8B's
     vocabulary and width with 2 layers and random weights (bf16, as on a GPU), set up as train.py trains them:
     --vocab arc cut, embeddings untied, rsLoRA + embed_tokens/lm_head as full matrices."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     out = {}
-    for vocab in train.VOCABS:
+    for vocab in vocabs:
         if name == "smollm2":
             model, tokenizer = train.load_model(replace(train.Config(), model="smollm2", max_seq_len=8192),
                                                 "transformers")
@@ -442,13 +442,31 @@ def training_state_gb(model):
     return (weights + sum(p.numel() * p.element_size() for p in trainable) + 8 * sum(p.numel() for p in trainable)) / 2**30
 
 
+def peak_rss_gb(cfg, name, vocab):
+    """Peak RSS (GB) of training `vocab`'s model alone on the benchmark's batches, run in a process of its own (on a
+    CPU the only way to see each vocabulary's memory apart: a process's peak never falls)."""
+    import torch
+    data.quiet_libraries()
+    (model, tok), = vocab_models(name, cfg.seed, [vocab]).values()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    for batch in train_batches(cfg, tok):
+        forward_backward(model, train.collate(data.pad_id(tok))(batch), optimizer)
+    return data.peak_memory_gb()[1]
+
+
 def bench_vocab_model(cfg, name):
     """Trainable parameters, adapter size, memory and training tokens/s (forward, backward and an AdamW step, as
     train.py's CPU path; adamw_8bit on a GPU would keep smaller moments) of --vocab full and arc on the same
     training sequences, timed batch by batch in turn."""
+    import multiprocessing
     import tempfile
+    from concurrent.futures import ProcessPoolExecutor
     import torch
     gpu = torch.cuda.is_available()
+    peak_rss = {}
+    for vocab in ([] if gpu else train.VOCABS):  # first: this process will hold both models
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            peak_rss[vocab] = round(pool.submit(peak_rss_gb, cfg, name, vocab).result(), 2)
     models = vocab_models(name, cfg.seed)
     batches = {v: train_batches(cfg, tok) for v, (_, tok) in models.items()}
     assert [[len(r["input_ids"]) for r in b] for b in batches["full"]] == \
@@ -463,7 +481,8 @@ def bench_vocab_model(cfg, name):
             size = sum(f.stat().st_size for f in Path(tmp).iterdir() if f.suffix == ".safetensors")
         out[vocab] = dict(vocab_size=model.get_input_embeddings().weight.shape[0],
                           trainable_params=train.count_params(model)[0], adapter_mb=round(size / 2**20, 2),
-                          training_state_gb=round(training_state_gb(model), 3), seconds=0.0, peak_gb=0.0)
+                          training_state_gb=round(training_state_gb(model), 3), seconds=0.0,
+                          peak_gb=peak_rss.get(vocab, 0.0))
         optimizers[vocab] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         forward_backward(model, train.collate(data.pad_id(tok))(batches[vocab][0]), optimizers[vocab])  # warm-up
     for i in range(len(batches["full"])):
@@ -480,7 +499,7 @@ def bench_vocab_model(cfg, name):
     for vocab in train.VOCABS:
         r = out[vocab]
         r["tok_s"] = round(tokens / r["seconds"], 1)
-        memory = f", peak GPU {r['peak_gb']:.2f} GB" if gpu else ""
+        memory = f", peak {'GPU' if gpu else 'RSS, a process of its own,'} {r['peak_gb']:.2f} GB"
         print(f"  {vocab:<4} {r['vocab_size']:>7,} tokens  {r['trainable_params'] / 1e6:>8.2f}M trainable  adapter "
               f"{r['adapter_mb']:>8.2f} MB  weights+grads+AdamW {r['training_state_gb']:>6.2f} GB  {r['tok_s']:>8.1f} "
               f"tok/s{memory}")
