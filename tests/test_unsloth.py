@@ -1,7 +1,8 @@
 """The Unsloth path on a CPU: train.py and infer.py with --backend unsloth, each in a process of its own with
 Unsloth's CPU switches (tests/unsloth_cpu.py), on a tiny tied model saved as a folder. Unsloth's loss and
-gradients match transformers + peft computed in a process that never imported unsloth; the run trains, resumes,
-merges and predicts; and the faults found in our Unsloth calls stay fixed.
+gradients match transformers + peft computed in a process that never imported unsloth, with the whole vocabulary
+and with --vocab arc's cut; a cut run trains, resumes, merges and predicts; and the faults found in our Unsloth
+calls stay fixed.
 
     python -m pytest tests/test_unsloth.py -q
 """
@@ -19,8 +20,6 @@ from conftest import write_family
 
 pytestmark = pytest.mark.skipif(not unsloth_cpu.available(), reason="unsloth is not installed")
 POSITIONS = 512  # the tiny model's max_position_embeddings: auto --max-seq-len is capped to it
-
-
 UNUSED = 200  # words of the tiny model's vocabulary that ARC text never uses: --vocab arc cuts them
 KEPT = 17  # the tiny tokenizer's 18 tokens but <pad>: the tied model pads with </s>
 
