@@ -442,13 +442,18 @@ def training_state_gb(model):
     return (weights + sum(p.numel() * p.element_size() for p in trainable) + 8 * sum(p.numel() for p in trainable)) / 2**30
 
 
+def adamw(model):
+    """The optimizer the vocab section times and measures: AdamW over the trainable weights (train.py's CPU one)."""
+    import torch
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+
 def peak_rss_gb(cfg, name, vocab):
     """Peak RSS (GB) of training `vocab`'s model alone on the benchmark's batches, run in a process of its own (on a
     CPU the only way to see each vocabulary's memory apart: a process's peak never falls)."""
-    import torch
     data.quiet_libraries()
     (model, tok), = vocab_models(name, cfg.seed, [vocab]).values()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = adamw(model)
     for batch in train_batches(cfg, tok):
         forward_backward(model, train.collate(data.pad_id(tok))(batch), optimizer)
     return data.peak_memory_gb()[1]
@@ -483,7 +488,7 @@ def bench_vocab_model(cfg, name):
                           trainable_params=train.count_params(model)[0], adapter_mb=round(size / 2**20, 2),
                           training_state_gb=round(training_state_gb(model), 3), seconds=0.0,
                           peak_gb=peak_rss.get(vocab, 0.0))
-        optimizers[vocab] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        optimizers[vocab] = adamw(model)
         forward_backward(model, train.collate(data.pad_id(tok))(batches[vocab][0]), optimizers[vocab])  # warm-up
     for i in range(len(batches["full"])):
         for vocab in (train.VOCABS if i % 2 == 0 else train.VOCABS[::-1]):
