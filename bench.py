@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import data
 import infer
 import train
-from data import opt
+from data import AUTO, opt
 
 # Published shapes as LlamaConfig fields, built with random weights: speed and memory depend on the shape only, so
 # an 8B can be timed where its weights cannot be downloaded. "tokenizer": what turns the ARC text into tokens.
@@ -48,6 +49,8 @@ class Config:
                                       "Face name")
     arch: str = opt("", "model", "train measures a random-weight model of this shape instead of --model",
                     choices=["", *ARCHS])
+    device: str = opt(AUTO, "model", "cuda, cpu (on purpose, even where a GPU is) or auto: the GPU when torch can "
+                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *train.DEVICES])
     hidden: int = opt(128, "model", "tiny model width (train.tiny_model)")
     layers: int = opt(2, "model", "tiny model layers")
     max_seq_len: int = opt(2048, "model", "prompt + answer token limit; tasks are trimmed to fit as in train.py")
@@ -73,10 +76,10 @@ class Config:
     vocab_tasks: int = opt(20, "vocab", "held-out tasks of the family that each of those runs predicts")
 
 
-def device_name():
+def device_name(setup):
     import torch
-    if torch.cuda.is_available():
-        return f"cuda ({torch.cuda.get_device_name(0)})"
+    if setup.device == "cuda":
+        return f"cuda ({setup.gpus[0]})"
     return f"cpu ({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
 
 
@@ -85,18 +88,19 @@ def busy_note():
     return "  (other work shared the cores: timings are noisy)" if os.getloadavg()[0] > os.cpu_count() + 0.5 else ""
 
 
-def machine():
+def machine(setup):
     import torch
     return dict(host=platform.node(), platform=platform.platform(), cpu=platform.processor() or platform.machine(),
-                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=device_name(),
-                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=device_name(setup),
+                gpu=setup.gpus[0] if setup.gpus else None, driver=setup.driver or None, torch=setup.torch,
+                dtype=str(setup.dtype).split(".")[1],
                 python=platform.python_version(), versions=train.versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 # ----------------------------------------------------------------------------
 # data: rendering every task's 8 views as text, and tokenizing that text
 
-def bench_data(cfg):
+def bench_data(cfg, setup):
     """Seconds to render all tasks of both splits x 8 views (prompt and answer text, all train examples, nothing
     trimmed) in the write-up's llama3 format, and to tokenize them with the Llama-3 tokenizer."""
     tokenizer = data.llama3_tokenizer()
@@ -127,8 +131,8 @@ def bench_data(cfg):
 # ----------------------------------------------------------------------------
 # train: forward + backward tokens/s, padded batches against the same batches packed
 
-def arch_model(cfg):
-    """(model, tokenizer, what) for --arch: random weights in train.pick_dtype()'s dtype, built on the
+def arch_model(cfg, setup):
+    """(model, tokenizer, what) for --arch: random weights in the setup's dtype, built on the
     device directly so that an 8B never passes through host memory in float32."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -137,31 +141,27 @@ def arch_model(cfg):
     config = LlamaConfig(**spec, max_position_embeddings=max(cfg.max_seq_len, 8192),
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=data.pad_id(tokenizer))
-    gpu = torch.cuda.is_available()
     torch.manual_seed(cfg.seed)
-    with torch.device("cuda" if gpu else "cpu"):
-        model = LlamaForCausalLM._from_config(config, dtype=train.pick_dtype()[0])
+    with torch.device(setup.device):
+        model = LlamaForCausalLM._from_config(config, dtype=setup.dtype)
     return model, tokenizer, f"{cfg.arch}-shaped, random weights"
 
 
-def train_model(cfg):
+def train_model(cfg, setup):
     """(model, tokenizer, what) set up as train.py trains it: the tiny model fully, any other with the write-up's
     rsLoRA and gradient checkpointing (transformers + peft)."""
-    import torch
     if cfg.arch:
-        model, tokenizer, what = arch_model(cfg)
+        model, tokenizer, what = arch_model(cfg, setup)
     elif cfg.model == "tiny":
         tokenizer = train.tiny_tokenizer()
         model = train.tiny_model(tokenizer, hidden=cfg.hidden, layers=cfg.layers, max_seq_len=cfg.max_seq_len,
                                  seed=cfg.seed)
         what = f"tiny (hidden {cfg.hidden}, {cfg.layers} layers), full fine-tune"
     else:
-        model, tokenizer = train.load_model(replace(train.Config(), model=cfg.model, max_seq_len=cfg.max_seq_len),
-                                            "transformers")
+        model, tokenizer = train.load_base(cfg.model, setup, cfg.max_seq_len)
         train.untie_embeddings(model)  # as train.py does before its LoRA
         what = cfg.model
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model = model.to(setup.device)
     model.config.use_cache = False  # as the Trainer sets it; a cache would also hide the packed layout
     if cfg.arch or cfg.model != "tiny":
         model.gradient_checkpointing_enable()
@@ -196,23 +196,23 @@ def forward_backward(model, batch, optimizer=None):
     loss.backward()
     if optimizer is not None:
         optimizer.step()
-    if torch.cuda.is_available():
+    if model.device.type == "cuda":
         torch.cuda.synchronize()
     return loss.item(), time.perf_counter() - t0
 
 
-def bench_train(cfg):
+def bench_train(cfg, setup):
     """Training tokens/s, padded against packed, on the same batches: timed batch by batch in turn (which one goes
     first alternates), so a machine busy with other work slows both alike. The loss on the first batch must be the
     same both ways. Tokens are real tokens: padding slots are not counted."""
     import torch
-    gpu = torch.cuda.is_available()
-    model, tokenizer, what = train_model(cfg)
+    gpu = setup.device == "cuda"
+    model, tokenizer, what = train_model(cfg, setup)
     batches = train_batches(cfg, tokenizer)
     modes = {"padded": train.collate(data.pad_id(tokenizer)), "packed": train.packed_collate()}
     real = sum(len(r["input_ids"]) for b in batches for r in b)
     slots = sum(modes["padded"](b)["input_ids"].numel() for b in batches)
-    print(f"train: {what} on {device_name()}; {len(batches)} batches of {cfg.train_batch_size} {cfg.dataset} train "
+    print(f"train: {what} on {device_name(setup)}; {len(batches)} batches of {cfg.train_batch_size} {cfg.dataset} train "
           f"sequences, {real:,} tokens ({1 - real / slots:.0%} of the padded batches is padding); forward + backward")
     first = {name: forward_backward(model, collate(batches[0]))[0] for name, collate in modes.items()}  # + warm-up
     seconds, peaks = dict.fromkeys(modes, 0.0), dict.fromkeys(modes, 0.0)
@@ -222,7 +222,7 @@ def bench_train(cfg):
                 torch.cuda.reset_peak_memory_stats()
             seconds[name] += forward_backward(model, modes[name](batch))[1]
             peaks[name] = max(peaks[name], data.peak_memory_gb()[1])
-    out = dict(model=what, device=device_name(), batches=len(batches), batch_size=cfg.train_batch_size,
+    out = dict(model=what, device=device_name(setup), batches=len(batches), batch_size=cfg.train_batch_size,
                max_seq_len=cfg.max_seq_len, tokens=real, padded_slots=slots,
                loss_padded=first["padded"], loss_packed=first["packed"],
                loss_abs_diff=abs(first["padded"] - first["packed"]))
@@ -246,20 +246,18 @@ def bench_train(cfg):
 # ----------------------------------------------------------------------------
 # generate: batched against one prompt at a time, at the real prompt lengths
 
-def generate_setup(cfg):
+def generate_setup(cfg, setup):
     """(model, tokenizer, prompts): --model (the tiny model with random weights by default) and real ARC prompts as
     token ids in the model's format. infer.py sorts all prompts by length before batching, so its batches hold
     prompts of about the same length: the prompts here are `cfg.prompts` neighbours from the middle of that order
     (guess 1, first test input)."""
-    import torch
     if cfg.model == "tiny":
         tokenizer = train.tiny_tokenizer()
         model = train.tiny_model(tokenizer, hidden=cfg.hidden, layers=cfg.layers, max_seq_len=cfg.max_seq_len,
                                  seed=cfg.seed)
     else:
-        model, tokenizer = train.load_model(replace(train.Config(), model=cfg.model, max_seq_len=cfg.max_seq_len),
-                                            "transformers")
-    model = model.eval().cuda() if torch.cuda.is_available() else model.eval()
+        model, tokenizer = train.load_base(cfg.model, setup, cfg.max_seq_len)
+    model = model.eval().to(setup.device)
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     tasks, _ = data.load_tasks(cfg.dataset, cfg.split)
     prompts = []
@@ -283,14 +281,14 @@ def timed_generation(model, tokenizer, prompts, cfg, batch_size):
     return time.perf_counter() - t0
 
 
-def bench_generate(cfg):
+def bench_generate(cfg, setup):
     """Generated tokens/s batched vs one prompt at a time: same model, prompts and number of tokens. The two are
     timed batch by batch in turn, so a machine busy with other work slows both alike."""
     import torch
-    model, tokenizer, prompts = generate_setup(cfg)
+    model, tokenizer, prompts = generate_setup(cfg, setup)
     lengths = sorted(map(len, prompts))
     what = f"tiny model (hidden {cfg.hidden}, {cfg.layers} layers)" if cfg.model == "tiny" else cfg.model
-    print(f"generate: {what} on {device_name()}, {len(prompts)} "
+    print(f"generate: {what} on {device_name(setup)}, {len(prompts)} "
           f"{cfg.dataset} {cfg.split} prompts of {lengths[0]}..{lengths[-1]} tokens (median "
           f"{int(statistics.median(lengths))}), {cfg.max_new_tokens} new tokens each")
     torch.manual_seed(cfg.seed)
@@ -304,7 +302,7 @@ def bench_generate(cfg):
     for label, seconds in ((f"batched ({cfg.batch_size}/pass)", batched), ("one at a time", single)):
         print(f"  {label:<22} {tokens:>6} tokens in {seconds:>7.2f} s  {tokens / seconds:>9.1f} tok/s")
     print(f"  batched / one at a time: {single / batched:.1f}x{busy_note()}")
-    return dict(model=f"tiny (hidden {cfg.hidden}, {cfg.layers} layers)", device=device_name(), prompts=len(prompts),
+    return dict(model=f"tiny (hidden {cfg.hidden}, {cfg.layers} layers)", device=device_name(setup), prompts=len(prompts),
                 prompt_tokens_median=int(statistics.median(lengths)), new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.batch_size, batched_tok_s=round(tokens / batched, 1),
                 single_tok_s=round(tokens / single, 1), ratio=round(single / batched, 2))
@@ -313,7 +311,7 @@ def bench_generate(cfg):
 # ----------------------------------------------------------------------------
 # estimate: the write-up's whole run at the rates measured above
 
-def bench_estimate(cfg):
+def bench_estimate(cfg, setup):
     """Seconds for the write-up's run (train 3 epochs of arc1 train x 8 views, predict two guesses for every test
     input of the 400 eval tasks) at the tokens/s this record measured, next to the write-up's H100 seconds. An
     extrapolation: the measured model on the measured machine, token counts of the Llama-3 tokenizer."""
@@ -347,7 +345,7 @@ def bench_estimate(cfg):
 # ----------------------------------------------------------------------------
 # modes: the guess modes and test-time training side by side
 
-def bench_modes(cfg):
+def bench_modes(cfg, setup):
     """Every guess mode of infer.MODES side by side (dfs once per --modes-dfs VIEWS:MIN_PROB), with and without
     test-time training, on the same held-out tasks: the tiny model trained briefly on the colour-mapping family of
     --dataset family, then per-task TTT on the held-out tasks' demonstrations. Everything goes through train.main
@@ -406,7 +404,7 @@ def bench_modes(cfg):
 # ----------------------------------------------------------------------------
 # vocab: train.py --vocab full against --vocab arc
 
-def vocab_models(name, seed, vocabs=train.VOCABS):
+def vocab_models(name, seed, setup, vocabs=train.VOCABS):
     """{vocab: (model, tokenizer)} for "smollm2" (float32, as train.py loads it on a CPU) or "llama3-8b-2l": Llama-3-8B's
     vocabulary and width with 2 layers and random weights (bf16, as on a GPU), set up as train.py trains them:
     --vocab arc cut, embeddings untied, rsLoRA + embed_tokens/lm_head as full matrices."""
@@ -415,8 +413,7 @@ def vocab_models(name, seed, vocabs=train.VOCABS):
     out = {}
     for vocab in vocabs:
         if name == "smollm2":
-            model, tokenizer = train.load_model(replace(train.Config(), model="smollm2", max_seq_len=8192),
-                                                "transformers")
+            model, tokenizer = train.load_base("smollm2", setup, 8192)
         else:
             spec = {k: v for k, v in ARCHS["llama3-8b"].items() if k != "tokenizer"}
             tokenizer = train.llama3_hf_tokenizer()
@@ -431,7 +428,7 @@ def vocab_models(name, seed, vocabs=train.VOCABS):
         train.untie_embeddings(model)
         model.config.use_cache = False
         model = train.add_lora(model, train.Config(seed=seed), "transformers")
-        out[vocab] = model.train().cuda() if torch.cuda.is_available() else model.train(), tokenizer
+        out[vocab] = model.train().to(setup.device), tokenizer
     return out
 
 
@@ -448,18 +445,18 @@ def adamw(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
 
-def peak_rss_gb(cfg, name, vocab):
+def peak_rss_gb(cfg, setup, name, vocab):
     """Peak RSS (GB) of training `vocab`'s model alone on the benchmark's batches, run in a process of its own (on a
     CPU the only way to see each vocabulary's memory apart: a process's peak never falls)."""
     data.quiet_libraries()
-    (model, tok), = vocab_models(name, cfg.seed, [vocab]).values()
+    (model, tok), = vocab_models(name, cfg.seed, setup, [vocab]).values()
     optimizer = adamw(model)
     for batch in train_batches(cfg, tok):
         forward_backward(model, train.collate(data.pad_id(tok))(batch), optimizer)
     return data.peak_memory_gb()[1]
 
 
-def bench_vocab_model(cfg, name):
+def bench_vocab_model(cfg, setup, name):
     """Trainable parameters, adapter size, memory and training tokens/s (forward, backward and an AdamW step, as
     train.py's CPU path; adamw_8bit on a GPU would keep smaller moments) of --vocab full and arc on the same
     training sequences, timed batch by batch in turn."""
@@ -467,17 +464,17 @@ def bench_vocab_model(cfg, name):
     import tempfile
     from concurrent.futures import ProcessPoolExecutor
     import torch
-    gpu = torch.cuda.is_available()
+    gpu = setup.device == "cuda"
     peak_rss = {}
     for vocab in ([] if gpu else train.VOCABS):  # first: this process will hold both models
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            peak_rss[vocab] = round(pool.submit(peak_rss_gb, cfg, name, vocab).result(), 2)
-    models = vocab_models(name, cfg.seed)
+            peak_rss[vocab] = round(pool.submit(peak_rss_gb, cfg, setup, name, vocab).result(), 2)
+    models = vocab_models(name, cfg.seed, setup)
     batches = {v: train_batches(cfg, tok) for v, (_, tok) in models.items()}
     assert [[len(r["input_ids"]) for r in b] for b in batches["full"]] == \
         [[len(r["input_ids"]) for r in b] for b in batches["arc"]]  # the same text, the same token count
     tokens = sum(len(r["input_ids"]) for b in batches["full"] for r in b)
-    out = dict(model=name, device=device_name(), batches=len(batches["full"]), batch_size=cfg.train_batch_size,
+    out = dict(model=name, device=device_name(setup), batches=len(batches["full"]), batch_size=cfg.train_batch_size,
                tokens=tokens)
     optimizers = {}
     for vocab, (model, tok) in models.items():
@@ -499,7 +496,7 @@ def bench_vocab_model(cfg, name):
                                                       optimizers[vocab])[1]
             if gpu:
                 out[vocab]["peak_gb"] = round(max(out[vocab]["peak_gb"], data.peak_memory_gb()[1]), 2)
-    print(f"vocab: {name} on {device_name()}; {out['batches']} batches of {cfg.train_batch_size} arc1 train "
+    print(f"vocab: {name} on {device_name(setup)}; {out['batches']} batches of {cfg.train_batch_size} arc1 train "
           f"sequences, {tokens:,} tokens, forward + backward + AdamW step")
     for vocab in train.VOCABS:
         r = out[vocab]
@@ -518,7 +515,7 @@ def bench_vocab_model(cfg, name):
     return out
 
 
-def bench_vocab(cfg):
+def bench_vocab(cfg, setup):
     """--vocab full against arc: the training figures for SmolLM2 and the 8B-shaped 2-layer model, then SmolLM2
     trained each of cfg.vocab_steps step counts with each vocabulary on the colour-mapping family
     (data.colour_family, same seed) and scored on cfg.vocab_tasks held-out tasks, through train.main and infer.main."""
@@ -526,7 +523,7 @@ def bench_vocab(cfg):
     if not all(n.isdigit() for n in cfg.vocab_steps):
         raise SystemExit(f"error: --vocab-steps {' '.join(cfg.vocab_steps)}: give step counts (0: none)")
     steps = [int(n) for n in cfg.vocab_steps if int(n) > 0]
-    out = {name: bench_vocab_model(cfg, name) for name in cfg.vocab_models}
+    out = {name: bench_vocab_model(cfg, setup, name) for name in cfg.vocab_models}
     if not steps:
         return out
     with tempfile.TemporaryDirectory() as tmp:
@@ -569,12 +566,17 @@ def main(argv=None):
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
         raise SystemExit(f"error: --sections {' '.join(unknown)}: unknown; choose from {', '.join(SECTIONS)}")
-    record = dict(machine=machine(), config=dataclasses.asdict(cfg))
+    # first: a GPU that torch cannot use stops here; bench measures transformers + peft, as train.py's CPU path
+    try:
+        setup = train.make_setup(train.find_device(cfg.device), "transformers")
+    except data.OneLineError as e:
+        sys.exit(f"error: {e}")
+    record = dict(machine=machine(setup), config=dataclasses.asdict(cfg))
     print(f"machine: {record['machine']['host']}, {record['machine']['cpu_count']} CPUs, {record['machine']['device']}; "
           f"torch {record['machine']['versions'].get('torch')}, transformers {record['machine']['versions'].get('transformers')}")
     for name in cfg.sections:
         t0 = time.perf_counter()
-        record[name] = SECTIONS[name](cfg)
+        record[name] = SECTIONS[name](cfg, setup)
         record[name]["section_s"] = round(time.perf_counter() - t0, 1)
         data.write_json(cfg.out, record)  # after every section: the estimate reads it, a stopped run keeps it
     print(f"record: {cfg.out}")

@@ -801,7 +801,7 @@ def peak_memory_gb():
     predict, never by data.py itself."""
     import resource
     import torch
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # this process used a GPU (not only: a GPU is here)
         return "GPU", torch.cuda.max_memory_allocated() / 2**30
     return "RAM (max RSS)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 

@@ -45,6 +45,8 @@ class Config:
     backend: str = opt(AUTO, "model", "unsloth (needs a CUDA GPU), transformers, or auto: Unsloth on a GPU for a "
                                       "run trained with it, transformers otherwise",
                        choices=["auto", *train.BACKENDS])
+    device: str = opt(AUTO, "model", "cuda, cpu (on purpose, even where a GPU is) or auto: the GPU when torch can "
+                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *train.DEVICES])
     max_seq_len: int = opt(AUTO, "model", "prompt + answer token limit; longer tasks lose their largest train "
                                           "examples (auto: the run's max_seq_len, 8192 for a base model)")
     batch_size: int = opt(16, "model", "prompts per forward pass (sorted by length)")
@@ -128,20 +130,6 @@ def is_4bit(name):
     return name.rstrip("/").endswith("bnb-4bit") or bool(quantized.get("load_in_4bit"))
 
 
-def load_backend(cfg, run):
-    """("unsloth" | "transformers", why) for loading `run`; --backend unsloth where it cannot run is a OneLineError."""
-    import torch
-    if run.ttt_mode or cfg.backend == "transformers":
-        return "transformers", "a test-time-trained run" if run.ttt_mode else "--backend transformers"
-    if cfg.backend != "unsloth" and (run.backend != "unsloth" or not torch.cuda.is_available()):
-        return "transformers", "the run was trained without Unsloth" if torch.cuda.is_available() else \
-            "no CUDA device"
-    error = train.import_unsloth()
-    if error and cfg.backend == "unsloth":
-        raise OneLineError(f"--backend unsloth: {error}; use --backend transformers (or auto)")
-    return ("transformers", f"{error}: transformers") if error else ("unsloth", "Unsloth's fast inference")
-
-
 def model_name(run):
     """How a model is named in output and in the cache's settings: the run folder, or base (+ adapter)."""
     if run.final is not None:
@@ -191,10 +179,10 @@ def tokenizer_folder(run):
     return str(run.adapter) if run.adapter and (run.adapter / "tokenizer_config.json").exists() else run.base
 
 
-def load_model(run, cfg):
-    """(model, tokenizer) ready for generation: Unsloth's fast inference on a GPU, transformers (+ peft) on CPU."""
+def load_model(run, setup):
+    """(model, tokenizer) ready for generation, built as train.py builds every run's model, in setup's backend."""
     try:
-        return load_weights(run, cfg)
+        return load_weights(run, setup)
     except OneLineError:
         raise
     except Exception as e:  # a missing name offline, a bad config field, truncated weights: many library errors
@@ -206,13 +194,13 @@ def ttt_adapters(run):
     return {p.name: p for p in (run.folder / train.TTT).glob("*") if p.is_dir() and not p.name.startswith(".")}
 
 
-def ttt_model(run):
+def ttt_model(run, setup):
     """A test-time-training run's model: its base run merged (train.load_run_model) under its shared adapter, or
     under the first per-task adapter as a place holder that use_adapter() overwrites task by task."""
     from peft import PeftModel
-    model, _ = train.load_run_model(run.base)
+    model, _ = train.load_run_model(run.base, setup)
     adapters = ttt_adapters(run) if run.ttt_mode == "per-task" else {"shared": run.final}
-    print(f"device: {model.device.type}, transformers + peft: the run {run.base} merged, then the test-time "
+    print(f"weights: the run {run.base} merged, then the test-time "
           + (f"adapters of {len(adapters)} tasks, each loaded before its task's prompts" if run.ttt_mode == "per-task"
              else "adapter trained over all tasks"))
     return PeftModel.from_pretrained(model, str(next(iter(adapters.values())))) if adapters else model
@@ -237,64 +225,25 @@ def adapter_loader(model, run):
     return use
 
 
-def check_adapter_rows(run, model):
-    """OneLineError when the adapter's embed_tokens have other rows than the base `model` they go on: a --vocab arc
-    adapter given as --adapter, without the run folder that lists the token ids it kept (peft would fail with a
-    size mismatch deep in its loader)."""
-    from safetensors import safe_open
-    weights = Path(run.adapter) / "adapter_model.safetensors"
-    if not weights.is_file():
-        return
-    with safe_open(str(weights), "pt") as f:
-        rows = {f.get_slice(k).get_shape()[0] for k in f.keys() if "embed_tokens" in k}
-    base = model.get_input_embeddings().weight.shape[0]
-    if rows and rows != {base}:
-        raise OneLineError(f"--adapter {run.adapter}: its embed_tokens have {min(rows):,} rows and the base model's "
-                           f"{base:,}: an adapter trained with --vocab arc loads through its run folder (--model "
-                           "RUN_FOLDER: its config.json lists the tokens kept)")
-
-
-def load_weights(run, cfg):
-    # Unsloth where the run was trained with it (a tiny model built from a config was not: transformers)
-    backend, why = load_backend(cfg, run)  # first: `import unsloth` must come before transformers and peft
-    import torch
+def load_weights(run, setup):
     if run.ttt_mode:
-        model = ttt_model(run).eval()
-    elif backend == "unsloth":
-        from unsloth import FastLanguageModel
-        print(f"device: cuda ({torch.cuda.get_device_name(0)}), so {why}, "
-              f"{'4-bit' if run.load_in_4bit else '16-bit'} weights")
-        # Unsloth reads a run's adapter folder itself (its adapter_config.json names the base model), unless the
-        # base must first be cut to the run's --vocab arc rows
-        model, _ = FastLanguageModel.from_pretrained(model_name=str(run.base if run.keep_ids else run.final or run.base),
-                                                     max_seq_length=run.max_seq_len, load_in_4bit=run.load_in_4bit)
-        if run.keep_ids:
-            train.shrink_embeddings(model, run.keep_ids)
-            train.untie_embeddings(model)
-        if run.adapter and (run.keep_ids or not run.final):
-            from peft import PeftModel
-            check_adapter_rows(run, model)
-            model = PeftModel.from_pretrained(model, str(run.adapter))
-        FastLanguageModel.for_inference(model)
+        model = ttt_model(run, setup).eval()
     else:
-        dtype, dtype_why = train.pick_dtype()
-        print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'} ({why}), so transformers in "
-              f"{str(dtype).split('.')[1]} ({dtype_why})" + (" + the peft adapter" if run.adapter else ""))
-        model = train.load_pretrained(run.base)
-        if run.keep_ids:  # --vocab arc: the base cut to the run's tokens, as it was trained
-            train.shrink_embeddings(model, run.keep_ids)
-        if run.adapter:
-            from peft import PeftModel
-            check_adapter_rows(run, model)
-            train.untie_embeddings(model)  # as in training: the adapter brings an lm_head of its own
-            model = PeftModel.from_pretrained(model, str(run.adapter))
-        model.eval()
+        print(f"weights: {run.base}" + (f" + the adapter {run.adapter}" if run.adapter else "")
+              + (f", cut to the run's {len(run.keep_ids)} tokens" if run.keep_ids else "")
+              + (", 4-bit" if run.load_in_4bit and setup.backend == "unsloth" else ""))
+        model = train.build_model(run.base, setup, run.keep_ids, run.adapter, max_seq_len=run.max_seq_len,
+                                  load_in_4bit=run.load_in_4bit and setup.backend == "unsloth")
+        if setup.backend == "unsloth":
+            from unsloth import FastLanguageModel
+            FastLanguageModel.for_inference(model)
+        else:
+            model.eval()
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(run))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(cfg.seed)
     return model, tokenizer
 
 
@@ -1272,7 +1221,7 @@ def warn_seen(run, tasks):
     return seen
 
 
-def predict_missing(cfg, run, tasks, cache_path, settings):
+def predict_missing(cfg, run, tasks, cache_path, settings, setup):
     """(records, generated tokens, seconds): every task's Record, from the cache or predicted now."""
     done = {tid: rec for tid, rec in read_cache(cache_path, settings, repair=True).items()
             if tid in tasks and len(rec.guesses) == len(tasks[tid]["test"])}  # a line of another task: done again
@@ -1281,7 +1230,9 @@ def predict_missing(cfg, run, tasks, cache_path, settings):
           + f", {len(done)} already done in {cache_path}, {len(todo)} to do")
     generated, seconds = 0, 0.0
     if todo:
-        model, tokenizer = load_model(run, cfg)
+        import torch
+        model, tokenizer = load_model(run, setup)
+        torch.manual_seed(cfg.seed)
         fmt = run.format or data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
         cfg = replace(cfg, max_seq_len=run.max_seq_len,
                       max_new_tokens=cfg.max_new_tokens or answer_tokens(tokenizer, fmt))
@@ -1308,6 +1259,9 @@ def predict_missing(cfg, run, tasks, cache_path, settings):
 def predict_all(cfg, tasks, unreadable, t0):
     """Predict every task not already in the cache, then write the submission and its scores."""
     run = find_model(cfg)
+    # before any output: a GPU that torch cannot use stops here; `import unsloth` comes before transformers
+    setup = train.make_setup(train.find_device(cfg.device), cfg.backend, trained_with=run.backend,
+                             ttt=bool(run.ttt_mode))
     out = submission_path(Path(cfg.out) if cfg.out else run.folder / "submission.json")
     if cfg.shard:  # unreadable tasks join the submission at --merge
         tasks, unreadable = shard_tasks(tasks, cfg.shard), {}
@@ -1329,7 +1283,7 @@ def predict_all(cfg, tasks, unreadable, t0):
           + (f", test-time trained ({run.ttt_mode})" if run.ttt_mode else ""))
     seen = warn_seen(run, tasks)
     with lock(cache_path):
-        records, generated, seconds = predict_missing(cfg, run, tasks, cache_path, settings)
+        records, generated, seconds = predict_missing(cfg, run, tasks, cache_path, settings, setup)
         status = [s for rec in records.values() for pair in rec.status for s in pair]
         skipped = [f"task {tid} {note}" for tid, rec in records.items() for note in rec.skipped]
         extra = dict(time_s=round(time.time() - t0, 1), generate_s=round(seconds, 1), generated_tokens=generated,

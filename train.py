@@ -5,13 +5,16 @@
     python train.py --ttt --model runs/llama3-8b --split eval       # test-time training, one adapter per task
 """
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +42,7 @@ HEARTBEAT_S = 30  # the longest silence while training: a progress line at least
 TTT_MODES = ("per-task", "shared")
 TINY_NOTE = "0.5M parameters, random weights trained a few minutes on a CPU"
 BACKENDS = ("unsloth", "transformers")
+DEVICES = ("cuda", "cpu")
 UNSLOTH_CPU = "UNSLOTH_ALLOW_CPU"  # Unsloth's own test-only switch: its GPU path on a CPU (tests/unsloth_cpu.py)
 UNSLOTH_OFFLOAD = "unsloth_offload"  # in the run folder: the frozen embeddings Unsloth offloads while training them
 # flags that change the model or the shape of its weights: a checkpoint cannot be resumed under other values
@@ -47,6 +51,7 @@ LOCK = "train.lock"  # in a run folder, held by the train.py writing it
 HELD = []  # the lock files this process holds; main releases them
 STOP = {}  # the signal that asked training to stop: set by the handlers that only train.py's own main installs
 VOCABS = ("arc", "full")
+TORCH_CU126 = "https://download.pytorch.org/whl/cu126"  # PyTorch's CUDA 12.6 builds: NVIDIA drivers >= 525
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # in model configs
 
 
@@ -71,6 +76,8 @@ class Config:
     backend: str = opt(AUTO, "model", "unsloth (needs a CUDA GPU), transformers (transformers + peft, any device) "
                                       "or auto: Unsloth on a GPU when it imports, transformers otherwise",
                        choices=["auto", *BACKENDS])
+    device: str = opt(AUTO, "model", "cuda, cpu (on purpose, even where a GPU is) or auto: the GPU when torch can "
+                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *DEVICES])
     full_finetune: bool = opt(AUTO, "model", "train every weight instead of a LoRA (auto: on for tiny only)")
     vocab: str = opt("arc", "model", "arc: the tokenizer and embed_tokens/lm_head cut to the tokens the text format "
                                      "writes (a few dozen; the same text, a smaller model: see README); full: the "
@@ -234,11 +241,120 @@ def resolve_ttt(cfg):
     return cfg
 
 
-def import_unsloth():
+# ----------------------------------------------------------------------------
+# where a process runs: device, dtype and backend, decided once at its start (setup), printed, handed down
+
+@dataclass
+class Setup:
+    """Where this process runs. Made once by make_setup(); whatever loads, trains or predicts takes it from there."""
+    device: str       # "cuda" or "cpu"
+    gpus: list        # the names of the GPUs torch uses
+    driver: str       # the NVIDIA driver's version, "" without one
+    torch: str        # torch's version and CUDA build
+    device_why: str
+    dtype: object     # torch.dtype of the weights and of the compute
+    dtype_why: str
+    backend: str      # "unsloth" or "transformers"
+    backend_why: str
+
+    def __str__(self):
+        where = "cpu" if self.device == "cpu" else f"cuda ({', '.join(self.gpus)})" if len(set(self.gpus)) > 1 \
+            else f"cuda ({len(self.gpus)} x {self.gpus[0]})"
+        return (f"device: {where} ({self.device_why}); torch {self.torch}, NVIDIA driver {self.driver or 'none'}\n"
+                f"dtype: {str(self.dtype).split('.')[1]} ({self.dtype_why})\n"
+                f"backend: {self.backend} ({self.backend_why})")
+
+
+def make_setup(device, backend=AUTO, model="", trained_with=None, ttt=False):
+    """The Setup of this process, printed: `device` from find_device, then the backend (which imports Unsloth when
+    it may be used), then the dtype the two call for."""
+    import torch
+    where, device_why, driver = device
+    backend, backend_why = pick_backend(backend, where, model, trained_with, ttt)
+    dtype, dtype_why = pick_dtype(where, backend)
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if where == "cuda" else []
+    s = Setup(where, gpus, driver, torch_build(), device_why, dtype, dtype_why, backend, backend_why)
+    print(s)
+    return s
+
+
+def torch_build():
+    import torch
+    return f"{torch.__version__} (" + (f"CUDA {torch.version.cuda} build)" if torch.version.cuda else "CPU build)")
+
+
+def nvidia_gpus():
+    """(GPU names, driver version) as the NVIDIA driver sees them, whether or not torch can use them: from nvidia-smi,
+    else the kernel module's version file; ([], "") on a machine without the driver."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60).stdout
+        rows = [[x.strip() for x in line.split(",")] for line in out.splitlines() if "," in line]
+        if rows:
+            return [r[0] for r in rows], rows[0][1]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    version = Path("/proc/driver/nvidia/version")
+    if version.is_file():
+        found = re.search(r"Kernel Module(?: for \S+)?\s+([\d.]+)", version.read_text())
+        return ["an NVIDIA GPU"], found.group(1) if found else "unknown"
+    return [], ""
+
+
+def gpu_fix(driver):
+    """The one command that gives this machine a torch that can use its NVIDIA driver `driver`."""
+    import torch
+    major = int(driver.split(".")[0]) if driver.split(".")[0].isdigit() else 0
+    plain = torch.__version__.split("+")[0]
+    if major and major < 525:
+        return f"upgrade the NVIDIA driver to >= 525 (the oldest that torch {plain}'s CUDA 12.6 build runs on)"
+    if torch.version.cuda is None or (torch.version.cuda.startswith("13") and major < 580):
+        return (f"pip install torch=={plain} xformers==0.0.35 --index-url {TORCH_CU126} (the CUDA 12.6 build, for "
+                "drivers >= 525" + ("; this torch is a CUDA 13 build, which needs driver >= 580)"
+                                    if torch.version.cuda else ")"))
+    return "check that `nvidia-smi` works and that CUDA_VISIBLE_DEVICES names a GPU; in a notebook, keep the " \
+           "image's own torch (README: Install)"
+
+
+def find_device(wanted=AUTO):
+    """("cuda" | "cpu", why, NVIDIA driver version). An NVIDIA GPU that torch cannot use stops here: a paid GPU
+    never silently becomes a CPU run. `--device cpu` and CUDA_VISIBLE_DEVICES="" choose the CPU on purpose."""
+    import torch
+    names, driver = nvidia_gpus()
+    if wanted == "cpu":
+        return "cpu", "--device cpu", driver
+    if torch.cuda.is_available():
+        return "cuda", "--device cuda" if wanted == "cuda" else "CUDA found", driver
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
+    if names and not hidden:
+        gpus = f"{len(names)} x {names[0]}" if len(names) > 1 else names[0]
+        raise OneLineError(f"{gpus} with NVIDIA driver {driver} is here, but torch {torch_build()} cannot use it: "
+                           f"{gpu_fix(driver)}; or --device cpu to run on the CPU on purpose")
+    if wanted == "cuda":
+        raise OneLineError(f"--device cuda: torch {torch_build()} sees no CUDA device and no NVIDIA driver is here")
+    return "cpu", "CUDA_VISIBLE_DEVICES hides the GPU" if names else "no GPU", driver
+
+
+def pick_dtype(device, backend="transformers"):
+    """(dtype, why): the one rule. bf16 where the GPU computes it natively (compute capability >= 8.0: A10, A100,
+    L4, H100), fp16 where bf16 would only be emulated (T4, V100, where torch's own is_bf16_supported says True),
+    fp32 on a CPU."""
+    import torch
+    if device == "cpu":
+        if backend == "unsloth":  # Unsloth's CPU test switch: its GPU code, which needs a 16-bit dtype
+            return torch.float16, f"Unsloth under {UNSLOTH_CPU}"
+        return torch.float32, "CPU"
+    major, minor = min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+    if major >= 8:
+        return torch.bfloat16, f"compute capability {major}.{minor}: native bf16"
+    return torch.float16, f"compute capability {major}.{minor}: no native bf16, so fp16"
+
+
+@functools.cache
+def import_unsloth(device):
     """None when `import unsloth` works, else why not. Unsloth raises on import without an accelerator (unless its
     CPU test switch is set), and it patches transformers, peft and trl only if it is imported before them."""
-    import torch
-    if not torch.cuda.is_available() and not os.environ.get(UNSLOTH_CPU):
+    if device == "cpu" and not os.environ.get(UNSLOTH_CPU):
         return "no CUDA device found"
     from importlib.metadata import version
     # the kernels Unsloth compiles on import go to our cache, not into the working directory
@@ -251,27 +367,30 @@ def import_unsloth():
     return None
 
 
-def pick_backend(wanted, model_name, unsloth_error):
-    """("unsloth" | "transformers", why) for --backend `wanted` (AUTO or "auto": Unsloth where it imports and can
-    load the model); asking for unsloth where it cannot run is a OneLineError."""
-    import torch
+def pick_backend(wanted, device, model, trained_with=None, ttt=False):
+    """("unsloth" | "transformers", why): the one rule of train.py and infer.py. Unsloth where it imports and can
+    load the model (and, when predicting, where the run was trained with it); --backend unsloth where it cannot run
+    is a OneLineError."""
     if wanted == "transformers":
         return "transformers", "--backend transformers: transformers + peft"
-    if wanted == "unsloth":
-        if model_name == "tiny":
-            raise OneLineError("--backend unsloth: the tiny model is built from a config, which Unsloth cannot load; "
-                               "give --model a folder or name, or use --backend transformers")
-        if unsloth_error:
-            raise OneLineError(f"--backend unsloth: {unsloth_error}; use --backend transformers (or auto)")
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({UNSLOTH_CPU} set)"
-        return "unsloth", f"--backend unsloth on {device}"
-    if not torch.cuda.is_available():
-        return "transformers", "no CUDA device found: transformers + peft on the CPU"
-    if model_name == "tiny":
-        return "transformers", "the tiny model is built from a config, which Unsloth cannot load: transformers + peft"
-    if unsloth_error:
-        return "transformers", f"CUDA found but {unsloth_error}: transformers + peft"
-    return "unsloth", f"CUDA device {torch.cuda.get_device_name(0)}: Unsloth"
+    against = ("test-time training merges its run through transformers + peft" if ttt else
+               "the tiny model is built from a config, which Unsloth cannot load" if model == "tiny" else
+               "no CUDA device found" if device == "cpu" and not os.environ.get(UNSLOTH_CPU) else
+               "the run was trained without Unsloth" if wanted != "unsloth" and trained_with == "transformers" else
+               import_unsloth(device))
+    if against and wanted == "unsloth":
+        raise OneLineError(f"--backend unsloth: {against}; use --backend transformers (or auto)")
+    if against:
+        return "transformers", f"{against}: transformers + peft"
+    return "unsloth", "--backend unsloth" if wanted == "unsloth" else "CUDA found: Unsloth"
+
+
+def device_map(setup):
+    """Where the transformers path puts the weights: spread over every GPU for one process; under torchrun each
+    process holds a whole copy on its own GPU (DDP); None on a CPU."""
+    if setup.device == "cpu":
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", 0))} if world_size() > 1 else "auto"
 
 
 # ----------------------------------------------------------------------------
@@ -395,7 +514,7 @@ def model_positions(name):
     from transformers import AutoConfig
     try:
         config = AutoConfig.from_pretrained(model_source(name))
-    except Exception:  # offline and not cached: load_model says so with its own error
+    except Exception:  # offline and not cached: load_base says so with its own error
         return None
     return getattr(config.get_text_config(), "max_position_embeddings", None)
 
@@ -562,52 +681,62 @@ def arc_vocabulary(model, tokenizer, fmt, keep=None):
     return reduced, keep
 
 
-def device_map():
-    """Where the transformers path puts the weights: spread over every GPU for one process; under torchrun each
-    process holds a whole copy on its own GPU (DDP); None on a CPU."""
-    import torch
-    if not torch.cuda.is_available():
-        return None
-    return {"": int(os.environ.get("LOCAL_RANK", 0))} if world_size() > 1 else "auto"
-
-
-def pick_dtype():
-    """(dtype, why): the one rule of train.py, infer.py and bench.py. bf16 where the GPU supports it, fp16 on a GPU
-    without it (T4, V100: Kaggle's GPUs are T4s), fp32 on a CPU. Unsloth's dtype=None follows the same rule."""
-    import torch
-    if not torch.cuda.is_available():
-        return torch.float32, "CPU"
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, f"{torch.cuda.get_device_name(0)} supports bf16"
-    return torch.float16, f"{torch.cuda.get_device_name(0)} has no bf16"
-
-
-def load_pretrained(source):
-    """A transformers model from a folder or Hugging Face name, in pick_dtype()'s dtype, on the GPU(s) if any."""
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(source, dtype=pick_dtype()[0], device_map=device_map())
-
-
-def load_model(cfg, backend):
-    """(model, tokenizer) for cfg.model: "tiny", a local folder or a Hugging Face name (from the local cache
-    when offline)."""
-    if cfg.model == "tiny":
+def load_base(name, setup, max_seq_len=2048, load_in_4bit=False, full_finetune=False, seed=0):
+    """(model, tokenizer) of a base model: "tiny" (built from a config), a local folder or a Hugging Face name (from
+    the local cache when offline), through setup's backend in its dtype: the one way a base is loaded."""
+    if name == "tiny":
         tokenizer = tiny_tokenizer()
-        return tiny_model(tokenizer, max_seq_len=cfg.max_seq_len, seed=cfg.seed), tokenizer
-    check_model_name(cfg.model)
-    source = model_source(cfg.model)
+        return tiny_model(tokenizer, max_seq_len=max_seq_len, seed=seed), tokenizer
+    check_model_name(name)
+    source = model_source(name)
     try:
-        if backend == "unsloth":
+        if setup.backend == "unsloth":
             from unsloth import FastLanguageModel
             model, tokenizer = FastLanguageModel.from_pretrained(
-                model_name=source, max_seq_length=cfg.max_seq_len, dtype=None, load_in_4bit=cfg.load_in_4bit,
-                full_finetuning=cfg.full_finetune)
+                model_name=source, max_seq_length=max_seq_len, dtype=setup.dtype, load_in_4bit=load_in_4bit,
+                full_finetuning=full_finetune)
             return model, own_pad(model, tokenizer, source)
-        from transformers import AutoTokenizer
-        return load_pretrained(source), AutoTokenizer.from_pretrained(source)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=setup.dtype, device_map=device_map(setup))
+        return model, AutoTokenizer.from_pretrained(source)
     except Exception as e:  # a damaged folder (bad config field, truncated weights) fails in many library ways
-        raise OneLineError(f"--model {cfg.model}: cannot load it ({type(e).__name__}: {first_line(e)}); give a local "
+        raise OneLineError(f"--model {name}: cannot load it ({type(e).__name__}: {first_line(e)}); give a local "
                            "folder or a name in the Hugging Face cache (offline: set HF_HUB_OFFLINE=1)")
+
+
+def build_model(base, setup, keep_ids=None, adapter=None, merge=False, max_seq_len=8192, load_in_4bit=False):
+    """A trained model, built the one way every script builds it: the base loaded, cut to the token rows a --vocab
+    arc run kept, its head untied as training untied it (the adapter brings an lm_head of its own), the adapter put
+    on, and with `merge` merged in."""
+    model, _ = load_base(base, setup, max_seq_len, load_in_4bit)
+    if keep_ids:
+        shrink_embeddings(model, keep_ids)
+    if adapter:
+        from peft import PeftModel
+        check_adapter_rows(adapter, model)
+        untie_embeddings(model)
+        model = PeftModel.from_pretrained(model, str(adapter))
+        if merge:
+            model = model.merge_and_unload()
+            model.config.tie_word_embeddings = False  # whatever peft decides, the trained head must survive a reload
+    return model
+
+
+def check_adapter_rows(adapter, model):
+    """OneLineError when the adapter's embed_tokens have other rows than the base `model` they go on: a --vocab arc
+    adapter given as --adapter, without the run folder that lists the token ids it kept (peft would fail with a
+    size mismatch deep in its loader)."""
+    from safetensors import safe_open
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), "pt") as f:
+        rows = {f.get_slice(k).get_shape()[0] for k in f.keys() if "embed_tokens" in k}
+    base = model.get_input_embeddings().weight.shape[0]
+    if rows and rows != {base}:
+        raise OneLineError(f"--adapter {adapter}: its embed_tokens have {min(rows):,} rows and the base model's "
+                           f"{base:,}: an adapter trained with --vocab arc loads through its run folder (--model "
+                           "RUN_FOLDER: its config.json lists the tokens kept)")
 
 
 def own_pad(model, tokenizer, source):
@@ -624,18 +753,12 @@ def own_pad(model, tokenizer, source):
     return tokenizer
 
 
-def load_run_model(folder):
-    """(model, tokenizer) of a finished run in 16/32 bits through transformers, its adapter merged in: the base that
-    test-time training puts its own LoRA on."""
+def load_run_model(folder, setup):
+    """(model, tokenizer) of a finished run through transformers, its adapter merged in: the base that test-time
+    training puts its own LoRA on."""
     from transformers import AutoTokenizer
     run = read_run(folder)
-    model = load_pretrained(run.base)
-    if run.keep_ids:
-        shrink_embeddings(model, run.keep_ids)
-    if run.adapter:
-        from peft import PeftModel
-        untie_embeddings(model)  # as in training: the adapter brings an lm_head of its own
-        model = PeftModel.from_pretrained(model, str(run.adapter)).merge_and_unload()
+    model = build_model(run.base, setup, run.keep_ids, run.adapter, merge=True, max_seq_len=run.max_seq_len)
     return model, AutoTokenizer.from_pretrained(str(run.final))
 
 
@@ -856,11 +979,11 @@ def guard_saves(trainer, folder):
     trainer._save_checkpoint = guarded
 
 
-def training_args(cfg, copies, backend, save=True):
+def training_args(cfg, copies, setup, save=True):
     import torch
     from transformers import TrainingArguments
-    gpu = torch.cuda.is_available()
-    bf16 = pick_dtype()[0] == torch.bfloat16
+    gpu = setup.device == "cuda"
+    bf16 = setup.dtype == torch.bfloat16
     return TrainingArguments(
         output_dir=str(Path(cfg.out) / CHECKPOINTS), num_train_epochs=cfg.epochs / copies, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -874,7 +997,7 @@ def training_args(cfg, copies, backend, save=True):
         ddp_find_unused_parameters=False,  # every trainable weight gets a gradient: skip DDP's extra graph walk
         # recompute activations only where memory is what limits: a GPU, or long sequences on a CPU (on short
         # ones it only costs time)
-        gradient_checkpointing=backend == "transformers" and cfg.model != "tiny" and (gpu or cfg.max_seq_len > 2048),
+        gradient_checkpointing=setup.backend == "transformers" and cfg.model != "tiny" and (gpu or cfg.max_seq_len > 2048),
         use_cpu=not gpu)
 
 
@@ -965,12 +1088,12 @@ def progress_callback():
     return Progress()
 
 
-def make_trainer(cfg, model, tokenizer, train_ds, copies, backend, save=True):
+def make_trainer(cfg, model, tokenizer, train_ds, copies, setup, save=True):
     """(trainer, Progress callback, the printed training line). save=False: no checkpoints."""
     from transformers import PrinterCallback, Trainer
-    args = training_args(cfg, copies, backend, save)
+    args = training_args(cfg, copies, setup, save)
     progress = progress_callback()
-    data_collator = packed_collate(backend) if cfg.packing else collate(pad_id(tokenizer))
+    data_collator = packed_collate(setup.backend) if cfg.packing else collate(pad_id(tokenizer))
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=data_collator,
                       optimizers=(make_optimizer(model, args, cfg.embedding_lr), None), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # our Progress prints one line per log step instead
@@ -1020,16 +1143,19 @@ def rope_scaling(cfg, backend):
     return {"type": "linear", "factor": round(cfg.max_seq_len / positions, 4), "positions": positions}
 
 
-def run_info(cfg, fmt, backend, why, base, trained_on, fingerprints, ttt=None, keep=None):
+def run_info(cfg, fmt, setup, base, trained_on, fingerprints, ttt=None, keep=None):
     """config.json as written at the start of training; the summary is added at the end. trained_on and
     fingerprints say which tasks' answers the weights have seen (infer.py's contamination guard reads them);
     ttt: what a test-time-training run trained on, demonstrations only; keep_ids: the base model's token ids that
     --vocab arc kept (final/ holds the tokenizer rewritten to them). Unsloth turns 4 bits off for a full fine-tune,
     so such a run is recorded as 16-bit (infer.py reloads it as recorded)."""
+    backend = setup.backend
     return dict(config=dataclasses.asdict(cfg), format=fmt, max_seq_len=cfg.max_seq_len, lora=not cfg.full_finetune,
                 vocab=cfg.vocab, keep_ids=keep,
                 base_model=base, load_in_4bit=cfg.load_in_4bit and backend == "unsloth" and not cfg.full_finetune,
-                backend=backend, why=why, rope_scaling=rope_scaling(cfg, backend),
+                backend=backend, why=setup.backend_why, rope_scaling=rope_scaling(cfg, backend),
+                device=dict(device=setup.device, gpus=setup.gpus, driver=setup.driver, torch=setup.torch,
+                            dtype=str(setup.dtype).split(".")[1], why=setup.dtype_why),
                 trained_on=trained_on, fingerprints=fingerprints, ttt=ttt, versions=versions(), summary=None)
 
 
@@ -1173,25 +1299,20 @@ def versions():
 # ----------------------------------------------------------------------------
 # outputs
 
-def save_merged(model, tokenizer, folder, backend, base, adapter, keep=None):
-    """A 16-bit model with the adapter merged in, for other inference engines. The CPU path merges a fresh
-    copy read back from disk (cut to the `keep` rows of a --vocab arc run), so the trained model in memory stays
-    as it is. The folder holds the run's own tokenizer: plain from_pretrained loads both."""
-    if backend == "unsloth":
+def save_merged(model, tokenizer, folder, setup, base, adapter, keep=None):
+    """A 16-bit model with the adapter merged in, for other inference engines, in the run's dtype (bf16 for a run
+    trained in fp32 on a CPU). The transformers path merges a fresh copy built on the CPU in fp32 (the trained
+    model in memory stays as it is, and a GPU need not hold two), then casts. The folder holds the run's own
+    tokenizer: plain from_pretrained loads both."""
+    import torch
+    if setup.backend == "unsloth":
         model.save_pretrained_merged(str(folder), tokenizer, save_method="merged_16bit")
         keep_trained_head(model, folder)
         keep_token_ids(model, folder)
     else:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-        base_model = AutoModelForCausalLM.from_pretrained(model_source(str(base)))
-        if keep:
-            shrink_embeddings(base_model, keep)
-        untie_embeddings(base_model)  # as in training: the adapter holds an lm_head of its own
-        merged = PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload()
-        merged.config.tie_word_embeddings = False  # whatever peft decides, the trained head must survive a reload
-        merged.to(torch.bfloat16).save_pretrained(str(folder))
+        on_cpu = dataclasses.replace(setup, device="cpu", dtype=torch.float32)
+        merged = build_model(str(base), on_cpu, keep, adapter, merge=True)
+        merged.to(setup.dtype if setup.dtype != torch.float32 else torch.bfloat16).save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
     print(f"merged 16-bit model: {folder}")
 
@@ -1293,7 +1414,7 @@ def reset_weights(model, start):
                 p.copy_(start[name])
 
 
-def train_per_task(cfg, model, tokenizer, fmt, tasks, out):
+def train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup):
     """A fresh LoRA per task, reset in memory between tasks, trained on that task's demonstrations only and saved
     to out/ttt/<task>/ (written whole, then renamed: a folder that exists is complete). Tasks whose folder exists
     are skipped, so rerunning the same command resumes. Returns the summary."""
@@ -1315,7 +1436,7 @@ def train_per_task(cfg, model, tokenizer, fmt, tasks, out):
             continue
         reset_weights(model, start)
         trainer, progress, _ = make_trainer(dataclasses.replace(cfg, logging_steps=1), model, tokenizer, train_ds,
-                                            copies, "transformers", save=False)
+                                            copies, setup, save=False)
         trainer.remove_callback(progress)  # one line per task instead of one per step
         t = time.time()
         trainer.train()
@@ -1345,20 +1466,13 @@ def train(cfg, given=frozenset()):
     """Train as `cfg` says (flags in `given` win over a resumed run's saved settings). Returns (model, run folder)."""
     t0 = time.time()
     import torch
-    # before checks() imports transformers: Unsloth's patches hold only when it comes first
-    maybe = cfg.backend != "transformers" and not cfg.ttt and cfg.model != "tiny"
-    unsloth_error = import_unsloth() if maybe else "not tried"
+    device = find_device(cfg.device)  # first: a GPU that torch cannot use stops the run before anything else
+    if cfg.backend != "transformers" and not cfg.ttt and cfg.model != "tiny":
+        import_unsloth(device[0])  # before checks() imports transformers: Unsloth's patches hold only then
     check_ranges(cfg, checks())  # the flags as given: values resolved from them are ours, a resumed run's were checked
-    cfg = resolve(cfg, given, torch.cuda.is_available())
-    if cfg.ttt:  # the run's weights are merged in 16 bits, which transformers + peft do on any device
-        backend, why = "transformers", "test-time training: the run merged through transformers + peft"
-    else:
-        backend, why = pick_backend(cfg.backend, cfg.model, unsloth_error)
-    print(f"backend: {backend} ({why})")
-    dtype, dtype_why = pick_dtype()
-    if backend == "unsloth" and not torch.cuda.is_available():  # Unsloth's CPU test switch reports no bf16
-        dtype, dtype_why = torch.float16, f"Unsloth under {UNSLOTH_CPU}"
-    print(f"dtype: {str(dtype).split('.')[1]} ({dtype_why})")
+    cfg = resolve(cfg, given, device[0] == "cuda")
+    setup = make_setup(device, cfg.backend, cfg.model, ttt=cfg.ttt)
+    backend = setup.backend
     if not cfg.ttt:
         cfg = fit_positions(cfg, given, backend)
     out = Path(cfg.out)
@@ -1372,8 +1486,8 @@ def train(cfg, given=frozenset()):
     ttt_key = test_time_key(cfg) if cfg.ttt else None
     check_out_is_free(cfg, out, ttt_key)
     if cfg.merge and (cfg.full_finetune or cfg.ttt):
-        why = "a test-time run keeps an adapter per task" if cfg.ttt else "a full fine-tune is a whole model already"
-        print(f"note: --merge ignored: {why} (final/ is what a merge would write)")
+        whole = "a test-time run keeps an adapter per task" if cfg.ttt else "a full fine-tune is a whole model already"
+        print(f"note: --merge ignored: {whole} (final/ is what a merge would write)")
     # before the model: a data error should not wait for 8B weights
     tasks, sources = read_sets(cfg.dataset, cfg.split)
     if cfg.limit_tasks:
@@ -1384,7 +1498,8 @@ def train(cfg, given=frozenset()):
                            "challenges file without its *_solutions.json beside it?)")
 
     # model
-    model, tokenizer = load_run_model(cfg.model) if cfg.ttt else load_model(cfg, backend)
+    model, tokenizer = load_run_model(cfg.model, setup) if cfg.ttt else \
+        load_base(cfg.model, setup, cfg.max_seq_len, cfg.load_in_4bit, cfg.full_finetune, cfg.seed)
     fmt = choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     if tokenizer.eos_token_id is None:
         raise OneLineError(f"--model {cfg.model}: its tokenizer has no EOS token to end answers with")
@@ -1420,10 +1535,10 @@ def train(cfg, given=frozenset()):
                    key=ttt_key)
     else:
         trained_on, fingerprints, ttt = sources, sorted(task_fingerprint(t) for t in tasks.values()), None
-    info = run_info(cfg, fmt, backend, why, base, trained_on, fingerprints, ttt, keep)
+    info = run_info(cfg, fmt, setup, base, trained_on, fingerprints, ttt, keep)
     if cfg.ttt and cfg.ttt_mode == "per-task":
         write_json(run_config_path(out), info)
-        summary = train_per_task(cfg, model, tokenizer, fmt, tasks, out)
+        summary = train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup)
         tokenizer.save_pretrained(str(out / FINAL))  # written last, as for every run: the run is finished
         write_json(run_config_path(out), dict(info, summary=summary))
         print(f"\ndone: {summary['trained']} task adapters trained ({summary['already_done']} already there, "
@@ -1439,7 +1554,7 @@ def train(cfg, given=frozenset()):
     print(describe_data(cfg, tasks, train_ds, copies, report))
 
     # training
-    trainer, progress, line = make_trainer(cfg, model, tokenizer, train_ds, copies, backend)
+    trainer, progress, line = make_trainer(cfg, model, tokenizer, train_ds, copies, setup)
     guard_saves(trainer, out / CHECKPOINTS)
     print(line)
     if rank0:  # now, so that a killed run can be resumed; a resumed finished run keeps its summary meanwhile
@@ -1465,7 +1580,7 @@ def train(cfg, given=frozenset()):
             tokenizer.save_pretrained(str(final))
             readable(final)
             if cfg.merge and not cfg.full_finetune:
-                save_merged(model, tokenizer, out / "merged", backend, out / base if base == BASE else base, final,
+                save_merged(model, tokenizer, out / "merged", setup, out / base if base == BASE else base, final,
                              keep)
                 readable(out / "merged")
     except Exception as e:  # a full disk or a file-size limit, worded by each library its own way

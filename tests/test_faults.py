@@ -241,7 +241,7 @@ INFER_FLAGS = [("--max-seq-len", "-5"), ("--max-new-tokens", "-5"), ("--temperat
 def no_model(monkeypatch):
     def load(*_):
         raise AssertionError("a model was loaded")
-    monkeypatch.setattr(train, "load_model", load)
+    monkeypatch.setattr(train, "load_base", load)
     monkeypatch.setattr(infer, "load_model", load)
 
 

@@ -177,7 +177,7 @@ def test_a_slow_step_is_never_silent_between_logging_steps(family, tmp_path, mon
 def test_cpu_path_is_chosen_without_cuda_and_unsloth_never_imported():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    backend, why = train.pick_backend(data.AUTO, "unsloth/llama-3-8b-bnb-4bit", train.import_unsloth())
+    backend, why = train.pick_backend(data.AUTO, train.find_device()[0], "unsloth/llama-3-8b-bnb-4bit")
     assert backend == "transformers" and "no CUDA" in why
     assert "unsloth" not in sys.modules
 
@@ -358,3 +358,32 @@ def test_test_time_training_shared_writes_one_adapter(ttt_family, tmp_path):
     infer.main(["--model", str(run), "--dataset", str(ttt_family), "--split", "eval", "--max-new-tokens", "8",
                 "--guesses", "poe", "--views", "2"])
     assert json.loads((run / "results.json").read_text())["mode"] == "poe"
+
+
+def test_every_load_of_a_trained_model_goes_through_the_one_builder(lora_run, family, tmp_path, monkeypatch):
+    """infer.py, test-time training and --merge build a run's model only through train.build_model (base, cut,
+    untie, adapter, merged): counted by wrapping it."""
+    import infer
+    _, run = lora_run
+    calls, build = [], train.build_model
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: (calls.append(k.get("merge", False)), build(*a, **k))[1])
+    infer.main(["--model", str(run), "--dataset", str(family), "--split", "train", "--limit", "1",
+                "--max-new-tokens", "4", "--out", str(tmp_path / "predicted")])
+    assert calls == [False]
+    train.main(["--ttt", "--ttt-mode", "shared", "--model", str(run), "--dataset", str(family), "--limit-tasks", "1",
+                "--out", str(tmp_path / "ttt"), "--epochs", "1", "--ttt-views", "1", "--batch-size", "2"])
+    assert calls == [False, True]  # the run merged, the test-time LoRA put on top
+    infer.main(["--model", str(tmp_path / "ttt"), "--dataset", str(family), "--split", "train", "--limit", "1",
+                "--max-new-tokens", "4"])
+    assert calls == [False, True, True]
+    train.main(["--dataset", str(family), "--no-full-finetune", "--max-steps", "1", "--batch-size", "4", "--merge",
+                "--out", str(tmp_path / "merge")])
+    assert calls == [False, True, True, True] and (tmp_path / "merge" / "merged" / "config.json").is_file()
+
+
+def test_merge_of_a_full_fine_tune_records_the_backends_reason(family, tmp_path):
+    out = tmp_path / "full"
+    train.main(["--dataset", str(family), "--max-steps", "1", "--batch-size", "4", "--merge", "--out", str(out)])
+    info = json.loads((out / "config.json").read_text())
+    assert info["why"] == "the tiny model is built from a config, which Unsloth cannot load: transformers + peft"
+    assert not (out / "merged").exists()

@@ -205,7 +205,7 @@ def test_pad_and_eos_agree_between_backends(setup, trained):
     model = setup[1]
     from transformers import AutoTokenizer
     saved = AutoTokenizer.from_pretrained(trained[0] / "final")
-    _, plain = train.load_model(train.Config(model=str(model)), "transformers")
+    _, plain = train.load_base(str(model), train.make_setup(train.find_device(), "transformers"))
     assert (saved.pad_token, saved.eos_token) == (plain.pad_token, plain.eos_token) == ("</s>", "</s>")
     assert "unsloth" not in sys.modules
 

@@ -131,7 +131,8 @@ def model_and_rows(model_folder, dataset, backend, vocab):
     import train
     cfg = train.Config(model=model_folder, dataset=[dataset], views=1, max_seq_len=512, load_in_4bit=False,
                        full_finetune=False, epochs=1, vocab=vocab)
-    model, tokenizer = train.load_model(cfg, backend)
+    setup = train.make_setup(train.find_device(), backend)
+    model, tokenizer = train.load_base(cfg.model, setup, cfg.max_seq_len, cfg.load_in_4bit, cfg.full_finetune)
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     if vocab == "arc":
         tokenizer, _ = train.arc_vocabulary(model, tokenizer, fmt)
@@ -206,7 +207,7 @@ def main():
     patch_before()
     sys.meta_path.insert(0, AfterUnsloth())
     if mode == "grads":
-        assert __import__("train").import_unsloth() is None  # before transformers, as train.py does
+        assert __import__("train").import_unsloth("cpu") is None  # before transformers, as train.py does
         return grads(*args)
     script = __import__(mode)  # train or infer: its own main(), its own import order
     return script.main(args)

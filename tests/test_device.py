@@ -1,0 +1,140 @@
+"""Where a process runs: the device, dtype and backend decided once at its start (train.make_setup), a GPU that
+torch cannot use stopping every script in one line, and fp16 wherever bf16 would only be emulated."""
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+import infer
+import train
+from conftest import tiny_run
+
+ROOT = Path(__file__).resolve().parent.parent
+A100_550 = "NVIDIA A100-SXM4-80GB, 550.54.15"  # what `nvidia-smi --query-gpu=name,driver_version` prints
+
+
+@pytest.fixture
+def driver_550(tmp_path, monkeypatch):
+    """A machine whose NVIDIA driver (550, too old for torch's CUDA 13 build) lists an A100: this CPU machine's
+    torch sees no GPU, which is exactly what happens there."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    smi = folder / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho '{A100_550}'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def one_line_error(call):
+    with pytest.raises(SystemExit) as e:
+        call()
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_an_unusable_gpu_stops_train_infer_and_bench_before_any_model_in_one_line(driver_550, family, tmp_path,
+                                                                                   monkeypatch):
+    def no_model(*_, **__):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(train, "load_base", no_model)
+    run = tiny_run(tmp_path / "run")
+    calls = {"train.py": lambda: train.main(["--dataset", str(family), "--max-steps", "2", "--out",
+                                             str(tmp_path / "new")]),
+             "infer.py": lambda: infer.main(["--model", run, "--dataset", str(family), "--split", "train"]),
+             "bench.py": lambda: bench.main(["--sections", "data", "--out", str(tmp_path / "bench.json")])}
+    for script, call in calls.items():
+        message = one_line_error(call)
+        assert "NVIDIA A100-SXM4-80GB with NVIDIA driver 550.54.15 is here, but torch " in message, (script, message)
+        assert f"pip install torch=={torch.__version__.split('+')[0]} xformers==0.0.35 --index-url " \
+               f"{train.TORCH_CU126}" in message and "--device cpu" in message, (script, message)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "bench.json").exists()
+    assert sorted(p.name for p in Path(run).iterdir()) == ["config.json", "final"]  # no submission, no cache
+
+
+def test_device_cpu_trains_and_predicts_on_purpose_and_a_hidden_gpu_is_no_error(driver_550, family, tmp_path,
+                                                                               monkeypatch, capsys):
+    out = tmp_path / "run"
+    train.main(["--device", "cpu", "--dataset", str(family), "--max-steps", "2", "--batch-size", "4", "--out",
+                str(out)])
+    first = capsys.readouterr().out
+    assert "device: cpu (--device cpu); torch " in first and "NVIDIA driver 550.54.15" in first
+    assert json.loads((out / "config.json").read_text())["summary"]["steps"] == 2
+    predict = ["--model", str(out), "--dataset", str(family), "--split", "train", "--limit", "2",
+               "--max-new-tokens", "8"]
+    infer.main(["--device", "cpu", *predict])
+    assert json.loads((out / "results.limit-2.json").read_text())["tasks"] == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    infer.main([*predict, "--out", str(tmp_path / "hidden" / "submission.json")])
+    assert "device: cpu (CUDA_VISIBLE_DEVICES hides the GPU)" in capsys.readouterr().out
+    assert (tmp_path / "hidden" / "submission.limit-2.json").is_file()
+
+
+GPUS = [("Tesla T4", (7, 5), torch.float16), ("Tesla V100-SXM2-16GB", (7, 0), torch.float16),
+        ("NVIDIA A100-SXM4-80GB", (8, 0), torch.bfloat16), ("NVIDIA L4", (8, 9), torch.bfloat16),
+        ("NVIDIA H100 80GB HBM3", (9, 0), torch.bfloat16)]
+
+
+def fake_gpu(monkeypatch, name, capability, count=1):
+    """torch seeing `count` GPUs `name` of compute `capability`; torch's own bf16 question says yes to every one
+    of them (on a T4 or V100 it counts emulation, which is slow)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+
+@pytest.mark.parametrize("name, capability, dtype", GPUS, ids=[g[0].split()[-1] for g in GPUS])
+def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capsys, name, capability, dtype):
+    fake_gpu(monkeypatch, name, capability, count=2)
+    setup = train.make_setup(train.find_device(), "transformers")
+    assert (setup.device, setup.gpus, setup.dtype) == ("cuda", [name, name], dtype)
+    said = capsys.readouterr().out
+    assert f"device: cuda (2 x {name}) (CUDA found)" in said
+    assert f"dtype: {str(dtype).split('.')[1]} (compute capability {capability[0]}.{capability[1]}" in said
+
+
+def test_cpu_is_fp32_and_the_setup_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    setup = train.make_setup(train.find_device(), "auto", model="unsloth/llama-3-8b-bnb-4bit")
+    assert (setup.device, setup.dtype, setup.backend) == ("cpu", torch.float32, "transformers")
+    assert capsys.readouterr().out.splitlines()[:3] == [
+        f"device: cpu (no GPU); torch {train.torch_build()}, NVIDIA driver none", "dtype: float32 (CPU)",
+        "backend: transformers (no CUDA device found: transformers + peft)"]
+
+
+def test_a_t4_setup_loads_and_merges_in_fp16(monkeypatch, tmp_path, family):
+    """The dtype decided once is the one every loader uses: a T4's fp16 reaches the base load and the merged save
+    (both built on the CPU here: the setup, not torch, says which dtype)."""
+    fake_gpu(monkeypatch, "Tesla T4", (7, 5))
+    t4 = train.make_setup(train.find_device(), "transformers")
+    monkeypatch.undo()
+    on_cpu = train.Setup(**{**vars(t4), "device": "cpu"})
+    run = tiny_run(tmp_path / "run")
+    model, tokenizer = train.load_base(str(Path(run) / "final"), on_cpu)
+    assert next(model.parameters()).dtype == torch.float16
+    out = tmp_path / "lora"
+    train.main(["--dataset", str(family), "--no-full-finetune", "--max-steps", "1", "--batch-size", "4",
+                "--out", str(out)])
+    r = train.read_run(out)
+    train.save_merged(None, tokenizer, tmp_path / "merged", on_cpu, r.base, r.adapter, r.keep_ids)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_the_scripts_ask_torch_about_the_gpu_in_one_place():
+    """Decided once: find_device is the only caller of cuda.is_available(), pick_dtype the only dtype rule, and
+    nothing asks is_bf16_supported (True on a T4, where bf16 is emulated)."""
+    calls = {}
+    for script in ("data.py", "train.py", "infer.py", "bench.py"):
+        text = (ROOT / script).read_text()
+        calls[script] = len(re.findall(r"cuda\.is_available\(\)", text)), len(re.findall(r"is_bf16_supported\(", text))
+    assert calls == {"data.py": (0, 0), "train.py": (1, 0), "infer.py": (0, 0), "bench.py": (0, 0)}, calls
