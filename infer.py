@@ -42,6 +42,8 @@ class Config:
     model: str = opt("", "model", "run folder written by train.py (default: the runs/*/ with the newest config.json), "
                                   "or a base model (HF name or folder) to use with --adapter")
     adapter: str = opt("", "model", "PEFT adapter folder to put on a base --model")
+    base_model: str = opt("", "model", "a local copy of a run's base model, for a run moved to a machine that lacks "
+                                       "the base it names (a Hugging Face name offline, a folder of another machine)")
     backend: str = opt(AUTO, "model", "unsloth (needs a CUDA GPU), transformers, or auto: Unsloth on a GPU for a "
                                       "run trained with it, transformers otherwise",
                        choices=["auto", *train.BACKENDS])
@@ -119,7 +121,22 @@ def find_model(cfg):
     elif train.run_status(folder) == "interrupted":
         print(f"note: {folder} was interrupted (Ctrl-C or SIGTERM): its weights are those of the step it stopped at")
     run = train.read_run(folder)
-    return replace(run, max_seq_len=cfg.max_seq_len or run.max_seq_len)
+    return replace(run, max_seq_len=cfg.max_seq_len or run.max_seq_len, base=local_base(cfg, run))
+
+
+def local_base(cfg, run):
+    """The run's base model: --base-model where given, else the one config.json names, which must be here."""
+    if not cfg.base_model:
+        if Path(run.base).is_absolute() and not Path(run.base).exists():
+            raise OneLineError(f"{run.folder}: its base model {run.base} is not on this machine: give a local copy "
+                               "with --base-model FOLDER")
+        return run.base
+    if not (Path(cfg.base_model) / "config.json").is_file():
+        raise OneLineError(f"--base-model {cfg.base_model}: no config.json there, not a model folder")
+    if run.adapter is None or run.ttt_mode:
+        raise OneLineError(f"--base-model: {run.folder} " + ("is a test-time run: its base is the run it started "
+                           "from" if run.ttt_mode else "holds a whole model (a full fine-tune): it has no base"))
+    return cfg.base_model
 
 
 def is_4bit(name):

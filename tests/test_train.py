@@ -387,3 +387,25 @@ def test_merge_of_a_full_fine_tune_records_the_backends_reason(family, tmp_path)
     info = json.loads((out / "config.json").read_text())
     assert info["why"] == "the tiny model is built from a config, which Unsloth cannot load: transformers + peft"
     assert not (out / "merged").exists()
+
+
+def test_a_run_moved_away_from_its_base_finds_it_with_base_model(lora_run, family, tmp_path):
+    """A run copied to another machine (a Kaggle dataset) whose base, a folder of the first machine or a Hugging Face
+    name offline, is not there: one line saying so, and --base-model names the local copy."""
+    import infer
+    import shutil
+    _, run = lora_run
+    moved = tmp_path / "moved"
+    shutil.copytree(run / "final", moved / "final")
+    shutil.copy(run / "config.json", moved / "config.json")
+    shutil.copytree(run / "base", tmp_path / "input" / "base")
+    info = json.loads((moved / "config.json").read_text())
+    data.write_json(moved / "config.json", dict(info, base_model="/home/someone/tiny-base"))
+    predict = ["--model", str(moved), "--dataset", str(family), "--split", "train", "--limit", "1",
+               "--max-new-tokens", "4"]
+    with pytest.raises(SystemExit) as e:
+        infer.main(predict)
+    assert str(e.value) == f"error: {moved}: its base model /home/someone/tiny-base is not on this machine: give a " \
+                           "local copy with --base-model FOLDER"
+    infer.main([*predict, "--base-model", str(tmp_path / "input" / "base")])
+    assert json.loads((moved / "results.limit-1.json").read_text())["tasks"] == 1
