@@ -1462,33 +1462,34 @@ def train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup):
                 peak_memory_gb=round(mem, 2), peak_memory_kind=mem_kind, per_task=per_task)
 
 
-def train(cfg, given=frozenset()):
-    """Train as `cfg` says (flags in `given` win over a resumed run's saved settings). Returns (model, run folder)."""
-    t0 = time.time()
-    import torch
+def settings(cfg, given):
+    """(cfg with every flag decided, Setup, checkpoint to resume or None, test-time key or None): the flags checked,
+    the device, dtype and backend decided, the run folder locked and free to be written."""
     device = find_device(cfg.device)  # first: a GPU that torch cannot use stops the run before anything else
     if cfg.backend != "transformers" and not cfg.ttt and cfg.model != "tiny":
         import_unsloth(device[0])  # before checks() imports transformers: Unsloth's patches hold only then
     check_ranges(cfg, checks())  # the flags as given: values resolved from them are ours, a resumed run's were checked
     cfg = resolve(cfg, given, device[0] == "cuda")
     setup = make_setup(device, cfg.backend, cfg.model, ttt=cfg.ttt)
-    backend = setup.backend
     if not cfg.ttt:
-        cfg = fit_positions(cfg, given, backend)
+        cfg = fit_positions(cfg, given, setup.backend)
     out = Path(cfg.out)
     checkpoint = resume_checkpoint(out) if cfg.resume else None
     if checkpoint:
         print(f"resume: from {checkpoint}")
     check_writable(out)
-    rank0 = is_main_process()  # under torchrun every process trains; one writes the run folder
-    if rank0:
+    if is_main_process():  # under torchrun every process trains; one writes the run folder
         lock_run(out)
     ttt_key = test_time_key(cfg) if cfg.ttt else None
     check_out_is_free(cfg, out, ttt_key)
     if cfg.merge and (cfg.full_finetune or cfg.ttt):
         whole = "a test-time run keeps an adapter per task" if cfg.ttt else "a full fine-tune is a whole model already"
         print(f"note: --merge ignored: {whole} (final/ is what a merge would write)")
-    # before the model: a data error should not wait for 8B weights
+    return cfg, setup, checkpoint, ttt_key
+
+
+def read_data(cfg):
+    """(tasks, sources) of every --dataset x --split, --limit-tasks applied, said in one line."""
     tasks, sources = read_sets(cfg.dataset, cfg.split)
     if cfg.limit_tasks:
         tasks = dict(sorted(tasks.items())[:cfg.limit_tasks])
@@ -1496,27 +1497,36 @@ def train(cfg, given=frozenset()):
     if not cfg.ttt and not any("output" in t for task in tasks.values() for t in task["test"]):
         raise OneLineError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no test outputs to train on (a "
                            "challenges file without its *_solutions.json beside it?)")
+    return tasks, sources
 
-    # model
+
+def training_model(cfg, setup, checkpoint):
+    """(model ready to train, tokenizer, format, kept token ids or None): the base (for --ttt, its run merged),
+    saved in the run folder where it exists nowhere else, then made ready (prepare_model)."""
+    out = Path(cfg.out)
     model, tokenizer = load_run_model(cfg.model, setup) if cfg.ttt else \
         load_base(cfg.model, setup, cfg.max_seq_len, cfg.load_in_4bit, cfg.full_finetune, cfg.seed)
     fmt = choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     if tokenizer.eos_token_id is None:
         raise OneLineError(f"--model {cfg.model}: its tokenizer has no EOS token to end answers with")
-    base = str(Path(cfg.model).resolve()) if cfg.ttt else cfg.model
-    if cfg.overwrite and rank0:
+    if cfg.overwrite and is_main_process():
         clear_run(out)
-    if cfg.model == "tiny" and not cfg.full_finetune:  # the random base must travel with its adapter
-        base = BASE
-        if rank0:
-            model.save_pretrained(out / BASE)
-            tokenizer.save_pretrained(out / BASE)
-            readable(out / BASE)
-    keep = None
+    if run_base(cfg) == BASE and is_main_process():  # the random base must travel with its adapter
+        model.save_pretrained(out / BASE)
+        tokenizer.save_pretrained(out / BASE)
+        readable(out / BASE)
+    saved = read_json(run_config_path(out)).get("keep_ids") if checkpoint else None
+    model, tokenizer, keep = prepare_model(cfg, setup, model, tokenizer, fmt, saved)
+    print(describe_model(cfg, model, fmt))
+    return model, tokenizer, fmt, keep
+
+
+def prepare_model(cfg, setup, model, tokenizer, fmt, keep=None):
+    """(model, tokenizer, kept ids or None) as training takes them: cut to --vocab arc (a resumed run's own `keep`
+    ids), the head untied, the rsLoRA put on (unless --full-finetune)."""
     if cfg.vocab == "arc" and not cfg.ttt:  # a test-time run starts from its run's model, already cut
         size = len(tokenizer)
-        saved = read_json(run_config_path(out)).get("keep_ids") if checkpoint else None
-        tokenizer, keep = arc_vocabulary(model, tokenizer, fmt, saved)
+        tokenizer, keep = arc_vocabulary(model, tokenizer, fmt, keep)
         print(f"vocab arc: all {size} tokens are the format's or special: nothing to cut" if len(keep) == size else
               f"vocab arc: {len(keep)} of {size:,} tokens kept (the format's, the special ones and the pieces BPE "
               f"builds them from), new ids 0..{len(keep) - 1}; embed_tokens and lm_head cut to their rows")
@@ -1524,40 +1534,80 @@ def train(cfg, given=frozenset()):
         if untie_embeddings(model):
             print("tied embeddings: untied on purpose, lm_head starts as a copy of embed_tokens; both are trained "
                   "and saved as two matrices, and a merged model reloads untied")
-        model = add_lora(model, cfg, backend, embeddings=not cfg.ttt)
-    print(describe_model(cfg, model, fmt))
+        model = add_lora(model, cfg, setup.backend, embeddings=not cfg.ttt)
+    return model, tokenizer, keep
 
-    # data: what the weights have seen answers of (for a test-time run, its base run's; demonstrations don't count)
+
+def run_base(cfg):
+    """What config.json names as the base: the base run's folder for --ttt, `base` (inside the run) for the tiny
+    model's random base under a LoRA, else --model as given."""
     if cfg.ttt:
-        start = read_run(cfg.model)
-        trained_on, fingerprints = start.trained_on, start.fingerprints
-        ttt = dict(mode=cfg.ttt_mode, base_run=base, views=cfg.ttt_views, sources=sources, tasks=len(tasks),
-                   key=ttt_key)
-    else:
-        trained_on, fingerprints, ttt = sources, sorted(task_fingerprint(t) for t in tasks.values()), None
-    info = run_info(cfg, fmt, setup, base, trained_on, fingerprints, ttt, keep)
+        return str(Path(cfg.model).resolve())
+    return BASE if cfg.model == "tiny" and not cfg.full_finetune else cfg.model
+
+
+def seen_answers(cfg, tasks, sources, ttt_key):
+    """(trained_on, fingerprints, ttt) for config.json: which tasks' answers the weights have seen (for a
+    test-time run, its base run's: demonstrations don't count) and what a test-time run trained on."""
+    if not cfg.ttt:
+        return sources, sorted(task_fingerprint(t) for t in tasks.values()), None
+    start = read_run(cfg.model)
+    ttt = dict(mode=cfg.ttt_mode, base_run=run_base(cfg), views=cfg.ttt_views, sources=sources, tasks=len(tasks),
+               key=ttt_key)
+    return start.trained_on, start.fingerprints, ttt
+
+
+def train(cfg, given=frozenset()):
+    """Train as `cfg` says (flags in `given` win over a resumed run's saved settings). Returns (model, run folder)."""
+    t0 = time.time()
+    cfg, setup, checkpoint, ttt_key = settings(cfg, given)
+    tasks, sources = read_data(cfg)  # before the model: a data error should not wait for 8B weights
+    model, tokenizer, fmt, keep = training_model(cfg, setup, checkpoint)
+    info = run_info(cfg, fmt, setup, run_base(cfg), *seen_answers(cfg, tasks, sources, ttt_key), keep)
     if cfg.ttt and cfg.ttt_mode == "per-task":
-        write_json(run_config_path(out), info)
-        summary = train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup)
-        tokenizer.save_pretrained(str(out / FINAL))  # written last, as for every run: the run is finished
-        write_json(run_config_path(out), dict(info, summary=summary))
-        print(f"\ndone: {summary['trained']} task adapters trained ({summary['already_done']} already there, "
-              f"{len(summary['no_sequences'])} without a leave-one-out sequence), {summary['steps']} steps in "
-              f"{summary['seconds'] / 60:.1f} min, peak {summary['peak_memory_kind']} {summary['peak_memory_gb']:.2f} GB")
-        print(f"saved: {out / TTT}/<task>/ (adapters), {run_config_path(out)}; next: python infer.py --model {out} "
-              f"--dataset {' '.join(cfg.dataset)} --split {' '.join(cfg.split)}")
-        return model, out
+        train_each_task(cfg, model, tokenizer, fmt, tasks, setup, info)
+    else:
+        train_once(cfg, model, tokenizer, fmt, tasks, setup, info, checkpoint, t0)
+    return model, Path(cfg.out)
+
+
+def train_each_task(cfg, model, tokenizer, fmt, tasks, setup, info):
+    """Per-task test-time training: a fresh LoRA per task (train_per_task), then the run marked finished."""
+    out = Path(cfg.out)
+    write_json(run_config_path(out), info)
+    summary = train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup)
+    tokenizer.save_pretrained(str(out / FINAL))  # written last, as for every run: the run is finished
+    write_json(run_config_path(out), dict(info, summary=summary))
+    print(f"\ndone: {summary['trained']} task adapters trained ({summary['already_done']} already there, "
+          f"{len(summary['no_sequences'])} without a leave-one-out sequence), {summary['steps']} steps in "
+          f"{summary['seconds'] / 60:.1f} min, peak {summary['peak_memory_kind']} {summary['peak_memory_gb']:.2f} GB")
+    print(f"saved: {out / TTT}/<task>/ (adapters), {run_config_path(out)}; next: python infer.py --model {out} "
+          f"--dataset {' '.join(cfg.dataset)} --split {' '.join(cfg.split)}")
+
+
+def train_once(cfg, model, tokenizer, fmt, tasks, setup, info, checkpoint, t0):
+    """One training run over every task's sequences: trained, then its outputs saved."""
     train_ds, copies, report = training_data(cfg, tasks, tokenizer, fmt)
     if len(train_ds) == 0:
         raise OneLineError(f"--ttt: no task of {' '.join(cfg.dataset)} {' '.join(cfg.split)} has two demonstrations "
                            f"that fit --max-seq-len {cfg.max_seq_len}")
     print(describe_data(cfg, tasks, train_ds, copies, report))
+    trainer, progress, result = fit(cfg, model, tokenizer, train_ds, copies, setup, info, checkpoint)
+    save_outputs(cfg, model, tokenizer, setup, trainer, info)
+    summary = summarize(trainer, result, progress, time.time() - t0, train_ds, report, count_params(model)[0])
+    if is_main_process():
+        report_run(cfg, info, summary, progress.interrupted)
 
-    # training
+
+def fit(cfg, model, tokenizer, train_ds, copies, setup, info, checkpoint):
+    """(trainer, progress, the Trainer's result): config.json written as training starts (a killed run can be
+    resumed), then the steps; running out of GPU memory and a diverging loss end in one line."""
+    import torch
+    out = Path(cfg.out)
     trainer, progress, line = make_trainer(cfg, model, tokenizer, train_ds, copies, setup)
     guard_saves(trainer, out / CHECKPOINTS)
     print(line)
-    if rank0:  # now, so that a killed run can be resumed; a resumed finished run keeps its summary meanwhile
+    if is_main_process():  # a resumed finished run keeps its summary meanwhile
         previous = read_json(run_config_path(out)).get("summary") if checkpoint else None
         write_json(run_config_path(out), dict(info, summary=previous))
     try:
@@ -1571,39 +1621,43 @@ def train(cfg, given=frozenset()):
             else "no checkpoint was saved before it: start again with a smaller --lr"
         raise OneLineError(f"loss or weights became NaN or inf at step {progress.diverged} (--lr {cfg.lr:g}): "
                            f"training stopped before saving that step; {then}")
+    return trainer, progress, result
 
-    # outputs
+
+def save_outputs(cfg, model, tokenizer, setup, trainer, info):
+    """final/ (the adapter, or the whole model) with the run's tokenizer, and merged/ with --merge."""
+    out = Path(cfg.out)
     final = out / FINAL
     try:
         trainer.save_model(str(final))  # the Trainer writes from the main process only
-        if rank0:
+        if is_main_process():
             tokenizer.save_pretrained(str(final))
             readable(final)
             if cfg.merge and not cfg.full_finetune:
-                save_merged(model, tokenizer, out / "merged", setup, out / base if base == BASE else base, final,
-                             keep)
+                base = out / BASE if info["base_model"] == BASE else info["base_model"]
+                save_merged(model, tokenizer, out / "merged", setup, base, final, info["keep_ids"])
                 readable(out / "merged")
     except Exception as e:  # a full disk or a file-size limit, worded by each library its own way
         raise OneLineError(write_failure(final, e) + f"; the checkpoints in {out / CHECKPOINTS} stay usable: "
                            "train.py --resume")
-    summary = summarize(trainer, result, progress, time.time() - t0, train_ds, report,
-                        count_params(model)[0])
-    if not rank0:
-        return model, out
+
+
+def report_run(cfg, info, summary, interrupted):
+    """config.json with the summary, loss.png, and the closing lines."""
+    out = Path(cfg.out)
     write_json(run_config_path(out), dict(info, summary=summary))
     if summary["losses"]:
         plot_losses(summary["losses"], out / LOSS_PLOT, f"{cfg.model}: {out.name}")
     else:
         print(f"note: no {LOSS_PLOT}: no loss was logged before training stopped at step {summary['steps']} "
               f"(--logging-steps {cfg.logging_steps})")
-    print(f"\n{'interrupted' if progress.interrupted else 'done'}: {summary['steps']} steps in "
+    print(f"\n{'interrupted' if interrupted else 'done'}: {summary['steps']} steps in "
           f"{summary['seconds'] / 60:.1f} min, train loss {summary['train_loss']:.4f}, {summary['tokens']:,} tokens "
           f"({summary['tokens_per_second']:,} tok/s), peak {summary['peak_memory_kind']} {summary['peak_memory_gb']:.2f} GB")
-    print(f"saved: {final} ({'full model' if cfg.full_finetune else 'adapter'}), {run_config_path(out)}"
+    print(f"saved: {out / FINAL} ({'full model' if cfg.full_finetune else 'adapter'}), {run_config_path(out)}"
           + (f", {out / LOSS_PLOT}" if summary["losses"] else "") + "; "
           + (f"resume: python train.py --out {out} --resume (infer.py picks this run only when given --model)"
-             if progress.interrupted else f"next: python infer.py --model {out} --split eval"))
-    return model, out
+             if interrupted else f"next: python infer.py --model {out} --split eval"))
 
 
 def main(argv=None):
