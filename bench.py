@@ -50,7 +50,7 @@ class Config:
     arch: str = opt("", "model", "train measures a random-weight model of this shape instead of --model",
                     choices=["", *ARCHS])
     device: str = opt(AUTO, "model", "cuda, cpu (on purpose, even where a GPU is) or auto: the GPU when torch can "
-                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *train.DEVICES])
+                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *data.DEVICES])
     hidden: int = opt(128, "model", "tiny model width (train.tiny_model)")
     layers: int = opt(2, "model", "tiny model layers")
     max_seq_len: int = opt(2048, "model", "prompt + answer token limit; tasks are trimmed to fit as in train.py")
@@ -94,7 +94,7 @@ def machine(setup):
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=device_name(setup),
                 gpu=setup.gpus[0] if setup.gpus else None, driver=setup.driver or None, torch=setup.torch,
                 dtype=str(setup.dtype).split(".")[1],
-                python=platform.python_version(), versions=train.versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                python=platform.python_version(), versions=data.versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 # ----------------------------------------------------------------------------
@@ -568,7 +568,7 @@ def main(argv=None):
         raise SystemExit(f"error: --sections {' '.join(unknown)}: unknown; choose from {', '.join(SECTIONS)}")
     # first: a GPU that torch cannot use stops here; bench measures transformers + peft, as train.py's CPU path
     try:
-        setup = train.make_setup(train.find_device(cfg.device), "transformers")
+        setup = train.make_setup(cfg.device, "transformers")
     except data.OneLineError as e:
         sys.exit(f"error: {e}")
     record = dict(machine=machine(setup), config=dataclasses.asdict(cfg))

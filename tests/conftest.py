@@ -66,6 +66,11 @@ def tiny_run(folder):
     return run
 
 
+def cpu_setup():
+    """The Setup that infer.py and train.py make on this machine: the CPU, fp32, transformers + peft."""
+    return train.make_setup("auto", "transformers")
+
+
 def fake_model(monkeypatch, tokenizer, answer):
     """Replace the model by `answer(prompt_ids) -> text`; returns the list of batches generate() was given."""
     calls = []

@@ -95,7 +95,7 @@ def fake_gpu(monkeypatch, name, capability, count=1):
 @pytest.mark.parametrize("name, capability, dtype", GPUS, ids=[g[0].split()[-1] for g in GPUS])
 def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capsys, name, capability, dtype):
     fake_gpu(monkeypatch, name, capability, count=2)
-    setup = train.make_setup(train.find_device(), "transformers")
+    setup = train.make_setup("auto", "transformers")
     assert (setup.device, setup.gpus, setup.dtype) == ("cuda", [name, name], dtype)
     said = capsys.readouterr().out
     assert f"device: cuda (2 x {name}) (CUDA found)" in said
@@ -105,7 +105,7 @@ def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capsys, name,
 def test_cpu_is_fp32_and_the_setup_says_so(capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    setup = train.make_setup(train.find_device(), "auto", model="unsloth/llama-3-8b-bnb-4bit")
+    setup = train.make_setup("auto", "auto", model="unsloth/llama-3-8b-bnb-4bit")
     assert (setup.device, setup.dtype, setup.backend) == ("cpu", torch.float32, "transformers")
     assert capsys.readouterr().out.splitlines()[:3] == [
         f"device: cpu (no GPU); torch {train.torch_build()}, NVIDIA driver none", "dtype: float32 (CPU)",
@@ -116,7 +116,7 @@ def test_a_t4_setup_loads_and_merges_in_fp16(monkeypatch, tmp_path, family):
     """The dtype decided once is the one every loader uses: a T4's fp16 reaches the base load and the merged save
     (both built on the CPU here: the setup, not torch, says which dtype)."""
     fake_gpu(monkeypatch, "Tesla T4", (7, 5))
-    t4 = train.make_setup(train.find_device(), "transformers")
+    t4 = train.make_setup("auto", "transformers")
     monkeypatch.undo()
     on_cpu = train.Setup(**{**vars(t4), "device": "cpu"})
     run = tiny_run(tmp_path / "run")

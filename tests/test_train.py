@@ -362,23 +362,27 @@ def test_test_time_training_shared_writes_one_adapter(ttt_family, tmp_path):
 
 def test_every_load_of_a_trained_model_goes_through_the_one_builder(lora_run, family, tmp_path, monkeypatch):
     """infer.py, test-time training and --merge build a run's model only through train.build_model (base, cut,
-    untie, adapter, merged): counted by wrapping it."""
+    untie, adapter, merged): counted by wrapping it. A test-time run's base is a run: built by the same call."""
     import infer
     _, run = lora_run
     calls, build = [], train.build_model
-    monkeypatch.setattr(train, "build_model", lambda *a, **k: (calls.append(k.get("merge", False)), build(*a, **k))[1])
+
+    def counted(base, *a, **k):
+        calls.append((Path(base).name, k.get("merge", False) or (len(a) > 3 and a[3])))
+        return build(base, *a, **k)
+    monkeypatch.setattr(train, "build_model", counted)
     infer.main(["--model", str(run), "--dataset", str(family), "--split", "train", "--limit", "1",
                 "--max-new-tokens", "4", "--out", str(tmp_path / "predicted")])
-    assert calls == [False]
+    assert calls == [("base", False)]
     train.main(["--ttt", "--ttt-mode", "shared", "--model", str(run), "--dataset", str(family), "--limit-tasks", "1",
                 "--out", str(tmp_path / "ttt"), "--epochs", "1", "--ttt-views", "1", "--batch-size", "2"])
-    assert calls == [False, True]  # the run merged, the test-time LoRA put on top
+    assert calls[1:] == [("lora", False), ("base", True)]  # the run, built on its base and merged
     infer.main(["--model", str(tmp_path / "ttt"), "--dataset", str(family), "--split", "train", "--limit", "1",
                 "--max-new-tokens", "4"])
-    assert calls == [False, True, True]
+    assert calls[3:] == [("lora", False), ("base", True)]  # the same, then the test-time adapter on top
     train.main(["--dataset", str(family), "--no-full-finetune", "--max-steps", "1", "--batch-size", "4", "--merge",
                 "--out", str(tmp_path / "merge")])
-    assert calls == [False, True, True, True] and (tmp_path / "merge" / "merged" / "config.json").is_file()
+    assert calls[5:] == [("base", True)] and (tmp_path / "merge" / "merged" / "config.json").is_file()
 
 
 def test_merge_of_a_full_fine_tune_records_the_backends_reason(family, tmp_path):

@@ -205,7 +205,7 @@ def test_pad_and_eos_agree_between_backends(setup, trained):
     model = setup[1]
     from transformers import AutoTokenizer
     saved = AutoTokenizer.from_pretrained(trained[0] / "final")
-    _, plain = train.load_base(str(model), train.make_setup(train.find_device(), "transformers"))
+    _, plain = train.load_base(str(model), train.make_setup("auto", "transformers"))
     assert (saved.pad_token, saved.eos_token) == (plain.pad_token, plain.eos_token) == ("</s>", "</s>")
     assert "unsloth" not in sys.modules
 
@@ -230,5 +230,5 @@ def test_base_and_adapter_on_a_4bit_base_load_the_4bit_repo(tmp_path):
     """Fault 5: --model unsloth/llama-3-8b-bnb-4bit --adapter DIR loaded the 16-bit repo (a 16 GB download)."""
     (tmp_path / "adapter").mkdir()
     for name, four in (("unsloth/llama-3-8b-bnb-4bit", True), ("unsloth/llama-3-8b", False)):
-        run_ = infer.find_model(infer.Config(model=name, adapter=str(tmp_path / "adapter")))
+        run_ = infer.find_run(infer.Config(model=name, adapter=str(tmp_path / "adapter")))
         assert run_.load_in_4bit is four and run_.backend == "unsloth"

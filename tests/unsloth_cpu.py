@@ -131,7 +131,7 @@ def model_and_rows(model_folder, dataset, backend, vocab):
     import train
     cfg = train.Config(model=model_folder, dataset=[dataset], views=1, max_seq_len=512, load_in_4bit=False,
                        full_finetune=False, epochs=1, vocab=vocab)
-    setup = train.make_setup(train.find_device(), backend)
+    setup = train.make_setup("auto", backend)
     model, tokenizer = train.load_base(cfg.model, setup, cfg.max_seq_len, cfg.load_in_4bit, cfg.full_finetune)
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     if vocab == "arc":
