@@ -114,7 +114,7 @@ def test_unsloth_loss_and_gradients_match_transformers_in_a_process_without_unsl
 
 @pytest.mark.parametrize("vocab", train.VOCABS)
 def test_packing_on_unsloth_gives_the_padded_loss_because_it_carries_the_boundaries(setup, vocab):
-    """Fault 1: Unsloth finds packed sequences' boundaries only from packed_seq_lengths, which train.py's packed
+    """Unsloth finds packed sequences' boundaries only from packed_seq_lengths, which train.py's packed
     batches now carry; without it (position_ids only, as before) the sequences attend to each other."""
     root, model, family = setup
     if not (root / "unsloth.pt").exists():
@@ -162,7 +162,7 @@ def test_unsloth_run_predicts_a_valid_submission(setup, trained):
 
 
 def test_unsloth_merge_of_a_tied_base_keeps_the_trained_head(trained):
-    """Fault 2: Unsloth's merged save of an untied-on-purpose base wrote no lm_head and said tied. The merged
+    """Unsloth's merged save of an untied-on-purpose base wrote no lm_head and said tied. The merged
     folder holds the cut vocabulary and its own tokenizer."""
     out, info = trained[0], trained[2]
     from safetensors.torch import load_file
@@ -183,7 +183,8 @@ def test_unsloth_merge_of_a_tied_base_keeps_the_trained_head(trained):
 
 
 def test_unsloth_is_imported_before_transformers_and_leaves_no_cache_in_the_working_directory(setup, trained):
-    """Fault 3, and Unsloth's compiled cache and embedding offload out of the user's way."""
+    """Unsloth comes before transformers (its patches hold only then); its compiled cache and embedding offload stay
+    out of the user's way."""
     root = setup[0]
     out, first, _, resumed = trained
     for output in (first, resumed):
@@ -194,14 +195,14 @@ def test_unsloth_is_imported_before_transformers_and_leaves_no_cache_in_the_work
 
 
 def test_auto_max_seq_len_is_capped_at_the_models_positions(trained):
-    """Fault 4: Unsloth scales RoPE past the model's positions, transformers does not: auto stays within them."""
+    """Unsloth scales RoPE past the model's positions, transformers does not: auto stays within them."""
     _, first, info, _ = trained
     assert info["max_seq_len"] == POSITIONS and info["rope_scaling"] is None
     assert f"auto: max_seq_len {POSITIONS} (the model's max_position_embeddings" in first
 
 
 def test_pad_and_eos_agree_between_backends(setup, trained):
-    """Fault 6: Unsloth replaces a pad equal to eos (SmolLM2's <|im_end|>); the run keeps the model's own."""
+    """Unsloth replaces a pad equal to eos (SmolLM2's <|im_end|>); the run keeps the model's own."""
     model = setup[1]
     from transformers import AutoTokenizer
     saved = AutoTokenizer.from_pretrained(trained[0] / "final")
@@ -211,7 +212,7 @@ def test_pad_and_eos_agree_between_backends(setup, trained):
 
 
 def test_full_finetune_past_the_positions_records_16_bits_and_rope_scaling(setup):
-    """Faults 5 and 4: a --full-finetune run on Unsloth (which turns 4 bits off) is recorded as 16-bit; a
+    """A --full-finetune run on Unsloth (which turns 4 bits off) is recorded as 16-bit; a
     --max-seq-len given past the model's positions is kept, said, and its RoPE scaling recorded."""
     root, model, family = setup
     out = root / "runs" / "full"
@@ -227,7 +228,7 @@ def test_full_finetune_past_the_positions_records_16_bits_and_rope_scaling(setup
 
 
 def test_base_and_adapter_on_a_4bit_base_load_the_4bit_repo(tmp_path):
-    """Fault 5: --model unsloth/llama-3-8b-bnb-4bit --adapter DIR loaded the 16-bit repo (a 16 GB download)."""
+    """--model unsloth/llama-3-8b-bnb-4bit --adapter DIR loaded the 16-bit repo (a 16 GB download)."""
     (tmp_path / "adapter").mkdir()
     for name, four in (("unsloth/llama-3-8b-bnb-4bit", True), ("unsloth/llama-3-8b", False)):
         run_ = infer.find_run(infer.Config(model=name, adapter=str(tmp_path / "adapter")))
