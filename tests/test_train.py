@@ -357,4 +357,4 @@ def test_test_time_training_shared_writes_one_adapter(ttt_family, tmp_path):
     import infer
     infer.main(["--model", str(run), "--dataset", str(ttt_family), "--split", "eval", "--max-new-tokens", "8",
                 "--guesses", "poe", "--views", "2"])
-    assert json.loads((run / "results.json").read_text())["mode"] == "poe"
+    assert json.loads((run / "results.poe.json").read_text())["mode"] == "poe"
