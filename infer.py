@@ -218,15 +218,16 @@ def ttt_model(run):
     return PeftModel.from_pretrained(model, str(next(iter(adapters.values())))) if adapters else model
 
 
-def adapter_loader(model, run):
-    """use(task_id): that task's test-time adapter loaded into `model` in place; a task without one (a single
-    demonstration) gets the LoRA zeroed, which is the base run as it is."""
+def adapter_loader(model, run, tasks):
+    """use(task_id): the test-time adapter of that task of `tasks` (its id and grids) loaded into `model` in place;
+    a task without one (a single demonstration, or not trained yet: see missing_adapters) gets the LoRA zeroed,
+    which is the base run as it is."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     import torch
 
     def use(task_id):
-        folder = train.ttt_folder(run.folder, task_id)
+        folder = train.ttt_folder(run.folder, task_id, tasks[task_id])
         if folder.is_dir():
             set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
             return
@@ -235,6 +236,32 @@ def adapter_loader(model, run):
                 if "lora_B" in name:
                     p.zero_()
     return use
+
+
+def missing_adapters(run, tasks):
+    """Ids of `tasks` a per-task test-time-training run has no adapter for (none trained for their grids), said in
+    one line: they are predicted by the base run as it is."""
+    if run.ttt_mode != "per-task":
+        return []
+    missing = sorted(tid for tid, task in tasks.items() if not train.ttt_folder(run.folder, tid, task).is_dir())
+    if missing:
+        print(f"note: {len(missing)} of {len(tasks)} tasks have no test-time adapter for their grids in "
+              f"{run.folder / train.TTT} (first: {', '.join(missing[:5])}): predicted by the run {run.base} as it is; "
+              "a task with one demonstration never has one, the others are trained by the same train.py --ttt "
+              "command again")
+    return missing
+
+
+def check_ttt_base(run):
+    """OneLineError when a test-time-training run's base run has other weights than those its adapters were
+    trained on (trained further or replaced since): the adapters would sit on weights they never saw."""
+    key = (data.read_json(train.run_config_path(run.folder)).get("ttt") or {}).get("key") if run.ttt_mode else None
+    if key and key.get("base_weights") != train.base_weights(run.base):
+        given = {k: " ".join(v) if isinstance(v, list) else v for k, v in key.items()}
+        raise OneLineError(f"--model {run.folder}: its test-time adapters were trained on {run.base} before it was "
+                           f"trained further or replaced: train them again with python train.py --ttt --model "
+                           f"{run.base} --dataset {given['dataset']} --split {given['split']} --out {run.folder} "
+                           "--overwrite")
 
 
 def check_adapter_rows(run, model):
@@ -1382,7 +1409,8 @@ def predict_missing(cfg, run, tasks, cache_path, settings):
                   f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}")
         print(f"guesses: {describe_mode(cfg)}")
         try:
-            use_adapter = adapter_loader(model, run) if run.ttt_mode == "per-task" and ttt_adapters(run) else None
+            use_adapter = adapter_loader(model, run, todo) if run.ttt_mode == "per-task" and ttt_adapters(run) \
+                else None
             generated, seconds = predict(todo, model, tokenizer, fmt, cfg, cache_path, settings, use_adapter)
         except KeyboardInterrupt:
             n = len(read_cache(cache_path))
@@ -1397,6 +1425,7 @@ def predict_missing(cfg, run, tasks, cache_path, settings):
 def predict_all(cfg, tasks, unreadable, t0):
     """Predict every task not already in the cache, then write the submission and its scores."""
     run = find_model(cfg)
+    check_ttt_base(run)
     out = submission_path(Path(cfg.out) if cfg.out else run.folder / "submission.json")
     if cfg.shard:  # unreadable tasks join the submission at --merge
         tasks, unreadable = shard_tasks(tasks, cfg.shard), {}
@@ -1418,6 +1447,7 @@ def predict_all(cfg, tasks, unreadable, t0):
     print(f"model: {model_name(run)} (format {run.format or 'from the tokenizer'}, max_seq_len {run.max_seq_len})"
           + (f", test-time trained ({run.ttt_mode})" if run.ttt_mode else ""))
     seen = warn_seen(run, tasks)
+    no_adapter = missing_adapters(run, tasks)
     with lock(cache_path):
         records, generated, seconds = predict_missing(cfg, run, tasks, cache_path, settings)
         status = [s for rec in records.values() for pair in rec.status for s in pair]
@@ -1428,7 +1458,7 @@ def predict_all(cfg, tasks, unreadable, t0):
                      timed_out={tid: rec.timed_out for tid, rec in records.items() if rec.timed_out},
                      trimmed_examples=sum(rec.trimmed for rec in records.values()), settings=settings,
                      unreadable={tid: reason for tid, (reason, _) in unreadable.items()}, mode=cfg.guesses,
-                     seen_in_training=seen)
+                     seen_in_training=seen, no_adapter=no_adapter)
         sub = submission_of(tasks, records, unreadable)
         save_submission(sub, tasks, unreadable, sub_path)
         _, files = report(cfg, tasks, sub, {tid: rec.guesses for tid, rec in records.items()},

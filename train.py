@@ -1098,11 +1098,17 @@ def lock_run(out):
 def test_time_key(cfg):
     """What a test-time run's adapters depend on: the base run's weights, the tasks' source and every setting that
     shapes training. A rerun into the same --out reuses adapters only under the same key."""
-    start = read_run(cfg.model)
     names = ("dataset", "split", "ttt_mode", "ttt_views", "lora_r", "lora_alpha", "lora_dropout", "epochs",
              "max_steps", "batch_size", "grad_accum", "lr", "warmup", "scheduler", "optim", "weight_decay", "seed",
              "max_seq_len")
-    return dict(base_weights=weights_digest([start.final, start.base]), **{n: getattr(cfg, n) for n in names})
+    return dict(base_weights=base_weights(cfg.model), **{n: getattr(cfg, n) for n in names})
+
+
+def base_weights(run_folder):
+    """The digest of a run's weights that test-time adapters trained on it are keyed by (test_time_key): a run
+    trained further or replaced has another one."""
+    start = read_run(run_folder)
+    return weights_digest([start.final, start.base])
 
 
 def check_out_is_free(cfg, out, ttt_key=None):
@@ -1279,9 +1285,10 @@ def summarize(trainer, result, progress, seconds, train_ds, report, trainable):
 
 # ----------------------------------------------------------------------------
 
-def ttt_folder(run_folder, task_id):
-    """Where a per-task test-time-training run keeps the adapter of one task (a safe folder name of its own)."""
-    return Path(run_folder) / TTT / safe_name(task_id)
+def ttt_folder(run_folder, task_id, task):
+    """Where a per-task test-time-training run keeps the adapter of one task: a folder named by its id (made safe)
+    and its grids (data.task_fingerprint), so that other grids under the same id never get this adapter."""
+    return Path(run_folder) / TTT / f"{safe_name(task_id)}.{task_fingerprint(task)}"
 
 
 def reset_weights(model, start):
@@ -1300,7 +1307,7 @@ def train_per_task(cfg, model, tokenizer, fmt, tasks, out):
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     t0, per_task, done, empty = time.time(), {}, 0, []
     for i, tid in enumerate(sorted(tasks), 1):
-        folder = ttt_folder(out, tid)
+        folder = ttt_folder(out, tid, tasks[tid])
         if STOP:
             print(f"stopped before task {i}/{len(tasks)}: the same command again trains the tasks left")
             break

@@ -544,6 +544,8 @@ ODD_IDS = ["a/b", "a_b", "..", "x" * 300]
 
 
 def test_ttt_adapters_are_keyed_by_the_base_weights_and_odd_ids_get_their_own_folders(family, tmp_path, capsys):
+    """Also in infer.py: a base run trained further after --ttt makes its test-time run refuse, naming the command
+    that trains the adapters again."""
     bases = [tmp_path / "base1", tmp_path / "base2"]
     for seed, base in enumerate(bases):
         train.main(["--dataset", str(family), "--max-steps", "1", "--batch-size", "4", "--out", str(base),
@@ -554,7 +556,7 @@ def test_ttt_adapters_are_keyed_by_the_base_weights_and_odd_ids_get_their_own_fo
     ttt = ["--ttt", "--dataset", str(tmp_path / "odd_challenges.json"), "--out", str(tmp_path / "ttt"),
            "--epochs", "1", "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1"]
     train.main(ttt + ["--model", str(bases[0])])
-    folders = {tid: train.ttt_folder(tmp_path / "ttt", tid) for tid in ODD_IDS}
+    folders = {tid: train.ttt_folder(tmp_path / "ttt", tid, tasks[tid]) for tid in ODD_IDS}
     assert len(set(folders.values())) == 4 and all(f.is_dir() and f.parent == tmp_path / "ttt" / "ttt"
                                              for f in folders.values())
     message = error_of(train.main, ttt + ["--model", str(bases[1])])
@@ -565,6 +567,10 @@ def test_ttt_adapters_are_keyed_by_the_base_weights_and_odd_ids_get_their_own_fo
     message = error_of(train.main, ["--ttt", "--model", str(tmp_path / "ttt"), "--dataset", str(family),
                                     "--out", str(tmp_path / "ttt2")])
     assert "a test-time-trained run itself" in message and str(bases[1].resolve()) in message
+    train.main(["--out", str(bases[1]), "--resume", "--max-steps", "2"])  # the base trained further
+    message = error_of(infer.main, ["--model", str(tmp_path / "ttt"), "--dataset", str(tmp_path / "odd_challenges.json")])
+    assert "test-time adapters were trained on" in message and "trained further" in message and \
+        f"--out {tmp_path / 'ttt'} --overwrite" in message and "\n" not in message, message
 
 
 # 6. the cache: a bad line costs only its task; renaming the run folder keeps it
@@ -893,3 +899,41 @@ def test_a_second_guess_mode_on_a_predicted_run_keeps_both(mirror, monkeypatch, 
     assert read(run / "results.json") == writeup
     assert [read(run / f"results.{m}.json")["mode"] for m in ("vote", "poe")] == ["vote", "poe"]
     assert all((run / f"submission{m}.cache.jsonl").exists() for m in ("", ".vote", ".poe"))
+
+
+# ----------------------------------------------------------------------------
+# test-time adapters belong to a task's grids; tasks without one are named
+
+@pytest.fixture(scope="module")
+def ttt_run(four_steps, family, tmp_path_factory):
+    """Per-task test-time adapters of 3 family tasks on the four_steps run, one step each."""
+    out = tmp_path_factory.mktemp("ttt") / "run"
+    train.main(["--ttt", "--model", str(four_steps), "--dataset", str(family), "--out", str(out), "--limit-tasks",
+                "3", "--epochs", "1", "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1"])
+    return out
+
+
+def test_a_task_with_other_grids_or_no_adapter_is_named_and_never_gets_another_tasks(ttt_run, family, tmp_path,
+                                                                                    monkeypatch, capsys):
+    import safetensors.torch
+    run, tasks = tmp_path / "run", tmp_path / "tasks"
+    shutil.copytree(ttt_run, run)
+    files = sorted((family / "training").glob("*.json"))[:3]
+    ids = [f.stem for f in files]
+    tasks.mkdir()
+    for f in files:
+        shutil.copy(f, tasks / f.name)
+    changed = json.loads(files[0].read_text())
+    changed["train"][0] = {"input": [[1]], "output": [[2]]}  # other grids under the same id and path
+    (tasks / files[0].name).write_text(json.dumps(changed))
+    shutil.rmtree(next((run / train.TTT).glob(f"{ids[1]}*")))  # as after a SIGTERM before its task
+    loaded = []
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, *a, **k: (loaded.append(Path(path).parent.name),
+                                                                             real(path, *a, **k))[1])
+    capsys.readouterr()
+    infer.main(["--model", str(run), "--dataset", str(tasks), "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert "2 of 3 tasks have no test-time adapter for their grids" in out and f"{ids[0]}, {ids[1]})" in out, out
+    assert [name.split(".")[0] for name in loaded] == [ids[2]]  # the changed task's old adapter is not used
+    assert read(run / "results.json")["no_adapter"] == ids[:2]
