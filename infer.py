@@ -68,7 +68,8 @@ class Config:
                                                   "answers found so far and says so (0 = none)")
     out: str = opt("", "output", "submission file, or a folder to write submission.json in (default: the run folder, "
                                  "or the --adapter folder); a .cache.jsonl beside it lets a killed run resume")
-    score: str = opt("", "output", "score this submission file against --dataset/--split and exit (no model)")
+    score: str = opt("", "output", "score this submission file's attempts against --dataset/--split and exit (no "
+                                   "model); results.<its name>.json beside it (submission.X.json -> results.X.json)")
     merge: bool = opt(False, "output", "join the --shard slices beside --out into the full submission and score it")
     plot: bool = opt(False, "output", "PNGs of solved tasks, near misses and a summary in plots/ beside the submission")
 
@@ -1038,12 +1039,13 @@ MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.model", "
                "chat_template.json")  # what transformers, peft and Unsloth load from a model folder
 
 
-def dataset_folder(cfg):
-    """The folder whose *.json files a plain folder --dataset reads as tasks (None for a file, an embedded set or
-    a Kaggle data folder, which read named files only)."""
+def dataset_folders(cfg):
+    """The folders whose *.json files a plain folder --dataset reads as tasks, for any --split (none for a file, an
+    embedded set or a Kaggle data folder, which read named files only)."""
     source = Path(cfg.dataset)
-    return data.task_folder(source, cfg.split).resolve() if source.is_dir() and not data.kaggle_files(source) \
-        else None
+    if not source.is_dir() or data.kaggle_files(source):
+        return set()
+    return {data.task_folder(source, split).resolve() for split in data.SPLITS}
 
 
 def input_files(cfg, run=None):
@@ -1057,7 +1059,7 @@ def input_files(cfg, run=None):
         files |= {f.with_name(f.name.replace("_challenges", n)) for f in data.kaggle_files(source).values()
                   for n in ("_challenges", "_solutions")}
     elif source.is_dir():
-        files |= set(dataset_folder(cfg).glob("*.json"))
+        files |= set(data.task_folder(source, cfg.split).glob("*.json"))
     if run is not None:
         files |= {train.run_config_path(run.folder)} if run.final is not None else set()
         files |= {f for folder in weight_folders(run) for pattern in MODEL_FILES for f in folder.glob(pattern)
@@ -1065,16 +1067,16 @@ def input_files(cfg, run=None):
     return {f.resolve() for f in files}
 
 
-def check_outputs(flag, outputs, inputs, tasks_folder=None):
+def check_outputs(flag, outputs, inputs, task_folders=()):
     """Refuse, in one line, an output path that is another output's (name -> path) or an input file's, or a .json
-    output in the dataset's task folder (the next run would read it as a task)."""
+    output in one of the dataset's task folders (the next run would read it as a task)."""
     seen = {}
     for name, path in outputs.items():
         where = Path(path).resolve()
         if where in inputs:
             raise OneLineError(f"{flag}: the {name} {path} would be written over an input file; give another {flag}")
-        if where.parent == tasks_folder and where.suffix == ".json":
-            raise OneLineError(f"{flag}: the {name} {path} would be in the dataset's task folder {tasks_folder}, "
+        if where.parent in task_folders and where.suffix == ".json":
+            raise OneLineError(f"{flag}: the {name} {path} would be in the dataset's task folder {where.parent}, "
                                f"where every *.json file is read as a task; give another {flag}")
         if where in seen:
             raise OneLineError(f"{flag}: the {seen[where]} and the {name} would both be written to {path}; give "
@@ -1337,7 +1339,7 @@ def score_file(cfg, tasks, unreadable):
     sub_path = Path(cfg.score)
     results_path = scored_results_path(sub_path)
     check_outputs("--score", dict(scored=sub_path, results=results_path), input_files(cfg) - {sub_path.resolve()},
-                  dataset_folder(cfg))
+                  dataset_folders(cfg))
     sub = read_submission(sub_path, tasks, unreadable)
     _, files = report(cfg, tasks, sub, None, sub_path, results_path, sub_path.parent / "plots",
                       f"{sub_path} on {cfg.dataset} {cfg.split}", dict(mode=None))
@@ -1432,7 +1434,7 @@ def predict_all(cfg, tasks, unreadable, t0):
     sub_path, cache_path, results_path, plots = paths(out, cfg.shard, cfg.limit, cfg.guesses)
     check_outputs("--out", dict(submission=sub_path, cache=cache_path, results=results_path,
                                 lock=cache_path.with_name(cache_path.name + ".lock")), input_files(cfg, run),
-                  dataset_folder(cfg))
+                  dataset_folders(cfg))
     if cfg.limit:
         print(f"partial: --limit {cfg.limit}: {len(tasks)} tasks only, so the submission is {sub_path}, not {out}")
     data.check_writable(sub_path.parent)
