@@ -1099,7 +1099,8 @@ def merge_shards(out, tasks, limit=0, mode="writeup"):
     other settings than each other (another model's weights, another mode or sampling). Guesses come from the
     shard caches when all of them are there."""
     named = paths(out, "0/1", limit, mode)[0].name  # e.g. submission.vote.shard-0-of-1.limit-3.json
-    folder, pattern = Path(out).parent, re.escape(named).replace(re.escape(".shard-0-of-1"), r"\.shard-(\d+)-of-(\d+)")
+    folder = Path(out).parent
+    pattern = re.escape(named).replace(re.escape(".shard-0-of-1"), r"\.shard-(\d+)-of-(\d+)")
     found = {}  # n -> {i: path}
     for p in folder.glob("*.json"):
         m = re.fullmatch(pattern, p.name)
