@@ -380,8 +380,9 @@ def bench_modes(cfg, setup):
                 infer.main(["--model", str(run), "--dataset", str(family), "--split", "eval", "--guesses",
                             name.split()[0], "--seed", str(cfg.seed), "--out", str(out)] + flags)
                 seconds = time.time() - t0
-                r = json.loads(out.with_name("results.json").read_text())
-                cached = infer.read_cache(out.with_suffix(".cache.jsonl"))
+                _, cache, results, _ = infer.paths(out, mode=name.split()[0])  # each mode's files are named by it
+                r = json.loads(results.read_text())
+                cached = infer.read_cache(cache)
                 candidates = [len(c) for rec in cached.values() for c in rec.candidates]
                 rows.append(dict(model=label, guesses=name, seconds=round(seconds, 1),
                                  s_per_task=round(seconds / r["tasks"], 2),

@@ -110,10 +110,7 @@ def raw_tasks(source, split, strict_solutions=True):
     if path.is_dir() and kaggle_files(path):
         return raw_tasks(str(kaggle_challenges(path, split)), split, strict_solutions)
     if path.is_dir():
-        for name in SPLITS.get(split, ()):
-            if (path / name).is_dir():
-                path = path / name
-                break
+        path = task_folder(path, split)
         files = sorted(path.glob("*.json"))
         if not files:
             raise OneLineError(f"{path}: no *.json task files in this folder")
@@ -135,6 +132,15 @@ def raw_tasks(source, split, strict_solutions=True):
                 raise
             print(f"warning: {e}: every task is loaded without answers (not scored)", file=sys.stderr)
     return [(tid, task, str(path)) for tid, task in sorted(data.items())]
+
+
+def task_folder(folder, split):
+    """The folder whose *.json files are the tasks of a plain folder dataset: its subfolder for `split` in the ARC
+    repository layout (training/, evaluation/), else the folder itself."""
+    for name in SPLITS.get(split, ()):
+        if (folder / name).is_dir():
+            return folder / name
+    return folder
 
 
 def kaggle_files(folder):

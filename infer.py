@@ -72,7 +72,8 @@ class Config:
                                                   "answers found so far and says so (0 = none)")
     out: str = opt("", "output", "submission file, or a folder to write submission.json in (default: the run folder, "
                                  "or the --adapter folder); a .cache.jsonl beside it lets a killed run resume")
-    score: str = opt("", "output", "score this submission file against --dataset/--split and exit (no model)")
+    score: str = opt("", "output", "score this submission file's attempts against --dataset/--split and exit (no "
+                                   "model); results.<its name>.json beside it (submission.X.json -> results.X.json)")
     merge: bool = opt(False, "output", "join the --shard slices beside --out into the full submission and score it")
     plot: bool = opt(False, "output", "PNGs of solved tasks, near misses and a summary in plots/ beside the submission")
 
@@ -146,15 +147,16 @@ def ttt_model(run, setup):
     return train.build_model(run.base, setup, adapter=next(iter(adapters.values()), None))
 
 
-def adapter_loader(model, run):
-    """use(task_id): that task's test-time adapter loaded into `model` in place; a task without one (a single
-    demonstration) gets the LoRA zeroed, which is the base run as it is."""
+def adapter_loader(model, run, tasks):
+    """use(task_id): the test-time adapter of that task of `tasks` (its id and grids) loaded into `model` in place;
+    a task without one (a single demonstration, or not trained yet: see missing_adapters) gets the LoRA zeroed,
+    which is the base run as it is."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     import torch
 
     def use(task_id):
-        folder = run.ttt_adapter(task_id)
+        folder = run.ttt_adapter(task_id, tasks[task_id])
         if folder.is_dir():
             set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
             return
@@ -163,6 +165,31 @@ def adapter_loader(model, run):
                 if "lora_B" in name:
                     p.zero_()
     return use
+
+
+def missing_adapters(run, tasks):
+    """Ids of `tasks` a per-task test-time-training run has no adapter for (none trained for their grids), said in
+    one line: they are predicted by the base run as it is."""
+    if run.ttt_mode != "per-task":
+        return []
+    missing = sorted(tid for tid, task in tasks.items() if not run.ttt_adapter(tid, task).is_dir())
+    if missing:
+        print(f"note: {len(missing)} of {len(tasks)} tasks have no test-time adapter for their grids in "
+              f"{run.folder} (first: {', '.join(missing[:5])}): predicted by the run {run.base} as it is; "
+              "a task with one demonstration never has one, the others are trained by the same train.py --ttt "
+              "command again")
+    return missing
+
+
+def check_ttt_base(run):
+    """OneLineError when a test-time-training run's base run has other weights than those its adapters were
+    trained on (trained further or replaced since): the adapters would sit on weights they never saw."""
+    if run.ttt_mode and run.base_changed():
+        given = {k: " ".join(v) if isinstance(v, list) else v for k, v in run.ttt_key.items()}
+        raise OneLineError(f"--model {run.folder}: its test-time adapters were trained on {run.base} before it was "
+                           f"trained further or replaced: train them again with python train.py --ttt --model "
+                           f"{run.base} --dataset {given['dataset']} --split {given['split']} --out {run.folder} "
+                           "--overwrite")
 
 
 def load_weights(run, setup):
@@ -201,6 +228,7 @@ class Record:
     settings: dict = None  # the settings it was predicted with (read_cache compares them)
     candidates: list = field(default_factory=list)  # vote/poe/dfs, per test input: [grid, votes, score] best first
     timed_out: list = field(default_factory=list)  # "test i: why", where a search ran out of --max-task-seconds
+    fingerprint: str = None  # data.task_fingerprint of the task it answers: other grids under its id are done again
 
     @classmethod
     def empty(cls, task_id, n_tests):
@@ -731,7 +759,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             generated += job.forwards
             for note in rec.timed_out:
                 bar.write(f"task {tid} {note}")
-            rec.settings = settings
+            rec.settings, rec.fingerprint = settings, data.task_fingerprint(tasks[tid])
             f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
             f.flush()
             bar.update(1)
@@ -758,18 +786,20 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
 # ----------------------------------------------------------------------------
 # files: cache, submission, shards
 
-def paths(out, shard="", limit=0):
-    """(submission, cache, results, plots folder) for a submission path, an optional shard "i/n" and --limit N (a
-    partial submission named so, never the full one)."""
+def paths(out, shard="", limit=0, mode="writeup"):
+    """(submission, cache, results, plots folder) for a submission path, a guess mode (each mode but the default
+    writeup named so: modes tried side by side keep their own files and cache), an optional shard "i/n" and --limit
+    N (a partial submission named so, never the full one)."""
     out = Path(out)
-    suffix = ""
+    suffix = "" if mode == "writeup" else f".{mode}"
     if shard:
         i, n = shard.split("/")
-        suffix = f".shard-{i}-of-{n}"
+        suffix += f".shard-{i}-of-{n}"
     if limit:
         suffix += f".limit-{limit}"
     sub = out.with_name(out.stem + suffix + ".json")
-    return sub, sub.with_suffix(".cache.jsonl"), out.with_name(f"results{suffix}.json"), out.parent / "plots"
+    plots = out.parent / ("plots" if mode == "writeup" else f"plots.{mode}")
+    return sub, sub.with_suffix(".cache.jsonl"), out.with_name(f"results{suffix}.json"), plots
 
 
 def read_cache(path, settings=None, repair=False):
@@ -804,6 +834,13 @@ def read_cache(path, settings=None, repair=False):
     if repair and (damaged or not text.endswith("\n")):  # the next append must start a line of its own
         data.write_atomic(path, "".join(line + "\n" for line in good))
     return records
+
+
+def answered(records, tasks):
+    """The cached Records of `tasks` that answer those very grids (the task's fingerprint): a task file changed
+    under the same id and path is predicted again, never answered from another task's line."""
+    return {tid: rec for tid, rec in records.items()
+            if tid in tasks and rec.fingerprint == data.task_fingerprint(tasks[tid])}
 
 
 def move_aside(cache, saved):
@@ -885,26 +922,48 @@ def submission_path(out):
     return out if out.suffix == ".json" and not out.is_dir() else out / "submission.json"
 
 
+MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.model", "*.txt", "*.jinja", "*config.json",
+               "tokenizer*.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "*.index.json",
+               "chat_template.json")  # what transformers, peft and Unsloth load from a model folder
+
+
+def dataset_folders(cfg):
+    """The folders whose *.json files a plain folder --dataset reads as tasks, for any --split (none for a file, an
+    embedded set or a Kaggle data folder, which read named files only)."""
+    source = Path(cfg.dataset)
+    if not source.is_dir() or data.kaggle_files(source):
+        return set()
+    return {data.task_folder(source, split).resolve() for split in data.SPLITS}
+
+
 def input_files(cfg, run=None):
     """Files infer.py reads, which no output may replace: the dataset's (a file and its *_solutions.json, a
-    folder's task files) and the model's (the run's config.json, its weight and tokenizer files)."""
+    Kaggle folder's challenges and solutions, a folder's task files) and the model's (the run's config.json, the
+    weight, config and tokenizer files of its folders). An earlier infer.py's outputs there are not inputs."""
     source, files = Path(cfg.dataset), set()
     if source.is_file():
         files |= {source, source.with_name(source.name.replace("_challenges", "_solutions"))}
+    elif source.is_dir() and data.kaggle_files(source):
+        files |= {f.with_name(f.name.replace("_challenges", n)) for f in data.kaggle_files(source).values()
+                  for n in ("_challenges", "_solutions")}
     elif source.is_dir():
-        files |= set(source.rglob("*.json"))
+        files |= set(data.task_folder(source, cfg.split).glob("*.json"))
     if run is not None:
-        files |= run.files()
+        files |= {f for f in run.files() if any(f.match(pattern) for pattern in MODEL_FILES)}
     return {f.resolve() for f in files}
 
 
-def check_outputs(flag, outputs, inputs):
-    """Refuse, in one line, an output path that is another output's (name -> path) or an input file's."""
+def check_outputs(flag, outputs, inputs, task_folders=()):
+    """Refuse, in one line, an output path that is another output's (name -> path) or an input file's, or a .json
+    output in one of the dataset's task folders (the next run would read it as a task)."""
     seen = {}
     for name, path in outputs.items():
         where = Path(path).resolve()
         if where in inputs:
             raise OneLineError(f"{flag}: the {name} {path} would be written over an input file; give another {flag}")
+        if where.parent in task_folders and where.suffix == ".json":
+            raise OneLineError(f"{flag}: the {name} {path} would be in the dataset's task folder {where.parent}, "
+                               f"where every *.json file is read as a task; give another {flag}")
         if where in seen:
             raise OneLineError(f"{flag}: the {seen[where]} and the {name} would both be written to {path}; give "
                                f"{flag} another name")
@@ -920,33 +979,70 @@ def shard_tasks(tasks, shard):
     return {tid: tasks[tid] for j, tid in enumerate(sorted(tasks)) if j % n == i}
 
 
-def merge_shards(out, tasks):
-    """(submission, guesses or None) joined from the shard files beside `out`; raises OneLineError naming what is
-    missing. Guesses come from the shard caches when all of them are there."""
-    folder, stem = Path(out).parent, Path(out).stem
+def merge_shards(out, tasks, limit=0, mode="writeup"):
+    """(submission, guesses or None) joined from the shard files beside `out` that predicting with the same --limit
+    and --guesses wrote (paths() names them); raises OneLineError naming what is missing, or shards predicted with
+    other settings than each other (another model's weights, another mode or sampling). Guesses come from the
+    shard caches when all of them are there."""
+    named = paths(out, "0/1", limit, mode)[0].name  # e.g. submission.vote.shard-0-of-1.limit-3.json
+    folder = Path(out).parent
+    pattern = re.escape(named).replace(re.escape(".shard-0-of-1"), r"\.shard-(\d+)-of-(\d+)")
     found = {}  # n -> {i: path}
-    for p in folder.glob(f"{stem}.shard-*-of-*.json"):
-        m = re.fullmatch(re.escape(stem) + r"\.shard-(\d+)-of-(\d+)\.json", p.name)
+    for p in folder.glob("*.json"):
+        m = re.fullmatch(pattern, p.name)
         if m:
             found.setdefault(int(m[2]), {})[int(m[1])] = p
     if len(found) != 1:
-        raise OneLineError(f"{folder}: no {stem}.shard-i-of-n.json files to merge; run --shard i/n first" if not found
+        raise OneLineError(f"{folder}: no {named.replace('0-of-1', 'i-of-n')} files to merge; run --shard i/n first "
+                           "(with the same --limit and --guesses)" if not found
                            else f"{folder}: shard files of several --shard n ({', '.join(map(str, found))}); keep one set")
     n, files = found.popitem()
     missing = [f"{i}/{n}" for i in range(n) if i not in files]
     if missing:
         raise OneLineError(f"{folder}: shards {', '.join(missing)} missing; run them with --shard")
-    sub, guesses = {}, {}
+    sub, guesses, written = {}, {}, {}
     for i in range(n):
         part = shard_tasks(tasks, f"{i}/{n}")
         sub.update(read_submission(files[i], part))
         cache = read_cache(files[i].with_suffix(".cache.jsonl"))
-        if guesses is not None and all(tid in cache for tid in part):
-            guesses.update({tid: cache[tid].guesses for tid in part})
+        written[i] = shard_settings(cache, paths(out, f"{i}/{n}", limit, mode)[2])
+        done = answered(cache, part)
+        if guesses is not None and len(done) == len(part):
+            guesses.update({tid: done[tid].guesses for tid in part})
         else:
             guesses = None
+    check_same_settings(written, n)
     print(f"merged {n} shards: {', '.join(str(files[i]) for i in range(n))}")
     return {tid: sub[tid] for tid in sorted(sub)}, guesses
+
+
+def shard_settings(cache, results):
+    """The settings a shard was predicted with (its model's weights among them), from its cache lines, else from
+    its `results` file; None when neither is there."""
+    found = [rec.settings for rec in cache.values() if rec.settings]
+    if found:
+        return found[-1]
+    return (data.read_json(results).get("settings") or None) if results.is_file() else None
+
+
+def check_same_settings(written, n):
+    """OneLineError naming the shards (i -> settings) predicted with other settings than shard 0/n's: joining them
+    would mix two models, or two ways of guessing, in one submission. A shard with no record is said."""
+    unknown = [f"{i}/{n}" for i, s in written.items() if s is None]
+    if unknown:
+        print(f"note: shard{'s' * (len(unknown) > 1)} {', '.join(unknown)}: no cache or results beside the "
+              "submission file, so its model and settings cannot be checked against the others")
+    known = {i: s for i, s in written.items() if s is not None}
+    if not known:
+        return
+    first = min(known)
+    for i, s in known.items():
+        differ = [k for k in sorted({*s, *known[first]}) if s.get(k) != known[first].get(k)]
+        if differ:
+            raise OneLineError(f"--merge: shards {first}/{n} and {i}/{n} were predicted with other "
+                               + ", ".join(f"{k} ({known[first].get(k)!r} and {s.get(k)!r})" for k in differ)
+                               + ": one submission joins the shards of one model and settings; predict the odd ones "
+                               "again with --shard")
 
 
 # ----------------------------------------------------------------------------
@@ -956,8 +1052,10 @@ def score(tasks, submission, guesses=None):
     """Scores of a submission: the official one from its attempts (a task counts the fraction of its test inputs
     where either attempt is exactly right), the write-up's counts (a task is solved by a guess when that guess is
     right on all its test inputs) and per-guess metrics. `guesses` (task_id -> [[guess 1, guess 2] per test input],
-    None = no answer) default to the attempts, reading [[0]] as no answer. Only tasks with every test output known
-    are scored (a task whose solution was unusable is not)."""
+    None = no answer) default to the attempts, reading [[0]] as no answer. A guess with no answer is submitted as
+    [[0]] and is right wherever the solution is [[0]], in the official score (as Kaggle scores it) and in the
+    write-up's counts alike; it still counts as unanswered. Only tasks with every test output known are scored (a
+    task whose solution was unusable is not)."""
     guesses = guesses or answers_of(submission)
     r = dict(score=0.0, score_pct=0.0, tasks=len(tasks), predicted=0, solved_any=0, solved_first=0, solved_second=0,
              test_inputs=0, guesses=0, unanswered=0, correct_size=0.0, correct_pixels=0.0, solutions=False, scored=0,
@@ -973,8 +1071,8 @@ def score(tasks, submission, guesses=None):
         r["solutions"], r["scored"] = True, r["scored"] + 1
         sols = [t["output"] for t in task["test"]]
         right = [sol in (e["attempt_1"], e["attempt_2"]) for sol, e in zip(sols, submission[tid])]
-        first = [pair[0] == sol for pair, sol in zip(g, sols)]
-        second = [pair[1] == sol for pair, sol in zip(g, sols)]
+        first = [as_submitted(pair[0]) == sol for pair, sol in zip(g, sols)]
+        second = [as_submitted(pair[1]) == sol for pair, sol in zip(g, sols)]
         pixels = [[pixel_accuracy(x, sol) for x in pair] for pair, sol in zip(g, sols)]
         r["score"] += sum(right) / len(right)
         r["solved_any"] += all(a or b for a, b in zip(first, second))
@@ -987,6 +1085,11 @@ def score(tasks, submission, guesses=None):
     r["correct_size"] /= max(r["guesses"], 1)
     r["correct_pixels"] /= max(r["guesses"], 1)
     return r
+
+
+def as_submitted(guess):
+    """A guess as the submission carries it: the no-answer placeholder where there is none."""
+    return NO_ANSWER if guess is None else guess
 
 
 def answers_of(submission):
@@ -1108,28 +1211,37 @@ def describe_files(files):
     return ", ".join(named + ([f"{len(pngs)} PNGs in {Path(pngs[0]).parent}"] if pngs else []))
 
 
+def scored_results_path(sub_path):
+    """Where --score FILE writes its results: beside FILE, named after it as predicting names them
+    (submission.limit-3.json -> results.limit-3.json), any other name kept whole (mine.json -> results.mine.json),
+    so that scoring one file never replaces the results of another."""
+    stem = sub_path.stem
+    rest = stem[len("submission"):] if stem == "submission" or stem.startswith("submission.") else f".{stem}"
+    return sub_path.with_name(f"results{rest}.json")
+
+
 def score_file(cfg, tasks, unreadable):
-    """--score FILE: score an existing submission, no model loaded; the file itself is only read."""
+    """--score FILE: score an existing submission from its attempts alone (no model, no cache: the file is what
+    Kaggle scores); the file itself is only read."""
     sub_path = Path(cfg.score)
-    check_outputs("--score", dict(scored=sub_path, results=sub_path.with_name("results.json")),
-                  input_files(cfg) - {sub_path.resolve()})
+    results_path = scored_results_path(sub_path)
+    check_outputs("--score", dict(scored=sub_path, results=results_path), input_files(cfg) - {sub_path.resolve()},
+                  dataset_folders(cfg))
     sub = read_submission(sub_path, tasks, unreadable)
-    cache = read_cache(sub_path.with_suffix(".cache.jsonl"))
-    guesses = {tid: cache[tid].guesses for tid in tasks} if all(t in cache for t in tasks) else None
-    mode = next((rec.settings or {} for rec in cache.values()), {}).get("guesses", "writeup") if cache else None
-    _, files = report(cfg, tasks, sub, guesses, sub_path, sub_path.with_name("results.json"),
-                      sub_path.parent / "plots", f"{sub_path} on {cfg.dataset} {cfg.split}", dict(mode=mode))
+    _, files = report(cfg, tasks, sub, None, sub_path, results_path, sub_path.parent / "plots",
+                      f"{sub_path} on {cfg.dataset} {cfg.split}", dict(mode=None))
     print(f"wrote {describe_files(files[1:])}")
 
 
 def merge(cfg, tasks, unreadable):
     """--merge: join the --shard slices beside --out into the full submission and score it."""
     out = submission_path(Path(cfg.out) if cfg.out else find_run(cfg).folder / "submission.json")
-    sub, guesses = merge_shards(out, tasks)
+    sub, guesses = merge_shards(out, tasks, cfg.limit, cfg.guesses)
     sub = dict(sorted({**sub, **submission_of({}, {}, unreadable)}.items()))
-    sub_path, _, results_path, plots = paths(out)
+    sub_path, _, results_path, plots = paths(out, "", cfg.limit, cfg.guesses)
     save_submission(sub, tasks, unreadable, sub_path)
-    _, files = report(cfg, tasks, sub, guesses, sub_path, results_path, plots, f"{out} (merged shards)")
+    _, files = report(cfg, tasks, sub, guesses, sub_path, results_path, plots, f"{out} (merged shards)",
+                      dict(mode=cfg.guesses))
     print(f"wrote {describe_files(files)}")
 
 
@@ -1162,8 +1274,13 @@ def warn_seen(run, tasks):
 
 def predict_missing(cfg, run, tasks, cache_path, settings, setup):
     """(records, generated tokens, seconds): every task's Record, from the cache or predicted now."""
-    done = {tid: rec for tid, rec in read_cache(cache_path, settings, repair=True).items()
-            if tid in tasks and len(rec.guesses) == len(tasks[tid]["test"])}  # a line of another task: done again
+    cached = read_cache(cache_path, settings, repair=True)
+    done = answered(cached, tasks)
+    changed = sorted(tid for tid in cached if tid in tasks and tid not in done)
+    if changed:
+        print(f"note: {cache_path}: the cached answers of {len(changed)} tasks are not for their grids now (first: "
+              f"{', '.join(changed[:5])}; a task file changed under the same id, or an older infer.py wrote them): "
+              "predicted again")
     todo = {tid: task for tid, task in tasks.items() if tid not in done}
     print(f"tasks: {len(tasks)} of {cfg.dataset} {cfg.split}" + (f" (shard {cfg.shard})" if cfg.shard else "")
           + f", {len(done)} already done in {cache_path}, {len(todo)} to do")
@@ -1183,7 +1300,8 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup):
                   f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}")
         print(f"guesses: {describe_mode(cfg)}")
         try:
-            use_adapter = adapter_loader(model, run) if run.ttt_mode == "per-task" and run.ttt_adapters() else None
+            use_adapter = adapter_loader(model, run, todo) if run.ttt_mode == "per-task" and run.ttt_adapters() \
+                else None
             generated, seconds = predict(todo, model, tokenizer, fmt, cfg, cache_path, settings, use_adapter)
         except KeyboardInterrupt:
             n = len(read_cache(cache_path))
@@ -1198,15 +1316,17 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup):
 def predict_all(cfg, tasks, unreadable, t0):
     """Predict every task not already in the cache, then write the submission and its scores."""
     run = find_run(cfg)
+    check_ttt_base(run)
     # before any output: a GPU that torch cannot use stops here; `import unsloth` comes before transformers
     setup = train.make_setup(cfg.device, cfg.backend, trained_with=run.backend,
                              ttt=bool(run.ttt_mode))
     out = submission_path(Path(cfg.out) if cfg.out else run.folder / "submission.json")
     if cfg.shard:  # unreadable tasks join the submission at --merge
         tasks, unreadable = shard_tasks(tasks, cfg.shard), {}
-    sub_path, cache_path, results_path, plots = paths(out, cfg.shard, cfg.limit)
+    sub_path, cache_path, results_path, plots = paths(out, cfg.shard, cfg.limit, cfg.guesses)
     check_outputs("--out", dict(submission=sub_path, cache=cache_path, results=results_path,
-                                lock=cache_path.with_name(cache_path.name + ".lock")), input_files(cfg, run))
+                                lock=cache_path.with_name(cache_path.name + ".lock")), input_files(cfg, run),
+                  dataset_folders(cfg))
     if cfg.limit:
         print(f"partial: --limit {cfg.limit}: {len(tasks)} tasks only, so the submission is {sub_path}, not {out}")
     data.check_writable(sub_path.parent)
@@ -1221,6 +1341,7 @@ def predict_all(cfg, tasks, unreadable, t0):
     print(f"model: {model_name(run)} (format {run.format or 'from the tokenizer'}, max_seq_len {run.max_seq_len})"
           + (f", test-time trained ({run.ttt_mode})" if run.ttt_mode else ""))
     seen = warn_seen(run, tasks)
+    no_adapter = missing_adapters(run, tasks)
     with lock(cache_path):
         records, generated, seconds = predict_missing(cfg, run, tasks, cache_path, settings, setup)
         status = [s for rec in records.values() for pair in rec.status for s in pair]
@@ -1231,7 +1352,7 @@ def predict_all(cfg, tasks, unreadable, t0):
                      timed_out={tid: rec.timed_out for tid, rec in records.items() if rec.timed_out},
                      trimmed_examples=sum(rec.trimmed for rec in records.values()), settings=settings,
                      unreadable={tid: reason for tid, (reason, _) in unreadable.items()}, mode=cfg.guesses,
-                     seen_in_training=seen)
+                     seen_in_training=seen, no_adapter=no_adapter)
         sub = submission_of(tasks, records, unreadable)
         save_submission(sub, tasks, unreadable, sub_path)
         _, files = report(cfg, tasks, sub, {tid: rec.guesses for tid, rec in records.items()},

@@ -1132,9 +1132,13 @@ class Run:
     ttt_key: dict = None  # what a test-time run's adapters depend on (test_time_key)
     tiny: bool = False  # train.py's tiny model, random weights: it proves the pipeline, it solves nothing
 
-    def ttt_adapter(self, task_id):
-        """Where a per-task test-time run keeps the adapter of one task (a safe folder name of its own)."""
-        return ttt_folder(self.folder, task_id)
+    def ttt_adapter(self, task_id, task):
+        """Where a per-task test-time run keeps the adapter of one task (ttt_folder: by its id and grids)."""
+        return ttt_folder(self.folder, task_id, task)
+
+    def base_changed(self):
+        """True when a test-time run's base run has other weights than its adapters were trained on."""
+        return bool(self.ttt_key) and self.ttt_key.get("base_weights") != base_weights(self.base)
 
     def ttt_adapters(self):
         """The per-task adapter folders of a test-time run, by task folder name."""
@@ -1304,11 +1308,17 @@ def lock_run(out):
 def test_time_key(cfg):
     """What a test-time run's adapters depend on: the base run's weights, the tasks' source and every setting that
     shapes training. A rerun into the same --out reuses adapters only under the same key."""
-    start = read_run(cfg.model)
     names = ("dataset", "split", "ttt_mode", "ttt_views", "lora_r", "lora_alpha", "lora_dropout", "epochs",
              "max_steps", "batch_size", "grad_accum", "lr", "warmup", "scheduler", "optim", "weight_decay", "seed",
              "max_seq_len")
-    return dict(base_weights=weights_digest([start.final, start.base]), **{n: getattr(cfg, n) for n in names})
+    return dict(base_weights=base_weights(cfg.model), **{n: getattr(cfg, n) for n in names})
+
+
+def base_weights(run_folder):
+    """The digest of a run's weights that test-time adapters trained on it are keyed by (test_time_key): a run
+    trained further or replaced has another one."""
+    start = read_run(run_folder)
+    return weights_digest([start.final, start.base])
 
 
 def check_out_is_free(cfg, out, ttt_key=None):
@@ -1450,9 +1460,10 @@ def summarize(trainer, result, progress, seconds, train_ds, report, trainable):
 
 # ----------------------------------------------------------------------------
 
-def ttt_folder(run_folder, task_id):
-    """Where a per-task test-time-training run keeps the adapter of one task (a safe folder name of its own)."""
-    return Path(run_folder) / TTT / safe_name(task_id)
+def ttt_folder(run_folder, task_id, task):
+    """Where a per-task test-time-training run keeps the adapter of one task: a folder named by its id (made safe)
+    and its grids (data.task_fingerprint), so that other grids under the same id never get this adapter."""
+    return Path(run_folder) / TTT / f"{safe_name(task_id)}.{task_fingerprint(task)}"
 
 
 def reset_weights(model, start):
@@ -1471,7 +1482,7 @@ def train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup):
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     t0, per_task, done, empty = time.time(), {}, 0, []
     for i, tid in enumerate(sorted(tasks), 1):
-        folder = ttt_folder(out, tid)
+        folder = ttt_folder(out, tid, tasks[tid])
         if STOP:
             print(f"stopped before task {i}/{len(tasks)}: the same command again trains the tasks left")
             break

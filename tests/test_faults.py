@@ -350,7 +350,7 @@ def test_score_leaves_the_scored_file_as_it_was(mirror, tmp_path):
     before = sub.read_bytes()
     infer.main(["--dataset", folder, "--score", str(sub)])
     assert sub.read_bytes() == before and sub.stat().st_mode & 0o777 == 0o444
-    assert read(tmp_path / "sub" / "results.json")["score"] == 4
+    assert read(tmp_path / "sub" / "results.mine.json")["score"] == 4
 
 
 def test_outputs_are_0644_and_out_may_name_a_folder(mirror, monkeypatch, tokenizer, tmp_path):
@@ -500,7 +500,7 @@ def test_outputs_never_overwrite_each_other_or_an_input(mirror, tmp_path, monkey
     assert solutions.read_bytes() == before and not (run / "submission.json").exists()
     infer.main(["--dataset", path, "--model", str(run)])
     message = error_of(infer.main, ["--dataset", path, "--score", str(run / "results.json")])
-    assert "the scored and the results would both" in message
+    assert "tasks missing" in message and read(run / "results.json")["score"] == 4
 
 
 def test_out_limit_and_show_write_where_the_flags_say(mirror, tmp_path, monkeypatch, tokenizer, capsys):
@@ -544,6 +544,8 @@ ODD_IDS = ["a/b", "a_b", "..", "x" * 300]
 
 
 def test_ttt_adapters_are_keyed_by_the_base_weights_and_odd_ids_get_their_own_folders(family, tmp_path, capsys):
+    """Also in infer.py: a base run trained further after --ttt makes its test-time run refuse, naming the command
+    that trains the adapters again."""
     bases = [tmp_path / "base1", tmp_path / "base2"]
     for seed, base in enumerate(bases):
         train.main(["--dataset", str(family), "--max-steps", "1", "--batch-size", "4", "--out", str(base),
@@ -554,7 +556,7 @@ def test_ttt_adapters_are_keyed_by_the_base_weights_and_odd_ids_get_their_own_fo
     ttt = ["--ttt", "--dataset", str(tmp_path / "odd_challenges.json"), "--out", str(tmp_path / "ttt"),
            "--epochs", "1", "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1"]
     train.main(ttt + ["--model", str(bases[0])])
-    folders = {tid: train.ttt_folder(tmp_path / "ttt", tid) for tid in ODD_IDS}
+    folders = {tid: train.ttt_folder(tmp_path / "ttt", tid, tasks[tid]) for tid in ODD_IDS}
     assert len(set(folders.values())) == 4 and all(f.is_dir() and f.parent == tmp_path / "ttt" / "ttt"
                                              for f in folders.values())
     message = error_of(train.main, ttt + ["--model", str(bases[1])])
@@ -565,6 +567,10 @@ def test_ttt_adapters_are_keyed_by_the_base_weights_and_odd_ids_get_their_own_fo
     message = error_of(train.main, ["--ttt", "--model", str(tmp_path / "ttt"), "--dataset", str(family),
                                     "--out", str(tmp_path / "ttt2")])
     assert "a test-time-trained run itself" in message and str(bases[1].resolve()) in message
+    train.main(["--out", str(bases[1]), "--resume", "--max-steps", "2"])  # the base trained further
+    message = error_of(infer.main, ["--model", str(tmp_path / "ttt"), "--dataset", str(tmp_path / "odd_challenges.json")])
+    assert "test-time adapters were trained on" in message and "trained further" in message and \
+        f"--out {tmp_path / 'ttt'} --overwrite" in message and "\n" not in message, message
 
 
 # 6. the cache: a bad line costs only its task; renaming the run folder keeps it
@@ -776,3 +782,158 @@ def test_infer_nonsense_value_stops_before_the_model(mirror, monkeypatch, flag, 
     no_model(monkeypatch)
     message = error_of(infer.main, ["--dataset", folder, "--model", str(run), flag, value])
     assert message.startswith(f"error: {flag} {value}: must be") and "model" not in message, message
+
+
+# ----------------------------------------------------------------------------
+# answers belong to a task's grids, not to its id
+
+def test_a_task_changed_under_the_same_id_and_path_is_predicted_again(mirror, monkeypatch, tokenizer, capsys):
+    tasks, folder, run = mirror
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    infer.main(["--dataset", folder, "--model", str(run)])
+    fixed = dict(tasks, t1=mirror_task(random.Random(9), 3, 2))
+    write_tasks(Path(folder), {"t1": fixed["t1"]})  # the user fixes t1's file
+    again = fake_model(monkeypatch, tokenizer, right_answer(fixed, tokenizer))
+    capsys.readouterr()
+    infer.main(["--dataset", folder, "--model", str(run)])
+    out = capsys.readouterr().out
+    assert "3 already done" in out and "1 tasks are not for their grids now (first: t1;" in out, out
+    assert sum(map(len, again)) == 2  # t1's two guesses only
+    assert read(run / "submission.json")["t1"][0]["attempt_1"] == fixed["t1"]["test"][0]["output"]
+    assert read(run / "results.json")["score"] == 4
+
+
+# ----------------------------------------------------------------------------
+# scoring a file: that file alone, its results under its own name; the [[0]] placeholder scored one way
+
+def test_score_reads_the_file_alone_and_names_its_results_after_it(mirror, monkeypatch, tokenizer, tmp_path, capsys):
+    tasks, folder, run = mirror
+    fake_model(monkeypatch, tokenizer, lambda ids: "no idea")
+    infer.main(["--dataset", folder, "--model", str(run)])
+    infer.main(["--dataset", folder, "--model", str(run), "--limit", "2"])
+    full = read(run / "results.json")
+    infer.main(["--dataset", folder, "--limit", "2", "--score", str(run / "submission.limit-2.json")])
+    assert read(run / "results.json") == full and read(run / "results.limit-2.json")["tasks"] == 2
+    right = {tid: [{"attempt_1": t["test"][0]["output"], "attempt_2": [[0]]}] for tid, t in tasks.items()}
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps(right))
+    infer.main(["--dataset", folder, "--score", str(mine)])
+    assert read(tmp_path / "results.mine.json")["score"] == 4
+    (run / "submission.json").write_text(json.dumps(right))  # corrected by hand, the model's cache still beside it
+    capsys.readouterr()
+    infer.main(["--dataset", folder, "--score", str(run / "submission.json")])
+    out = capsys.readouterr().out
+    assert "| - | 4 | 4 | 4 | 4 | 0 |" in out and "official score: 4.00 / 4" in out, out
+    assert read(run / "results.json")["solved_any"] == 4
+
+
+def test_a_no_answer_placeholder_is_right_where_the_solution_is_0_in_every_count(mirror, monkeypatch, tokenizer,
+                                                                                 tmp_path, capsys):
+    tasks, _, run = mirror
+    blank = {"train": tasks["t0"]["train"], "test": [{"input": [[5]], "output": [[0]]}]}
+    folder = write_tasks(tmp_path / "blank", {"t0": tasks["t0"], "blank": blank})
+    fake_model(monkeypatch, tokenizer, lambda ids: "no idea")
+    infer.main(["--dataset", folder, "--model", str(run)])
+    predicted = read(run / "results.json")
+    infer.main(["--dataset", folder, "--score", str(run / "submission.json")])
+    scored = read(run / "results.json")
+    for r in (predicted, scored):
+        assert (r["score"], r["solved_any"], r["solved_first"], r["unanswered"]) == (1, 1, 1, 4), r
+
+
+# ----------------------------------------------------------------------------
+# a run's own earlier outputs are not inputs
+
+def test_base_and_adapter_with_the_default_out_runs_again_and_out_inside_the_dataset(lora_run, mirror, tmp_path,
+                                                                                     monkeypatch, tokenizer, capsys):
+    tasks, folder, run = mirror
+    lora = tmp_path / "lora"
+    shutil.copytree(lora_run, lora)
+    argv = ["--dataset", folder, "--model", str(lora / "base"), "--adapter", str(lora / "final")]
+    for _ in range(2):
+        again = fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+        capsys.readouterr()
+        infer.main(argv)
+    assert "4 already done" in capsys.readouterr().out and again == []
+    assert read(lora / "final" / "results.json")["score"] == 4
+    inside = ["--dataset", folder, "--model", str(run), "--out", str(Path(folder) / "predictions")]
+    infer.main(inside)
+    infer.main(inside)
+    assert read(Path(folder) / "predictions" / "results.json")["tasks"] == 4
+    message = error_of(infer.main, ["--dataset", folder, "--model", str(run), "--out", folder])
+    assert "read as a task" in message and "\n" not in message and not (Path(folder) / "submission.json").exists()
+
+
+# ----------------------------------------------------------------------------
+# shards: one model's slices only, and --limit with --shard merges
+
+def test_shards_of_other_weights_are_not_merged_and_limited_shards_merge(mirror, monkeypatch, tokenizer):
+    tasks, folder, run = mirror
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    given = ["--dataset", folder, "--model", str(run)]
+    infer.main(given + ["--shard", "0/2"])
+    (run / train.FINAL / "model.safetensors").write_bytes(b"weights v2")  # trained further between the shards
+    infer.main(given + ["--shard", "1/2"])
+    message = error_of(infer.main, given + ["--merge"])
+    assert "shards 0/2 and 1/2 were predicted with other weights" in message and "\n" not in message, message
+    assert not (run / "submission.json").exists()
+    for i in range(2):
+        infer.main(given + ["--limit", "3", "--shard", f"{i}/2"])
+    infer.main(given + ["--limit", "3", "--merge"])
+    assert sorted(read(run / "submission.limit-3.json")) == ["t0", "t1", "t2"]
+    assert read(run / "results.limit-3.json")["score"] == 3
+
+
+# ----------------------------------------------------------------------------
+# guess modes side by side: each mode's outputs and cache have their own names
+
+def test_a_second_guess_mode_on_a_predicted_run_keeps_both(mirror, monkeypatch, tokenizer):
+    tasks, folder, run = mirror
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    monkeypatch.setattr(infer, "completion_logprobs", lambda model, tok, p, c, batch_size=8: [-1.0] * len(p))
+    given = ["--dataset", folder, "--model", str(run)]
+    infer.main(given)
+    writeup = read(run / "results.json")
+    for mode in ("vote", "poe"):
+        infer.main(given + ["--guesses", mode, "--views", "2"])
+    assert read(run / "results.json") == writeup
+    assert [read(run / f"results.{m}.json")["mode"] for m in ("vote", "poe")] == ["vote", "poe"]
+    assert all((run / f"submission{m}.cache.jsonl").exists() for m in ("", ".vote", ".poe"))
+
+
+# ----------------------------------------------------------------------------
+# test-time adapters belong to a task's grids; tasks without one are named
+
+@pytest.fixture(scope="module")
+def ttt_run(four_steps, family, tmp_path_factory):
+    """Per-task test-time adapters of 3 family tasks on the four_steps run, one step each."""
+    out = tmp_path_factory.mktemp("ttt") / "run"
+    train.main(["--ttt", "--model", str(four_steps), "--dataset", str(family), "--out", str(out), "--limit-tasks",
+                "3", "--epochs", "1", "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1"])
+    return out
+
+
+def test_a_task_with_other_grids_or_no_adapter_is_named_and_never_gets_another_tasks(ttt_run, family, tmp_path,
+                                                                                    monkeypatch, capsys):
+    import safetensors.torch
+    run, tasks = tmp_path / "run", tmp_path / "tasks"
+    shutil.copytree(ttt_run, run)
+    files = sorted((family / "training").glob("*.json"))[:3]
+    ids = [f.stem for f in files]
+    tasks.mkdir()
+    for f in files:
+        shutil.copy(f, tasks / f.name)
+    changed = json.loads(files[0].read_text())
+    changed["train"][0] = {"input": [[1]], "output": [[2]]}  # other grids under the same id and path
+    (tasks / files[0].name).write_text(json.dumps(changed))
+    shutil.rmtree(next((run / train.TTT).glob(f"{ids[1]}*")))  # as after a SIGTERM before its task
+    loaded = []
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, *a, **k: (loaded.append(Path(path).parent.name),
+                                                                             real(path, *a, **k))[1])
+    capsys.readouterr()
+    infer.main(["--model", str(run), "--dataset", str(tasks), "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert "2 of 3 tasks have no test-time adapter for their grids" in out and f"{ids[0]}, {ids[1]})" in out, out
+    assert [name.split(".")[0] for name in loaded] == [ids[2]]  # the changed task's old adapter is not used
+    assert read(run / "results.json")["no_adapter"] == ids[:2]

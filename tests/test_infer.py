@@ -274,11 +274,11 @@ def test_vote_picks_the_grid_most_views_give_after_undoing_them(tmp_path, monkey
     infer.main(["--dataset", folder, "--model", run, "--guesses", "vote", "--views", "16"])
     assert sum(map(len, calls)) == 16
     assert len(scored) == 14 == len(set(scored))  # each parsable view x grid scored once, under its own prompt
-    sub, r = read(Path(run) / "submission.json"), read(Path(run) / "results.json")
+    sub, r = read(Path(run) / "submission.vote.json"), read(Path(run) / "results.vote.json")
     assert sub["t"][0]["attempt_1"] == truth and sub["t"][0]["attempt_2"] in wrong.values()
     assert (r["mode"], r["solved_first"], r["solved_second"]) == ("vote", 1, 0)
     assert r["settings"]["guesses"] == "vote" and r["settings"]["views"] == 16
-    cached = infer.read_cache(Path(run) / "submission.cache.jsonl")["t"]
+    cached = infer.read_cache(Path(run) / "submission.vote.cache.jsonl")["t"]
     assert cached.candidates[0][0][:2] == [truth, 3] and cached.candidates[0][0][2] == pytest.approx(-0.9)
     assert len(cached.candidates[0]) == 12  # the truth and 11 distinct wrong grids
 
@@ -342,10 +342,10 @@ def test_poe_picks_the_best_summed_logprob_over_the_most_voted(tmp_path, monkeyp
         return [-1.0 if tuple(c) in b_texts else -2.0 for c in completions]
     monkeypatch.setattr(infer, "completion_logprobs", logprobs)
     infer.main(["--dataset", folder, "--model", run, "--guesses", "poe", "--views", "8", "--samples", "2"])
-    sub, r = read(Path(run) / "submission.json"), read(Path(run) / "results.json")
+    sub, r = read(Path(run) / "submission.poe.json"), read(Path(run) / "results.poe.json")
     assert sub["t"][0] == {"attempt_1": b, "attempt_2": a} and r["mode"] == "poe"
     assert scored == [8 * 2]  # 2 distinct candidates x 8 views, in one call
-    cached = infer.read_cache(Path(run) / "submission.cache.jsonl")["t"]
+    cached = infer.read_cache(Path(run) / "submission.poe.cache.jsonl")["t"]
     assert cached.candidates[0] == [[b, 2, -8.0], [a, 14, -16.0]]  # 16 samples: B twice, A 14 times
 
 
@@ -375,7 +375,7 @@ def test_real_tiny_model_votes_and_scores_on_cpu(tmp_path, monkeypatch, mode):
     folder, run = write_tasks(tmp_path / "tasks", tasks), tiny_run(tmp_path / "run")
     infer.main(["--dataset", folder, "--model", run, "--max-new-tokens", "8", "--guesses", mode, "--views", "9",
                 "--samples", "2", "--temperature", "0", "--min-prob", "0.02"])  # dfs: random weights, flat
-    sub, r = read(Path(run) / "submission.json"), read(Path(run) / "results.json")
+    sub, r = read(Path(run) / f"submission.{mode}.json"), read(Path(run) / f"results.{mode}.json")
     infer.check_submission(sub, tasks, "submission")
     assert r["mode"] == mode and r["tasks"] == 2 and r["generated_tokens"] > 0
 
@@ -438,11 +438,11 @@ def test_dfs_pools_every_view_mapped_back_ranks_by_poe_and_a_resumed_run_reuses_
     assert all(c["first"] == written(w, v) for v, c in enumerate(calls) if v >= 1)  # W: the lowest nll so far
     answer_words = {tokenizer.convert_tokens_to_ids(t) for t in [*"0123456789", "\n", data.END, "</s>"]}
     assert set(calls[0]["allowed"]) == answer_words and calls[0]["min_prob"] == 0.2
-    sub_path = Path(run) / "submission.json"
-    sub, r = read(sub_path), read(Path(run) / "results.json")
+    sub_path = Path(run) / "submission.dfs.json"
+    sub, r = read(sub_path), read(Path(run) / "results.dfs.json")
     assert sub["t"][0] == {"attempt_1": truth, "attempt_2": w}
     assert (r["mode"], r["solved_first"], r["solved_second"], r["settings"]["min_prob"]) == ("dfs", 1, 0, 0.2)
-    cached = infer.read_cache(Path(run) / "submission.cache.jsonl")["t"]
+    cached = infer.read_cache(Path(run) / "submission.dfs.cache.jsonl")["t"]
     assert cached.candidates == [[[truth, 8, -8.0], [w, 2, -24.0]]]  # votes: the views that found it
 
     before = sub_path.read_bytes()
@@ -475,7 +475,7 @@ def test_dfs_task_out_of_time_keeps_its_answers_and_says_so(tmp_path, monkeypatc
     printed = capsys.readouterr()
     note = "test 0: out of time (--max-task-seconds 30) in view 3 of 8: 3 answers found so far are ranked"
     assert f"task slow {note}" in printed.out + printed.err
-    sub, r = read(Path(run) / "submission.json"), read(Path(run) / "results.json")
+    sub, r = read(Path(run) / "submission.dfs.json"), read(Path(run) / "results.dfs.json")
     infer.check_submission(sub, tasks, "submission")
     assert r["timed_out"] == {"slow": [note, note.replace("test 0", "test 1")]}
     assert [e["attempt_1"] for e in sub["slow"]] == [t["output"] for t in tasks["slow"]["test"]]  # found in time
@@ -499,14 +499,14 @@ def test_a_new_mode_is_one_function_and_one_table_row_and_never_described_as_ano
     assert "guesses: last: the last sample of 3 views (3 symmetries)" in out
     assert "| Solved by any Guess | Solved by only Guess | Solved by missing Guess |" in out and "\n| last | 5 |" in out
     assert "poe" not in out and "transposed" not in out and "vote" not in out
-    r = read(Path(run) / "results.json")
+    r = read(Path(run) / "results.last.json")
     assert r["mode"] == "last" and {k: r["settings"].get(k) for k in ("guesses", "views", "samples")} == \
         {"guesses": "last", "views": 3, "samples": None}
-    assert read(Path(run) / "submission.json")["t1"][0]["attempt_1"] == [[5]]
+    assert read(Path(run) / "submission.last.json")["t1"][0]["attempt_1"] == [[5]]
     with pytest.raises(SystemExit):  # a mode without a table row is refused, not run as another
         infer.main(["--dataset", folder, "--model", run, "--guesses", "beam"])
-    infer.print_results(dict(read(Path(run) / "results.json"), mode="beam"))  # a results file of another version
-    infer.print_results(dict(read(Path(run) / "results.json"), mode="vote"))
+    infer.print_results(dict(read(Path(run) / "results.last.json"), mode="beam"))  # a results file of another version
+    infer.print_results(dict(read(Path(run) / "results.last.json"), mode="vote"))
     out = capsys.readouterr().out
     assert "| beam | 5 |" in out and out.count("| Solved by first Guess | Solved by second Guess |") == 2
     assert "transposed" not in out

@@ -319,7 +319,8 @@ def test_test_time_training_per_task_resumes_and_infer_loads_each_adapter(ttt_fa
            "--epochs", "1", "--ttt-views", "2", "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-2"]
     train.main(ttt)
     info = json.loads((run / "config.json").read_text())
-    adapters = {p.name: load_file(p / "adapter_model.safetensors") for p in sorted((run / "ttt").iterdir())}
+    adapters = {p.name.split(".")[0]: load_file(p / "adapter_model.safetensors")  # <task id>.<its grids' fingerprint>
+                for p in sorted((run / "ttt").iterdir())}
     assert sorted(adapters) == ["evalu0000", "evalu0001", "evalu0002"] and info["summary"]["trained"] == 3
     # 3 demonstrations x 2 views = 6 sequences per task, in 2 steps of 4; each task's own weights
     assert all(t["sequences"] == 6 and t["steps"] == 2 for t in info["summary"]["per_task"].values())
@@ -330,7 +331,7 @@ def test_test_time_training_per_task_resumes_and_infer_loads_each_adapter(ttt_fa
 
     import shutil
     weights = infer.weights_fingerprint(train.read_run(run))
-    shutil.rmtree(run / "ttt" / "evalu0001")
+    shutil.rmtree(next((run / "ttt").glob("evalu0001.*")))
     assert infer.weights_fingerprint(train.read_run(run)) != weights  # infer's cache follows each task's adapter
     train.main(ttt)
     summary = json.loads((run / "config.json").read_text())["summary"]
@@ -338,8 +339,8 @@ def test_test_time_training_per_task_resumes_and_infer_loads_each_adapter(ttt_fa
 
     loaded = []
     real = infer.adapter_loader
-    monkeypatch.setattr(infer, "adapter_loader", lambda model, r: lambda tid: (loaded.append(tid),
-                                                                                 real(model, r)(tid)))
+    monkeypatch.setattr(infer, "adapter_loader", lambda model, r, tasks: lambda tid: (loaded.append(tid),
+                                                                                        real(model, r, tasks)(tid)))
     infer.main(["--model", str(run), "--dataset", str(ttt_family), "--split", "eval", "--max-new-tokens", "16"])
     results = json.loads((run / "results.json").read_text())
     assert results["tasks"] == 3 and sorted(loaded) == sorted(adapters) and len(loaded) == 3  # one load per task
@@ -357,7 +358,7 @@ def test_test_time_training_shared_writes_one_adapter(ttt_family, tmp_path):
     import infer
     infer.main(["--model", str(run), "--dataset", str(ttt_family), "--split", "eval", "--max-new-tokens", "8",
                 "--guesses", "poe", "--views", "2"])
-    assert json.loads((run / "results.json").read_text())["mode"] == "poe"
+    assert json.loads((run / "results.poe.json").read_text())["mode"] == "poe"
 
 
 def test_every_load_of_a_trained_model_goes_through_the_one_builder(lora_run, family, tmp_path, monkeypatch):
