@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import (AUTO, END, IN, OUT, OneLineError, build_dataset, check_model_name, check_ranges, check_writable,
+from data import (AUTO, END, IN, LOSSES, OUT, OneLineError, build_dataset, check_model_name, check_ranges, check_writable,
                   choose_format, count_tokens, encode_example, file_mode, first_line, format_texts, given_flags,
                   line_buffered, llama3_tokenizer, lock_file, opt, pad_id, parse_config, peak_memory_gb,
                   quiet_libraries, read_json, read_sets, safe_name, task_fingerprint, ttt_dataset, views, write_failure,
@@ -94,6 +94,9 @@ class Config:
     packing: bool = opt(False, "training", "padding-free batches: a batch's sequences joined into one row, positions "
                                            "restarting at each (same loss; off: slower on CPU, unmeasured on GPU)")
     seed: int = opt(1212, "training", "random seed (the write-up's random_state)")
+    loss: str = opt("answer", "training", "answer: the loss on the test output only (the write-up); outputs: on "
+                                          "every output grid but the first, train outputs included (the "
+                                          "ARChitects')", choices=list(LOSSES))
     # output
     out: str = opt("", "output", "run folder (default: runs/<model>-<time>)")
     resume: bool = opt(False, "output", "continue from the latest checkpoint in --out (default: the latest run)")
@@ -688,14 +691,14 @@ def describe_model(cfg, model, fmt):
 # ----------------------------------------------------------------------------
 # data
 
-def tokenize(ds, tokenizer, max_seq_len):
-    """input_ids and labels of every row (data.encode_example: loss on the answer only). Nothing is truncated:
-    rows over max_seq_len (data.fit_task should leave none) are dropped and counted."""
+def tokenize(ds, tokenizer, max_seq_len, loss="answer"):
+    """input_ids and labels of every row (data.encode_example: the loss on the answer, or on every output but the
+    first). Nothing is truncated: rows over max_seq_len (data.fit_task should leave none) are dropped and counted."""
     from datasets import Dataset
     cols = {"input_ids": [], "labels": [], "length": []}
     over = 0
     for prompt, completion in zip(ds["prompt"], ds["completion"]):
-        ids, labels = encode_example(tokenizer, prompt, completion)
+        ids, labels = encode_example(tokenizer, prompt, completion, loss)
         if len(ids) > max_seq_len:
             over += 1
             continue
@@ -716,7 +719,7 @@ def training_data(cfg, tasks, tokenizer, fmt):
     else:
         ds, report = build_dataset(tasks, fmt, range(cfg.views), cfg.max_seq_len, count_tokens(tokenizer),
                                    cfg.colour_perm, cfg.shuffle_examples, cfg.seed, copies)
-    train_ds, report["over"] = tokenize(ds, tokenizer, cfg.max_seq_len)
+    train_ds, report["over"] = tokenize(ds, tokenizer, cfg.max_seq_len, cfg.loss)
     if len(train_ds) == 0 and not cfg.ttt:  # a test-time task with one demonstration has no rows: it is skipped
         raise OneLineError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no sequence fits --max-seq-len "
                            f"{cfg.max_seq_len}")
@@ -739,7 +742,19 @@ def describe_sources(sources, tasks):
     return "\n".join(lines + ([f"data: {len(tasks)} distinct tasks in all"] if len(sources) > 1 else []))
 
 
+def describe_loss(cfg, train_ds):
+    """One line: which tokens carry the loss, and how many of them."""
+    labelled = sum(sum(label != -100 for label in labels) for labels in train_ds["labels"])
+    what = "every output grid but the first of each sequence (--loss outputs)" if cfg.loss == "outputs" else \
+        "the test output of each sequence (--loss answer)"
+    return f"loss: on {what}: {labelled:,} of {sum(train_ds['length']):,} tokens"
+
+
 def describe_data(cfg, tasks, train_ds, copies, report):
+    return describe_rows(cfg, tasks, train_ds, copies, report) + "\n" + describe_loss(cfg, train_ds)
+
+
+def describe_rows(cfg, tasks, train_ds, copies, report):
     if cfg.ttt:
         return (f"data: {len(tasks)} tasks' demonstrations, leave-one-out x {cfg.ttt_views} views x {copies} "
                 f"copies (new example orders) -> {len(train_ds)} sequences; {describe_lengths(train_ds['length'])}; "
@@ -1099,7 +1114,7 @@ def test_time_key(cfg):
     """What a test-time run's adapters depend on: the base run's weights, the tasks' source and every setting that
     shapes training. A rerun into the same --out reuses adapters only under the same key."""
     start = read_run(cfg.model)
-    names = ("dataset", "split", "ttt_mode", "ttt_views", "lora_r", "lora_alpha", "lora_dropout", "epochs",
+    names = ("dataset", "split", "ttt_mode", "ttt_views", "loss", "lora_r", "lora_alpha", "lora_dropout", "epochs",
              "max_steps", "batch_size", "grad_accum", "lr", "warmup", "scheduler", "optim", "weight_decay", "seed",
              "max_seq_len")
     return dict(base_weights=weights_digest([start.final, start.base]), **{n: getattr(cfg, n) for n in names})

@@ -125,6 +125,22 @@ def test_packing_on_unsloth_gives_the_padded_loss_because_it_carries_the_boundar
     assert abs(ours["unbounded_loss"] - ours["loss"]) > 2e-4 * ours["loss"]
 
 
+@pytest.mark.parametrize("vocab", train.VOCABS)
+def test_unsloth_loss_on_every_output_matches_transformers_padded_and_packed(setup, vocab):
+    root, model, family = setup
+    if not (root / "reference.pt").exists():
+        run("grads", root / "unsloth.pt", model, family, root=root)
+        reference = unsloth_cpu.run("reference", root / "reference.pt", model, family, root / "unsloth.pt", cwd=root)
+        assert reference.returncode == 0, reference.stdout[-4000:]
+    ours = torch.load(root / "unsloth.pt", weights_only=False)[vocab]
+    theirs = torch.load(root / "reference.pt")[vocab]
+    labelled = lambda batch: int((batch["labels"] != -100).sum())  # noqa: E731
+    assert labelled(ours["outputs_batch"]) > labelled(ours["batch"])  # more tokens in the loss, another loss
+    assert ours["outputs_loss"] != pytest.approx(ours["loss"], rel=1e-3)
+    assert ours["outputs_loss"] == pytest.approx(theirs["outputs_loss"], rel=1e-3)
+    assert ours["outputs_packed_loss"] == pytest.approx(ours["outputs_loss"], rel=1e-5)
+
+
 def test_unsloth_run_trains_embeddings_and_resumes(setup, trained):
     root, model, _ = setup
     out, first, info, resumed = trained
