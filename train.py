@@ -16,14 +16,15 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import (AUTO, END, IN, LOSSES, OUT, OneLineError, build_dataset, check_model_name, check_ranges, check_writable,
-                  choose_format, count_tokens, encode_example, file_mode, first_line, format_texts, given_flags,
-                  line_buffered, llama3_tokenizer, lock_file, opt, pad_id, parse_config, peak_memory_gb,
-                  quiet_libraries, read_json, read_sets, safe_name, task_fingerprint, ttt_dataset, views, write_failure,
-                  write_json)
+from data import (AUTO, END, IN, LOSSES, OUT, POOL_EXAMPLES, OneLineError, build_dataset, check_model_name,
+                  check_ranges, check_writable, choose_format, count_tokens, encode_example, file_mode, first_line,
+                  format_texts, given_flags, line_buffered, llama3_tokenizer, lock_file, opt, pad_id, parse_config,
+                  peak_memory_gb, quiet_libraries, read_json, read_sets, safe_name, training_fingerprint, ttt_dataset,
+                  views, write_failure, write_json)
 
 TINY_WORDS = [IN, OUT, END]  # the tiny vocabulary is built around data.py's format
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -55,13 +56,17 @@ class Config:
     # data
     dataset: list = opt(["arc1"], "data", "one or more: embedded sets (arc1, arc2, kaggle2024, kaggle2025), "
                                           "family (synthetic), *_challenges.json files, task files, folders of "
-                                          "task files or Kaggle data folders; every "
+                                          "task files or Kaggle data folders, or folders of example pools (one "
+                                          "file per task: a list of input/output pairs, as RE-ARC); NAME:N repeats "
+                                          "a set's sequences N times per epoch; every "
                                           "dataset x split is read and exact duplicate tasks are kept once")
     split: list = opt(["train"], "data", "one or more splits to train on (train, eval; test in a Kaggle folder)")
     views: int = opt(8, "data", "views (symmetries) per task: 8 = all rotations and transpositions (the write-up)")
     colour_perm: bool = opt(False, "data", "also permute colours 1-9 (0 fixed), a new draw each epoch")
     shuffle_examples: bool = opt(False, "data", "shuffle the order of train examples, a new order each epoch")
     limit_tasks: int = opt(0, "data", "use only the first N tasks (0 = all)")
+    pool_examples: int = opt(POOL_EXAMPLES, "data", "demonstrations drawn from an example pool per sequence, with a "
+                                                    "test pair, anew each epoch and view")
     max_seq_len: int = opt(AUTO, "data", "tokens per sequence; longer tasks lose their largest examples "
                                          "(auto: 8192 for a real model, 1024 for tiny)")
     # model
@@ -191,6 +196,7 @@ def checks():
     positive = lambda x: x > 0  # noqa: E731
     return [("views", lambda x: 1 <= x <= 8, "1..8 (the 8 symmetries)"),
             ("limit_tasks", lambda x: x >= 0, ">= 0 (0 = all)"),
+            ("pool_examples", lambda x: x >= 1, ">= 1"),
             ("max_seq_len", lambda x: x >= 16, ">= 16 tokens"),
             ("lora_r", positive, ">= 1"), ("lora_alpha", positive, "> 0"),
             ("lora_dropout", lambda x: 0 <= x < 1, "in [0, 1)"),
@@ -711,14 +717,19 @@ def tokenize(ds, tokenizer, max_seq_len, loss="answer"):
 def training_data(cfg, tasks, tokenizer, fmt):
     """(tokenized dataset, copies, report): every task x view (x reshuffled copy), fitted to max_seq_len; with
     --ttt every leave-one-out task x view, a new example order in each copy."""
-    reshuffle = cfg.colour_perm or cfg.shuffle_examples or cfg.ttt
+    pools = any(task.get("pool") for task in tasks.values())
+    if pools and cfg.ttt:
+        raise OneLineError(f"--ttt: {' '.join(cfg.dataset)} holds example pools; test-time training learns the "
+                           "demonstrations of the tasks to predict: give their task files")
+    reshuffle = cfg.colour_perm or cfg.shuffle_examples or cfg.ttt or pools
     copies = max(1, math.ceil(cfg.epochs)) if reshuffle else 1
     if cfg.ttt:
         ds, report = ttt_dataset(tasks, fmt, views(cfg.ttt_views, cfg.seed), cfg.max_seq_len, count_tokens(tokenizer),
                                  cfg.seed, copies)
     else:
         ds, report = build_dataset(tasks, fmt, range(cfg.views), cfg.max_seq_len, count_tokens(tokenizer),
-                                   cfg.colour_perm, cfg.shuffle_examples, cfg.seed, copies)
+                                   cfg.colour_perm, cfg.shuffle_examples, cfg.seed, copies, cfg.pool_examples)
+    report["task_rows"] = Counter(ds["task_id"])
     train_ds, report["over"] = tokenize(ds, tokenizer, cfg.max_seq_len, cfg.loss)
     if len(train_ds) == 0 and not cfg.ttt:  # a test-time task with one demonstration has no rows: it is skipped
         raise OneLineError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no sequence fits --max-seq-len "
@@ -734,9 +745,29 @@ def describe_lengths(lengths):
     return f"min {a.min()} / median {int(np.median(a))} / max {a.max()} tokens, {a.sum():,} in all"
 
 
+def recorded(sources):
+    """The sources as config.json records them: without the ids of their tasks (the fingerprints cover those)."""
+    return [{k: v for k, v in s.items() if k != "ids"} for s in sources]
+
+
+def count_sequences(sources, report):
+    """Each source with the sequences its tasks contribute, repeats included ("sequences")."""
+    return [dict(s, sequences=sum(report["task_rows"][tid] for tid in s["ids"])) for s in sources]
+
+
+def describe_sequences(sources):
+    """One line per dataset x split: its repeat factor and the sequences it contributes, when a set is repeated."""
+    if all(s["repeat"] == 1 for s in sources):
+        return ""
+    total = sum(s["sequences"] for s in sources)
+    return "\n".join(f"data: {s['dataset']} {s['split']} x{s['repeat']}: {s['sequences']} sequences "
+                     f"({s['sequences'] / max(total, 1):.0%})" for s in sources)
+
+
 def describe_sources(sources, tasks):
     """One line per dataset x split read, and the total after duplicates."""
-    lines = [f"data: {s['dataset']} {s['split']}: {s['tasks']} tasks" + (f", {s['duplicates']} already read "
+    lines = [f"data: {s['dataset']} {s['split']}: {s['tasks']} {'example pools' if pooled(s, tasks) else 'tasks'}"
+             + (f" (x{s['repeat']} per epoch)" if s["repeat"] > 1 else "") + (f", {s['duplicates']} already read "
              "(exact duplicates, dropped)" if s["duplicates"] else "") + (f", {s['skipped']} invalid skipped"
                                                                          if s["skipped"] else "") for s in sources]
     return "\n".join(lines + ([f"data: {len(tasks)} distinct tasks in all"] if len(sources) > 1 else []))
@@ -750,8 +781,17 @@ def describe_loss(cfg, train_ds):
     return f"loss: on {what}: {labelled:,} of {sum(train_ds['length']):,} tokens"
 
 
+def pooled(source, tasks):
+    return any(tasks.get(tid, {}).get("pool") for tid in source["ids"])
+
+
 def describe_data(cfg, tasks, train_ds, copies, report):
-    return describe_rows(cfg, tasks, train_ds, copies, report) + "\n" + describe_loss(cfg, train_ds)
+    pools = sum(bool(task.get("pool")) for task in tasks.values())
+    lines = [describe_rows(cfg, tasks, train_ds, copies, report), describe_loss(cfg, train_ds)]
+    if pools:
+        lines.append(f"pools: {pools} tasks draw {cfg.pool_examples} demonstrations and a test pair from their "
+                     f"pool anew for each view of each of the {copies} copies (--pool-examples)")
+    return "\n".join(lines)
 
 
 def describe_rows(cfg, tasks, train_ds, copies, report):
@@ -1431,10 +1471,11 @@ def train(cfg, given=frozenset()):
     if cfg.ttt:
         start = read_run(cfg.model)
         trained_on, fingerprints = start.trained_on, start.fingerprints
-        ttt = dict(mode=cfg.ttt_mode, base_run=base, views=cfg.ttt_views, sources=sources, tasks=len(tasks),
+        ttt = dict(mode=cfg.ttt_mode, base_run=base, views=cfg.ttt_views, sources=recorded(sources), tasks=len(tasks),
                    key=ttt_key)
     else:
-        trained_on, fingerprints, ttt = sources, sorted(task_fingerprint(t) for t in tasks.values()), None
+        trained_on = recorded(sources)
+        fingerprints, ttt = sorted(training_fingerprint(tid, t) for tid, t in tasks.items()), None
     info = run_info(cfg, fmt, backend, why, base, trained_on, fingerprints, ttt, keep)
     if cfg.ttt and cfg.ttt_mode == "per-task":
         write_json(run_config_path(out), info)
@@ -1452,6 +1493,11 @@ def train(cfg, given=frozenset()):
         raise OneLineError(f"--ttt: no task of {' '.join(cfg.dataset)} {' '.join(cfg.split)} has two demonstrations "
                            f"that fit --max-seq-len {cfg.max_seq_len}")
     print(describe_data(cfg, tasks, train_ds, copies, report))
+    if not cfg.ttt:
+        sources = count_sequences(sources, report)
+        info["trained_on"] = recorded(sources)
+        if describe_sequences(sources):
+            print(describe_sequences(sources))
 
     # training
     trainer, progress, line = make_trainer(cfg, model, tokenizer, train_ds, copies, backend)

@@ -83,3 +83,66 @@ def test_packed_batch_gives_the_padded_loss_on_every_output():
     with torch.no_grad():
         padded = model(**train.collate(data.pad_id(tokenizer))(rows)).loss
         assert torch.allclose(model(**train.packed_collate()(rows)).loss, padded, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# example pools: a folder of files, each a list of input/output pairs (RE-ARC's layout)
+
+def write_pool(folder, n_pairs=12, seed=0):
+    """Two pools of the colour-mapping family (data.colour_family: one rule, pairs of random 3x3 grids), and three
+    broken files: one pair only, a ragged grid, bad JSON."""
+    family = data.colour_family(2, 0, seed)["train"]
+    rng = __import__("random").Random(seed)
+    for tid, task in family.items():
+        pairs = task["train"] + task["test"]
+        mapping = {c: o for p in pairs for row_i, row_o in zip(p["input"], p["output"]) for c, o in zip(row_i, row_o)}
+        grids = [[[rng.randrange(10) for _ in range(3)] for _ in range(3)] for _ in range(n_pairs)]
+        pool = [{"input": g, "output": [[mapping.get(c, c) for c in row] for row in g]} for g in grids]
+        data.write_json(folder / f"{tid}.json", pool)
+    data.write_json(folder / "lonely.json", [{"input": [[1]], "output": [[2]]}])
+    data.write_json(folder / "ragged.json", [{"input": [[1]], "output": [[2]]}, {"input": [[1, 2], [3]], "output": [[1]]}])
+    (folder / "broken.json").write_text("[{")
+    return folder
+
+
+def captured_rows(monkeypatch):
+    """The prompt/completion rows train.py tokenizes, as the run builds them."""
+    rows = []
+    real = train.tokenize
+
+    def tokenize(ds, *args, **kw):
+        rows.extend(ds)
+        return real(ds, *args, **kw)
+    monkeypatch.setattr(train, "tokenize", tokenize)
+    return rows
+
+
+def demonstrations(prompt):
+    return prompt.count(f"{data.OUT}\n") - 1
+
+
+def test_a_pool_draws_new_demonstrations_each_epoch_and_skips_broken_files(tmp_path, monkeypatch, capsys):
+    pool = write_pool(tmp_path / "pool")
+    rows = captured_rows(monkeypatch)
+    train.main(["--dataset", str(pool), "--views", "2", "--epochs", "3", "--pool-examples", "2", "--max-steps", "1",
+                "--batch-size", "4", "--out", str(tmp_path / "run")])
+    printed = capsys.readouterr()
+    for name, why in (("lonely", "a pool holds 1 pair; it needs at least 2"), ("ragged", "is ragged"),
+                      ("broken", "not valid JSON")):
+        line, = [s for s in printed.err.splitlines() if f"{name}.json" in s]
+        assert line.startswith("skipped ") and why in line
+    assert f"data: {pool} train: 2 example pools, 3 invalid skipped" in printed.out
+    # 2 tasks x 2 views x 3 epochs, each with 2 demonstrations and a test pair of its own draw
+    assert len(rows) == 12 and all(demonstrations(r["prompt"]) == 2 for r in rows)
+    for tid in ("train0000", "train0001"):
+        for k in (0, 1):
+            drawn = [r["prompt"] + r["completion"] for r in rows if r["task_id"] == tid and r["k"] == k]
+            assert len(drawn) == len(set(drawn)) == 3  # a new draw each epoch
+    info = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert info["fingerprints"] == ["id:train0000", "id:train0001"]  # infer.py's guard knows pooled tasks by id
+    assert data.seen_in_training({"train0001": data.colour_family(2, 0)["train"]["train0001"], "other": KNOWN},
+                                 info["fingerprints"]) == ["train0001"]
+
+    tasks = data.load_tasks(str(pool), "train", quiet=True)[0]
+    draw = lambda seed: data.build_dataset(tasks, "digits", [0], seed=seed, copies=2, pool_examples=2)[0]["prompt"]  # noqa: E731
+    assert draw(1212) == [r["prompt"] for r in rows if r["k"] == 0 and r["copy"] < 2] == draw(1212) != draw(7)
