@@ -146,3 +146,24 @@ def test_a_pool_draws_new_demonstrations_each_epoch_and_skips_broken_files(tmp_p
     tasks = data.load_tasks(str(pool), "train", quiet=True)[0]
     draw = lambda seed: data.build_dataset(tasks, "digits", [0], seed=seed, copies=2, pool_examples=2)[0]["prompt"]  # noqa: E731
     assert draw(1212) == [r["prompt"] for r in rows if r["k"] == 0 and r["copy"] < 2] == draw(1212) != draw(7)
+
+
+# ----------------------------------------------------------------------------
+# weights per dataset: NAME:N repeats a set's sequences N times per epoch
+
+def test_repeat_factors_multiply_each_sets_sequences_and_are_recorded(tmp_path, capsys):
+    from conftest import write_family
+    small, big = write_family(tmp_path / "small", 2, 0, seed=5), write_family(tmp_path / "big", 3, 0, seed=6)
+    out = tmp_path / "run"
+    train.main(["--dataset", f"{small}:3", str(big), "--views", "2", "--max-steps", "1", "--batch-size", "4",
+                "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert f"data: {small} train: 2 tasks (x3 per epoch)" in printed
+    assert f"data: {small} train x3: 12 sequences (67%)" in printed  # 2 tasks x 2 views x 3
+    assert f"data: {big} train x1: 6 sequences (33%)" in printed
+    info = json.loads((out / "config.json").read_text())
+    assert [(s["dataset"], s["repeat"], s["sequences"]) for s in info["trained_on"]] == [(str(small), 3, 12),
+                                                                                        (str(big), 1, 6)]
+    assert info["config"]["dataset"] == [f"{small}:3", str(big)] and info["summary"]["sequences"] == 18
+    with pytest.raises(SystemExit, match=f"--dataset {small}:0: the repeat factor after ':' must be >= 1"):
+        train.main(["--dataset", f"{small}:0", "--out", str(tmp_path / "bad")])
