@@ -573,7 +573,8 @@ def bench_loss(cfg):
     two losses train on the same sequences in the same order, so tokens/s should not differ."""
     import tempfile
     counts = [cfg.loss_steps, cfg.loss_seeds]
-    if not all(n.isdigit() and int(n) > 0 for c in counts for n in c) or not set(cfg.loss_models) <= {"tiny", "smollm2"}:
+    positive = all(n.isdigit() and int(n) > 0 for c in counts for n in c)
+    if not positive or not set(cfg.loss_models) <= {"tiny", "smollm2"}:
         raise SystemExit("error: --loss-steps and --loss-seeds take positive integers, --loss-models tiny and/or "
                          "smollm2")
     rows = []

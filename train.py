@@ -750,7 +750,7 @@ def validation_tasks(cfg):
         return {}
     if cfg.ttt:
         raise OneLineError("--val-dataset: not with --ttt (a test-time run learns the tasks it predicts)")
-    tasks, sources = read_sets(cfg.val_dataset, cfg.val_split)
+    tasks = read_sets(cfg.val_dataset, cfg.val_split)[0]
     tasks = {tid: t for tid, t in sorted(tasks.items()) if "output" in t["test"][0] and not t.get("pool")}
     tasks = dict(list(tasks.items())[:cfg.val_limit or None])
     if not tasks:
@@ -765,7 +765,8 @@ def validation_data(cfg, tasks, tokenizer, fmt):
     ds, report = build_dataset(tasks, fmt, [0], cfg.max_seq_len, count_tokens(tokenizer))
     val_ds, over = tokenize(ds, tokenizer, cfg.max_seq_len)
     if len(val_ds) == 0:
-        raise OneLineError(f"--val-dataset {' '.join(cfg.val_dataset)}: no sequence fits --max-seq-len {cfg.max_seq_len}")
+        raise OneLineError(f"--val-dataset {' '.join(cfg.val_dataset)}: no sequence fits --max-seq-len "
+                           f"{cfg.max_seq_len}")
     print(f"val: {' '.join(cfg.val_dataset)} {' '.join(cfg.val_split)}: {len(tasks)} tasks -> {len(val_ds)} sequences "
           f"(as given, no other view; {len(report['skipped']) + over} too long), loss on the test outputs every "
           f"{cfg.eval_steps} steps and at the end")
@@ -1528,8 +1529,8 @@ def train(cfg, given=frozenset()):
     if cfg.ttt:
         start = read_run(cfg.model)
         trained_on, fingerprints = start.trained_on, start.fingerprints
-        ttt = dict(mode=cfg.ttt_mode, base_run=base, views=cfg.ttt_views, sources=recorded(sources), tasks=len(tasks),
-                   key=ttt_key)
+        ttt = dict(mode=cfg.ttt_mode, base_run=base, views=cfg.ttt_views, sources=recorded(sources),
+                   tasks=len(tasks), key=ttt_key)
     else:
         trained_on = recorded(sources)
         fingerprints, ttt = sorted(training_fingerprint(tid, t) for tid, t in tasks.items()), None
@@ -1553,8 +1554,9 @@ def train(cfg, given=frozenset()):
     if not cfg.ttt:
         sources = count_sequences(sources, report)
         info["trained_on"] = recorded(sources)
-        if describe_sequences(sources):
-            print(describe_sequences(sources))
+        shares = describe_sequences(sources)
+        if shares:
+            print(shares)
 
     val_ds = validation_data(cfg, val_tasks, tokenizer, fmt) if val_tasks else None
 
@@ -1607,7 +1609,8 @@ def train(cfg, given=frozenset()):
               f"(--logging-steps {cfg.logging_steps})")
     print(f"\n{'interrupted' if progress.interrupted else 'done'}: {summary['steps']} steps in "
           f"{summary['seconds'] / 60:.1f} min, train loss {summary['train_loss']:.4f}"
-          + (f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else "") + f", {summary['tokens']:,} tokens "
+          + (f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else "")
+          + f", {summary['tokens']:,} tokens "
           f"({summary['tokens_per_second']:,} tok/s), peak {summary['peak_memory_kind']} {summary['peak_memory_gb']:.2f} GB")
     print(f"saved: {final} ({'full model' if cfg.full_finetune else 'adapter'}), {run_config_path(out)}"
           + (f", {out / LOSS_PLOT}" if summary["losses"] else "") + "; "

@@ -100,7 +100,8 @@ def write_pool(folder, n_pairs=12, seed=0):
         pool = [{"input": g, "output": [[mapping.get(c, c) for c in row] for row in g]} for g in grids]
         data.write_json(folder / f"{tid}.json", pool)
     data.write_json(folder / "lonely.json", [{"input": [[1]], "output": [[2]]}])
-    data.write_json(folder / "ragged.json", [{"input": [[1]], "output": [[2]]}, {"input": [[1, 2], [3]], "output": [[1]]}])
+    data.write_json(folder / "ragged.json", [{"input": [[1]], "output": [[2]]},
+                                             {"input": [[1, 2], [3]], "output": [[1]]}])
     (folder / "broken.json").write_text("[{")
     return folder
 
@@ -144,7 +145,8 @@ def test_a_pool_draws_new_demonstrations_each_epoch_and_skips_broken_files(tmp_p
                                  info["fingerprints"]) == ["train0001"]
 
     tasks = data.load_tasks(str(pool), "train", quiet=True)[0]
-    draw = lambda seed: data.build_dataset(tasks, "digits", [0], seed=seed, copies=2, pool_examples=2)[0]["prompt"]  # noqa: E731
+    def draw(seed):
+        return data.build_dataset(tasks, "digits", [0], seed=seed, copies=2, pool_examples=2)[0]["prompt"]
     assert draw(1212) == [r["prompt"] for r in rows if r["k"] == 0 and r["copy"] < 2] == draw(1212) != draw(7)
 
 
@@ -183,7 +185,8 @@ def orange_pixels(png):
 def test_validation_loss_falls_on_the_family_and_is_printed_recorded_and_drawn(tmp_path, capsys):
     out = tmp_path / "run"
     train.main(["--dataset", "family", "--val-dataset", "family", "--val-split", "eval", "--val-limit", "6",
-                "--max-steps", "25", "--eval-steps", "10", "--logging-steps", "5", "--batch-size", "8", "--out", str(out)])
+                "--max-steps", "25", "--eval-steps", "10", "--logging-steps", "5", "--batch-size", "8",
+                "--out", str(out)])
     printed = capsys.readouterr().out
     assert "val: family eval: 6 tasks -> 6 sequences" in printed
     step_10, = [s for s in printed.splitlines() if s.startswith("step    10/25")]
