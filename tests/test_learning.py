@@ -61,13 +61,18 @@ def test_loss_outputs_trains_through_the_entry_point_and_is_recorded(tmp_path, c
     for loss in data.LOSSES:
         out = tmp_path / loss
         train.main(["--dataset", str(family), "--views", "1", "--max-steps", "1", "--batch-size", "4", "--loss", loss,
-                    "--packing", "--out", str(out)])
+                    "--packing", "--save-steps", "1", "--out", str(out)])
         line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("loss: on "))
         counts[loss] = int(line.split(": ")[2].split(" of ")[0].replace(",", ""))
         info = json.loads((out / "config.json").read_text())
         assert info["config"]["loss"] == loss and info["summary"]["steps"] == 1
     # 3x3 grids in the digits format: 12 tokens and the end marker per output; 3 train outputs and the test's
     assert counts == {"answer": 4 * (13 + 1), "outputs": 4 * (13 + 1 + 2 * 13)}
+    # the loss is no part of the weights' shape: a resume may change it
+    assert "loss" not in train.SHAPE_FLAGS
+    train.main(["--resume", "--out", str(tmp_path / "answer"), "--max-steps", "2", "--loss", "outputs"])
+    info = json.loads((tmp_path / "answer" / "config.json").read_text())
+    assert info["config"]["loss"] == "outputs" and info["summary"]["steps"] == 2
 
 
 def test_packed_batch_gives_the_padded_loss_on_every_output():
