@@ -75,8 +75,8 @@ class Config:
     vocab_tasks: int = opt(20, "vocab", "held-out tasks of the family that each of those runs predicts")
     loss_models: list = opt(["tiny"], "loss", "models trained with each --loss: tiny (full fine-tune, 16 sequences a "
                                               "step) and/or smollm2 (LoRA, 4 a step, lr 1e-3)")
-    loss_steps: list = opt(["100", "200", "300"], "loss", "step counts, a run of its own each (SmolLM2 learns the "
-                                                          "family in 15-60, tiny in a few hundred)")
+    loss_steps: list = opt(["150", "300", "500"], "loss", "step counts, a run of its own each (the tiny model "
+                                                          "solves the family by 500; SmolLM2 learns it in 15-60)")
     loss_seeds: list = opt(["1", "2", "3"], "loss", "seeds: each step count x --loss is trained once per seed")
 
 
