@@ -114,11 +114,15 @@ def draw_pool(task, n, seed):
 
 
 def read_task_file(path):
-    """A one-task file's content, or its OneLineError: in a folder, one broken file is one skipped task."""
+    """A one-task file's content (a pool file's as pool_task), or its OneLineError: in a folder, one broken file is
+    one skipped task."""
     try:
-        return read_json(path)
+        content = read_json(path)
+        return pool_task(content) if isinstance(content, list) else content
     except OneLineError as e:
         return e
+    except ValueError as e:
+        return OneLineError(f"{path}: {e}")
 
 
 def raw_tasks(source, split, strict_solutions=True):
@@ -151,8 +155,8 @@ def raw_tasks(source, split, strict_solutions=True):
         known = ", ".join([*EMBEDDED, FAMILY])
         raise OneLineError(f"{source}: no such file or folder, and not an embedded dataset ({known})")
     data = read_json(path)
-    if isinstance(data, dict) and ("train" in data or "test" in data) or isinstance(data, list):
-        return [(path.stem, data, str(path))]  # one task, or one pool of pairs, in a file of its own
+    if isinstance(data, dict) and ("train" in data or "test" in data):  # one task in a file of its own
+        return [(path.stem, data, str(path))]
     if not isinstance(data, dict):
         raise OneLineError(f"{path}: expected a dict of task_id -> task, got a {type(data).__name__}")
     solutions = path.with_name(path.name.replace("_challenges", "_solutions"))
@@ -236,7 +240,6 @@ def load_tasks(source="arc1", split="train", strict_solutions=True, quiet=False)
             unreadable[tid] = (str(task), 1)
             continue
         try:
-            task = pool_task(task) if isinstance(task, list) else task
             check_task(task)
         except ValueError as e:
             unreadable[tid] = (f"{where}: task {tid}: {e}", test_count(task))

@@ -133,7 +133,7 @@ def test_a_pool_draws_new_demonstrations_each_epoch_and_skips_broken_files(tmp_p
     train.main(["--dataset", str(pool), "--views", "2", "--epochs", "3", "--pool-examples", "2", "--max-steps", "1",
                 "--batch-size", "4", "--out", str(tmp_path / "run")])
     printed = capsys.readouterr()
-    for name, why in (("lonely", "a pool holds 1 pair; it needs at least 2"), ("ragged", "is ragged"),
+    for name, why in (("lonely", "lonely.json: a pool holds 1 pair; it needs at least 2"), ("ragged", "is ragged"),
                       ("broken", "not valid JSON")):
         line, = [s for s in printed.err.splitlines() if f"{name}.json" in s]
         assert line.startswith("skipped ") and why in line
