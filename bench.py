@@ -5,11 +5,13 @@ measured side by side in the same run; all of them go to one JSON record with th
     python bench.py --arch llama3-8b --train-batch-size 2 --max-seq-len 8192 --out gpu.json   # a GPU: the 8B's shape
     python bench.py --sections modes                   # writeup / vote / poe / dfs, with and without TTT, side by side
     python bench.py --sections vocab --train-batch-size 2 --train-batches 4 --max-seq-len 512   # --vocab arc vs full
+    python bench.py --sections loss                    # --loss answer vs outputs on the family, 3 seeds
 """
 import dataclasses
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -40,7 +42,7 @@ class Config:
     sections: list = opt(["data", "train", "generate", "estimate"], "benchmark",
                          "sections to run, in the order given: data, train, generate, estimate (estimate uses the "
                          "figures of the other three, so it comes last), modes (a few minutes more), vocab (--vocab full "
-                         "against arc, about 15 minutes)")
+                         "against arc, about 15 minutes), loss (--loss answer against outputs)")
     out: str = opt("bench.json", "benchmark", "JSON record: machine, package versions and every figure")
     dataset: str = opt("arc1", "data", "tasks measured (see infer.py --dataset)")
     split: str = opt("eval", "data", "split whose prompts generate measures")
@@ -74,6 +76,11 @@ class Config:
     vocab_lr: float = opt(1e-3, "vocab", "their learning rate (at SmolLM2's default 4e-4 neither vocabulary solves a "
                                          "task within 40 steps)")
     vocab_tasks: int = opt(20, "vocab", "held-out tasks of the family that each of those runs predicts")
+    loss_models: list = opt(["tiny"], "loss", "models trained with each --loss: tiny (full fine-tune, 16 sequences a "
+                                              "step) and/or smollm2 (LoRA, 4 a step, lr 1e-3)")
+    loss_steps: list = opt(["150", "300", "500"], "loss", "step counts, a run of its own each (the tiny model "
+                                                          "solves the family by 500; SmolLM2 learns it in 15-60)")
+    loss_seeds: list = opt(["1", "2", "3"], "loss", "seeds: each step count x --loss is trained once per seed")
 
 
 def device_name(setup):
@@ -555,8 +562,56 @@ def bench_vocab(cfg, setup):
     return out
 
 
+# ----------------------------------------------------------------------------
+# loss: train.py --loss answer against --loss outputs
+
+def bench_loss(cfg, setup):
+    """--loss answer against outputs: each model trained each step count x seed with both, on --dataset family
+    (data.colour_family's 300 tasks), and scored on its 30 held-out tasks, through train.main and infer.main. The
+    two losses train on the same sequences in the same order, so tokens/s should not differ."""
+    import tempfile
+    counts = [cfg.loss_steps, cfg.loss_seeds]
+    positive = all(n.isdigit() and int(n) > 0 for c in counts for n in c)
+    if not positive or not set(cfg.loss_models) <= {"tiny", "smollm2"}:
+        raise SystemExit("error: --loss-steps and --loss-seeds take positive integers, --loss-models tiny and/or "
+                         "smollm2")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in cfg.loss_models:
+            flags = ["--model", model] + (["--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3",
+                                           "--max-seq-len", "512"] if model == "smollm2" else [])
+            for seed in cfg.loss_seeds:
+                for n in cfg.loss_steps:
+                    for loss in data.LOSSES:
+                        run = Path(tmp) / f"{model}-{seed}-{n}-{loss}"
+                        t0 = time.time()
+                        train.main(["--dataset", data.FAMILY, "--loss", loss, "--max-steps", n, "--seed", seed,
+                                    "--logging-steps", "50", "--out", str(run)] + flags)
+                        seconds = time.time() - t0
+                        infer.main(["--model", str(run), "--dataset", data.FAMILY, "--split", "eval", "--seed", seed])
+                        summary = json.loads((run / "config.json").read_text())["summary"]
+                        r = json.loads((run / "results.json").read_text())
+                        rows.append(dict(model=model, seed=int(seed), steps=summary["steps"], loss=loss,
+                                         train_s=round(seconds), tok_s=summary["tokens_per_second"],
+                                         train_loss=summary["train_loss"], solved=r["solved_any"], tasks=r["tasks"]))
+                        shutil.rmtree(run)
+    print(f"\nloss: --loss answer vs outputs on --dataset family, held-out tasks solved (any guess) per seed "
+          f"{', '.join(cfg.loss_seeds)}; tok/s is train.py's own{busy_note()}")
+    print("| model | steps | answer: solved | answer: tok/s | outputs: solved | outputs: tok/s |")
+    print("|---|---|---|---|---|---|")
+    for model in cfg.loss_models:
+        for n in cfg.loss_steps:
+            cell = {loss: [r for r in rows if r["model"] == model and r["steps"] == int(n) and r["loss"] == loss]
+                    for loss in data.LOSSES}
+            shown = {loss: (", ".join(f"{r['solved']}" for r in rs) + f" / {rs[0]['tasks']}",
+                            round(statistics.mean(r["tok_s"] for r in rs))) for loss, rs in cell.items()}
+            print(f"| {model} | {n} | {shown['answer'][0]} | {shown['answer'][1]} | {shown['outputs'][0]} | "
+                  f"{shown['outputs'][1]} |")
+    return dict(rows=rows)
+
+
 SECTIONS = {"data": bench_data, "train": bench_train, "generate": bench_generate, "estimate": bench_estimate,
-            "modes": bench_modes, "vocab": bench_vocab}
+            "modes": bench_modes, "vocab": bench_vocab, "loss": bench_loss}
 
 
 def main(argv=None):

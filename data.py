@@ -26,6 +26,7 @@ EMBEDDED = {"arc1": "arcagi1", "arc2": "arcagi2", "kaggle2024": "kaggle2024", "k
 SPLITS = {"train": ("train", "training"), "eval": ("eval", "evaluation"), "test": ("test",)}  # names on disk
 MAX_SIDE = 30
 FAMILY, FAMILY_SIZES = "family", (300, 30, 1)  # --dataset family: train and eval tasks, seed (data.colour_family)
+POOL_EXAMPLES = 4  # demonstrations drawn from an example pool per sequence: ARC tasks show 2-5, most often 3
 
 
 class OneLineError(Exception):
@@ -84,12 +85,44 @@ def colour_family(n_train, n_eval, seed=0):
             for split, name, n in (("train", "training", n_train), ("eval", "evaluation", n_eval))}
 
 
+def pool_task(pairs):
+    """An example pool (a list of {"input", "output"} pairs, RE-ARC's layout: one file per task, named by its id) as a
+    task: the pairs in "train" and "test" as loaded, and "pool" set, so that training draws demonstrations and a test
+    pair from all of them afresh each epoch (draw_pool). Raises ValueError with the reason when it cannot be one."""
+    if len(pairs) < 2:
+        raise ValueError(f"a pool holds {len(pairs)} pair{'s' * (len(pairs) != 1)}; it needs at least 2 (a "
+                         "demonstration and a test)")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, dict) or "input" not in pair or "output" not in pair:
+            raise ValueError(f"pool pair {i} is not a dict with 'input' and 'output' grids")
+        check_grid(pair["input"], f"pool pair {i}.input")
+        check_grid(pair["output"], f"pool pair {i}.output")
+    return {"train": pairs[:-1], "test": pairs[-1:], "pool": len(pairs)}
+
+
+def stable_seed(*parts):
+    """A random seed from `parts` through sha256: the same on every machine and Python run (hash() is salted)."""
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:16], 16)
+
+
+def draw_pool(task, n, seed):
+    """A task of n demonstrations and one test pair drawn without repeats from a pool task's pairs (fewer
+    demonstrations when the pool is smaller), by `seed`."""
+    pairs = task["train"] + task["test"]
+    drawn = random.Random(seed).sample(pairs, min(n, len(pairs) - 1) + 1)
+    return {"train": drawn[:-1], "test": drawn[-1:]}
+
+
 def read_task_file(path):
-    """A one-task file's content, or its OneLineError: in a folder, one broken file is one skipped task."""
+    """A one-task file's content (a pool file's as pool_task), or its OneLineError: in a folder, one broken file is
+    one skipped task."""
     try:
-        return read_json(path)
+        content = read_json(path)
+        return pool_task(content) if isinstance(content, list) else content
     except OneLineError as e:
         return e
+    except ValueError as e:
+        return OneLineError(f"{path}: {e}")
 
 
 def raw_tasks(source, split, strict_solutions=True):
@@ -442,10 +475,43 @@ def encode_completion(tokenizer, text):
     return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
-def encode_example(tokenizer, prompt, completion):
-    """(input_ids, labels) of one training sequence: BOS + prompt + completion + EOS, the prompt's labels masked
-    with -100 so the loss is on the answer only."""
+# what a training sequence's loss covers: "answer" the test output only (the write-up); "outputs" every output grid
+# but the first, train outputs included (the ARChitects' mask_first_n_examples=1): each is an answer the examples
+# before it teach
+LOSSES = ("answer", "outputs")
+
+
+def output_spans(prompt):
+    """(start, end) character ranges of the output grids shown in a prompt, each with the end marker after it. The
+    markers are lines of their own, so the lines say where each grid is."""
+    spans, pos, start = [], 0, None
+    for line in prompt.split("\n"):
+        if line == OUT:
+            start = pos + len(line) + 1
+        elif line == END and start is not None:
+            spans.append((start, pos + len(END)))
+            start = None
+        pos += len(line) + 1
+    return spans
+
+
+def prompt_labels(tokenizer, prompt, spans):
+    """Labels of a prompt's tokens (BOS first when the tokenizer has one): the token's id where the token lies
+    inside one of `spans` (character ranges), -100 elsewhere. The offsets come from the same encoding as
+    encode_prompt's, so the labels line up with its ids whatever the tokenizer merges."""
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [token if any(a <= start and end <= b for a, b in spans) else -100
+              for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    return [-100] * int(tokenizer.bos_token_id is not None) + labels
+
+
+def encode_example(tokenizer, prompt, completion, loss="answer"):
+    """(input_ids, labels) of one training sequence: BOS + prompt + completion + EOS. The loss is on the answer and
+    its EOS; with loss "outputs" also on every output grid of the prompt but the first (its end marker included),
+    everything else masked with -100."""
     p, c = encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
+    if loss == "outputs":
+        return p + c, prompt_labels(tokenizer, prompt, output_spans(prompt)[1:]) + c
     return p + c, [-100] * len(p) + c
 
 
@@ -502,19 +568,22 @@ def fit_task(task, test_index, fmt, max_tokens, count_tokens):
 
 
 def build_dataset(tasks, fmt, symmetries=range(8), max_tokens=None, count_tokens=None, colour_perm=False,
-                  shuffle_examples=False, seed=0, copies=1):
-    """A datasets.Dataset of prompt/completion pairs: one row per task x view x test input (x copy).
+                  shuffle_examples=False, seed=0, copies=1, pool_examples=POOL_EXAMPLES):
+    """A datasets.Dataset of prompt/completion pairs: one row per task x view x test input (x copy, x the task's
+    "repeat" set by read_sets).
 
-    Each copy draws its own colour permutation / example order when those are on, so `copies=epochs`
-    gives the per-epoch reshuffle. Returns (dataset, report) where report counts trimmed and skipped rows.
+    Each copy (and repeat) draws its own colour permutation / example order when those are on, and a pool task
+    (pool_task) its own `pool_examples` demonstrations and test pair, so `copies=epochs` gives the per-epoch
+    reshuffle. Returns (dataset, report) where report counts trimmed and skipped rows.
     """
     from datasets import Dataset
     rng = random.Random(seed)
     rows, report = [], {"trimmed_examples": 0, "trimmed_rows": 0, "skipped": []}
     for copy in range(copies):
-        for tid in sorted(tasks):
-            task = tasks[tid]
+        for tid, repeat in ((tid, r) for tid in sorted(tasks) for r in range(tasks[tid].get("repeat", 1))):
             for k in symmetries:
+                task = draw_pool(tasks[tid], pool_examples, stable_seed(seed, tid, copy, repeat, k)) \
+                    if tasks[tid].get("pool") else tasks[tid]
                 perm = colour_permutation(rng) if colour_perm else None
                 order = rng.sample(range(len(task["train"])), len(task["train"])) if shuffle_examples else None
                 view = view_task(task, k, perm, order)
@@ -598,30 +667,51 @@ def task_fingerprint(task):
     return hashlib.sha1(json.dumps([train, test]).encode()).hexdigest()[:16]
 
 
+def training_fingerprint(tid, task):
+    """What a run records of a task it trained on: its grids' fingerprint; for a pool task (whose generated pairs
+    are not the ARC task's own) "id:" and its task id, as pools name their files after the task they generate."""
+    return f"id:{tid}" if task.get("pool") else task_fingerprint(task)
+
+
 def seen_in_training(tasks, fingerprints):
-    """Ids of `tasks` whose fingerprint is among `fingerprints` (a run's training tasks), sorted."""
+    """Ids of `tasks` whose fingerprint, or id (a pool trained on), is among `fingerprints` (a run's), sorted."""
     known = set(fingerprints)
-    return sorted(tid for tid, task in tasks.items() if task_fingerprint(task) in known)
+    return sorted(tid for tid, task in tasks.items() if task_fingerprint(task) in known or f"id:{tid}" in known)
+
+
+def weighted_dataset(spec):
+    """(dataset, repeat) of a --dataset value: NAME:N repeats its sequences N times per epoch (N >= 1), a plain
+    NAME once. A path that exists is a name, even with a colon in it."""
+    name, _, factor = spec.rpartition(":")
+    if not name or not factor.isdigit() or Path(spec).exists():
+        return spec, 1
+    if int(factor) < 1:
+        raise OneLineError(f"--dataset {spec}: the repeat factor after ':' must be >= 1")
+    return name, int(factor)
 
 
 def read_sets(datasets, splits):
-    """(tasks, sources) from every dataset x split: exact duplicates (same fingerprint) kept once, the first
-    seen; an id taken by another task becomes "dataset/split/id". sources: one dict per set with dataset, split,
-    tasks, duplicates (dropped) and skipped (invalid). Invalid tasks are reported on stderr."""
+    """(tasks, sources) from every dataset x split (each NAME or NAME:REPEAT, weighted_dataset): exact duplicates
+    (same training_fingerprint) kept once, the first seen; an id taken by another task becomes "dataset/split/id";
+    a task of a set repeated more than once carries "repeat". sources: one dict per set with dataset, split,
+    repeat, tasks, duplicates (dropped), skipped (invalid) and ids (the tasks kept, by their ids here). Invalid
+    tasks are reported on stderr."""
     tasks, sources, seen = {}, [], set()
-    for name in datasets:
+    for spec in datasets:
+        name, repeat = weighted_dataset(spec)
         for split in splits:
             found, skipped = load_tasks(name, split)
-            duplicates = 0
+            duplicates, ids = 0, []
             for tid, task in sorted(found.items()):
-                fp = task_fingerprint(task)
+                fp = training_fingerprint(tid, task)
                 if fp in seen:
                     duplicates += 1
                     continue
                 seen.add(fp)
-                tasks[tid if tid not in tasks else f"{name}/{split}/{tid}"] = task
-            sources.append(dict(dataset=name, split=split, tasks=len(found), duplicates=duplicates,
-                                skipped=len(skipped)))
+                ids.append(tid if tid not in tasks else f"{name}/{split}/{tid}")
+                tasks[ids[-1]] = dict(task, repeat=repeat) if repeat > 1 else task
+            sources.append(dict(dataset=name, split=split, repeat=repeat, tasks=len(found), duplicates=duplicates,
+                                skipped=len(skipped), ids=ids))
     return tasks, sources
 
 

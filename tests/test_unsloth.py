@@ -73,14 +73,15 @@ def run(mode, *args, root):
 
 @pytest.fixture(scope="module")
 def trained(setup):
-    """One Unsloth run shared by the tests, on the cut vocabulary: 6 steps with a checkpoint at 4 and a merged
-    model, then resumed to 8."""
+    """One Unsloth run shared by the tests, on the cut vocabulary: 6 steps with a checkpoint at 4, a merged model
+    and a validation loss every 3 steps, then resumed to 8."""
     root, model, family = setup
     out = root / "runs" / "lora"
     first = run("train", "--backend", "unsloth", "--model", model, "--dataset", family, "--split", "train",
                 "--max-steps", "6", "--save-steps", "4", "--logging-steps", "1", "--batch-size", "4",
                 "--grad-accum", "1", "--lr", "1e-2", "--vocab", "arc",
-                "--no-load-in-4bit", "--merge", "--out", out, root=root)
+                "--no-load-in-4bit", "--merge", "--val-dataset", family, "--val-split", "eval", "--eval-steps", "3",
+                "--out", out, root=root)
     info = json.loads((out / "config.json").read_text())
     resumed = run("train", "--resume", "--out", out, "--max-steps", "8", root=root)
     return out, first, info, resumed
@@ -125,6 +126,22 @@ def test_packing_on_unsloth_gives_the_padded_loss_because_it_carries_the_boundar
     assert abs(ours["unbounded_loss"] - ours["loss"]) > 2e-4 * ours["loss"]
 
 
+@pytest.mark.parametrize("vocab", train.VOCABS)
+def test_unsloth_loss_on_every_output_matches_transformers_padded_and_packed(setup, vocab):
+    root, model, family = setup
+    if not (root / "reference.pt").exists():
+        run("grads", root / "unsloth.pt", model, family, root=root)
+        reference = unsloth_cpu.run("reference", root / "reference.pt", model, family, root / "unsloth.pt", cwd=root)
+        assert reference.returncode == 0, reference.stdout[-4000:]
+    ours = torch.load(root / "unsloth.pt", weights_only=False)[vocab]
+    theirs = torch.load(root / "reference.pt")[vocab]
+    labelled = lambda batch: int((batch["labels"] != -100).sum())  # noqa: E731
+    assert labelled(ours["outputs_batch"]) > labelled(ours["batch"])  # more tokens in the loss, another loss
+    assert ours["outputs_loss"] != pytest.approx(ours["loss"], rel=1e-3)
+    assert ours["outputs_loss"] == pytest.approx(theirs["outputs_loss"], rel=1e-3)
+    assert ours["outputs_packed_loss"] == pytest.approx(ours["outputs_loss"], rel=1e-5)
+
+
 def test_unsloth_run_trains_embeddings_and_resumes(setup, trained):
     root, model, _ = setup
     out, first, info, resumed = trained
@@ -147,6 +164,14 @@ def test_unsloth_run_trains_embeddings_and_resumes(setup, trained):
     assert "resume: from" in resumed and "checkpoint-6" in resumed  # the Trainer saves its last step too
     summary = json.loads((out / "config.json").read_text())["summary"]
     assert summary["resumed_from"] == 6 and summary["steps"] == 8
+
+
+def test_unsloth_run_reports_a_validation_loss_kept_across_its_resume(trained):
+    out, first, info, resumed = trained
+    assert "| val loss " in first and "val: " in first
+    summary = json.loads((out / "config.json").read_text())["summary"]
+    assert [step for step, _ in summary["val_losses"]] == [3, 6, 8]  # 3 from the checkpoint resumed, 8: the end
+    assert all(0 < loss < 10 for _, loss in summary["val_losses"])
 
 
 def test_unsloth_run_predicts_a_valid_submission(setup, trained):

@@ -126,7 +126,8 @@ class AfterUnsloth(importlib.abc.MetaPathFinder):
 
 def model_and_rows(model_folder, dataset, backend, vocab):
     """(cfg, model, tokenizer, rows): the model as train.py loads it for `backend` with --vocab `vocab` (cut, then
-    untied), and four training sequences of `dataset` as train.py tokenizes them."""
+    untied), and four training sequences of `dataset` as train.py tokenizes them: {--loss: rows}."""
+    import dataclasses
     import data
     import train
     cfg = train.Config(model=model_folder, dataset=[dataset], views=1, max_seq_len=512, load_in_4bit=False,
@@ -138,8 +139,11 @@ def model_and_rows(model_folder, dataset, backend, vocab):
         tokenizer, _ = train.arc_vocabulary(model, tokenizer, fmt)
     train.untie_embeddings(model)
     tasks, _ = data.read_sets(cfg.dataset, cfg.split)
-    ds, _, _ = train.training_data(cfg, tasks, tokenizer, fmt)
-    return cfg, model, tokenizer, [ds[i] for i in range(4)]
+    rows = {}
+    for loss in data.LOSSES:
+        ds, _, _ = train.training_data(dataclasses.replace(cfg, loss=loss), tasks, tokenizer, fmt)
+        rows[loss] = [ds[i] for i in range(4)]
+    return cfg, model, tokenizer, rows
 
 
 def loss_and_grads(model, batch):
@@ -154,13 +158,15 @@ def loss_and_grads(model, batch):
 def grads(out, model_folder, dataset):
     """Per --vocab: Unsloth's loss and gradients on one padded batch, after the LoRA B matrices are set to random
     values (at their start, zero, every lora_A gradient would be zero too), saved with those weights and the batch
-    for `reference`; and its loss on the same rows packed (train.py's collators)."""
+    for `reference`; its loss on the same rows packed (train.py's collators); and with --loss outputs' labels, its
+    loss padded and packed."""
     import torch
     import data
     import train
     saved = {}
     for vocab in train.VOCABS:
-        cfg, model, tokenizer, rows = model_and_rows(model_folder, dataset, "unsloth", vocab)
+        cfg, model, tokenizer, by_loss = model_and_rows(model_folder, dataset, "unsloth", vocab)
+        rows = by_loss["answer"]
         model = train.add_lora(model, cfg, "unsloth")
         torch.manual_seed(0)
         with torch.no_grad():
@@ -173,8 +179,12 @@ def grads(out, model_folder, dataset):
         packed_loss, _ = loss_and_grads(model, packed)
         unbounded = {k: v for k, v in packed.items() if k != "packed_seq_lengths"}  # position_ids only
         unbounded_loss, _ = loss_and_grads(model, unbounded)
+        outputs_batch = train.collate(data.pad_id(tokenizer))(by_loss["outputs"])
+        outputs_loss, _ = loss_and_grads(model, outputs_batch)
+        outputs_packed_loss, _ = loss_and_grads(model, train.packed_collate("unsloth")(by_loss["outputs"]))
         saved[vocab] = dict(loss=loss, grads=g, packed_loss=packed_loss, unbounded_loss=unbounded_loss, state=state,
-                            batch=padded, dtype=str(next(model.parameters()).dtype),
+                            batch=padded, outputs_batch=outputs_batch, outputs_loss=outputs_loss,
+                            outputs_packed_loss=outputs_packed_loss, dtype=str(next(model.parameters()).dtype),
                             vocab_size=model.get_input_embeddings().weight.shape[0])
     torch.save(saved, out)
 
@@ -194,7 +204,9 @@ def reference(out, model_folder, dataset, state_file):
                 if n in names:
                     p.copy_(saved[vocab]["state"][n])
         loss, g = loss_and_grads(model, saved[vocab]["batch"])
-        result[vocab] = dict(loss=loss, grads=g, vocab_size=model.get_input_embeddings().weight.shape[0])
+        outputs_loss, _ = loss_and_grads(model, saved[vocab]["outputs_batch"])
+        result[vocab] = dict(loss=loss, grads=g, outputs_loss=outputs_loss,
+                             vocab_size=model.get_input_embeddings().weight.shape[0])
     assert "unsloth" not in sys.modules, "the reference imported unsloth: it would run Unsloth's patched code"
     torch.save(result, out)
 
