@@ -108,8 +108,8 @@ def find_model(cfg):
                            "that names its own adapter")
     folder = Path(cfg.model) if cfg.model else train.latest_run(finished=True)
     if folder is None:
-        raise OneLineError("no trained run: runs/ has no */config.json of a run that finished training; train one "
-                           "with `python train.py` or pass --model RUN_FOLDER (or a base model with --adapter)")
+        raise OneLineError("no trained run: runs/ has no */config.json of a run that finished training; " +
+                           unfinished_run())
     if not cfg.model:
         newer = [str(r) for r in [train.latest_run()] if r and r != folder]
         print(f"model: {folder} (the newest finished run" + (f"; {newer[0]} is newer but "
@@ -118,6 +118,21 @@ def find_model(cfg):
         print(f"note: {folder} was interrupted (Ctrl-C or SIGTERM): its weights are those of the step it stopped at")
     run = train.read_run(folder)
     return replace(run, max_seq_len=cfg.max_seq_len or run.max_seq_len)
+
+
+def unfinished_run():
+    """What to do without a finished run: finish the newest run if there is one (an interrupted run's
+    `train.py && infer.py` stops before infer.py), else train one."""
+    newest = train.latest_run()
+    status = train.run_status(newest) if newest else None
+    if status == "interrupted":
+        steps = data.read_json(train.run_config_path(newest))["summary"].get("steps")
+        return (f"the newest, {newest}, was interrupted at step {steps}: finish it with `python train.py --out {newest} "
+                f"--resume`, or predict with its weights as they are: --model {newest}")
+    if status == "unfinished":
+        return (f"the newest, {newest}, is unfinished (still training, or killed): `python train.py --out {newest} "
+                "--resume` continues it from its newest checkpoint")
+    return "train one with `python train.py` or pass --model RUN_FOLDER (or a base model with --adapter)"
 
 
 def is_4bit(name):

@@ -46,6 +46,9 @@ SHAPE_FLAGS = ("model", "full_finetune", "lora_r", "vocab", "ttt", "ttt_mode")
 LOCK = "train.lock"  # in a run folder, held by the train.py writing it
 HELD = []  # the lock files this process holds; main releases them
 STOP = {}  # the signal that asked training to stop: set by the handlers that only train.py's own main installs
+STEPPING = {}  # set once training steps begin: from then a signal saves a checkpoint first, before it ends at once
+LAUNCH = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # torchrun and accelerate launch set them with MASTER_ADDR/MASTER_PORT
+SMOLLM2_CPU_TOK_S = 250  # SmolLM2-135M LoRA training on 2 CPU cores, short sequences (README: measured)
 VOCABS = ("arc", "full")
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # in model configs
 
@@ -121,6 +124,9 @@ def resolve(cfg, given, gpu):
     """A complete Config: with --resume, the run's saved value of every flag not `given` on this command line;
     then every AUTO from the device and the model. Prints one `inherited:` / `auto:` line per decision."""
     cfg = dataclasses.replace(cfg)  # the caller's Config stays as parsed
+    if cfg.resume and cfg.overwrite:  # users type them together: the refusal of a finished run names both
+        raise OneLineError("--resume continues the run in --out, --overwrite replaces it: give one of them "
+                           "(nothing was written)")
     if cfg.resume:
         if not cfg.out:
             run = latest_run()
@@ -147,7 +153,8 @@ def resolve(cfg, given, gpu):
         print(f"auto: model {cfg.model} ({'GPU found' if gpu else 'no GPU: the tiny model'})")
         if not gpu:
             print(f"note: the tiny model ({TINY_NOTE}) proves that the pipeline runs end to end; it solves no real "
-                  "ARC task, so expect 0 solved from infer.py. For a real score: a GPU, or --model smollm2")
+                  "ARC task, so expect 0 solved from infer.py. For a real score: a GPU, or --model smollm2 (what "
+                  "it would cost on this CPU is said below, once the data is read)")
     tiny, small = cfg.model == "tiny", cfg.model == SMOLLM2
     if cfg.max_steps is AUTO and tiny and not gpu:
         cfg.max_steps = 300
@@ -200,7 +207,20 @@ def checks():
             ("optim", lambda x: x in optimizers, "a transformers optimizer name, e.g. adamw_torch or adamw_8bit"),
             ("weight_decay", lambda x: x >= 0, ">= 0"),
             ("save_steps", positive, ">= 1"), ("logging_steps", positive, ">= 1"),
+            ("ttt_views", positive, ">= 1"),
             ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295 (numpy's seed range)")]
+
+
+def check_launch():
+    """OneLineError when torchrun's variables are in the environment without the rendezvous ones it sets with them:
+    left over (a notebook after a torchrun cell), they make a plain run fail in accelerate or train silently as a
+    process that writes nothing."""
+    left = [name for name in LAUNCH if name in os.environ]
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if left and missing:
+        raise OneLineError(f"{', '.join(f'{n}={os.environ[n]}' for n in left)} set in the environment without "
+                           f"{' and '.join(missing)}: left over from a torchrun or accelerate launch (a notebook "
+                           f"cell?); unset {' '.join(left)} to train in one process, or start with torchrun")
 
 
 def world_size():
@@ -892,12 +912,16 @@ def make_optimizer(model, args, embedding_lr):
 
 def stop_on_signals():
     """Ctrl-C (SIGINT) and SIGTERM (what Kaggle, Slurm, docker stop and Kubernetes send at preemption) ask training
-    to save a checkpoint at the end of the current step and stop; the same signal again kills at once. Installed
+    to save a checkpoint at the end of the current step and stop; the same signal again kills at once. Before the
+    first step they stop at once; either way the exit status is 128 + the signal (130, 143). Installed
     by train.py's own main only, never on import or in a library call: a test process's Ctrl-C stays pytest's."""
     import signal
 
     def handler(signum, _):
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if not STEPPING:  # still loading: nothing trained, nothing to save
+            print(f"\n{name} before the first training step: nothing to save; stopped", flush=True)
+            raise SystemExit(128 + signum)
         print(f"\n{name}: saving a checkpoint at the end of this step ({name} again to abort)", flush=True)
         STOP["signal"] = signum
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
@@ -924,6 +948,7 @@ def progress_callback():
             self.start, self.start_step, self.start_tokens = time.time(), state.global_step, state.num_input_tokens_seen
             self.printed = self.start
             self.params = [p for p in model.parameters() if p.requires_grad]
+            STEPPING["since"] = self.start
 
         def stop_diverged(self, state, control):
             self.diverged = state.global_step
@@ -1123,6 +1148,58 @@ def check_out_is_free(cfg, out, ttt_key=None):
                        "or give another --out")
 
 
+def already_finished(cfg):
+    """The steps of the finished run in cfg.out when --resume would train nothing past them (no larger --max-steps,
+    or no more --epochs, than it finished with), else None."""
+    if cfg.ttt or run_status(cfg.out) != "finished":
+        return None
+    info = read_json(run_config_path(cfg.out))
+    saved, steps = info.get("config") or {}, info["summary"].get("steps", 0)
+    if cfg.max_steps > 0:
+        return steps if cfg.max_steps <= steps else None
+    return steps if saved.get("max_steps") == -1 and cfg.epochs <= saved.get("epochs", cfg.epochs) else None
+
+
+def with_earlier_data(out, trained_on, fingerprints):
+    """(trained_on, fingerprints) of a resumed run: the sets it was trained on before and this session's, so that
+    infer.py's contamination guard sees every task whose answers the weights have seen."""
+    info = read_json(run_config_path(out))
+    earlier = info.get("trained_on") or []
+    read = {(s["dataset"], s["split"]) for s in earlier}
+    return (earlier + [s for s in trained_on if (s["dataset"], s["split"]) not in read],
+            sorted(set(info.get("fingerprints") or []) | set(fingerprints)))
+
+
+def fit_context(cfg, given, lengths):
+    """cfg with an automatic --max-seq-len cut to what the data needs, its longest sequence rounded up to a power of
+    two: a longer context buys these sequences nothing and costs on a CPU (gradient checkpointing past 2048)."""
+    if "max_seq_len" in given or cfg.resume or cfg.ttt or not lengths:
+        return cfg
+    need = 1 << (max(lengths) - 1).bit_length()
+    if need >= cfg.max_seq_len:
+        return cfg
+    print(f"auto: max_seq_len {need} (the longest sequence is {max(lengths)} tokens, the limit was "
+          f"{cfg.max_seq_len}; infer.py fits prompts to the run's max_seq_len too, unless given --max-seq-len)")
+    return dataclasses.replace(cfg, max_seq_len=need)
+
+
+def smollm2_cost(tasks, views, epochs):
+    """The note that prices --model smollm2 on a CPU: the tokens of these tasks as SmolLM2 writes them (one per cell
+    and per row end; a sequence at most its 8192) over the tok/s measured for it on 2 CPU cores."""
+    size = lambda grid: len(grid) * (len(grid[0]) + 1) if grid else 0  # noqa: E731
+    tokens = 0
+    for task in tasks.values():
+        shown = sum(size(pair["input"]) + size(pair["output"]) for pair in task["train"])
+        tokens += views * epochs * sum(min(8192, shown + size(t["input"]) + size(t["output"])) for t in task["test"]
+                                       if "output" in t)
+    seconds = tokens / SMOLLM2_CPU_TOK_S
+    took = f"{seconds / 3600:.0f} h" if seconds >= 3600 else f"{math.ceil(seconds / 60):.0f} min"
+    return (f"note: --model smollm2 on this CPU ({os.cpu_count()} cores): {epochs:g} epochs of these {len(tasks)} "
+            f"tasks x {views} views are about {tokens / 1e6:.2f}M tokens, at the ~{SMOLLM2_CPU_TOK_S} tok/s it "
+            f"trains at on 2 cores (longer sequences are slower): about {took} or more, an estimate; a GPU takes "
+            "minutes")
+
+
 def clear_run(out):
     """--overwrite: remove what train.py wrote in `out` (infer.py's files stay: its cache notices new weights)."""
     names = (RUN_CONFIG, LOSS_PLOT, FINAL, BASE, CHECKPOINTS, TTT, "merged")
@@ -1299,6 +1376,7 @@ def train_per_task(cfg, model, tokenizer, fmt, tasks, out):
     are skipped, so rerunning the same command resumes. Returns the summary."""
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     t0, per_task, done, empty = time.time(), {}, 0, []
+    STEPPING["since"] = t0  # a signal now stops between tasks, each finished adapter saved
     for i, tid in enumerate(sorted(tasks), 1):
         folder = ttt_folder(out, tid)
         if STOP:
@@ -1350,6 +1428,11 @@ def train(cfg, given=frozenset()):
     unsloth_error = import_unsloth() if maybe else "not tried"
     check_ranges(cfg, checks())  # the flags as given: values resolved from them are ours, a resumed run's were checked
     cfg = resolve(cfg, given, torch.cuda.is_available())
+    steps = already_finished(cfg) if cfg.resume else None
+    if steps is not None:
+        print(f"--resume {cfg.out}: already finished at step {steps}; nothing to do (a larger --max-steps or more "
+              "--epochs trains it further)")
+        return None, Path(cfg.out)
     if cfg.ttt:  # the run's weights are merged in 16 bits, which transformers + peft do on any device
         backend, why = "transformers", "test-time training: the run merged through transformers + peft"
     else:
@@ -1420,6 +1503,8 @@ def train(cfg, given=frozenset()):
                    key=ttt_key)
     else:
         trained_on, fingerprints, ttt = sources, sorted(task_fingerprint(t) for t in tasks.values()), None
+        if checkpoint:
+            trained_on, fingerprints = with_earlier_data(out, trained_on, fingerprints)
     info = run_info(cfg, fmt, backend, why, base, trained_on, fingerprints, ttt, keep)
     if cfg.ttt and cfg.ttt_mode == "per-task":
         write_json(run_config_path(out), info)
@@ -1436,7 +1521,12 @@ def train(cfg, given=frozenset()):
     if len(train_ds) == 0:
         raise OneLineError(f"--ttt: no task of {' '.join(cfg.dataset)} {' '.join(cfg.split)} has two demonstrations "
                            f"that fit --max-seq-len {cfg.max_seq_len}")
+    fitted = fit_context(cfg, given, train_ds["length"])
+    if fitted is not cfg:
+        cfg, info = fitted, run_info(fitted, fmt, backend, why, base, trained_on, fingerprints, ttt, keep)
     print(describe_data(cfg, tasks, train_ds, copies, report))
+    if cfg.model == "tiny" and not torch.cuda.is_available() and not cfg.ttt:
+        print(smollm2_cost(tasks, cfg.views, cfg.epochs))
 
     # training
     trainer, progress, line = make_trainer(cfg, model, tokenizer, train_ds, copies, backend)
@@ -1495,17 +1585,18 @@ def main(argv=None):
     cfg = parse_config(Config, "Fine-tune a model on ARC tasks with rsLoRA.", argv)
     quiet_libraries()
     line_buffered()
-    if not is_main_process():  # under torchrun / accelerate launch one process speaks for all
-        sys.stdout = open(os.devnull, "w")
     try:
+        check_launch()  # before is_main_process() believes RANK
+        if not is_main_process():  # under torchrun / accelerate launch one process speaks for all
+            sys.stdout = open(os.devnull, "w")
         result = train(cfg, given_flags(Config, argv))
     except OneLineError as e:
         sys.exit(f"error: {e}")
     finally:
         while HELD:
             HELD.pop().close()
-    if STOP.get("signal") == 15:  # SIGTERM: a preempted job did not finish, so `train.py && infer.py` stops here
-        sys.exit(143)
+    if STOP:  # saved, but not finished: `train.py && infer.py` stops here (130 after Ctrl-C, 143 after SIGTERM)
+        sys.exit(128 + STOP["signal"])
     return result
 
 
