@@ -48,7 +48,9 @@ HELD = []  # the lock files this process holds; main releases them
 STOP = {}  # the signal that asked training to stop: set by the handlers that only train.py's own main installs
 STEPPING = {}  # set once training steps begin: from then a signal saves a checkpoint first, before it ends at once
 LAUNCH = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # torchrun and accelerate launch set them with MASTER_ADDR/MASTER_PORT
-SMOLLM2_CPU_TOK_S = 250  # SmolLM2-135M LoRA training on 2 CPU cores, short sequences (README: measured)
+# SmolLM2-135M LoRA training on 2 idle CPU cores: sequences up to 2048 tokens, and longer ones (with gradient
+# checkpointing), README's Measured
+SMOLLM2_CPU_TOK_S = {"short": 250, "long": 158}
 VOCABS = ("arc", "full")
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # in model configs
 
@@ -1144,8 +1146,9 @@ def check_out_is_free(cfg, out, ttt_key=None):
         raise OneLineError(f"--out {out}: its test-time adapters were trained with another "
                            f"{', '.join(d.replace('_', ' ') for d in differ)}: --overwrite trains them again, or give "
                            "another --out")
-    raise OneLineError(f"--out {out}: a {status} run is already there: --resume continues it, --overwrite replaces it, "
-                       "or give another --out")
+    further = " with a larger --max-steps or more --epochs" if status == "finished" else ""
+    raise OneLineError(f"--out {out}: a {status} run is already there: --resume{further} continues it, --overwrite "
+                       "replaces it, or give another --out")
 
 
 def already_finished(cfg):
@@ -1187,17 +1190,17 @@ def smollm2_cost(tasks, views, epochs):
     """The note that prices --model smollm2 on a CPU: the tokens of these tasks as SmolLM2 writes them (one per cell
     and per row end; a sequence at most its 8192) over the tok/s measured for it on 2 CPU cores."""
     size = lambda grid: len(grid) * (len(grid[0]) + 1) if grid else 0  # noqa: E731
-    tokens = 0
+    lengths = []
     for task in tasks.values():
         shown = sum(size(pair["input"]) + size(pair["output"]) for pair in task["train"])
-        tokens += views * epochs * sum(min(8192, shown + size(t["input"]) + size(t["output"])) for t in task["test"]
-                                       if "output" in t)
-    seconds = tokens / SMOLLM2_CPU_TOK_S
+        lengths += [min(8192, shown + size(t["input"]) + size(t["output"])) for t in task["test"] if "output" in t]
+    tokens = sum(lengths) * views * epochs
+    rate = SMOLLM2_CPU_TOK_S["long" if max(lengths, default=0) > 2048 else "short"]
+    seconds = tokens / rate
     took = f"{seconds / 3600:.0f} h" if seconds >= 3600 else f"{math.ceil(seconds / 60):.0f} min"
     return (f"note: --model smollm2 on this CPU ({os.cpu_count()} cores): {epochs:g} epochs of these {len(tasks)} "
-            f"tasks x {views} views are about {tokens / 1e6:.2f}M tokens, at the ~{SMOLLM2_CPU_TOK_S} tok/s it "
-            f"trains at on 2 cores (longer sequences are slower): about {took} or more, an estimate; a GPU takes "
-            "minutes")
+            f"tasks x {views} views are about {tokens / 1e6:.2f}M tokens; at the {rate} tok/s measured for it on 2 "
+            f"idle cores, about {took}: an estimate; a GPU takes minutes")
 
 
 def clear_run(out):
