@@ -44,6 +44,7 @@ UNSLOTH_OFFLOAD = "unsloth_offload"  # in the run folder: the frozen embeddings 
 # flags that change the model or the shape of its weights: a checkpoint cannot be resumed under other values
 SHAPE_FLAGS = ("model", "full_finetune", "lora_r", "vocab", "ttt", "ttt_mode")
 LOCK = "train.lock"  # in a run folder, held by the train.py writing it
+REPLACED = ".replaced"  # in a run folder: the finished run --overwrite replaces, kept until the new one finishes
 HELD = []  # the lock files this process holds; main releases them
 STOP = {}  # the signal that asked training to stop: set by the handlers that only train.py's own main installs
 STEPPING = {}  # set once training steps begin: from then a signal saves a checkpoint first, before it ends at once
@@ -103,7 +104,8 @@ class Config:
     out: str = opt("", "output", "run folder (default: runs/<model>-<time>)")
     resume: bool = opt(False, "output", "continue from the latest checkpoint in --out (default: the latest run)")
     overwrite: bool = opt(False, "output", "replace the run already in --out (without it train.py refuses, so that "
-                                           "a finished run is never lost by a forgotten --resume)")
+                                           "a finished run is never lost by a forgotten --resume); a finished one "
+                                           "waits in <out>/.replaced/ until the new run finishes")
     save_steps: int = opt(200, "output", "checkpoint every N steps")
     logging_steps: int = opt(10, "output", "print a progress line every N steps")
     merge: bool = opt(False, "output", "also write a merged 16-bit model to <out>/merged")
@@ -1204,13 +1206,29 @@ def smollm2_cost(tasks, views, epochs):
 
 
 def clear_run(out):
-    """--overwrite: remove what train.py wrote in `out` (infer.py's files stay: its cache notices new weights)."""
+    """--overwrite: take away what train.py wrote in `out` (infer.py's files stay: its cache notices new weights). A
+    finished run is moved to out/.replaced/, deleted only when the run replacing it finishes (drop_replaced)."""
     names = (RUN_CONFIG, LOSS_PLOT, FINAL, BASE, CHECKPOINTS, TTT, "merged")
     gone = [out / n for n in names if (out / n).exists()]
+    if gone and run_status(out) == "finished":
+        shutil.rmtree(out / REPLACED, ignore_errors=True)
+        (out / REPLACED).mkdir()
+        for p in gone:
+            os.rename(p, out / REPLACED / p.name)
+        print(f"overwrite: the finished run in {out} moved to {out / REPLACED} ({', '.join(p.name for p in gone)}), "
+              "deleted when this run finishes")
+        return
     for p in gone:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     if gone:
         print(f"overwrite: removed the run in {out} ({', '.join(p.name for p in gone)})")
+
+
+def drop_replaced(out):
+    """The run is finished: the one it replaced (clear_run) goes."""
+    if (out / REPLACED).is_dir():
+        shutil.rmtree(out / REPLACED)
+        print(f"overwrite: {out / REPLACED} (the finished run this one replaced) deleted")
 
 
 def weights_digest(folders):
@@ -1514,6 +1532,8 @@ def train(cfg, given=frozenset()):
         summary = train_per_task(cfg, model, tokenizer, fmt, tasks, out)
         tokenizer.save_pretrained(str(out / FINAL))  # written last, as for every run: the run is finished
         write_json(run_config_path(out), dict(info, summary=summary))
+        if not summary["interrupted"]:
+            drop_replaced(out)
         print(f"\ndone: {summary['trained']} task adapters trained ({summary['already_done']} already there, "
               f"{len(summary['no_sequences'])} without a leave-one-out sequence), {summary['steps']} steps in "
               f"{summary['seconds'] / 60:.1f} min, peak {summary['peak_memory_kind']} {summary['peak_memory_gb']:.2f} GB")
@@ -1569,6 +1589,8 @@ def train(cfg, given=frozenset()):
     if not rank0:
         return model, out
     write_json(run_config_path(out), dict(info, summary=summary))
+    if not progress.interrupted:
+        drop_replaced(out)
     if summary["losses"]:
         plot_losses(summary["losses"], out / LOSS_PLOT, f"{cfg.model}: {out.name}")
     else:

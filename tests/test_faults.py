@@ -532,7 +532,8 @@ def test_train_refuses_a_finished_run_unless_overwrite(four_steps, family, tmp_p
     assert "a finished run is already there" in message and "--overwrite" in message and "--resume" in message
     assert (out / "config.json").read_bytes() == before
     train.main(["--dataset", str(family), "--out", str(out), "--max-steps", "1", "--overwrite", "--save-steps", "1"])
-    assert "overwrite: removed the run" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "overwrite: the finished run in" in said and "(the finished run this one replaced) deleted" in said, said
     assert json.loads((out / "config.json").read_text())["summary"]["steps"] == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]  # none of the old run's
 
@@ -792,6 +793,21 @@ def test_resume_and_overwrite_together_are_refused_before_anything_is_touched(fo
     message = error_of(train.main, ["--out", str(out), "--resume", "--overwrite"])
     assert "--resume" in message and "--overwrite" in message and "\n" not in message, message
     assert files_of(out) == before
+
+
+def test_overwrite_keeps_the_finished_run_until_its_replacement_finishes(four_steps, family, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    final = files_of(out / "final")
+    diverges = ["--max-steps", "6", "--save-steps", "1", "--batch-size", "4", "--lr", "1e30", "--warmup", "0"]
+    error_of(train.main, ["--dataset", str(family), "--out", str(out), "--overwrite"] + diverges)
+    assert files_of(out / ".replaced" / "final") == final and train.run_status(out) == "unfinished"
+    error_of(train.main, ["--dataset", str(family), "--out", str(out), "--overwrite"] + diverges)
+    assert files_of(out / ".replaced" / "final") == final  # an unfinished run is no replacement: still kept
+    capsys.readouterr()
+    train.main(["--dataset", str(family), "--out", str(out), "--overwrite", "--max-steps", "1", "--batch-size", "4"])
+    assert "(the finished run this one replaced) deleted" in capsys.readouterr().out
+    assert not (out / ".replaced").exists() and train.run_status(out) == "finished"
 
 
 @pytest.mark.parametrize("extra", [[], ["--max-steps", "4"], ["--max-steps", "3"]])
