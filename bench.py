@@ -622,19 +622,21 @@ def main(argv=None):
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
         raise SystemExit(f"error: --sections {' '.join(unknown)}: unknown; choose from {', '.join(SECTIONS)}")
-    # first: a GPU that torch cannot use stops here; bench measures transformers + peft, as train.py's CPU path
     try:
+        data.check_writable(Path(cfg.out).absolute().parent)  # before minutes of measuring
+        # a GPU that torch cannot use stops here; bench measures transformers + peft, as train.py's CPU path
         setup = train.make_setup(cfg.device, "transformers")
+        record = dict(machine=machine(setup), config=dataclasses.asdict(cfg))
+        print(f"machine: {record['machine']['host']}, {record['machine']['cpu_count']} CPUs, "
+              f"{record['machine']['device']}; torch {record['machine']['versions'].get('torch')}, "
+              f"transformers {record['machine']['versions'].get('transformers')}")
+        for name in cfg.sections:
+            t0 = time.perf_counter()
+            record[name] = SECTIONS[name](cfg, setup)
+            record[name]["section_s"] = round(time.perf_counter() - t0, 1)
+            data.write_json(cfg.out, record)  # after every section: the estimate reads it, a stopped run keeps it
     except data.OneLineError as e:
         sys.exit(f"error: {e}")
-    record = dict(machine=machine(setup), config=dataclasses.asdict(cfg))
-    print(f"machine: {record['machine']['host']}, {record['machine']['cpu_count']} CPUs, {record['machine']['device']}; "
-          f"torch {record['machine']['versions'].get('torch')}, transformers {record['machine']['versions'].get('transformers')}")
-    for name in cfg.sections:
-        t0 = time.perf_counter()
-        record[name] = SECTIONS[name](cfg, setup)
-        record[name]["section_s"] = round(time.perf_counter() - t0, 1)
-        data.write_json(cfg.out, record)  # after every section: the estimate reads it, a stopped run keeps it
     print(f"record: {cfg.out}")
     return record
 

@@ -863,17 +863,42 @@ def safe_name(task_id):
     return f"{name.lstrip('.')[:90]}-{hashlib.sha1(str(task_id).encode()).hexdigest()[:8]}"
 
 
+class Lock:
+    """A held lock file: close() (or leaving a `with` block) removes the file, then releases the lock, so a clean exit
+    leaves nothing behind. A killed process's file stays, and the OS has dropped its lock (kill -9 included)."""
+
+    def __init__(self, file, path):
+        self.file, self.path = file, path
+
+    def close(self):
+        if not self.file.closed:
+            self.path.unlink(missing_ok=True)
+            self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
+
+
 def lock_file(path, busy):
-    """`path` opened and locked exclusively for as long as the returned file stays open; OneLineError(`busy`) when
-    another process holds it. The OS drops the lock when the process exits, kill -9 included."""
+    """A Lock on `path`, exclusive; OneLineError(`busy`) when another process holds it."""
     import fcntl
-    f = open(path, "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise OneLineError(busy)
-    return f
+    path = Path(path)
+    while True:
+        f = open(path, "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise OneLineError(busy)
+        try:
+            if os.path.samestat(os.stat(path), os.fstat(f.fileno())):
+                return Lock(f, path)
+        except FileNotFoundError:
+            pass
+        f.close()  # its last holder removed this file after we opened it: lock the file now at `path`
 
 
 def write_json(path, obj, indent=2):

@@ -45,8 +45,14 @@ UNSLOTH_OFFLOAD = "unsloth_offload"  # in the run folder: the frozen embeddings 
 # flags that change the model or the shape of its weights: a checkpoint cannot be resumed under other values
 SHAPE_FLAGS = ("model", "full_finetune", "lora_r", "vocab", "ttt", "ttt_mode")
 LOCK = "train.lock"  # in a run folder, held by the train.py writing it
+REPLACED = ".replaced"  # in a run folder: the finished run --overwrite replaces, kept until the new one finishes
 HELD = []  # the lock files this process holds; main releases them
 STOP = {}  # the signal that asked training to stop: set by the handlers that only train.py's own main installs
+STEPPING = {}  # set once training steps begin: from then a signal saves a checkpoint first, before it ends at once
+LAUNCH = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # torchrun and accelerate launch set them with MASTER_ADDR/MASTER_PORT
+# SmolLM2-135M LoRA training on 2 idle CPU cores: sequences up to 2048 tokens, and longer ones (with gradient
+# checkpointing), README's Measured
+SMOLLM2_CPU_TOK_S = {"short": 250, "long": 158}
 VOCABS = ("arc", "full")
 TORCH_CU126 = "https://download.pytorch.org/whl/cu126"  # PyTorch's CUDA 12.6 builds: NVIDIA drivers >= 525
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # in model configs
@@ -113,7 +119,8 @@ class Config:
     out: str = opt("", "output", "run folder (default: runs/<model>-<time>)")
     resume: bool = opt(False, "output", "continue from the latest checkpoint in --out (default: the latest run)")
     overwrite: bool = opt(False, "output", "replace the run already in --out (without it train.py refuses, so that "
-                                           "a finished run is never lost by a forgotten --resume)")
+                                           "a finished run is never lost by a forgotten --resume); a finished one "
+                                           "waits in <out>/.replaced/ until the new run finishes")
     save_steps: int = opt(200, "output", "checkpoint every N steps")
     logging_steps: int = opt(10, "output", "print a progress line every N steps")
     eval_steps: int = opt(50, "output", "with --val-dataset: the validation loss every N steps and at the end")
@@ -137,6 +144,9 @@ def resolve(cfg, given, gpu):
     """A complete Config: with --resume, the run's saved value of every flag not `given` on this command line;
     then every AUTO from the device and the model. Prints one `inherited:` / `auto:` line per decision."""
     cfg = dataclasses.replace(cfg)  # the caller's Config stays as parsed
+    if cfg.resume and cfg.overwrite:  # users type them together: the refusal of a finished run names both
+        raise OneLineError("--resume continues the run in --out, --overwrite replaces it: give one of them "
+                           "(nothing was written)")
     if cfg.resume:
         if not cfg.out:
             run = latest_run()
@@ -163,7 +173,8 @@ def resolve(cfg, given, gpu):
         print(f"auto: model {cfg.model} ({'GPU found' if gpu else 'no GPU: the tiny model'})")
         if not gpu:
             print(f"note: the tiny model ({TINY_NOTE}) proves that the pipeline runs end to end; it solves no real "
-                  "ARC task, so expect 0 solved from infer.py. For a real score: a GPU, or --model smollm2")
+                  "ARC task, so expect 0 solved from infer.py. For a real score: a GPU, or --model smollm2 (what "
+                  "it would cost on this CPU is said below, once the data is read)")
     tiny, small = cfg.model == "tiny", cfg.model == SMOLLM2
     if cfg.max_steps is AUTO and tiny and not gpu:
         cfg.max_steps = 300
@@ -217,8 +228,20 @@ def checks():
             ("optim", lambda x: x in optimizers, "a transformers optimizer name, e.g. adamw_torch or adamw_8bit"),
             ("weight_decay", lambda x: x >= 0, ">= 0"),
             ("save_steps", positive, ">= 1"), ("logging_steps", positive, ">= 1"), ("eval_steps", positive, ">= 1"),
-            ("val_limit", lambda x: x >= 0, ">= 0 (0 = all)"),
+            ("val_limit", lambda x: x >= 0, ">= 0 (0 = all)"), ("ttt_views", positive, ">= 1"),
             ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295 (numpy's seed range)")]
+
+
+def check_launch():
+    """OneLineError when torchrun's variables are in the environment without the rendezvous ones it sets with them:
+    left over (a notebook after a torchrun cell), they make a plain run fail in accelerate or train silently as a
+    process that writes nothing."""
+    left = [name for name in LAUNCH if name in os.environ]
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if left and missing:
+        raise OneLineError(f"{', '.join(f'{n}={os.environ[n]}' for n in left)} set in the environment without "
+                           f"{' and '.join(missing)}: left over from a torchrun or accelerate launch (a notebook "
+                           f"cell?); unset {' '.join(left)} to train in one process, or start with torchrun")
 
 
 def world_size():
@@ -1110,12 +1133,16 @@ def make_optimizer(model, args, embedding_lr):
 
 def stop_on_signals():
     """Ctrl-C (SIGINT) and SIGTERM (what Kaggle, Slurm, docker stop and Kubernetes send at preemption) ask training
-    to save a checkpoint at the end of the current step and stop; the same signal again kills at once. Installed
+    to save a checkpoint at the end of the current step and stop; the same signal again kills at once. Before the
+    first step they stop at once; either way the exit status is 128 + the signal (130, 143). Installed
     by train.py's own main only, never on import or in a library call: a test process's Ctrl-C stays pytest's."""
     import signal
 
     def handler(signum, _):
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if not STEPPING:  # still loading: nothing trained, nothing to save
+            print(f"\n{name} before the first training step: nothing to save; stopped", flush=True)
+            raise SystemExit(128 + signum)
         print(f"\n{name}: saving a checkpoint at the end of this step ({name} again to abort)", flush=True)
         STOP["signal"] = signum
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
@@ -1142,6 +1169,7 @@ def progress_callback():
             self.start, self.start_step, self.start_tokens = time.time(), state.global_step, state.num_input_tokens_seen
             self.printed = self.start
             self.params = [p for p in model.parameters() if p.requires_grad]
+            STEPPING["since"] = self.start
 
         def stop_diverged(self, state, control):
             self.diverged = state.global_step
@@ -1356,8 +1384,8 @@ def find_run(model="", adapter="", max_seq_len=AUTO, base_model=""):
                            "that names its own adapter")
     folder = Path(model) if model else latest_run(finished=True)
     if folder is None:
-        raise OneLineError("no trained run: runs/ has no */config.json of a run that finished training; train one "
-                           "with `python py` or pass --model RUN_FOLDER (or a base model with --adapter)")
+        raise OneLineError("no trained run: runs/ has no */config.json of a run that finished training; " +
+                           unfinished_run())
     if not model:
         newer = [str(r) for r in [latest_run()] if r and r != folder]
         print(f"model: {folder} (the newest finished run" + (f"; {newer[0]} is newer but "
@@ -1366,6 +1394,20 @@ def find_run(model="", adapter="", max_seq_len=AUTO, base_model=""):
         print(f"note: {folder} was interrupted (Ctrl-C or SIGTERM): its weights are those of the step it stopped at")
     run = read_run(folder)
     return dataclasses.replace(run, max_seq_len=max_seq_len or run.max_seq_len, base=local_base(run, base_model))
+
+
+def unfinished_run():
+    """What to do without a finished run: finish the newest run if there is one (an interrupted run's
+    `train.py && infer.py` stops before infer.py), else train one."""
+    newest = latest_run()
+    run = read_run(newest, finished=False) if newest else None
+    if run and run.status == "interrupted":
+        return (f"the newest, {newest}, was interrupted at step {run.summary.get('steps')}: finish it with `python "
+                f"train.py --out {newest} --resume`, or predict with its weights as they are: --model {newest}")
+    if run and run.status == "unfinished":
+        return (f"the newest, {newest}, is unfinished (still training, or killed): `python train.py --out {newest} "
+                "--resume` continues it from its newest checkpoint")
+    return "train one with `python train.py` or pass --model RUN_FOLDER (or a base model with --adapter)"
 
 
 def local_base(run, base_model):
@@ -1442,18 +1484,86 @@ def check_out_is_free(cfg, out, ttt_key=None):
         raise OneLineError(f"--out {out}: its test-time adapters were trained with another "
                            f"{', '.join(d.replace('_', ' ') for d in differ)}: --overwrite trains them again, or give "
                            "another --out")
-    raise OneLineError(f"--out {out}: a {status} run is already there: --resume continues it, --overwrite replaces it, "
-                       "or give another --out")
+    further = " with a larger --max-steps or more --epochs" if status == "finished" else ""
+    raise OneLineError(f"--out {out}: a {status} run is already there: --resume{further} continues it, --overwrite "
+                       "replaces it, or give another --out")
+
+
+def already_finished(cfg):
+    """The steps of the finished run in cfg.out when --resume would train nothing past them (no larger --max-steps,
+    or no more --epochs, than it finished with), else None."""
+    run = read_run(cfg.out, finished=False) if is_run_folder(cfg.out) else None
+    if cfg.ttt or run is None or run.status != "finished":
+        return None
+    saved, steps = run.flags, run.summary.get("steps", 0)
+    if cfg.max_steps > 0:
+        return steps if cfg.max_steps <= steps else None
+    return steps if saved.get("max_steps") == -1 and cfg.epochs <= saved.get("epochs", cfg.epochs) else None
+
+
+def with_earlier_data(out, trained_on, fingerprints):
+    """(trained_on, fingerprints) of a resumed run: the sets it was trained on before and this session's, so that
+    infer.py's contamination guard sees every task whose answers the weights have seen."""
+    run = read_run(out, finished=False)
+    read = {(s["dataset"], s["split"]) for s in run.trained_on}
+    return (run.trained_on + [s for s in trained_on if (s["dataset"], s["split"]) not in read],
+            sorted(set(run.fingerprints) | set(fingerprints)))
+
+
+def fit_context(cfg, given, lengths):
+    """cfg with an automatic --max-seq-len cut to what the data needs, its longest sequence rounded up to a power of
+    two: a longer context buys these sequences nothing and costs on a CPU (gradient checkpointing past 2048)."""
+    if "max_seq_len" in given or cfg.resume or cfg.ttt or not lengths:
+        return cfg
+    need = 1 << (max(lengths) - 1).bit_length()
+    if need >= cfg.max_seq_len:
+        return cfg
+    print(f"auto: max_seq_len {need} (the longest sequence is {max(lengths)} tokens, the limit was "
+          f"{cfg.max_seq_len}; infer.py fits prompts to the run's max_seq_len too, unless given --max-seq-len)")
+    return dataclasses.replace(cfg, max_seq_len=need)
+
+
+def smollm2_cost(tasks, views, epochs):
+    """The note that prices --model smollm2 on a CPU: the tokens of these tasks as SmolLM2 writes them (one per cell
+    and per row end; a sequence at most its 8192) over the tok/s measured for it on 2 CPU cores."""
+    size = lambda grid: len(grid) * (len(grid[0]) + 1) if grid else 0  # noqa: E731
+    lengths = []
+    for task in tasks.values():
+        shown = sum(size(pair["input"]) + size(pair["output"]) for pair in task["train"])
+        lengths += [min(8192, shown + size(t["input"]) + size(t["output"])) for t in task["test"] if "output" in t]
+    tokens = sum(lengths) * views * epochs
+    rate = SMOLLM2_CPU_TOK_S["long" if max(lengths, default=0) > 2048 else "short"]
+    seconds = tokens / rate
+    took = f"{seconds / 3600:.0f} h" if seconds >= 3600 else f"{math.ceil(seconds / 60):.0f} min"
+    return (f"note: --model smollm2 on this CPU ({os.cpu_count()} cores): {epochs:g} epochs of these {len(tasks)} "
+            f"tasks x {views} views are about {tokens / 1e6:.2f}M tokens; at the {rate} tok/s measured for it on 2 "
+            f"idle cores, about {took}: an estimate; a GPU takes minutes")
 
 
 def clear_run(out):
-    """--overwrite: remove what train.py wrote in `out` (infer.py's files stay: its cache notices new weights)."""
+    """--overwrite: take away what train.py wrote in `out` (infer.py's files stay: its cache notices new weights). A
+    finished run is moved to out/.replaced/, deleted only when the run replacing it finishes (drop_replaced)."""
     names = (RUN_CONFIG, LOSS_PLOT, FINAL, BASE, CHECKPOINTS, TTT, "merged")
     gone = [out / n for n in names if (out / n).exists()]
+    if gone and run_status(out) == "finished":
+        shutil.rmtree(out / REPLACED, ignore_errors=True)
+        (out / REPLACED).mkdir()
+        for p in gone:
+            os.rename(p, out / REPLACED / p.name)
+        print(f"overwrite: the finished run in {out} moved to {out / REPLACED} ({', '.join(p.name for p in gone)}), "
+              "deleted when this run finishes")
+        return
     for p in gone:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     if gone:
         print(f"overwrite: removed the run in {out} ({', '.join(p.name for p in gone)})")
+
+
+def drop_replaced(out):
+    """The run is finished: the one it replaced (clear_run) goes."""
+    if (out / REPLACED).is_dir():
+        shutil.rmtree(out / REPLACED)
+        print(f"overwrite: {out / REPLACED} (the finished run this one replaced) deleted")
 
 
 def readable(folder):
@@ -1593,6 +1703,7 @@ def train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup):
     are skipped, so rerunning the same command resumes. Returns the summary."""
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     t0, per_task, done, empty = time.time(), {}, 0, []
+    STEPPING["since"] = t0  # a signal now stops between tasks, each finished adapter saved
     for i, tid in enumerate(sorted(tasks), 1):
         folder = ttt_folder(out, tid, tasks[tid])
         if STOP:
@@ -1637,12 +1748,18 @@ def train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup):
 
 def settings(cfg, given):
     """(cfg with every flag decided, Setup, checkpoint to resume or None, test-time key or None): the flags checked,
-    the device, dtype and backend decided, the run folder locked and free to be written."""
+    the device, dtype and backend decided, the run folder locked and free to be written. Setup None: a finished
+    run resumed with nothing left to train."""
     device = find_device(cfg.device)  # first: a GPU that torch cannot use stops the run before anything else
     if cfg.backend != "transformers" and not cfg.ttt and cfg.model != "tiny":
         import_unsloth(device[0])  # before checks() imports transformers: Unsloth's patches hold only then
     check_ranges(cfg, checks())  # the flags as given: values resolved from them are ours, a resumed run's were checked
     cfg = resolve(cfg, given, device[0] == "cuda")
+    steps = already_finished(cfg) if cfg.resume else None
+    if steps is not None:
+        print(f"--resume {cfg.out}: already finished at step {steps}; nothing to do (a larger --max-steps or more "
+              "--epochs trains it further)")
+        return cfg, None, None, None
     setup = make_setup(cfg.device, cfg.backend, cfg.model, ttt=cfg.ttt)
     if not cfg.ttt:
         cfg = fit_positions(cfg, given, setup.backend)
@@ -1721,11 +1838,14 @@ def run_base(cfg):
     return BASE if cfg.model == "tiny" and not cfg.full_finetune else cfg.model
 
 
-def seen_answers(cfg, tasks, sources, ttt_key):
-    """(trained_on, fingerprints, ttt) for config.json: which tasks' answers the weights have seen (for a
-    test-time run, its base run's: demonstrations don't count) and what a test-time run trained on."""
+def seen_answers(cfg, tasks, sources, ttt_key, checkpoint):
+    """(trained_on, fingerprints, ttt) for config.json: which tasks' answers the weights have seen (a resumed run's
+    earlier sets too; for a test-time run, its base run's: demonstrations don't count) and what a test-time run
+    trained on."""
     if not cfg.ttt:
-        return recorded(sources), sorted(training_fingerprint(tid, t) for tid, t in tasks.items()), None
+        trained_on, fingerprints = recorded(sources), sorted(training_fingerprint(tid, t) for tid, t in tasks.items())
+        return (*(with_earlier_data(cfg.out, trained_on, fingerprints) if checkpoint else (trained_on, fingerprints)),
+                None)
     start = read_run(cfg.model)
     ttt = dict(mode=cfg.ttt_mode, base_run=run_base(cfg), views=cfg.ttt_views, sources=recorded(sources),
                tasks=len(tasks), key=ttt_key)
@@ -1736,13 +1856,15 @@ def train(cfg, given=frozenset()):
     """Train as `cfg` says (flags in `given` win over a resumed run's saved settings). Returns (model, run folder)."""
     t0 = time.time()
     cfg, setup, checkpoint, ttt_key = settings(cfg, given)
+    if setup is None:  # a finished run that --resume would not train further
+        return None, Path(cfg.out)
     tasks, sources, val_tasks = read_data(cfg)  # before the model: a data error should not wait for 8B weights
     model, tokenizer, fmt, keep = training_model(cfg, setup, checkpoint)
-    info = run_info(cfg, fmt, setup, run_base(cfg), *seen_answers(cfg, tasks, sources, ttt_key), keep)
+    info = run_info(cfg, fmt, setup, run_base(cfg), *seen_answers(cfg, tasks, sources, ttt_key, checkpoint), keep)
     if cfg.ttt and cfg.ttt_mode == "per-task":
         train_each_task(cfg, model, tokenizer, fmt, tasks, setup, info)
     else:
-        train_once(cfg, model, tokenizer, fmt, tasks, sources, val_tasks, setup, info, checkpoint, t0)
+        train_once(cfg, given, model, tokenizer, fmt, (tasks, sources, val_tasks), setup, info, checkpoint, t0)
     return model, Path(cfg.out)
 
 
@@ -1753,6 +1875,8 @@ def train_each_task(cfg, model, tokenizer, fmt, tasks, setup, info):
     summary = train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup)
     tokenizer.save_pretrained(str(out / FINAL))  # written last, as for every run: the run is finished
     write_json(run_config_path(out), dict(info, summary=summary))
+    if not summary["interrupted"]:
+        drop_replaced(out)
     print(f"\ndone: {summary['trained']} task adapters trained ({summary['already_done']} already there, "
           f"{len(summary['no_sequences'])} without a leave-one-out sequence), {summary['steps']} steps in "
           f"{summary['seconds'] / 60:.1f} min, peak {summary['peak_memory_kind']} {summary['peak_memory_gb']:.2f} GB")
@@ -1760,14 +1884,20 @@ def train_each_task(cfg, model, tokenizer, fmt, tasks, setup, info):
           f"--dataset {' '.join(cfg.dataset)} --split {' '.join(cfg.split)}")
 
 
-def train_once(cfg, model, tokenizer, fmt, tasks, sources, val_tasks, setup, info, checkpoint, t0):
-    """One training run over every task's sequences (each set's count recorded), validated on `val_tasks` when
-    given: trained, then its outputs saved."""
+def train_once(cfg, given, model, tokenizer, fmt, read, setup, info, checkpoint, t0):
+    """One training run over the sequences of read_data's (tasks, sources, validation tasks), each set's count
+    recorded, validated when asked: trained, then its outputs saved."""
+    tasks, sources, val_tasks = read
     train_ds, copies, report = training_data(cfg, tasks, tokenizer, fmt)
     if len(train_ds) == 0:
         raise OneLineError(f"--ttt: no task of {' '.join(cfg.dataset)} {' '.join(cfg.split)} has two demonstrations "
                            f"that fit --max-seq-len {cfg.max_seq_len}")
+    fitted = fit_context(cfg, given, train_ds["length"])
+    if fitted is not cfg:
+        cfg, info = fitted, dict(info, config=dataclasses.asdict(fitted), max_seq_len=fitted.max_seq_len)
     print(describe_data(cfg, tasks, train_ds, copies, report))
+    if cfg.model == "tiny" and setup.device == "cpu" and not cfg.ttt:
+        print(smollm2_cost(tasks, cfg.views, cfg.epochs))
     if not cfg.ttt:
         sources = count_sequences(sources, report)
         info["trained_on"] = recorded(sources)
@@ -1832,6 +1962,8 @@ def report_run(cfg, info, summary, interrupted):
     """config.json with the summary, loss.png, and the closing lines."""
     out = Path(cfg.out)
     write_json(run_config_path(out), dict(info, summary=summary))
+    if not interrupted:
+        drop_replaced(out)
     if summary["losses"]:
         plot_losses(summary["losses"], out / LOSS_PLOT, f"{cfg.model}: {out.name}", summary.get("val_losses"))
     else:
@@ -1852,17 +1984,18 @@ def main(argv=None):
     cfg = parse_config(Config, "Fine-tune a model on ARC tasks with rsLoRA.", argv)
     quiet_libraries()
     line_buffered()
-    if not is_main_process():  # under torchrun / accelerate launch one process speaks for all
-        sys.stdout = open(os.devnull, "w")
     try:
+        check_launch()  # before is_main_process() believes RANK
+        if not is_main_process():  # under torchrun / accelerate launch one process speaks for all
+            sys.stdout = open(os.devnull, "w")
         result = train(cfg, given_flags(Config, argv))
     except OneLineError as e:
         sys.exit(f"error: {e}")
     finally:
         while HELD:
             HELD.pop().close()
-    if STOP.get("signal") == 15:  # SIGTERM: a preempted job did not finish, so `train.py && infer.py` stops here
-        sys.exit(143)
+    if STOP:  # saved, but not finished: `train.py && infer.py` stops here (130 after Ctrl-C, 143 after SIGTERM)
+        sys.exit(128 + STOP["signal"])
     return result
 
 

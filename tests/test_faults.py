@@ -4,6 +4,7 @@ Each test goes through the real entry points (train.main, infer.main, data.main)
 
     python -m pytest tests/test_faults.py -q
 """
+import dataclasses
 import fcntl
 import json
 import math
@@ -21,7 +22,7 @@ import pytest
 import data
 import infer
 import train
-from conftest import FMT, fake_model, mirror_task, read, tiny_run, write_run, write_tasks
+from conftest import FMT, fake_model, mirror_task, read, tiny_run, write_family, write_run, write_tasks
 
 G = [[1, 2], [3, 4]]
 
@@ -507,10 +508,8 @@ def test_out_limit_and_show_write_where_the_flags_say(mirror, tmp_path, monkeypa
     tasks, folder, run = mirror
     fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
     infer.main(["--dataset", folder, "--model", str(run), "--out", str(tmp_path / "X")])
-    assert sorted(p.name for p in (tmp_path / "X").iterdir()) == ["plots", "results.json", "submission.cache.jsonl",
-                                                                  "submission.cache.jsonl.lock", "submission.json"] \
-        or sorted(p.name for p in (tmp_path / "X").iterdir()) == ["results.json", "submission.cache.jsonl",
-                                                                 "submission.cache.jsonl.lock", "submission.json"]
+    assert sorted(p.name for p in (tmp_path / "X").iterdir() if p.name != "plots") == [  # no lock file left
+        "results.json", "submission.cache.jsonl", "submission.json"]
     assert not (tmp_path / "X.json").exists() and not (tmp_path / "results.json").exists()
     capsys.readouterr()
     infer.main(["--dataset", folder, "--model", str(run), "--limit", "2"])
@@ -533,7 +532,8 @@ def test_train_refuses_a_finished_run_unless_overwrite(four_steps, family, tmp_p
     assert "a finished run is already there" in message and "--overwrite" in message and "--resume" in message
     assert (out / "config.json").read_bytes() == before
     train.main(["--dataset", str(family), "--out", str(out), "--max-steps", "1", "--overwrite", "--save-steps", "1"])
-    assert "overwrite: removed the run" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "overwrite: the finished run in" in said and "(the finished run this one replaced) deleted" in said, said
     assert json.loads((out / "config.json").read_text())["summary"]["steps"] == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]  # none of the old run's
 
@@ -937,3 +937,168 @@ def test_a_task_with_other_grids_or_no_adapter_is_named_and_never_gets_another_t
     assert "2 of 3 tasks have no test-time adapter for their grids" in out and f"{ids[0]}, {ids[1]})" in out, out
     assert [name.split(".")[0] for name in loaded] == [ids[2]]  # the changed task's old adapter is not used
     assert read(run / "results.json")["no_adapter"] == ids[:2]
+
+
+# ----------------------------------------------------------------------------
+# a finished run stays as it is: --resume with nothing left to do, --resume together with --overwrite
+
+def files_of(folder):
+    """Every file under `folder` and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_resume_and_overwrite_together_are_refused_before_anything_is_touched(four_steps, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    before = files_of(out)
+    message = error_of(train.main, ["--out", str(out), "--resume", "--overwrite"])
+    assert "--resume" in message and "--overwrite" in message and "\n" not in message, message
+    assert files_of(out) == before
+
+
+def test_overwrite_keeps_the_finished_run_until_its_replacement_finishes(four_steps, family, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    final = files_of(out / "final")
+    diverges = ["--max-steps", "6", "--save-steps", "1", "--batch-size", "4", "--lr", "1e30", "--warmup", "0"]
+    error_of(train.main, ["--dataset", str(family), "--out", str(out), "--overwrite"] + diverges)
+    assert files_of(out / ".replaced" / "final") == final and train.run_status(out) == "unfinished"
+    error_of(train.main, ["--dataset", str(family), "--out", str(out), "--overwrite"] + diverges)
+    assert files_of(out / ".replaced" / "final") == final  # an unfinished run is no replacement: still kept
+    capsys.readouterr()
+    train.main(["--dataset", str(family), "--out", str(out), "--overwrite", "--max-steps", "1", "--batch-size", "4"])
+    assert "(the finished run this one replaced) deleted" in capsys.readouterr().out
+    assert not (out / ".replaced").exists() and train.run_status(out) == "finished"
+
+
+@pytest.mark.parametrize("extra", [[], ["--max-steps", "4"], ["--max-steps", "3"]])
+def test_resume_of_a_finished_run_without_more_steps_does_nothing(four_steps, tmp_path, capsys, extra):
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    before = files_of(out)
+    train.main(["--out", str(out), "--resume"] + extra)
+    assert "already finished at step 4; nothing to do" in capsys.readouterr().out
+    assert files_of(out) == before  # config.json's summary, final/ and the checkpoints byte for byte
+
+
+# ----------------------------------------------------------------------------
+# what a run was trained on accumulates over its resumes
+
+def test_a_resume_on_other_data_adds_it_to_what_the_run_was_trained_on(four_steps, family, tmp_path):
+    other = write_family(tmp_path / "other", n_train=3, n_eval=0, seed=5)
+    out, argv = resume(four_steps, tmp_path, steps=5)
+    train.main(argv + ["--dataset", str(other)])
+    info = json.loads((out / "config.json").read_text())
+    assert [(s["dataset"], s["split"]) for s in info["trained_on"]] == [(str(family), "train"), (str(other), "train")]
+    first = set(json.loads((four_steps / "config.json").read_text())["fingerprints"])
+    assert first < set(train.read_run(out).fingerprints) and len(info["fingerprints"]) == len(first) + 3
+
+
+# ----------------------------------------------------------------------------
+# torchrun's variables left in the environment of a plain `python train.py`
+
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.parametrize("name, value", [("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "0")])
+def test_torchrun_variables_left_in_the_environment_are_one_line(family, tmp_path, monkeypatch, name, value):
+    for variable in LAUNCH_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv(name, value)
+    no_model(monkeypatch)
+    message = error_of(train.main, ["--dataset", str(family), "--out", str(tmp_path / "r"), "--max-steps", "1"])
+    assert f"{name}={value}" in message and f"unset {name}" in message and "\n" not in message, message
+    assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------
+# every count flag of train.py and infer.py is checked before any model loads
+
+def int_flags(config):
+    return [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config) if f.type is int]
+
+
+def test_every_count_flag_is_checked_before_the_model(family, mirror, tmp_path, monkeypatch):
+    _, folder, run = mirror
+    no_model(monkeypatch)
+    for main, argv, flags in ((train.main, ["--dataset", str(family), "--out", str(tmp_path / "r")],
+                               int_flags(train.Config)),
+                              (infer.main, ["--dataset", folder, "--model", str(run)], int_flags(infer.Config))):
+        for flag in flags:
+            message = error_of(main, argv + [flag, "-5"])
+            assert message.startswith(f"error: {flag} -5: must be"), message
+    message = error_of(train.main, ["--ttt", "--dataset", str(family), "--out", str(tmp_path / "r"),
+                                    "--ttt-views", "0"])
+    assert message.startswith("error: --ttt-views 0: must be") and "\n" not in message, message
+
+
+# ----------------------------------------------------------------------------
+# bench.py: a bad --dataset or --out is one line
+
+def test_bench_bad_dataset_and_unwritable_out_are_one_line(tmp_path):
+    import bench
+    message = error_of(bench.main, ["--sections", "data", "--dataset", "no-such-set", "--out",
+                                    str(tmp_path / "b.json")])
+    assert "no-such-set" in message and "\n" not in message, message
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    message = error_of(bench.main, ["--sections", "data", "--dataset", "family", "--out", str(blocker / "b.json")])
+    assert "a-file" in message and "cannot write" in message and "\n" not in message, message
+
+
+# ----------------------------------------------------------------------------
+# a signal: before the first step it ends the run at once; after, train.py saves and exits 128 + the signal
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_before_the_first_step_ends_the_run_at_once(family, tmp_path, signum, code):
+    out = tmp_path / "run"
+    proc = script("train.py", "--dataset", family, "--out", out, "--max-steps", 100000, "--batch-size", 4,
+                  "--logging-steps", 1)
+    said = []
+    for line in proc.stdout:  # the model is not loaded yet
+        said.append(line)
+        if line.startswith("backend:"):
+            break
+    proc.send_signal(signum)
+    said = "".join(said) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == code and "nothing to save" in said and "Traceback" not in said, said
+    assert not any(line.startswith("step ") for line in said.splitlines()) and not (out / "checkpoints").exists()
+
+
+def test_infer_without_a_finished_run_names_the_interrupted_one_and_its_resume(mirror, tmp_path, monkeypatch):
+    _, folder, _ = mirror
+    killed = Path(write_run(tmp_path / "runs" / "b-killed"))
+    data.write_json(killed / "config.json", dict(read(killed / "config.json"), summary=dict(steps=7, interrupted=True)))
+    monkeypatch.chdir(tmp_path)
+    message = error_of(infer.main, ["--dataset", folder])
+    assert "runs/b-killed" in message and "interrupted at step 7" in message and "\n" not in message, message
+    assert "python train.py --out runs/b-killed --resume" in message
+
+
+# ----------------------------------------------------------------------------
+# what a CPU run decides for the user: the context its data needs, what a real model would cost here
+
+def test_auto_max_seq_len_is_what_the_data_needs_and_the_tiny_note_prices_smollm2(family, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(["--dataset", str(family), "--out", str(out), "--max-steps", "1", "--batch-size", "4"])
+    said = capsys.readouterr().out
+    assert "auto: max_seq_len 128 (the longest sequence is" in said, said  # the family's are about 120 tokens
+    assert train.read_run(out).max_seq_len == 128
+    note = next(line for line in said.splitlines() if line.startswith("note: --model smollm2 on this CPU"))
+    assert "estimate" in note and "tok/s" in note and "M tokens" in note, note
+
+
+# ----------------------------------------------------------------------------
+# nothing left behind in the repository: --show's pictures ignored by git, lock files gone at a clean exit
+
+def test_show_pictures_and_lock_files_are_ignored_by_git_and_locks_go_at_a_clean_exit(mirror, monkeypatch, tokenizer,
+                                                                                       four_steps):
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    for path in ("show/007bbfb7.png", "runs/x/train.lock", "out/submission.cache.jsonl.lock"):
+        assert subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", path]).returncode == 0, path
+    tasks, folder, run = mirror
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    infer.main(["--dataset", folder, "--model", str(run)])
+    assert (run / "submission.json").exists() and not list(run.glob("*.lock"))
+    assert (four_steps / "config.json").exists() and not (four_steps / "train.lock").exists()

@@ -141,7 +141,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_model(family, tmp_path):
             break
     proc.send_signal(signal.SIGINT)
     output = line + proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, output
+    assert proc.returncode == 130, output  # saved, and `train.py && infer.py` stops here
     summary = json.loads((out / "config.json").read_text())["summary"]
     assert summary["interrupted"] and 0 < summary["steps"] < 100000
     assert (out / "checkpoints" / f"checkpoint-{summary['steps']}" / "trainer_state.json").exists()
