@@ -512,33 +512,70 @@ def parse_guess(text, fmt):
 # ----------------------------------------------------------------------------
 # choosing two guesses among many samples: votes (arc24, MARC) or a product of experts (the ARChitects)
 
-def completion_logprobs(model, tokenizer, prompt_ids, completion_ids, batch_size=8):
+def completion_logprobs(model, tokenizer, prompt_ids, completion_ids, batch_size=8, prefixes=None):
     """Summed log-prob of each completion (token ids, EOS included) after its prompt (token ids, BOS included).
-    Pairs run longest first in right-padded batches, one forward pass each; only the positions that predict a
-    completion token get logits (logits_to_keep), taken in float32 for log_softmax."""
-    import inspect
+    Each distinct prompt is prefilled once (prompt_prefix); every completion scored against it then runs on top
+    of that KV cache, longest first in right-padded batches of `batch_size` rows, the cache repeated per row, never
+    recomputed: a test input's 8 views x 6 candidates cost 8 prefills, not 48. Only completion positions get
+    logits, taken in float32 for log_softmax. `prefixes` (prompt tuple -> prompt_prefix's result) supplies caches
+    built elsewhere (a dfs search), which are then not prefilled again."""
     import torch
-    pairs = list(zip(prompt_ids, completion_ids))
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    can_trim = "logits_to_keep" in inspect.signature(base.forward).parameters
-    pad, device, out = data.pad_id(tokenizer), next(model.parameters()).device, [0.0] * len(pairs)
+    device, out = next(model.parameters()).device, [0.0] * len(prompt_ids)
+    by_prompt = {}
+    for i, p in enumerate(prompt_ids):
+        by_prompt.setdefault(tuple(p), []).append(i)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in batch]
-            width = max(len(s) for s in seqs)
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-            first = min(len(pairs[i][0]) for i in batch) - 1  # the first position predicting a completion token
-            logits = model(input_ids=ids, attention_mask=mask,
-                           **(dict(logits_to_keep=width - first) if can_trim else {})).logits
-            offset = width - logits.shape[1]
-            for row, i in enumerate(batch):
-                p, c = len(pairs[i][0]), len(pairs[i][1])
-                rows = logits[row, p - 1 - offset:p - 1 + c - offset].float().log_softmax(-1)
-                out[i] = rows.gather(-1, torch.tensor(pairs[i][1], device=device)[:, None]).sum().item()
+        for prompt, rows in by_prompt.items():
+            kv, first = (prefixes or {}).get(prompt) or prompt_prefix(model, prompt)
+            rows = sorted(rows, key=lambda i: -len(completion_ids[i]))
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start:start + batch_size]
+                comps = [list(completion_ids[i]) for i in batch]
+                width = len(comps[0]) - 1  # the last token is predicted, never fed
+                logits = None
+                if width:
+                    pad = data.pad_id(tokenizer)  # right padding: a causal row never attends to what follows it
+                    ids = torch.tensor([c[:-1] + [pad] * (width + 1 - len(c)) for c in comps], device=device)
+                    logits = model(input_ids=ids, past_key_values=repeat_prefix(kv, len(batch)),
+                                   use_cache=True).logits
+                for row, (i, c) in enumerate(zip(batch, comps)):
+                    rest = logits[row, :len(c) - 1].float().log_softmax(-1) if len(c) > 1 else None
+                    out[i] = first[c[0]].item() + (rest.gather(-1, torch.tensor(c[1:], device=device)[:, None])
+                                                   .sum().item() if rest is not None else 0.0)
     return out
+
+
+def prompt_prefix(model, prompt):
+    """(KV cache tensors [(keys, values)] per layer, log-probs of the first completion token) of one prompt, from
+    one forward pass that keeps the last position's logits only."""
+    import torch
+    out = model(input_ids=torch.tensor([list(prompt)], device=next(model.parameters()).device), use_cache=True,
+                **logits_kept(model, 1))
+    return kv_tensors(out.past_key_values), out.logits[0, -1].float().log_softmax(-1)
+
+
+def logits_kept(model, n):
+    """logits_to_keep=n where the model's forward takes it (transformers >= 4.50, Unsloth), else nothing."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return dict(logits_to_keep=n) if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
+def kv_tensors(cache, length=None):
+    """[(keys, values)] per layer of a transformers Cache or of the tuple Unsloth's forward returns, the first
+    `length` positions only (all by default)."""
+    layers = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") else list(cache)
+    return [(k[..., :length, :], v[..., :length, :]) for k, v in layers]
+
+
+def repeat_prefix(kv, rows):
+    """A fresh DynamicCache holding the prefix `kv` once per row (expanded views, copied only as each layer appends
+    the rows' own positions); the prefix tensors themselves are never written to, so they serve the next batch."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(kv):
+        cache.update(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:]), layer)
+    return cache
 
 
 def grid_key(grid):
