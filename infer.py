@@ -56,12 +56,13 @@ class Config:
     guesses: str = opt("writeup", "guesses", "how the two guesses are chosen: writeup (one sample of the task as "
                                              "given and one of the transposed task), vote (the two answers most "
                                              "samples agree on), poe (sampled answers ranked by their log-prob "
-                                             "summed over every view) or dfs (every answer above --min-prob in each "
+                                             "summed over every view), nvarc (poe's answers, the most sampled "
+                                             "first, ties by mean log-prob over every view) or dfs (every answer above --min-prob in each "
                                              "view, ranked as poe); a run's first lines describe its mode",
                        choices=MODES)
     views: int = opt(8, "guesses", "views sampled (vote, poe) or searched (dfs): up to 8 symmetries, beyond that "
                                    "each symmetry again with a colour permutation keeping 0")
-    samples: int = opt(1, "guesses", "samples per view for vote and poe")
+    samples: int = opt(1, "guesses", "samples per view for vote, poe and nvarc")
     min_prob: float = opt(0.1, "guesses", "dfs: every answer whose probability under the model is above this, in "
                                           "each view (at most 1/P per view)")
     max_task_seconds: float = opt(0.0, "guesses", "dfs: time budget of one task; a task out of time keeps the "
@@ -754,6 +755,15 @@ def guess_poe(samples, prompts, job):
     return top_two(poe_ranking(grids, list(prompts.values()), job.encode, job.logprobs))
 
 
+def guess_nvarc(samples, prompts, job):
+    """NVARC's rule on poe's candidates and scores: the grid most samples proposed first, ties by its mean log-prob
+    over the same views (poe's sum divided by the views)."""
+    grids = [data.undo_view(g, *prompts[v][:2]) for v, g, _ in samples if g is not None]
+    ranked = [[g, votes, s / len(prompts)] for g, votes, s in poe_ranking(grids, list(prompts.values()), job.encode,
+                                                                         job.logprobs)]
+    return top_two(sorted(ranked, key=lambda r: -r[1]))  # stable: equal counts stay in poe's order
+
+
 def guess_dfs(samples, prompts, job):
     """Every answer above --min-prob in each view (dfs_search), the best found so far searched first in the next
     view (its branch costs one prefill); the grids found, pooled over the views, ranked as poe ranks them (votes:
@@ -790,6 +800,10 @@ MODES.update(
     poe=Mode(guess_poe, "{views} x {samples} samples, every candidate scored by its log-prob summed over all views",
              samples=lambda cfg: cfg.samples, views=sampled_views, flags=("views", "samples"),
              guess_names=("first", "second")),
+    nvarc=Mode(guess_nvarc, "{views} x {samples} samples, the grid most samples give first, ties by its mean "
+                            "log-prob over all views (NVARC's rule)",
+               samples=lambda cfg: cfg.samples, views=sampled_views, flags=("views", "samples"),
+               guess_names=("first", "second")),
     dfs=Mode(guess_dfs, "{views}, every answer above probability {min_prob} in each (depth-first search), scored by "
                         "its log-prob summed over all views",
              samples=lambda cfg: 0, views=sampled_views, flags=("views", "min_prob", "max_task_seconds"),
@@ -1138,6 +1152,23 @@ def score(tasks, submission, guesses=None):
     return r
 
 
+def coverage(tasks, records):
+    """dict(found, found_test_inputs): the tasks (every test input) and test inputs whose right grid is anywhere
+    among their candidates (samples, search results) or guesses, over the tasks with known solutions: what the
+    best ranking could submit, as the field reports beside the score (None without solutions)."""
+    known = {tid: task for tid, task in tasks.items() if all("output" in t for t in task["test"])}
+    if not known:
+        return dict(found=None, found_test_inputs=None)
+    found_tasks = found_inputs = 0
+    for tid, task in known.items():
+        rec = records[tid]
+        hits = [t["output"] in [*(r[0] for r in (rec.candidates[i] if rec.candidates else None) or []),
+                                *rec.guesses[i]] for i, t in enumerate(task["test"])]
+        found_inputs += sum(hits)
+        found_tasks += all(hits)
+    return dict(found=found_tasks, found_test_inputs=found_inputs)
+
+
 def answers_of(submission):
     """Guesses read back from a submission's attempts, [[0]] (the no-answer placeholder) as None."""
     return {tid: [[e[k] if e[k] != NO_ANSWER else None for k in ("attempt_1", "attempt_2")] for e in entries]
@@ -1154,18 +1185,23 @@ def pixel_accuracy(grid, solution):
 def print_results(r, reference=False):
     """The write-up's table, one row per mode: the mode's name first (- when unknown), the guess columns named as
     the mode names its guesses; the write-up's own row below it when asked."""
-    columns = table_columns(r.get("mode"))
+    found = ("Found",) if r.get("found") is not None else ()  # known where the candidates are (a predicted run)
+    columns = table_columns(r.get("mode")) + found
     print(f"\n| Guesses | {' | '.join(columns)} |\n|---|{'|'.join('---' for _ in columns)}|")
-    print(f"| {r.get('mode') or '-'} | {' | '.join(str(r[k]) for k in TABLE_KEYS)} |")
+    print(f"| {r.get('mode') or '-'} | {' | '.join(str(r[k]) for k in TABLE_KEYS + ('found',) * bool(found))} |")
     if reference:
-        print(f"| writeup | {' | '.join(str(WRITEUP[k]) for k in TABLE_KEYS)} |  <- the write-up (Llama-3-8B)"
-              + ("" if r.get("mode") == "writeup" else ": its last column is its transposed guess"))
+        print(f"| writeup | {' | '.join(str(WRITEUP[k]) for k in TABLE_KEYS)} |{' - |' * bool(found)}  <- the write-up "
+              "(Llama-3-8B)"
+              + ("" if r.get("mode") == "writeup" else ": its last guess column is its transposed guess"))
     unscored = f" ({r['tasks'] - r['scored']} tasks without a usable solution not scored)" \
         if r["scored"] < r["tasks"] else ""
     print(f"\nofficial score: {r['score']:.2f} / {r['scored']} = {r['score_pct']:.2%}{unscored}   "
           f"(write-up: {WRITEUP['solved_any']} / {WRITEUP['tasks']} = {WRITEUP['solved_any'] / WRITEUP['tasks']:.2%})")
     print(f"guesses: {r['guesses']} ({r['test_inputs']} test inputs x 2), unanswered {r['unanswered']}, "
           f"correct size {r['correct_size']:.1%}, correct pixels {r['correct_pixels']:.1%}")
+    if found:
+        print(f"found: the right grid among the candidates of {r['found']} of {r['scored']} tasks and "
+              f"{r['found_test_inputs']} test inputs (solved by either guess: {r['solved_any']} tasks)")
 
 
 # ----------------------------------------------------------------------------
@@ -1375,7 +1411,7 @@ def predict_all(cfg, tasks, unreadable, t0):
                      timed_out={tid: rec.timed_out for tid, rec in records.items() if rec.timed_out},
                      trimmed_examples=sum(rec.trimmed for rec in records.values()), settings=settings,
                      unreadable={tid: reason for tid, (reason, _) in unreadable.items()}, mode=cfg.guesses,
-                     seen_in_training=seen)
+                     seen_in_training=seen, **coverage(tasks, records))
         sub = submission_of(tasks, records, unreadable)
         save_submission(sub, tasks, unreadable, sub_path)
         _, files = report(cfg, tasks, sub, {tid: rec.guesses for tid, rec in records.items()},
