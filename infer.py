@@ -621,7 +621,8 @@ def dfs(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, f
     return dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids, first)[0]
 
 
-def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None):
+def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None,
+               keep=None):
     """(found, finished, forwards): dfs()'s completions, False when time.time() passed `deadline` first (what was
     found so far is kept), and the one-token forward passes made. A branch grows while its summed negative
     log-likelihood stays below -log(min_prob); one reaching EOS (within max_new_tokens, EOS counted) is a
@@ -630,7 +631,9 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
     known completion (without EOS), is prefilled with the prompt in one forward pass and explored first, so it
     costs no decoding. `allowed_ids` (EOS is always allowed) limits the tokens searched, e.g. to those the text
     format can write; their log-probs are NOT renormalised over the allowed tokens: every nll is the model's own,
-    the one a teacher-forced pass (completion_logprobs) gives, so min_prob means the model's probability."""
+    the one a teacher-forced pass (completion_logprobs) gives, so min_prob means the model's probability. `keep`, a
+    dict, receives the prompt's prefix (prompt_prefix's form) under tuple(prompt_ids): scoring then starts from the
+    search's own prefill instead of forwarding the prompt again."""
     import inspect
     import math
     import torch
@@ -661,6 +664,8 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
         out = model(input_ids=torch.tensor([list(prompt_ids) + first], device=device), past_key_values=cache,
                     use_cache=True, **trim).logits[0]
         known = out[out.shape[0] - len(first) - 1:]  # known[d]: the logits after the prompt + first[:d]
+        if keep is not None:  # the prompt's positions only: the layers grow by torch.cat, never in place
+            keep[tuple(prompt_ids)] = (kv_tensors(cache, n), known[0].float().log_softmax(-1))
         found, path, forwards = [], [], 0
         stack = [(options(known[0], 0.0, 0, True), True)]  # per depth: (tokens still to try, on `first`?)
         while stack:
@@ -701,7 +706,8 @@ class Job:
     decode(ids) -> text; logprobs(prompt ids list, completion ids list) -> summed log-probs, batched;
     search(prompt ids, first completion ids or None) -> dfs_search's (found, finished, forwards) under --min-prob
     and the task's `deadline`. A guess function adds what the user must hear to `notes` and its one-token forward
-    passes to `forwards`."""
+    passes to `forwards`. `prefixes`: the prompt caches a search built, which logprobs scores on; they live while
+    one test input is decided."""
     cfg: Config
     fmt: str
     encode: object
@@ -711,6 +717,7 @@ class Job:
     deadline: float = None
     notes: list = field(default_factory=list)
     forwards: int = 0
+    prefixes: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -864,10 +871,11 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
     allowed = answer_ids(tokenizer, fmt)
     job = Job(cfg, fmt, encode=lambda grid: data.encode_completion(tokenizer, data.format_completion(grid, fmt)),
               decode=tokenizer.decode,
-              logprobs=lambda p, c: completion_logprobs(model, tokenizer, p, c, cfg.batch_size),
+              logprobs=lambda p, c: completion_logprobs(model, tokenizer, p, c, cfg.batch_size,
+                                                        **(dict(prefixes=job.prefixes) if job.prefixes else {})),
               search=lambda ids, first: dfs_search(model, ids, tokenizer.eos_token_id,
                                                    min(cfg.max_new_tokens, cfg.max_seq_len - len(ids)), cfg.min_prob,
-                                                   allowed, first, job.deadline))
+                                                   allowed, first, job.deadline, keep=job.prefixes))
     bar = tqdm(total=len(tasks), unit="task", desc="tasks")
     t0, generated, current = time.time(), 0, None
     with open(cache, "a", encoding="utf-8") as f:
@@ -883,8 +891,9 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             job.deadline = time.time() + cfg.max_task_seconds if cfg.max_task_seconds else None
             job.forwards, ranked = 0, []
             for i in range(len(rec.guesses)):
-                job.notes = []
+                job.notes, job.prefixes = [], {}  # a view's cache lives while its test input is decided
                 rec.guesses[i], rec.status[i], found = mode.guess(samples[tid][i], shown.get((tid, i), {}), job)
+                job.prefixes = {}
                 ranked.append(found)
                 rec.timed_out += [f"test {i}: {note}" for note in job.notes]
             if any(r is not None for r in ranked):

@@ -403,7 +403,7 @@ def fake_search(monkeypatch, answers):
     each as dict(ids, first, deadline, allowed)."""
     calls = []
 
-    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None):
+    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None, keep=None):
         calls.append(dict(ids=tuple(ids), first=first, deadline=deadline, allowed=allowed_ids, min_prob=min_prob))
         found, finished = answers(tuple(ids), first)
         return sorted(found, key=lambda f: f[1]), finished, 3

@@ -127,3 +127,35 @@ def test_poe_through_infer_prefills_each_view_once_and_scores_as_a_full_forward(
             expected = sum(reference_logprobs(loaded["model"], [s[0] for s in shown], [s[1] for s in shown]))
             assert score == pytest.approx(expected, rel=TOLERANCE)
     assert read(Path(run) / "results.json")["mode"] == "poe"
+
+
+def test_dfs_scores_its_candidates_on_the_prompt_caches_its_search_built(tmp_path, monkeypatch):
+    """A real tiny model through infer.py's dfs, every completion found read as the grid [[1]] (random weights find
+    no real grid): each view's prompt is forwarded once, by its search, and ranking [[1]] over the views starts
+    from those caches (before: every prompt forwarded again to score), with the reference's score."""
+    rng = random.Random(9)
+    tasks = {"a": mirror_task(rng, 2, 2, tests=2)}
+    folder, run = write_tasks(tmp_path / "tasks", tasks), tiny_run(tmp_path / "run")
+    forwarded, loaded = [], {}
+    real_load = infer.load_model
+
+    def load_model(run, cfg):
+        model, tok = real_load(run, cfg)
+        model.register_forward_pre_hook(lambda m, args, kw: forwarded.extend(map(tuple, kw["input_ids"].tolist())),
+                                        with_kwargs=True)
+        loaded.update(model=model, tokenizer=tok)
+        return model, tok
+    monkeypatch.setattr(infer, "load_model", load_model)
+    monkeypatch.setattr(data, "parse_output", lambda text, fmt: [[1]])
+    infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--views", "3", "--min-prob", "0.01",
+                "--max-new-tokens", "2"])
+    tok, views = loaded["tokenizer"], data.views(3)
+    answer = data.encode_completion(tok, data.format_completion([[1]], FMT))
+    cache = infer.read_cache(Path(run) / "submission.cache.jsonl")["a"]
+    for i in range(2):
+        prompts = [tuple(data.encode_prompt(tok, data.format_prompt(data.prompt_view(tasks["a"], k, perm), i, FMT)))
+                   for k, perm in views]
+        assert all(sum(row[:len(p)] == p for row in forwarded) == 1 for p in prompts)
+        [(grid, _, score)] = cache.candidates[i]
+        expected = sum(reference_logprobs(loaded["model"], prompts, [answer] * len(prompts)))
+        assert grid == [[1]] and score == pytest.approx(expected, rel=TOLERANCE)
