@@ -515,44 +515,52 @@ def parse_guess(text, fmt):
 
 def completion_logprobs(model, tokenizer, prompt_ids, completion_ids, batch_size=8, prefixes=None):
     """Summed log-prob of each completion (token ids, EOS included) after its prompt (token ids, BOS included).
-    Each distinct prompt is prefilled once (prompt_prefix); every completion scored against it then runs on top
-    of that KV cache, longest first in right-padded batches of `batch_size` rows, the cache repeated per row, never
-    recomputed: a test input's 8 views x 6 candidates cost 8 prefills, not 48. Only completion positions get
-    logits, taken in float32 for log_softmax. `prefixes` (prompt tuple -> prompt_prefix's result) supplies caches
-    built elsewhere (a dfs search), which are then not prefilled again."""
+    Each distinct prompt is prefilled once (prompts of one length together, up to `batch_size` a pass); every
+    completion then runs on top of its prompt's KV cache, longest first in right-padded batches of `batch_size`
+    rows that mix the prompts of one length, the cache repeated per row, never recomputed: a test input's 8 views x
+    6 candidates cost 8 prompt prefills, not 48. Only completion positions get logits, taken in float32 for
+    log_softmax. `prefixes` (prompt tuple -> prompt_prefix's result for that one prompt) supplies caches built
+    elsewhere (a dfs search), which are then not prefilled again."""
     import torch
     device, out = next(model.parameters()).device, [0.0] * len(prompt_ids)
-    by_prompt = {}
+    by_length = {}  # prompt length -> prompt -> indices of its completions
     for i, p in enumerate(prompt_ids):
-        by_prompt.setdefault(tuple(p), []).append(i)
+        by_length.setdefault(len(p), {}).setdefault(tuple(p), []).append(i)
+    pad = data.pad_id(tokenizer)  # right padding: a causal row never attends to what follows it
     with torch.inference_mode():
-        for prompt, rows in by_prompt.items():
-            kv, first = (prefixes or {}).get(prompt) or prompt_prefix(model, prompt)
-            rows = sorted(rows, key=lambda i: -len(completion_ids[i]))
+        for group in by_length.values():
+            ready = {p: (prefixes or {})[p] for p in group if p in (prefixes or {})}
+            todo = [p for p in group if p not in ready]
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                kv, first = prompt_prefix(model, chunk)
+                ready.update({p: ([(k[j:j + 1], v[j:j + 1]) for k, v in kv], first[j]) for j, p in enumerate(chunk)})
+            rows = sorted(((i, p) for p, idx in group.items() for i in idx), key=lambda r: -len(completion_ids[r[0]]))
             for start in range(0, len(rows), batch_size):
                 batch = rows[start:start + batch_size]
-                comps = [list(completion_ids[i]) for i in batch]
+                comps = [list(completion_ids[i]) for i, _ in batch]
                 width = len(comps[0]) - 1  # the last token is predicted, never fed
                 logits = None
                 if width:
-                    pad = data.pad_id(tokenizer)  # right padding: a causal row never attends to what follows it
                     ids = torch.tensor([c[:-1] + [pad] * (width + 1 - len(c)) for c in comps], device=device)
-                    logits = model(input_ids=ids, past_key_values=repeat_prefix(kv, len(batch)),
+                    logits = model(input_ids=ids, past_key_values=stacked_prefix([ready[p][0] for _, p in batch]),
                                    use_cache=True).logits
-                for row, (i, c) in enumerate(zip(batch, comps)):
-                    rest = logits[row, :len(c) - 1].float().log_softmax(-1) if len(c) > 1 else None
-                    out[i] = first[c[0]].item() + (rest.gather(-1, torch.tensor(c[1:], device=device)[:, None])
-                                                   .sum().item() if rest is not None else 0.0)
+                for row, ((i, p), c) in enumerate(zip(batch, comps)):
+                    total = ready[p][1][c[0]].item()
+                    if len(c) > 1:
+                        rest = logits[row, :len(c) - 1].float().log_softmax(-1)
+                        total += rest.gather(-1, torch.tensor(c[1:], device=device)[:, None]).sum().item()
+                    out[i] = total
     return out
 
 
-def prompt_prefix(model, prompt):
-    """(KV cache tensors [(keys, values)] per layer, log-probs of the first completion token) of one prompt, from
-    one forward pass that keeps the last position's logits only."""
+def prompt_prefix(model, prompts):
+    """(KV cache tensors [(keys, values)] per layer, log-probs of each prompt's first completion token) of prompts
+    of one length, from one forward pass that keeps the last position's logits only."""
     import torch
-    out = model(input_ids=torch.tensor([list(prompt)], device=next(model.parameters()).device), use_cache=True,
-                **logits_kept(model, 1))
-    return kv_tensors(out.past_key_values), out.logits[0, -1].float().log_softmax(-1)
+    out = model(input_ids=torch.tensor([list(p) for p in prompts], device=next(model.parameters()).device),
+                use_cache=True, **logits_kept(model, 1))
+    return kv_tensors(out.past_key_values), out.logits[:, -1].float().log_softmax(-1)
 
 
 def logits_kept(model, n):
@@ -569,13 +577,19 @@ def kv_tensors(cache, length=None):
     return [(k[..., :length, :], v[..., :length, :]) for k, v in layers]
 
 
-def repeat_prefix(kv, rows):
-    """A fresh DynamicCache holding the prefix `kv` once per row (expanded views, copied only as each layer appends
-    the rows' own positions); the prefix tensors themselves are never written to, so they serve the next batch."""
+def stacked_prefix(rows):
+    """A fresh DynamicCache holding row r's prefix (kv_tensors of one prompt, all of one length) in batch row r: a
+    copy per row, made once per batch; the prefix tensors themselves are never written to, so they serve the next
+    batch."""
     from transformers import DynamicCache
+    import torch
     cache = DynamicCache()
-    for layer, (k, v) in enumerate(kv):
-        cache.update(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:]), layer)
+    for layer in range(len(rows[0])):
+        keys = [r[layer][0] for r in rows]
+        values = [r[layer][1] for r in rows]
+        same = all(k is keys[0] for k in keys)  # one prompt: an expanded view, copied once by the layer's update
+        cache.update(keys[0].expand(len(rows), *keys[0].shape[1:]) if same else torch.cat(keys),
+                     values[0].expand(len(rows), *values[0].shape[1:]) if same else torch.cat(values), layer)
     return cache
 
 
