@@ -4,6 +4,7 @@ measured side by side in the same run; all of them go to one JSON record with th
     python bench.py                                    # data, train, generate, estimate on the tiny model -> bench.json
     python bench.py --arch llama3-8b --train-batch-size 2 --max-seq-len 8192 --out gpu.json   # a GPU: the 8B's shape
     python bench.py --sections modes                   # writeup / vote / poe / dfs, with and without TTT, side by side
+    python bench.py --sections scoring                 # candidates scored by full forwards vs one prefill per view
     python bench.py --sections vocab --train-batch-size 2 --train-batches 4 --max-seq-len 512   # --vocab arc vs full
     python bench.py --sections loss                    # --loss answer vs outputs on the family, 3 seeds
 """
@@ -42,7 +43,8 @@ class Config:
     sections: list = opt(["data", "train", "generate", "estimate"], "benchmark",
                          "sections to run, in the order given: data, train, generate, estimate (estimate uses the "
                          "figures of the other three, so it comes last), modes (a few minutes more), vocab (--vocab full "
-                         "against arc, about 15 minutes), loss (--loss answer against outputs)")
+                         "against arc, about 15 minutes), loss (--loss answer against outputs), scoring (full "
+                         "forward against prefix-cached scoring, SmolLM2)")
     out: str = opt("bench.json", "benchmark", "JSON record: machine, package versions and every figure")
     dataset: str = opt("arc1", "data", "tasks measured (see infer.py --dataset)")
     split: str = opt("eval", "data", "split whose prompts generate measures")
@@ -69,6 +71,10 @@ class Config:
     modes_samples: int = opt(1, "modes", "--samples of vote and poe")
     modes_dfs: list = opt(["8:0.1", "2:0.1", "8:0.02"], "modes", "dfs runs, each a row, as VIEWS:MIN_PROB")
     modes_ttt: bool = opt(True, "modes", "the same rows again after per-task test-time training")
+    scoring_model: str = opt("smollm2", "scoring", "model the scoring section measures (loaded in float32)")
+    scoring_inputs: int = opt(4, "scoring", "test inputs scored, from the smallest tasks whose views all fit")
+    scoring_views: int = opt(8, "scoring", "views each candidate is scored under")
+    scoring_candidates: int = opt(6, "scoring", "candidates per test input")
     vocab_models: list = opt(["smollm2", "llama3-8b-2l"], "vocab", "models timed: smollm2 and/or llama3-8b-2l (Llama-3-8B's "
                                                                    "vocabulary and width, 2 layers, random weights)")
     vocab_steps: list = opt(["15", "30", "60"], "vocab", "SmolLM2 LoRA runs on the synthetic family, one per step "
@@ -395,18 +401,119 @@ def bench_modes(cfg, setup):
                                  s_per_task=round(seconds / r["tasks"], 2),
                                  candidates=round(statistics.mean(candidates), 1) if candidates else None,
                                  **{k: r[k] for k in ("score", "tasks", "solved_any", "solved_first", "solved_second",
-                                                      "correct_pixels")}))
+                                                      "correct_pixels", "found")}))
     print(f"\nmodes: tiny model on {cfg.modes_tasks} held-out tasks of the colour-mapping family (--dataset family), "
           f"vote/poe with {cfg.modes_views} views x {cfg.modes_samples} samples; training {timed[base]:.0f} s"
           + (f", TTT {timed[ttt]:.0f} s" if cfg.modes_ttt else ""))
-    print("| model | guesses | score | solved by any guess | by guess 1 | by guess 2 | correct pixels | s / task | "
-          "candidates / test input |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | guesses | score | solved by any guess | by guess 1 | by guess 2 | Found | correct pixels | "
+          "s / task | candidates / test input |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['model']} | {row['guesses']} | {row['score']:.0f} / {row['tasks']} | {row['solved_any']} | "
-              f"{row['solved_first']} | {row['solved_second']} | {row['correct_pixels']:.1%} | {row['s_per_task']} | "
+              f"{row['solved_first']} | {row['solved_second']} | {row['found']} | {row['correct_pixels']:.1%} | "
+              f"{row['s_per_task']} | "
               f"{row['candidates'] if row['candidates'] is not None else '-'} |")
     return dict(rows=rows, train_s=round(timed[base], 1), ttt_s=round(timed[ttt], 1) if cfg.modes_ttt else None)
+
+
+# ----------------------------------------------------------------------------
+# scoring: a full forward per (view, candidate) against one prefill per view
+
+def full_forward_logprobs(model, tokenizer, prompt_ids, completion_ids, batch_size):
+    """The scorer before prefix caching, the baseline timed here: prompt + completion of every pair in one forward
+    pass, longest first in right-padded batches, logits only where a completion token is predicted."""
+    import torch
+    pairs = list(zip(prompt_ids, completion_ids))
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    pad, out = data.pad_id(tokenizer), [0.0] * len(pairs)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in batch]
+            width = max(len(s) for s in seqs)
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+            first = min(len(pairs[i][0]) for i in batch) - 1
+            logits = model(input_ids=ids, attention_mask=mask, **infer.logits_kept(model, width - first)).logits
+            offset = width - logits.shape[1]
+            for row, i in enumerate(batch):
+                p, c = len(pairs[i][0]), len(pairs[i][1])
+                rows = logits[row, p - 1 - offset:p - 1 + c - offset].float().log_softmax(-1)
+                out[i] = rows.gather(-1, torch.tensor(pairs[i][1])[:, None]).sum().item()
+    return out
+
+
+def scoring_candidates(grid, n, rng):
+    """`n` distinct candidate grids for a test input: its right answer, its transpose (another shape when not
+    square), then copies with one to three cells recoloured: the near misses a sampling run proposes."""
+    out = [grid, [list(r) for r in zip(*grid)]]
+    while len({infer.grid_key(g) for g in out}) < n:
+        g = [list(r) for r in grid]
+        for _ in range(rng.randint(1, 3)):
+            i, j = rng.randrange(len(g)), rng.randrange(len(g[0]))
+            g[i][j] = (g[i][j] + rng.randint(1, 9)) % 10
+        out.append(g)
+    return list({infer.grid_key(g): g for g in out}.values())[:n]
+
+
+def bench_scoring(cfg, setup):
+    """Scoring every candidate of a test input under every view, as poe and dfs do: a full forward pass per (view,
+    candidate) against infer.completion_logprobs (one prefill per view, its cache shared by the candidates), on
+    real prompts of the smallest --dataset --split tasks whose 8 views fit --max-seq-len. Tokens forwarded count
+    every position a forward pass computes (padding included); the two run in turn per test input, so other work
+    on the machine slows both alike."""
+    import random
+    model, tokenizer = train.load_base(cfg.scoring_model, setup, cfg.max_seq_len)
+    model = model.float().eval().to(setup.device)
+    fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    count, views = data.count_tokens(tokenizer), data.views(cfg.scoring_views)
+    tasks, _ = data.load_tasks(cfg.dataset, cfg.split)
+    inputs = []  # (task id, test input, prompt ids per view)
+    for tid in sorted(tasks, key=lambda t: len(json.dumps(tasks[t]))):
+        for i in range(len(tasks[tid]["test"])):
+            fitted = [data.fit_task(data.prompt_view(tasks[tid], k, p), i, fmt, cfg.max_seq_len, count)
+                      for k, p in views]
+            if all(f is not None and not trimmed for f, trimmed in fitted):
+                inputs.append((tid, i, [data.encode_prompt(tokenizer, data.format_prompt(f, i, fmt))
+                                        for f, _ in fitted]))
+        if len(inputs) >= cfg.scoring_inputs:
+            break
+    forwarded = []
+    model.register_forward_pre_hook(lambda m, args, kw: forwarded.append(kw["input_ids"].numel()), with_kwargs=True)
+    rng, rows = random.Random(cfg.seed), []
+    encode = lambda g, k, p: data.encode_completion(tokenizer, data.format_completion(data.apply_view(g, k, p), fmt))  # noqa: E731
+    infer.completion_logprobs(model, tokenizer, inputs[0][2][:1], [[tokenizer.eos_token_id]])  # warm-up
+    for tid, i, prompts in inputs[:cfg.scoring_inputs]:
+        grids = scoring_candidates(tasks[tid]["test"][i]["output"], cfg.scoring_candidates, rng)
+        pairs = [(ids, encode(g, k, p)) for (k, p), ids in zip(views, prompts) for g in grids]
+        row = dict(task=tid, test=i, prompt_tokens=int(statistics.median(map(len, prompts))), candidates=len(grids))
+        for name, scorer in (("full", full_forward_logprobs), ("cached", infer.completion_logprobs)):
+            forwarded.clear()
+            t0 = time.perf_counter()
+            row[name] = scorer(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], cfg.batch_size)
+            row[f"{name}_s"], row[f"{name}_tokens"] = time.perf_counter() - t0, sum(forwarded)
+        row["max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(row.pop("cached"), row.pop("full")))
+        rows.append(row)
+    n = len(rows)
+    total = {k: sum(r[k] for r in rows) for k in ("full_s", "cached_s", "full_tokens", "cached_tokens")}
+    worst = max(r["max_rel_diff"] for r in rows)
+    print(f"\nscoring: {cfg.scoring_model} (float32) on {device_name()}, {n} test inputs of the smallest "
+          f"{cfg.dataset} {cfg.split} tasks (prompts of {min(r['prompt_tokens'] for r in rows)}.."
+          f"{max(r['prompt_tokens'] for r in rows)} tokens), {cfg.scoring_views} views x {cfg.scoring_candidates} "
+          f"candidates each (the answer, its transpose, near misses), batch {cfg.batch_size}")
+    print("| scorer | tokens forwarded / test input | s / test input | largest relative score difference |")
+    print("|---|---|---|---|")
+    print(f"| full forward per (view, candidate) | {total['full_tokens'] / n:,.0f} | {total['full_s'] / n:.2f} | "
+          "(reference) |")
+    print(f"| one prefill per view, cache shared | {total['cached_tokens'] / n:,.0f} | {total['cached_s'] / n:.2f} | "
+          f"{worst:.1e} |")
+    print(f"  {total['full_tokens'] / total['cached_tokens']:.1f}x fewer tokens, "
+          f"{total['full_s'] / total['cached_s']:.1f}x less time{busy_note()}")
+    return dict(model=cfg.scoring_model, device=device_name(), views=cfg.scoring_views,
+                candidates=cfg.scoring_candidates, rows=[{k: (round(v, 3) if isinstance(v, float) else v)
+                                                          for k, v in r.items()} for r in rows],
+                tokens_ratio=round(total["full_tokens"] / total["cached_tokens"], 2),
+                time_ratio=round(total["full_s"] / total["cached_s"], 2), max_rel_diff=worst)
 
 
 # ----------------------------------------------------------------------------
@@ -611,7 +718,7 @@ def bench_loss(cfg, setup):
 
 
 SECTIONS = {"data": bench_data, "train": bench_train, "generate": bench_generate, "estimate": bench_estimate,
-            "modes": bench_modes, "vocab": bench_vocab, "loss": bench_loss}
+            "modes": bench_modes, "vocab": bench_vocab, "loss": bench_loss, "scoring": bench_scoring}
 
 
 def main(argv=None):

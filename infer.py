@@ -60,12 +60,13 @@ class Config:
     guesses: str = opt("writeup", "guesses", "how the two guesses are chosen: writeup (one sample of the task as "
                                              "given and one of the transposed task), vote (the two answers most "
                                              "samples agree on), poe (sampled answers ranked by their log-prob "
-                                             "summed over every view) or dfs (every answer above --min-prob in each "
+                                             "summed over every view), nvarc (poe's answers, the most sampled "
+                                             "first, ties by mean log-prob over every view) or dfs (every answer above --min-prob in each "
                                              "view, ranked as poe); a run's first lines describe its mode",
                        choices=MODES)
     views: int = opt(8, "guesses", "views sampled (vote, poe) or searched (dfs): up to 8 symmetries, beyond that "
                                    "each symmetry again with a colour permutation keeping 0")
-    samples: int = opt(1, "guesses", "samples per view for vote and poe")
+    samples: int = opt(1, "guesses", "samples per view for vote, poe and nvarc")
     min_prob: float = opt(0.1, "guesses", "dfs: every answer whose probability under the model is above this, in "
                                           "each view (at most 1/P per view)")
     max_task_seconds: float = opt(0.0, "guesses", "dfs: time budget of one task; a task out of time keeps the "
@@ -429,33 +430,84 @@ def parse_guess(text, fmt):
 # ----------------------------------------------------------------------------
 # choosing two guesses among many samples: votes (arc24, MARC) or a product of experts (the ARChitects)
 
-def completion_logprobs(model, tokenizer, prompt_ids, completion_ids, batch_size=8):
+def completion_logprobs(model, tokenizer, prompt_ids, completion_ids, batch_size=8, prefixes=None):
     """Summed log-prob of each completion (token ids, EOS included) after its prompt (token ids, BOS included).
-    Pairs run longest first in right-padded batches, one forward pass each; only the positions that predict a
-    completion token get logits (logits_to_keep), taken in float32 for log_softmax."""
-    import inspect
+    Each distinct prompt is prefilled once (prompts of one length together, up to `batch_size` a pass); every
+    completion then runs on top of its prompt's KV cache, longest first in right-padded batches of `batch_size`
+    rows that mix the prompts of one length, the cache repeated per row, never recomputed: a test input's 8 views x
+    6 candidates cost 8 prompt prefills, not 48. Only completion positions get logits, taken in float32 for
+    log_softmax. `prefixes` (prompt tuple -> prompt_prefix's result for that one prompt) supplies caches built
+    elsewhere (a dfs search), which are then not prefilled again."""
     import torch
-    pairs = list(zip(prompt_ids, completion_ids))
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    can_trim = "logits_to_keep" in inspect.signature(base.forward).parameters
-    pad, device, out = data.pad_id(tokenizer), next(model.parameters()).device, [0.0] * len(pairs)
+    device, out = next(model.parameters()).device, [0.0] * len(prompt_ids)
+    by_length = {}  # prompt length -> prompt -> indices of its completions
+    for i, p in enumerate(prompt_ids):
+        by_length.setdefault(len(p), {}).setdefault(tuple(p), []).append(i)
+    pad = data.pad_id(tokenizer)  # right padding: a causal row never attends to what follows it
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in batch]
-            width = max(len(s) for s in seqs)
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-            first = min(len(pairs[i][0]) for i in batch) - 1  # the first position predicting a completion token
-            logits = model(input_ids=ids, attention_mask=mask,
-                           **(dict(logits_to_keep=width - first) if can_trim else {})).logits
-            offset = width - logits.shape[1]
-            for row, i in enumerate(batch):
-                p, c = len(pairs[i][0]), len(pairs[i][1])
-                rows = logits[row, p - 1 - offset:p - 1 + c - offset].float().log_softmax(-1)
-                out[i] = rows.gather(-1, torch.tensor(pairs[i][1], device=device)[:, None]).sum().item()
+        for group in by_length.values():
+            ready = {p: (prefixes or {})[p] for p in group if p in (prefixes or {})}
+            todo = [p for p in group if p not in ready]
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                kv, first = prompt_prefix(model, chunk)
+                ready.update({p: ([(k[j:j + 1], v[j:j + 1]) for k, v in kv], first[j]) for j, p in enumerate(chunk)})
+            rows = sorted(((i, p) for p, idx in group.items() for i in idx), key=lambda r: -len(completion_ids[r[0]]))
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start:start + batch_size]
+                comps = [list(completion_ids[i]) for i, _ in batch]
+                width = len(comps[0]) - 1  # the last token is predicted, never fed
+                logits = None
+                if width:
+                    ids = torch.tensor([c[:-1] + [pad] * (width + 1 - len(c)) for c in comps], device=device)
+                    logits = model(input_ids=ids, past_key_values=stacked_prefix([ready[p][0] for _, p in batch]),
+                                   use_cache=True).logits
+                for row, ((i, p), c) in enumerate(zip(batch, comps)):
+                    total = ready[p][1][c[0]].item()
+                    if len(c) > 1:
+                        rest = logits[row, :len(c) - 1].float().log_softmax(-1)
+                        total += rest.gather(-1, torch.tensor(c[1:], device=device)[:, None]).sum().item()
+                    out[i] = total
     return out
+
+
+def prompt_prefix(model, prompts):
+    """(KV cache tensors [(keys, values)] per layer, log-probs of each prompt's first completion token) of prompts
+    of one length, from one forward pass that keeps the last position's logits only."""
+    import torch
+    out = model(input_ids=torch.tensor([list(p) for p in prompts], device=next(model.parameters()).device),
+                use_cache=True, **logits_kept(model, 1))
+    return kv_tensors(out.past_key_values), out.logits[:, -1].float().log_softmax(-1)
+
+
+def logits_kept(model, n):
+    """logits_to_keep=n where the model's forward takes it (transformers >= 4.50, Unsloth), else nothing."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return dict(logits_to_keep=n) if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
+def kv_tensors(cache, length=None):
+    """[(keys, values)] per layer of a transformers Cache or of the tuple Unsloth's forward returns, the first
+    `length` positions only (all by default)."""
+    layers = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") else list(cache)
+    return [(k[..., :length, :], v[..., :length, :]) for k, v in layers]
+
+
+def stacked_prefix(rows):
+    """A fresh DynamicCache holding row r's prefix (kv_tensors of one prompt, all of one length) in batch row r: a
+    copy per row, made once per batch; the prefix tensors themselves are never written to, so they serve the next
+    batch."""
+    from transformers import DynamicCache
+    import torch
+    cache = DynamicCache()
+    for layer in range(len(rows[0])):
+        keys = [r[layer][0] for r in rows]
+        values = [r[layer][1] for r in rows]
+        same = all(k is keys[0] for k in keys)  # one prompt: an expanded view, copied once by the layer's update
+        cache.update(keys[0].expand(len(rows), *keys[0].shape[1:]) if same else torch.cat(keys),
+                     values[0].expand(len(rows), *values[0].shape[1:]) if same else torch.cat(values), layer)
+    return cache
 
 
 def grid_key(grid):
@@ -500,7 +552,8 @@ def dfs(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, f
     return dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids, first)[0]
 
 
-def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None):
+def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None,
+               keep=None):
     """(found, finished, forwards): dfs()'s completions, False when time.time() passed `deadline` first (what was
     found so far is kept), and the one-token forward passes made. A branch grows while its summed negative
     log-likelihood stays below -log(min_prob); one reaching EOS (within max_new_tokens, EOS counted) is a
@@ -509,7 +562,9 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
     known completion (without EOS), is prefilled with the prompt in one forward pass and explored first, so it
     costs no decoding. `allowed_ids` (EOS is always allowed) limits the tokens searched, e.g. to those the text
     format can write; their log-probs are NOT renormalised over the allowed tokens: every nll is the model's own,
-    the one a teacher-forced pass (completion_logprobs) gives, so min_prob means the model's probability."""
+    the one a teacher-forced pass (completion_logprobs) gives, so min_prob means the model's probability. `keep`, a
+    dict, receives the prompt's prefix (prompt_prefix's form) under tuple(prompt_ids): scoring then starts from the
+    search's own prefill instead of forwarding the prompt again."""
     import inspect
     import math
     import torch
@@ -540,6 +595,8 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
         out = model(input_ids=torch.tensor([list(prompt_ids) + first], device=device), past_key_values=cache,
                     use_cache=True, **trim).logits[0]
         known = out[out.shape[0] - len(first) - 1:]  # known[d]: the logits after the prompt + first[:d]
+        if keep is not None:  # the prompt's positions only: the layers grow by torch.cat, never in place
+            keep[tuple(prompt_ids)] = (kv_tensors(cache, n), known[0].float().log_softmax(-1))
         found, path, forwards = [], [], 0
         stack = [(options(known[0], 0.0, 0, True), True)]  # per depth: (tokens still to try, on `first`?)
         while stack:
@@ -580,7 +637,8 @@ class Job:
     decode(ids) -> text; logprobs(prompt ids list, completion ids list) -> summed log-probs, batched;
     search(prompt ids, first completion ids or None) -> dfs_search's (found, finished, forwards) under --min-prob
     and the task's `deadline`. A guess function adds what the user must hear to `notes` and its one-token forward
-    passes to `forwards`."""
+    passes to `forwards`. `prefixes`: the prompt caches a search built, which logprobs scores on; they live while
+    one test input is decided."""
     cfg: Config
     fmt: str
     encode: object
@@ -590,6 +648,7 @@ class Job:
     deadline: float = None
     notes: list = field(default_factory=list)
     forwards: int = 0
+    prefixes: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -634,6 +693,15 @@ def guess_poe(samples, prompts, job):
     return top_two(poe_ranking(grids, list(prompts.values()), job.encode, job.logprobs))
 
 
+def guess_nvarc(samples, prompts, job):
+    """NVARC's rule on poe's candidates and scores: the grid most samples proposed first, ties by its mean log-prob
+    over the same views (poe's sum divided by the views)."""
+    grids = [data.undo_view(g, *prompts[v][:2]) for v, g, _ in samples if g is not None]
+    ranked = [[g, votes, s / len(prompts)] for g, votes, s in poe_ranking(grids, list(prompts.values()), job.encode,
+                                                                         job.logprobs)]
+    return top_two(sorted(ranked, key=lambda r: -r[1]))  # stable: equal counts stay in poe's order
+
+
 def guess_dfs(samples, prompts, job):
     """Every answer above --min-prob in each view (dfs_search), the best found so far searched first in the next
     view (its branch costs one prefill); the grids found, pooled over the views, ranked as poe ranks them (votes:
@@ -670,6 +738,10 @@ MODES.update(
     poe=Mode(guess_poe, "{views} x {samples} samples, every candidate scored by its log-prob summed over all views",
              samples=lambda cfg: cfg.samples, views=sampled_views, flags=("views", "samples"),
              guess_names=("first", "second")),
+    nvarc=Mode(guess_nvarc, "{views} x {samples} samples, the grid most samples give first, ties by its mean "
+                            "log-prob over all views (NVARC's rule)",
+               samples=lambda cfg: cfg.samples, views=sampled_views, flags=("views", "samples"),
+               guess_names=("first", "second")),
     dfs=Mode(guess_dfs, "{views}, every answer above probability {min_prob} in each (depth-first search), scored by "
                         "its log-prob summed over all views",
              samples=lambda cfg: 0, views=sampled_views, flags=("views", "min_prob", "max_task_seconds"),
@@ -730,10 +802,11 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
     allowed = answer_ids(tokenizer, fmt)
     job = Job(cfg, fmt, encode=lambda grid: data.encode_completion(tokenizer, data.format_completion(grid, fmt)),
               decode=tokenizer.decode,
-              logprobs=lambda p, c: completion_logprobs(model, tokenizer, p, c, cfg.batch_size),
+              logprobs=lambda p, c: completion_logprobs(model, tokenizer, p, c, cfg.batch_size,
+                                                        **(dict(prefixes=job.prefixes) if job.prefixes else {})),
               search=lambda ids, first: dfs_search(model, ids, tokenizer.eos_token_id,
                                                    min(cfg.max_new_tokens, cfg.max_seq_len - len(ids)), cfg.min_prob,
-                                                   allowed, first, job.deadline))
+                                                   allowed, first, job.deadline, keep=job.prefixes))
     bar = tqdm(total=len(tasks), unit="task", desc="tasks")
     t0, generated, current = time.time(), 0, None
     with open(cache, "a", encoding="utf-8") as f:
@@ -749,8 +822,9 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             job.deadline = time.time() + cfg.max_task_seconds if cfg.max_task_seconds else None
             job.forwards, ranked = 0, []
             for i in range(len(rec.guesses)):
-                job.notes = []
+                job.notes, job.prefixes = [], {}  # a view's cache lives while its test input is decided
                 rec.guesses[i], rec.status[i], found = mode.guess(samples[tid][i], shown.get((tid, i), {}), job)
+                job.prefixes = {}
                 ranked.append(found)
                 rec.timed_out += [f"test {i}: {note}" for note in job.notes]
             if any(r is not None for r in ranked):
@@ -1092,6 +1166,23 @@ def as_submitted(guess):
     return NO_ANSWER if guess is None else guess
 
 
+def coverage(tasks, records):
+    """dict(found, found_test_inputs): the tasks (every test input) and test inputs whose right grid is anywhere
+    among their candidates (samples, search results) or guesses, over the tasks with known solutions: what the
+    best ranking could submit, as the field reports beside the score (None without solutions)."""
+    known = {tid: task for tid, task in tasks.items() if all("output" in t for t in task["test"])}
+    if not known:
+        return dict(found=None, found_test_inputs=None)
+    found_tasks = found_inputs = 0
+    for tid, task in known.items():
+        rec = records[tid]
+        hits = [t["output"] in [*(r[0] for r in (rec.candidates[i] if rec.candidates else None) or []),
+                                *rec.guesses[i]] for i, t in enumerate(task["test"])]
+        found_inputs += sum(hits)
+        found_tasks += all(hits)
+    return dict(found=found_tasks, found_test_inputs=found_inputs)
+
+
 def answers_of(submission):
     """Guesses read back from a submission's attempts, [[0]] (the no-answer placeholder) as None."""
     return {tid: [[e[k] if e[k] != NO_ANSWER else None for k in ("attempt_1", "attempt_2")] for e in entries]
@@ -1108,18 +1199,23 @@ def pixel_accuracy(grid, solution):
 def print_results(r, reference=False):
     """The write-up's table, one row per mode: the mode's name first (- when unknown), the guess columns named as
     the mode names its guesses; the write-up's own row below it when asked."""
-    columns = table_columns(r.get("mode"))
+    found = ("Found",) if r.get("found") is not None else ()  # known where the candidates are (a predicted run)
+    columns = table_columns(r.get("mode")) + found
     print(f"\n| Guesses | {' | '.join(columns)} |\n|---|{'|'.join('---' for _ in columns)}|")
-    print(f"| {r.get('mode') or '-'} | {' | '.join(str(r[k]) for k in TABLE_KEYS)} |")
+    print(f"| {r.get('mode') or '-'} | {' | '.join(str(r[k]) for k in TABLE_KEYS + ('found',) * bool(found))} |")
     if reference:
-        print(f"| writeup | {' | '.join(str(WRITEUP[k]) for k in TABLE_KEYS)} |  <- the write-up (Llama-3-8B)"
-              + ("" if r.get("mode") == "writeup" else ": its last column is its transposed guess"))
+        print(f"| writeup | {' | '.join(str(WRITEUP[k]) for k in TABLE_KEYS)} |{' - |' * bool(found)}  <- the write-up "
+              "(Llama-3-8B)"
+              + ("" if r.get("mode") == "writeup" else ": its last guess column is its transposed guess"))
     unscored = f" ({r['tasks'] - r['scored']} tasks without a usable solution not scored)" \
         if r["scored"] < r["tasks"] else ""
     print(f"\nofficial score: {r['score']:.2f} / {r['scored']} = {r['score_pct']:.2%}{unscored}   "
           f"(write-up: {WRITEUP['solved_any']} / {WRITEUP['tasks']} = {WRITEUP['solved_any'] / WRITEUP['tasks']:.2%})")
     print(f"guesses: {r['guesses']} ({r['test_inputs']} test inputs x 2), unanswered {r['unanswered']}, "
           f"correct size {r['correct_size']:.1%}, correct pixels {r['correct_pixels']:.1%}")
+    if found:
+        print(f"found: the right grid among the candidates of {r['found']} of {r['scored']} tasks and "
+              f"{r['found_test_inputs']} test inputs (solved by either guess: {r['solved_any']} tasks)")
 
 
 # ----------------------------------------------------------------------------
@@ -1352,7 +1448,7 @@ def predict_all(cfg, tasks, unreadable, t0):
                      timed_out={tid: rec.timed_out for tid, rec in records.items() if rec.timed_out},
                      trimmed_examples=sum(rec.trimmed for rec in records.values()), settings=settings,
                      unreadable={tid: reason for tid, (reason, _) in unreadable.items()}, mode=cfg.guesses,
-                     seen_in_training=seen, no_adapter=no_adapter)
+                     seen_in_training=seen, no_adapter=no_adapter, **coverage(tasks, records))
         sub = submission_of(tasks, records, unreadable)
         save_submission(sub, tasks, unreadable, sub_path)
         _, files = report(cfg, tasks, sub, {tid: rec.guesses for tid, rec in records.items()},

