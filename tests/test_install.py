@@ -46,10 +46,10 @@ def test_python_310_stops_in_one_line_before_a_venv_or_pip(tmp_path):
     assert done.stdout == "" and not (tmp_path / ".venv").exists()
 
 
-def test_the_check_lets_this_python_through():
+def test_the_check_lets_this_python_through(tmp_path):
     check = INSTALL_LINES[0].split(" && ")[0]
-    done = subprocess.run(["bash", "-c", check.replace("python3 ", f"{sys.executable} ", 1)], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(["bash", "-c", check.replace("python3 ", f"{sys.executable} ", 1)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
 
 
