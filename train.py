@@ -1901,6 +1901,8 @@ def train_once(cfg, given, model, tokenizer, fmt, read, setup, info, checkpoint,
     if not cfg.ttt:
         sources = count_sequences(sources, report)
         info["trained_on"] = recorded(sources)
+        if checkpoint:  # with the sets the run saw before this resume
+            info["trained_on"] = with_earlier_data(cfg.out, info["trained_on"], [])[0]
         shares = describe_sequences(sources)
         if shares:
             print(shares)

@@ -536,12 +536,12 @@ def test_found_counts_the_truth_among_candidates_and_nvarc_ranks_by_count_then_m
     monkeypatch.setattr(infer, "completion_logprobs", lambda model, tok, prompts, completions, batch_size=8:
                         [score[written[tuple(c)]] for c in completions])
     infer.main(["--dataset", folder, "--model", run, "--guesses", mode, "--views", "8", "--samples", "2"])
-    sub, r = read(Path(run) / "submission.json"), read(Path(run) / "results.json")
+    sub, r = read(Path(run) / f"submission.{mode}.json"), read(Path(run) / f"results.{mode}.json")
     assert sub["t"][0] == {"attempt_1": grids[first], "attempt_2": grids[second]}
     assert (r["solved_any"], r["found"], r["found_test_inputs"]) == (0, 1, 1)
     out = capsys.readouterr().out
     assert "| Solved by second Guess | Found |" in out and f"\n| {mode} | 1 | 1 | 0 | 0 | 0 | 1 |" in out
-    ranked = infer.read_cache(Path(run) / "submission.cache.jsonl")["t"].candidates[0]
+    ranked = infer.read_cache(Path(run) / f"submission.{mode}.cache.jsonl")["t"].candidates[0]
     assert [row[1] for row in ranked] == ([2, 4, 4, 6] if mode == "poe" else [6, 4, 4, 2])
     if mode == "nvarc":  # the mean over the 8 views
         assert [row[2] for row in ranked] == [-4.0, -2.0, -3.0, -1.0]

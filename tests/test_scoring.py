@@ -115,7 +115,7 @@ def test_poe_through_infer_prefills_each_view_once_and_scores_as_a_full_forward(
     pairs = [(p, data.encode_completion(tok, data.format_completion(data.apply_view(g, *views[v]), FMT)))
              for (_, _, v), p in prompts.items() for g in answers]
     assert sum(map(len, forwarded)) * 2 < sum(len(p) + len(c) for p, c in pairs)
-    cache = infer.read_cache(Path(run) / "submission.cache.jsonl")
+    cache = infer.read_cache(Path(run) / "submission.poe.cache.jsonl")
     for (tid, i, v), p in prompts.items():
         if v:
             continue
@@ -126,7 +126,7 @@ def test_poe_through_infer_prefills_each_view_once_and_scores_as_a_full_forward(
                 data.apply_view(grid, *views[w]), FMT))) for w in range(len(views))]
             expected = sum(reference_logprobs(loaded["model"], [s[0] for s in shown], [s[1] for s in shown]))
             assert score == pytest.approx(expected, rel=TOLERANCE)
-    assert read(Path(run) / "results.json")["mode"] == "poe"
+    assert read(Path(run) / "results.poe.json")["mode"] == "poe"
 
 
 def test_dfs_scores_its_candidates_on_the_prompt_caches_its_search_built(tmp_path, monkeypatch):
@@ -151,7 +151,7 @@ def test_dfs_scores_its_candidates_on_the_prompt_caches_its_search_built(tmp_pat
                 "--max-new-tokens", "2"])
     tok, views = loaded["tokenizer"], data.views(3)
     answer = data.encode_completion(tok, data.format_completion([[1]], FMT))
-    cache = infer.read_cache(Path(run) / "submission.cache.jsonl")["a"]
+    cache = infer.read_cache(Path(run) / "submission.dfs.cache.jsonl")["a"]
     for i in range(2):
         prompts = [tuple(data.encode_prompt(tok, data.format_prompt(data.prompt_view(tasks["a"], k, perm), i, FMT)))
                    for k, perm in views]

@@ -179,7 +179,7 @@ def test_unsloth_run_predicts_a_valid_submission(setup, trained):
     out = trained[0]
     output = run("infer", "--backend", "unsloth", "--model", out, "--dataset", family, "--split", "eval",
                  "--max-new-tokens", "12", "--out", root / "submission.json", root=root)
-    assert "Unsloth's fast inference" in output and "Unsloth should be imported before" not in output
+    assert "backend: unsloth (--backend unsloth)" in output and "Unsloth should be imported before" not in output
     tasks, _ = data.load_tasks(str(family), "eval")
     submission = json.loads((root / "submission.json").read_text())
     infer.check_submission(submission, tasks, "submission")
