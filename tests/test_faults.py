@@ -1,4 +1,4 @@
-"""Issue 10, faults a demanding user meets: half-written checkpoints, stale or damaged caches, unreadable tasks,
+"""Faults a demanding user meets, a section per behaviour: half-written checkpoints, stale or damaged caches, unreadable tasks,
 files without solutions, nonsense flags, unwritable outputs, damaged model folders, two processes on one --out.
 Each test goes through the real entry points (train.main, infer.main, data.main).
 
@@ -37,7 +37,7 @@ def error_of(main, argv):
 
 
 # ----------------------------------------------------------------------------
-# 1. resume past a half-written checkpoint; 7. train_loss over every step after a resume
+# resume past a half-written checkpoint; train_loss over every step after a resume
 
 @pytest.fixture(scope="module")
 def four_steps(family, tmp_path_factory):
@@ -114,7 +114,7 @@ def test_resumed_summary_train_loss_covers_every_step(four_steps, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# 2. the infer cache belongs to the exact weights; a relative and an absolute path are one model
+# the infer cache belongs to the exact weights; a relative and an absolute path are one model
 
 @pytest.fixture
 def mirror(tmp_path):
@@ -165,7 +165,7 @@ def test_relative_and_absolute_run_paths_share_the_cache(mirror, monkeypatch, to
 
 
 # ----------------------------------------------------------------------------
-# 3. every task id of the input is in the submission; 7. a broken solutions file only stops scoring
+# every task id of the input is in the submission; a broken solutions file only stops scoring
 
 def write_kaggle(folder, tasks, solutions):
     folder.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ def test_broken_solutions_file_does_not_stop_predicting(tmp_path, monkeypatch, t
 
 
 # ----------------------------------------------------------------------------
-# 4. a challenges file without solutions
+# a challenges file without solutions
 
 def test_stats_and_train_on_a_challenges_file_without_solutions(tmp_path, capsys):
     tasks = {"a": {"train": [{"input": G, "output": G}], "test": [{"input": G}]}}
@@ -229,7 +229,7 @@ def test_data_reads_a_file_once_whatever_the_splits(tmp_path, monkeypatch, capsy
 
 
 # ----------------------------------------------------------------------------
-# 5. every flag's range, before any model loads
+# every flag's range, before any model loads
 
 TRAIN_FLAGS = [("--max-seq-len", "-5"), ("--limit-tasks", "-3"), ("--grad-accum", "-1"), ("--epochs", "0"),
                ("--views", "9"), ("--batch-size", "0"), ("--lr", "-1"), ("--warmup", "-1"),
@@ -269,7 +269,7 @@ def test_every_bad_flag_is_one_line(family, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# 6. one line instead of a traceback: unwritable --out, damaged model folders, damaged caches
+# one line instead of a traceback: unwritable --out, damaged model folders, damaged caches
 
 def test_out_under_a_file_is_one_line_in_every_script(family, mirror, tmp_path, monkeypatch, tokenizer):
     _, folder, run = mirror
@@ -339,7 +339,7 @@ def test_damaged_middle_cache_line_redoes_only_its_task(mirror, monkeypatch, tok
 
 
 # ----------------------------------------------------------------------------
-# 7. smaller: --score leaves its file alone, files are 0644, --out FOLDER, one infer.py per --out
+# smaller: --score leaves its file alone, files are 0644, --out FOLDER, one infer.py per --out
 
 def test_score_leaves_the_scored_file_as_it_was(mirror, tmp_path):
     tasks, folder, _ = mirror
@@ -380,7 +380,7 @@ def test_second_infer_on_the_same_out_says_the_first_is_running(mirror, monkeypa
 
 
 # ----------------------------------------------------------------------------
-# Issue 17: preemption, mistyped resumes, outputs over inputs (numbered as its items)
+# helpers of the sections below: real processes of the scripts, a run trained four steps
 
 ROOT = Path(train.__file__).parent
 
@@ -417,7 +417,7 @@ def lora_run(family, tmp_path_factory):
     return out
 
 
-# 1. a mistyped resume is refused before anything is written; the run stays resumable
+# a mistyped resume is refused before anything is written; the run stays resumable
 
 @pytest.mark.parametrize("flag", [["--lora-r", "4"], ["--full-finetune"], ["--model", "smollm2"], ["--vocab", "full"]])
 def test_resume_with_a_flag_that_changes_the_weights_is_refused_and_writes_nothing(lora_run, tmp_path, flag):
@@ -432,8 +432,8 @@ def test_resume_with_a_flag_that_changes_the_weights_is_refused_and_writes_nothi
     assert summary["steps"] == 3 and summary["resumed_from"] == 2
 
 
-# 2. SIGTERM saves a checkpoint at the end of the step and exits; infer.py's default passes over that run
-# 4. a second train.py on the same --out stops at once
+# SIGTERM saves a checkpoint at the end of the step and exits; infer.py's default passes over that run
+# a second train.py on the same --out stops at once
 
 def test_sigterm_saves_a_checkpoint_a_second_train_is_refused_and_infer_skips_the_run(family, mirror, tmp_path,
                                                                                      monkeypatch, tokenizer, capsys):
@@ -485,7 +485,7 @@ def test_after():
     assert proc.returncode == 2 and "KeyboardInterrupt" in said and not marker.exists(), said
 
 
-# 3. no output over another output or an input file; 15.5: outputs where the flags say
+# no output over another output or an input file; outputs where the flags say
 
 def test_outputs_never_overwrite_each_other_or_an_input(mirror, tmp_path, monkeypatch, tokenizer):
     tasks, folder, run = mirror
@@ -522,7 +522,7 @@ def test_out_limit_and_show_write_where_the_flags_say(mirror, tmp_path, monkeypa
     assert (tmp_path / "show" / "t0.png").exists() and sorted((ROOT / "assets").iterdir()) == assets
 
 
-# 4. a finished run is never replaced without --overwrite
+# a finished run is never replaced without --overwrite
 
 def test_train_refuses_a_finished_run_unless_overwrite(four_steps, family, tmp_path, capsys):
     out = tmp_path / "run"
@@ -538,7 +538,7 @@ def test_train_refuses_a_finished_run_unless_overwrite(four_steps, family, tmp_p
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]  # none of the old run's
 
 
-# 5. test-time adapters: keyed by the base run's weights and settings, one safe folder per task id
+# test-time adapters: keyed by the base run's weights and settings, one safe folder per task id
 
 ODD_IDS = ["a/b", "a_b", "..", "x" * 300]
 
@@ -573,7 +573,7 @@ def test_ttt_adapters_are_keyed_by_the_base_weights_and_odd_ids_get_their_own_fo
         f"--out {tmp_path / 'ttt'} --overwrite" in message and "\n" not in message, message
 
 
-# 6. the cache: a bad line costs only its task; renaming the run folder keeps it
+# the cache: a bad line costs only its task; renaming the run folder keeps it
 
 @pytest.mark.parametrize("damage", ["ragged", "huge_cell", "guesses_null", "task_id_list", "deep"])
 def test_a_valid_json_cache_line_with_bad_content_costs_only_its_task(mirror, monkeypatch, tokenizer, capsys, damage):
@@ -613,7 +613,7 @@ def test_a_renamed_or_copied_run_folder_keeps_its_cache(mirror, monkeypatch, tok
     assert "4 already done" in capsys.readouterr().out and again == []
 
 
-# 7. a full disk, a file-size limit, an unwritable HF_HOME: one line each, what was complete stays usable
+# a full disk, a file-size limit, an unwritable HF_HOME: one line each, what was complete stays usable
 
 def limit_file_size(limit):
     import resource
@@ -665,7 +665,7 @@ def test_unwritable_hf_home_for_the_smollm2_conversion_is_one_line(family, tmp_p
     assert "\n" not in message and "a-file" in message and "HF_HOME" in message, message
 
 
-# 8. a killed and resumed infer.py samples what one uninterrupted run samples
+# a killed and resumed infer.py samples what one uninterrupted run samples
 
 def test_killed_and_resumed_infer_equals_an_uninterrupted_run_byte_for_byte(tmp_path):
     rng = random.Random(8)
@@ -689,7 +689,7 @@ def test_killed_and_resumed_infer_equals_an_uninterrupted_run_byte_for_byte(tmp_
     assert key(cache) == key(one.with_suffix(".cache.jsonl"))
 
 
-# 9. values that pass a `> 0` but are nonsense; a loss gone NaN stops training, keeping the last good checkpoint
+# values that pass a `> 0` but are nonsense; a loss gone NaN stops training, keeping the last good checkpoint
 
 def test_weights_gone_nan_stop_training_with_one_line_and_keep_the_last_good_checkpoint(family, tmp_path):
     out = tmp_path / "run"
@@ -703,7 +703,7 @@ def test_weights_gone_nan_stop_training_with_one_line_and_keep_the_last_good_che
     assert train.run_status(out) == "unfinished" and not (out / "final").exists()
 
 
-# 10. deeply nested JSON: one skipped file in a folder, one line for a file
+# deeply nested JSON: one skipped file in a folder, one line for a file
 
 def test_deeply_nested_json_is_one_skipped_task(mirror, tmp_path, monkeypatch, tokenizer, capsys):
     tasks, folder, run = mirror
@@ -717,7 +717,7 @@ def test_deeply_nested_json_is_one_skipped_task(mirror, tmp_path, monkeypatch, t
     assert "nested too deeply" in message and "\n" not in message
 
 
-# 11. the minor ones
+# the minor ones
 
 def test_duplicate_task_id_in_a_challenges_file_is_said(tmp_path, capsys):
     task = json.dumps({"train": [{"input": G, "output": G}], "test": [{"input": G, "output": G}]})
