@@ -55,8 +55,6 @@ class Config:
                     choices=["", *ARCHS])
     device: str = opt(AUTO, "model", "cuda, cpu (on purpose, even where a GPU is) or auto: the GPU when torch can "
                                      "use it; a GPU that torch cannot use is an error", choices=["auto", *data.DEVICES])
-    hidden: int = opt(128, "model", "tiny model width (train.tiny_model)")
-    layers: int = opt(2, "model", "tiny model layers")
     max_seq_len: int = opt(2048, "model", "prompt + answer token limit; tasks are trimmed to fit as in train.py")
     train_batch_size: int = opt(8, "train", "sequences per training batch")
     train_batches: int = opt(3, "train", "batches timed, each padded and packed in turn")
@@ -150,7 +148,7 @@ def arch_model(cfg, setup):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     spec = dict(ARCHS[cfg.arch])
-    tokenizer = train.llama3_hf_tokenizer() if spec.pop("tokenizer") == "llama3" else train.tiny_tokenizer()
+    tokenizer = train.llama3_hf_tokenizer() if spec.pop("tokenizer") == "llama3" else train.load_base("tiny", setup)[1]
     config = LlamaConfig(**spec, max_position_embeddings=max(cfg.max_seq_len, 8192),
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=data.pad_id(tokenizer))
@@ -165,20 +163,15 @@ def train_model(cfg, setup):
     rsLoRA and gradient checkpointing (transformers + peft)."""
     if cfg.arch:
         model, tokenizer, what = arch_model(cfg, setup)
-    elif cfg.model == "tiny":
-        tokenizer = train.tiny_tokenizer()
-        model = train.tiny_model(tokenizer, hidden=cfg.hidden, layers=cfg.layers, max_seq_len=cfg.max_seq_len,
-                                 seed=cfg.seed)
-        what = f"tiny (hidden {cfg.hidden}, {cfg.layers} layers), full fine-tune"
     else:
-        model, tokenizer = train.load_base(cfg.model, setup, cfg.max_seq_len)
-        train.untie_embeddings(model)  # as train.py does before its LoRA
-        what = cfg.model
+        model, tokenizer = train.load_base(cfg.model, setup, cfg.max_seq_len, seed=cfg.seed)
+        what = "tiny (train.py's), full fine-tune" if cfg.model == "tiny" else cfg.model
     model = model.to(setup.device)
     model.config.use_cache = False  # as the Trainer sets it; a cache would also hide the packed layout
     if cfg.arch or cfg.model != "tiny":
         model.gradient_checkpointing_enable()
-        model = train.add_lora(model, train.Config(seed=cfg.seed), "transformers")
+        lora = train.Config(vocab="full", full_finetune=False, seed=cfg.seed)
+        model, tokenizer, _ = train.prepare_model(lora, setup, model, tokenizer, None)  # untied, rsLoRA, as train.py
         what += ", rsLoRA r=16 + embed_tokens/lm_head, gradient checkpointing"
     return model.train(), tokenizer, what
 
@@ -222,7 +215,7 @@ def bench_train(cfg, setup):
     gpu = setup.device == "cuda"
     model, tokenizer, what = train_model(cfg, setup)
     batches = train_batches(cfg, tokenizer)
-    modes = {"padded": train.collate(data.pad_id(tokenizer)), "packed": train.packed_collate()}
+    modes = {"padded": train.batch_collator(tokenizer), "packed": train.batch_collator(tokenizer, packing=True)}
     real = sum(len(r["input_ids"]) for b in batches for r in b)
     slots = sum(modes["padded"](b)["input_ids"].numel() for b in batches)
     print(f"train: {what} on {device_name(setup)}; {len(batches)} batches of {cfg.train_batch_size} {cfg.dataset} train "
@@ -264,12 +257,7 @@ def generate_setup(cfg, setup):
     token ids in the model's format. infer.py sorts all prompts by length before batching, so its batches hold
     prompts of about the same length: the prompts here are `cfg.prompts` neighbours from the middle of that order
     (guess 1, first test input)."""
-    if cfg.model == "tiny":
-        tokenizer = train.tiny_tokenizer()
-        model = train.tiny_model(tokenizer, hidden=cfg.hidden, layers=cfg.layers, max_seq_len=cfg.max_seq_len,
-                                 seed=cfg.seed)
-    else:
-        model, tokenizer = train.load_base(cfg.model, setup, cfg.max_seq_len)
+    model, tokenizer = train.load_base(cfg.model, setup, cfg.max_seq_len, seed=cfg.seed)
     model = model.eval().to(setup.device)
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     tasks, _ = data.load_tasks(cfg.dataset, cfg.split)
@@ -300,7 +288,7 @@ def bench_generate(cfg, setup):
     import torch
     model, tokenizer, prompts = generate_setup(cfg, setup)
     lengths = sorted(map(len, prompts))
-    what = f"tiny model (hidden {cfg.hidden}, {cfg.layers} layers)" if cfg.model == "tiny" else cfg.model
+    what = "tiny model (train.py's)" if cfg.model == "tiny" else cfg.model
     print(f"generate: {what} on {device_name(setup)}, {len(prompts)} "
           f"{cfg.dataset} {cfg.split} prompts of {lengths[0]}..{lengths[-1]} tokens (median "
           f"{int(statistics.median(lengths))}), {cfg.max_new_tokens} new tokens each")
@@ -315,7 +303,7 @@ def bench_generate(cfg, setup):
     for label, seconds in ((f"batched ({cfg.batch_size}/pass)", batched), ("one at a time", single)):
         print(f"  {label:<22} {tokens:>6} tokens in {seconds:>7.2f} s  {tokens / seconds:>9.1f} tok/s")
     print(f"  batched / one at a time: {single / batched:.1f}x{busy_note()}")
-    return dict(model=f"tiny (hidden {cfg.hidden}, {cfg.layers} layers)", device=device_name(setup), prompts=len(prompts),
+    return dict(model=what, device=device_name(setup), prompts=len(prompts),
                 prompt_tokens_median=int(statistics.median(lengths)), new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.batch_size, batched_tok_s=round(tokens / batched, 1),
                 single_tok_s=round(tokens / single, 1), ratio=round(single / batched, 2))
@@ -537,12 +525,10 @@ def vocab_models(name, seed, setup, vocabs=train.VOCABS):
                 LlamaConfig(**dict(spec, num_hidden_layers=2), max_position_embeddings=8192,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
                 dtype=torch.bfloat16)
-        if vocab == "arc":
-            fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
-            tokenizer, _ = train.arc_vocabulary(model, tokenizer, fmt)
-        train.untie_embeddings(model)
         model.config.use_cache = False
-        model = train.add_lora(model, train.Config(seed=seed), "transformers")
+        fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+        lora = train.Config(vocab=vocab, full_finetune=False, seed=seed)
+        model, tokenizer, _ = train.prepare_model(lora, setup, model, tokenizer, fmt)  # cut, untied, rsLoRA
         out[vocab] = model.train().to(setup.device), tokenizer
     return out
 
@@ -567,7 +553,7 @@ def peak_rss_gb(cfg, setup, name, vocab):
     (model, tok), = vocab_models(name, cfg.seed, setup, [vocab]).values()
     optimizer = adamw(model)
     for batch in train_batches(cfg, tok):
-        forward_backward(model, train.collate(data.pad_id(tok))(batch), optimizer)
+        forward_backward(model, train.batch_collator(tok)(batch), optimizer)
     return data.peak_memory_gb()[1]
 
 
@@ -601,13 +587,13 @@ def bench_vocab_model(cfg, setup, name):
                           training_state_gb=round(training_state_gb(model), 3), seconds=0.0,
                           peak_gb=peak_rss.get(vocab, 0.0))
         optimizers[vocab] = adamw(model)
-        forward_backward(model, train.collate(data.pad_id(tok))(batches[vocab][0]), optimizers[vocab])  # warm-up
+        forward_backward(model, train.batch_collator(tok)(batches[vocab][0]), optimizers[vocab])  # warm-up
     for i in range(len(batches["full"])):
         for vocab in (train.VOCABS if i % 2 == 0 else train.VOCABS[::-1]):
             model, tok = models[vocab]
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
-            out[vocab]["seconds"] += forward_backward(model, train.collate(data.pad_id(tok))(batches[vocab][i]),
+            out[vocab]["seconds"] += forward_backward(model, train.batch_collator(tok)(batches[vocab][i]),
                                                       optimizers[vocab])[1]
             if gpu:
                 out[vocab]["peak_gb"] = round(max(out[vocab]["peak_gb"], data.peak_memory_gb()[1]), 2)

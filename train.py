@@ -148,24 +148,7 @@ def resolve(cfg, given, gpu):
         raise OneLineError("--resume continues the run in --out, --overwrite replaces it: give one of them "
                            "(nothing was written)")
     if cfg.resume:
-        if not cfg.out:
-            run = latest_run()
-            if run is None:
-                raise OneLineError("--resume: no run in runs/ to resume; give --out RUN_FOLDER")
-            cfg = dataclasses.replace(cfg, out=str(run))
-        saved = read_run(cfg.out, finished=False).flags
-        changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run has {saved[k]})" for k in SHAPE_FLAGS
-                   if k in given and k in saved and getattr(cfg, k) != saved[k]
-                   and not (k == "lora_r" and saved.get("full_finetune"))]
-        if changed:
-            raise OneLineError(f"--resume {cfg.out}: {', '.join(changed)} changes the model or the shape of its "
-                               "weights, which its checkpoints cannot take: drop it to resume, or train a new run with another "
-                               "--out (nothing was written)")
-        names = {f.name for f in dataclasses.fields(Config)} - given - {"resume", "out", "overwrite"}
-        inherited = {k: v for k, v in saved.items() if k in names and v != getattr(cfg, k)}
-        cfg = dataclasses.replace(cfg, **inherited)
-        if inherited:
-            print(f"inherited: {', '.join(f'{k} {v}' for k, v in inherited.items())} (from {cfg.out}/{RUN_CONFIG})")
+        cfg = inherit(cfg, given)
     if cfg.ttt:
         cfg = resolve_ttt(cfg)
     if cfg.model is AUTO:
@@ -175,6 +158,35 @@ def resolve(cfg, given, gpu):
             print(f"note: the tiny model ({TINY_NOTE}) proves that the pipeline runs end to end; it solves no real "
                   "ARC task, so expect 0 solved from infer.py. For a real score: a GPU, or --model smollm2 (what "
                   "it would cost on this CPU is said below, once the data is read)")
+    return auto_settings(cfg, gpu)
+
+
+def inherit(cfg, given):
+    """cfg with the resumed run's saved value of every flag not `given` on the command line, each said; a flag
+    that changes the shape of its weights is refused."""
+    if not cfg.out:
+        run = latest_run()
+        if run is None:
+            raise OneLineError("--resume: no run in runs/ to resume; give --out RUN_FOLDER")
+        cfg = dataclasses.replace(cfg, out=str(run))
+    saved = read_run(cfg.out, finished=False).flags
+    changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run has {saved[k]})" for k in SHAPE_FLAGS
+               if k in given and k in saved and getattr(cfg, k) != saved[k]
+               and not (k == "lora_r" and saved.get("full_finetune"))]
+    if changed:
+        raise OneLineError(f"--resume {cfg.out}: {', '.join(changed)} changes the model or the shape of its "
+                           "weights, which its checkpoints cannot take: drop it to resume, or train a new run with another "
+                           "--out (nothing was written)")
+    names = {f.name for f in dataclasses.fields(Config)} - given - {"resume", "out", "overwrite"}
+    inherited = {k: v for k, v in saved.items() if k in names and v != getattr(cfg, k)}
+    cfg = dataclasses.replace(cfg, **inherited)
+    if inherited:
+        print(f"inherited: {', '.join(f'{k} {v}' for k, v in inherited.items())} (from {cfg.out}/{RUN_CONFIG})")
+    return cfg
+
+
+def auto_settings(cfg, gpu):
+    """cfg with every AUTO left decided from the device and the model, in one `auto:` line."""
     tiny, small = cfg.model == "tiny", cfg.model == SMOLLM2
     if cfg.max_steps is AUTO and tiny and not gpu:
         cfg.max_steps = 300
@@ -1217,6 +1229,12 @@ def progress_callback():
     return Progress()
 
 
+def batch_collator(tokenizer, packing=False, backend="transformers"):
+    """The training batches: rows padded to the longest, or with --packing joined into one row (Unsloth reads their
+    boundaries from packed_seq_lengths)."""
+    return packed_collate(backend) if packing else collate(pad_id(tokenizer))
+
+
 def make_trainer(cfg, model, tokenizer, train_ds, copies, setup, save=True, val_ds=None):
     """(trainer, Progress callback, the printed training line). save=False: no checkpoints; val_ds: the validation
     loss on it every --eval-steps."""
@@ -1226,7 +1244,7 @@ def make_trainer(cfg, model, tokenizer, train_ds, copies, setup, save=True, val_
         args = dataclasses.replace(args, eval_strategy="steps", eval_steps=cfg.eval_steps,
                                    per_device_eval_batch_size=cfg.batch_size)
     progress = progress_callback()
-    data_collator = packed_collate(setup.backend) if cfg.packing else collate(pad_id(tokenizer))
+    data_collator = batch_collator(tokenizer, cfg.packing, setup.backend)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=data_collator,
                       optimizers=(make_optimizer(model, args, cfg.embedding_lr), None), callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # our Progress prints one line per log step instead
