@@ -5,6 +5,7 @@ submission and score it.
     python infer.py --score runs/my-run/submission.json   # score an existing submission, no model loaded
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -552,6 +553,36 @@ def dfs(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, f
     return dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids, first)[0]
 
 
+def dfs_options(logits, nll, depth, on_first, allowed, eos_id, limit, max_new_tokens, first):
+    """dfs_search's next tokens worth trying after a branch of `depth` tokens and summed `nll`, as (nll, token), in
+    the order to pop them: the known completion's token last (popped first), then the most likely."""
+    import torch
+    lp = logits.float().log_softmax(-1).double()
+    ids = allowed if allowed is not None else torch.arange(lp.numel(), device=lp.device)
+    costs = (nll - lp[ids]).tolist()
+    out = sorted(((c, t) for c, t in zip(costs, ids.tolist()) if c < limit and
+                  (t == eos_id or depth + 2 <= max_new_tokens)), reverse=True)  # room left for EOS
+    if on_first and depth < len(first):
+        out.sort(key=lambda o: o[1] == first[depth])
+    return out
+
+
+def dfs_prefill(model, prompt_ids, first, cache, keep=None):
+    """The logits after the prompt + first[:d] for every d, from one forward pass that fills `cache`; `keep` (a
+    dict) receives the prompt's own prefix for scoring (see dfs_search)."""
+    import inspect
+    import torch
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    trim = dict(logits_to_keep=len(first) + 1) if "logits_to_keep" in inspect.signature(base.forward).parameters \
+        else {}
+    out = model(input_ids=torch.tensor([list(prompt_ids) + first], device=next(model.parameters()).device),
+                past_key_values=cache, use_cache=True, **trim).logits[0]
+    known = out[out.shape[0] - len(first) - 1:]  # known[d]: the logits after the prompt + first[:d]
+    if keep is not None:  # the prompt's positions only: the layers grow by torch.cat, never in place
+        keep[tuple(prompt_ids)] = (kv_tensors(cache, len(prompt_ids)), known[0].float().log_softmax(-1))
+    return known
+
+
 def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None,
                keep=None):
     """(found, finished, forwards): dfs()'s completions, False when time.time() passed `deadline` first (what was
@@ -565,38 +596,21 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
     the one a teacher-forced pass (completion_logprobs) gives, so min_prob means the model's probability. `keep`, a
     dict, receives the prompt's prefix (prompt_prefix's form) under tuple(prompt_ids): scoring then starts from the
     search's own prefill instead of forwarding the prompt again."""
-    import inspect
     import math
     import torch
     from transformers import DynamicCache
     limit, device = -math.log(min_prob), next(model.parameters()).device
     allowed = None if allowed_ids is None else torch.tensor(sorted({*allowed_ids, eos_id}), device=device)
     first = list(first or [])[:max(max_new_tokens - 1, 0)]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    trim = dict(logits_to_keep=len(first) + 1) if "logits_to_keep" in inspect.signature(base.forward).parameters \
-        else {}
     cache, n = DynamicCache(), len(prompt_ids)
     if deadline is not None and time.time() > deadline:  # not even the prefill
         return [], False, 0
 
-    def options(logits, nll, depth, on_first):
-        """The next tokens worth trying after a branch of `depth` tokens and summed `nll`, as (nll, token), in
-        the order to pop them: the known completion's token last (popped first), then the most likely."""
-        lp = logits.float().log_softmax(-1).double()
-        ids = allowed if allowed is not None else torch.arange(lp.numel(), device=device)
-        costs = (nll - lp[ids]).tolist()
-        out = sorted(((c, t) for c, t in zip(costs, ids.tolist()) if c < limit and
-                      (t == eos_id or depth + 2 <= max_new_tokens)), reverse=True)  # room left for EOS
-        if on_first and depth < len(first):
-            out.sort(key=lambda o: o[1] == first[depth])
-        return out
+    options = functools.partial(dfs_options, allowed=allowed, eos_id=eos_id, limit=limit,
+                                max_new_tokens=max_new_tokens, first=first)
 
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([list(prompt_ids) + first], device=device), past_key_values=cache,
-                    use_cache=True, **trim).logits[0]
-        known = out[out.shape[0] - len(first) - 1:]  # known[d]: the logits after the prompt + first[:d]
-        if keep is not None:  # the prompt's positions only: the layers grow by torch.cat, never in place
-            keep[tuple(prompt_ids)] = (kv_tensors(cache, n), known[0].float().log_softmax(-1))
+        known = dfs_prefill(model, prompt_ids, first, cache, keep)
         found, path, forwards = [], [], 0
         stack = [(options(known[0], 0.0, 0, True), True)]  # per depth: (tokens still to try, on `first`?)
         while stack:
@@ -772,19 +786,13 @@ def batches(prompts, size, by_task):
     return out
 
 
-def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None):
-    """Generate every guess of `tasks`, appending each task's Record to the `cache` file as soon as its guesses are
-    chosen. use_adapter(task_id), when given, loads that task's test-time-trained adapter before its prompts.
-    Returns (generated tokens, seconds)."""
-    from tqdm import tqdm
-    mode, views = MODES[cfg.guesses], view_list(cfg)
-    prompts, records = build_prompts(tasks, tokenizer, fmt, cfg.max_seq_len, views, cfg.guesses == "writeup")
+def describe_prompts(cfg, tasks, prompts, records, n_views, n_samples):
+    """The `prompts:` line: how many, their token lengths, what was trimmed or skipped to fit --max-seq-len."""
     lengths = sorted(len(p["ids"]) for p in prompts)
     skipped = [f"task {tid} {note}" for tid, rec in records.items() for note in rec.skipped]
     trimmed = sum(rec.trimmed for rec in records.values())
     n_tests = sum(len(t["test"]) for t in tasks.values())
-    n_samples = mode.samples(cfg)
-    print(f"prompts: {len(prompts)} ({len(views)} views x {n_tests} test inputs; "
+    print(f"prompts: {len(prompts)} ({n_views} views x {n_tests} test inputs; "
           + (f"{n_samples} sample{'s' * (n_samples > 1)} each), " if n_samples else "searched, not sampled), ")
           + (f"tokens min {lengths[0]} / median {int(statistics.median(lengths))} / max {lengths[-1]}, "
              if lengths else "") + f"{trimmed} train examples trimmed to fit {cfg.max_seq_len}, "
@@ -793,12 +801,10 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
         print(f"  skipped {note}")
     if len(skipped) > 5:
         print(f"  ... and {len(skipped) - 5} more, all listed under 'skipped' in results.json")
-    shown = {}  # (task, test input) -> view -> (k, perm, prompt ids): what the modes score candidates against
-    for p in prompts:
-        shown.setdefault((p["task_id"], p["test"]), {})[p["view"]] = (*views[p["view"]], p["ids"])
-    prompts = [dict(p, sample=j) for p in prompts for j in range(n_samples)]
-    pending = Counter(p["task_id"] for p in prompts)
-    samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
+
+
+def make_job(cfg, model, tokenizer, fmt):
+    """The Job the modes decide with: the model's scoring (on the prefixes a test input's search kept) and search."""
     allowed = answer_ids(tokenizer, fmt)
     job = Job(cfg, fmt, encode=lambda grid: data.encode_completion(tokenizer, data.format_completion(grid, fmt)),
               decode=tokenizer.decode,
@@ -807,6 +813,40 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
               search=lambda ids, first: dfs_search(model, ids, tokenizer.eos_token_id,
                                                    min(cfg.max_new_tokens, cfg.max_seq_len - len(ids)), cfg.min_prob,
                                                    allowed, first, job.deadline, keep=job.prefixes))
+    return job
+
+
+def decide(rec, mode, job, samples, shown):
+    """A task's two guesses per test input, chosen by `mode` from its samples and the views shown (`shown[i]`),
+    into `rec`, with the candidates ranked and what timed out; job.forwards counts the search's passes."""
+    job.deadline = time.time() + job.cfg.max_task_seconds if job.cfg.max_task_seconds else None
+    job.forwards, ranked = 0, []
+    for i in range(len(rec.guesses)):
+        job.notes, job.prefixes = [], {}  # a view's cache lives while its test input is decided
+        rec.guesses[i], rec.status[i], found = mode.guess(samples[i], shown[i], job)
+        job.prefixes = {}
+        ranked.append(found)
+        rec.timed_out += [f"test {i}: {note}" for note in job.notes]
+    if any(r is not None for r in ranked):
+        rec.candidates = ranked
+
+
+def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None):
+    """Generate every guess of `tasks`, appending each task's Record to the `cache` file as soon as its guesses are
+    chosen. use_adapter(task_id), when given, loads that task's test-time-trained adapter before its prompts.
+    Returns (generated tokens, seconds)."""
+    from tqdm import tqdm
+    mode, views = MODES[cfg.guesses], view_list(cfg)
+    prompts, records = build_prompts(tasks, tokenizer, fmt, cfg.max_seq_len, views, cfg.guesses == "writeup")
+    n_samples = mode.samples(cfg)
+    describe_prompts(cfg, tasks, prompts, records, len(views), n_samples)
+    shown = {}  # (task, test input) -> view -> (k, perm, prompt ids): what the modes score candidates against
+    for p in prompts:
+        shown.setdefault((p["task_id"], p["test"]), {})[p["view"]] = (*views[p["view"]], p["ids"])
+    prompts = [dict(p, sample=j) for p in prompts for j in range(n_samples)]
+    pending = Counter(p["task_id"] for p in prompts)
+    samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
+    job = make_job(cfg, model, tokenizer, fmt)
     bar = tqdm(total=len(tasks), unit="task", desc="tasks")
     t0, generated, current = time.time(), 0, None
     with open(cache, "a", encoding="utf-8") as f:
@@ -819,16 +859,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             nonlocal generated
             rec = records[tid]
             load(tid)  # a mode that searches (dfs) uses the task's adapter here, after no generation
-            job.deadline = time.time() + cfg.max_task_seconds if cfg.max_task_seconds else None
-            job.forwards, ranked = 0, []
-            for i in range(len(rec.guesses)):
-                job.notes, job.prefixes = [], {}  # a view's cache lives while its test input is decided
-                rec.guesses[i], rec.status[i], found = mode.guess(samples[tid][i], shown.get((tid, i), {}), job)
-                job.prefixes = {}
-                ranked.append(found)
-                rec.timed_out += [f"test {i}: {note}" for note in job.notes]
-            if any(r is not None for r in ranked):
-                rec.candidates = ranked
+            decide(rec, mode, job, samples[tid], {i: shown.get((tid, i), {}) for i in range(len(rec.guesses))})
             rec.tokens["generated"] += job.forwards
             generated += job.forwards
             for note in rec.timed_out:
