@@ -83,6 +83,22 @@ def test_prefix_cached_scores_equal_a_full_forward_on_smollm2(smollm2_folder):
     assert_same_scores_and_ranking(cached, reference_logprobs(model, prompts, completions), 4)
 
 
+def watch_forwards(monkeypatch):
+    """(forwarded, loaded): every row of input ids the model infer.py loads is given, and that model and its
+    tokenizer, filled as infer.main runs."""
+    forwarded, loaded = [], {}
+    real_load = infer.load_model
+
+    def load_model(run, setup):
+        model, tok = real_load(run, setup)
+        model.register_forward_pre_hook(lambda m, args, kw: forwarded.extend(map(tuple, kw["input_ids"].tolist())),
+                                        with_kwargs=True)
+        loaded.update(model=model, tokenizer=tok)
+        return model, tok
+    monkeypatch.setattr(infer, "load_model", load_model)
+    return forwarded, loaded
+
+
 def test_poe_through_infer_prefills_each_view_once_and_scores_as_a_full_forward(tmp_path, monkeypatch):
     """A real tiny model, sampling replaced by 4 distinct answers per view: every (test input, view) prompt is
     forwarded exactly once while its candidates are scored (before: once per candidate), far fewer tokens run
@@ -96,16 +112,7 @@ def test_poe_through_infer_prefills_each_view_once_and_scores_as_a_full_forward(
     def generate(model, tok, prompts, cfg, fmt=None, min_new_tokens=0, seeds=None):  # row j: sample j % 4
         return [data.format_completion(answers[j % len(answers)], FMT) for j in range(len(prompts))]
     monkeypatch.setattr(infer, "generate", generate)
-    forwarded, loaded = [], {}
-    real_load = infer.load_model
-
-    def load_model(run, cfg):
-        model, tok = real_load(run, cfg)
-        model.register_forward_pre_hook(lambda m, args, kw: forwarded.extend(map(tuple, kw["input_ids"].tolist())),
-                                        with_kwargs=True)
-        loaded.update(model=model, tokenizer=tok)
-        return model, tok
-    monkeypatch.setattr(infer, "load_model", load_model)
+    forwarded, loaded = watch_forwards(monkeypatch)
     infer.main(["--dataset", folder, "--model", run, "--guesses", "poe", "--views", "4", "--samples", "4"])
     tok = loaded["tokenizer"]
     prompts = {(tid, i, v): data.encode_prompt(tok, data.format_prompt(data.prompt_view(task, k, perm), i, FMT))
@@ -136,16 +143,7 @@ def test_dfs_scores_its_candidates_on_the_prompt_caches_its_search_built(tmp_pat
     rng = random.Random(9)
     tasks = {"a": mirror_task(rng, 2, 2, tests=2)}
     folder, run = write_tasks(tmp_path / "tasks", tasks), tiny_run(tmp_path / "run")
-    forwarded, loaded = [], {}
-    real_load = infer.load_model
-
-    def load_model(run, cfg):
-        model, tok = real_load(run, cfg)
-        model.register_forward_pre_hook(lambda m, args, kw: forwarded.extend(map(tuple, kw["input_ids"].tolist())),
-                                        with_kwargs=True)
-        loaded.update(model=model, tokenizer=tok)
-        return model, tok
-    monkeypatch.setattr(infer, "load_model", load_model)
+    forwarded, loaded = watch_forwards(monkeypatch)
     monkeypatch.setattr(data, "parse_output", lambda text, fmt: [[1]])
     infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--views", "3", "--min-prob", "0.01",
                 "--max-new-tokens", "2"])
