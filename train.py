@@ -311,11 +311,11 @@ class Setup:
                 f"backend: {self.backend} ({self.backend_why})")
 
 
-def make_setup(device=AUTO, backend=AUTO, model="", trained_with=None, ttt=False):
-    """The Setup of this process, printed: the --device (find_device), then the --backend (which imports Unsloth
-    when it may be used), then the dtype the two call for."""
+def make_setup(device=AUTO, backend=AUTO, model="", trained_with=None, ttt=False, found=None):
+    """The Setup of this process, printed: the --device (find_device, or what it `found` already), then the
+    --backend (which imports Unsloth when it may be used), then the dtype the two call for."""
     import torch
-    where, device_why, driver = find_device(device)
+    where, device_why, driver = found or find_device(device)
     backend, backend_why = pick_backend(backend, where, model, trained_with, ttt)
     dtype, dtype_why = pick_dtype(where, backend)
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if where == "cuda" else []
@@ -1778,7 +1778,7 @@ def settings(cfg, given):
         print(f"--resume {cfg.out}: already finished at step {steps}; nothing to do (a larger --max-steps or more "
               "--epochs trains it further)")
         return cfg, None, None, None
-    setup = make_setup(cfg.device, cfg.backend, cfg.model, ttt=cfg.ttt)
+    setup = make_setup(cfg.device, cfg.backend, cfg.model, ttt=cfg.ttt, found=device)
     if not cfg.ttt:
         cfg = fit_positions(cfg, given, setup.backend)
     out = Path(cfg.out)

@@ -26,7 +26,7 @@ def driver_550(tmp_path, monkeypatch):
     folder = tmp_path / "bin"
     folder.mkdir()
     smi = folder / "nvidia-smi"
-    smi.write_text(f"#!/bin/sh\necho '{A100_550}'\n")
+    smi.write_text(f"#!/bin/sh\necho called >> '{folder / 'calls'}'\necho '{A100_550}'\n")  # each call logged
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -66,6 +66,7 @@ def test_device_cpu_trains_and_predicts_on_purpose_and_a_hidden_gpu_is_no_error(
                 str(out)])
     first = capsys.readouterr().out
     assert "device: cpu (--device cpu); torch " in first and "NVIDIA driver 550.54.15" in first
+    assert (tmp_path / "bin" / "calls").read_text().count("called") == 1  # the device is decided once
     assert json.loads((out / "config.json").read_text())["summary"]["steps"] == 2
     predict = ["--model", str(out), "--dataset", str(family), "--split", "train", "--limit", "2",
                "--max-new-tokens", "8"]
