@@ -1562,8 +1562,9 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
                   f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}")
         print(f"guesses: {describe_mode(cfg)}")
         if end:
-            print(f"time budget: --time-budget {cfg.time_budget}, {end - time.time():.0f} s left after loading: each of "
-                  f"the {len(todo)} tasks in turn gets the time left / the tasks left")
+            print(f"time budget: --time-budget {cfg.time_budget}, " + (
+                f"{end - time.time():.0f} s left after loading: each of the {len(todo)} tasks in turn gets the time "
+                "left / the tasks left" if end > time.time() else "all spent before predicting: every task is cut"))
         try:
             use_adapter = adapter_loader(model, run, todo) if run.ttt_mode == "per-task" and run.ttt_adapters() \
                 else None
