@@ -72,6 +72,13 @@ class Config:
                                           "each view (at most 1/P per view)")
     max_task_seconds: float = opt(0.0, "guesses", "dfs: time budget of one task; a task out of time keeps the "
                                                   "answers found so far and says so (0 = none)")
+    time_budget: str = opt("0", "guesses", "time for the whole command, model load included (11h, 90m, 600s, 1h30m "
+                                          "or seconds; 0 = none), any mode: tasks run one at a time, each given the "
+                                          "time left / the tasks left; a task whose share is short gets fewer views "
+                                          "(down to 1, writeup keeps its 2), then no rescoring (candidates ranked by "
+                                          "votes), a dfs search stops at its share, and says so; tasks left when it "
+                                          "runs out get [[0]] and are not cached. Not a cache setting: the same "
+                                          "command with a longer budget (or none) predicts the tasks cut")
     out: str = opt("", "output", "submission file, or a folder to write submission.json in (default: the run folder, "
                                  "or the --adapter folder); a .cache.jsonl beside it lets a killed run resume")
     score: str = opt("", "output", "score this submission file's attempts against --dataset/--split and exit (no "
@@ -89,8 +96,23 @@ CHECKS = [("limit", lambda x: x >= 0, ">= 0 (0 = all)"),
           ("views", lambda x: x >= 1, ">= 1"), ("samples", lambda x: x >= 1, ">= 1"),
           ("min_prob", lambda x: 0 < x < 1, "between 0 and 1"),
           ("max_task_seconds", lambda x: x >= 0, ">= 0 (0 = none)"),
+          ("time_budget", lambda x: budget_seconds(x) is not None, "a duration such as 11h, 90m, 600s, 1h30m or "
+                                                                   "seconds (0 = none)"),
           ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295")]
 # (flag, ok, requirement): checked before any model loads
+
+
+def budget_seconds(text):
+    """Seconds of a --time-budget: 11h, 90m, 600s, 1h30m or a bare number of seconds; 0 for none ("" or 0), None
+    for anything else (negative, no number, an unknown unit)."""
+    text = text.strip().lower()
+    number = r"(\d+(?:\.\d*)?|\.\d+)"
+    if re.fullmatch(number, text or "0"):
+        return float(text or 0)
+    parts = re.fullmatch(f"(?:{number}h)?(?:{number}m)?(?:{number}s)?", text)
+    if not parts or not any(parts.groups()):
+        return None
+    return sum(float(n or 0) * unit for n, unit in zip(parts.groups(), (3600, 60, 1)))
 
 
 # ----------------------------------------------------------------------------
@@ -231,6 +253,7 @@ class Record:
     candidates: list = field(default_factory=list)  # vote/poe/dfs, per test input: [grid, votes, score] best first
     timed_out: list = field(default_factory=list)  # "test i: why", where a search ran out of --max-task-seconds
     fingerprint: str = None  # data.task_fingerprint of the task it answers: other grids under its id are done again
+    degraded: str = ""  # what it gave up to fit its share of --time-budget (fewer views, no rescoring), if anything
 
     @classmethod
     def empty(cls, task_id, n_tests):
@@ -663,6 +686,9 @@ class Job:
     notes: list = field(default_factory=list)
     forwards: int = 0
     prefixes: dict = field(default_factory=dict)
+    limit: str = ""        # what set `deadline`, for the notes of a search out of time
+    rescore: bool = True   # False: logprobs scores nothing and decide ranks the candidates by votes only
+    score_s: float = 0.0   # seconds spent in logprobs, for the --time-budget planner
 
 
 @dataclass(frozen=True)
@@ -731,8 +757,8 @@ def guess_dfs(samples, prompts, job):
                 found.append(data.undo_view(grid, k, perm))
                 best = (found[-1], nll) if best is None or nll < best[1] else best
         if not finished:
-            job.notes.append(f"out of time (--max-task-seconds {job.cfg.max_task_seconds:g}) in view {searched + 1} "
-                             f"of {len(prompts)}: {len(found)} answers found so far are ranked")
+            job.notes.append(f"out of time ({job.limit}) in view {searched + 1} of {len(prompts)}: {len(found)} "
+                             "answers found so far are ranked")
             break
     return top_two(poe_ranking(found, list(prompts.values()), job.encode, job.logprobs))
 
@@ -806,24 +832,40 @@ def describe_prompts(cfg, tasks, prompts, records, n_views, n_samples):
 def make_job(cfg, model, tokenizer, fmt):
     """The Job the modes decide with: the model's scoring (on the prefixes a test input's search kept) and search."""
     allowed = answer_ids(tokenizer, fmt)
+
+    def logprobs(p, c):
+        if not job.rescore:
+            return [0.0] * len(p)
+        start = time.time()
+        out = completion_logprobs(model, tokenizer, p, c, cfg.batch_size,
+                                  **(dict(prefixes=job.prefixes) if job.prefixes else {}))
+        job.score_s += time.time() - start
+        return out
     job = Job(cfg, fmt, encode=lambda grid: data.encode_completion(tokenizer, data.format_completion(grid, fmt)),
-              decode=tokenizer.decode,
-              logprobs=lambda p, c: completion_logprobs(model, tokenizer, p, c, cfg.batch_size,
-                                                        **(dict(prefixes=job.prefixes) if job.prefixes else {})),
+              decode=tokenizer.decode, logprobs=logprobs,
               search=lambda ids, first: dfs_search(model, ids, tokenizer.eos_token_id,
                                                    min(cfg.max_new_tokens, cfg.max_seq_len - len(ids)), cfg.min_prob,
                                                    allowed, first, job.deadline, keep=job.prefixes))
     return job
 
 
-def decide(rec, mode, job, samples, shown):
+def decide(rec, mode, job, samples, shown, plan):
     """A task's two guesses per test input, chosen by `mode` from its samples and the views shown (`shown[i]`),
-    into `rec`, with the candidates ranked and what timed out; job.forwards counts the search's passes."""
+    into `rec`, with the candidates ranked and what timed out; job.forwards counts the search's passes. `plan`
+    (plan_task) may show fewer views, end a search before --max-task-seconds does and turn the rescoring off
+    (then the candidates are ranked by their votes only, with no score); what it gave up is rec.degraded."""
     job.deadline = time.time() + job.cfg.max_task_seconds if job.cfg.max_task_seconds else None
-    job.forwards, ranked = 0, []
+    job.limit = f"--max-task-seconds {job.cfg.max_task_seconds:g}"
+    if plan.until is not None and (job.deadline is None or plan.until < job.deadline):
+        job.deadline, job.limit = plan.until, f"its --time-budget share of {plan.share:.1f} s"
+    job.forwards, job.rescore, rec.degraded, ranked = 0, plan.rescore, plan.lost, []
     for i in range(len(rec.guesses)):
         job.notes, job.prefixes = [], {}  # a view's cache lives while its test input is decided
-        rec.guesses[i], rec.status[i], found = mode.guess(samples[i], shown[i], job)
+        views = {v: view for v, view in shown[i].items() if v < plan.views}
+        rec.guesses[i], rec.status[i], found = mode.guess(samples[i], views, job)
+        if found is not None and not plan.rescore:  # stable: equal votes stay in the order proposed
+            rec.guesses[i], rec.status[i], found = top_two(sorted(([g, n, None] for g, n, _ in found),
+                                                                  key=lambda r: -r[1]))
         job.prefixes = {}
         ranked.append(found)
         rec.timed_out += [f"test {i}: {note}" for note in job.notes]
@@ -831,61 +873,143 @@ def decide(rec, mode, job, samples, shown):
         rec.candidates = ranked
 
 
-def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None):
-    """Generate every guess of `tasks`, appending each task's Record to the `cache` file as soon as its guesses are
-    chosen. use_adapter(task_id), when given, loads that task's test-time-trained adapter before its prompts.
-    Returns (generated tokens, seconds)."""
-    from tqdm import tqdm
-    mode, views = MODES[cfg.guesses], view_list(cfg)
+@dataclass
+class Plan:
+    """What one task runs: its first `views` views, rescored or not, and under --time-budget its share (seconds)
+    and when that ends (time.time()), and what it gave up to fit it."""
+    views: int
+    rescore: bool = True
+    share: float = None
+    until: float = None
+    lost: str = ""
+
+
+@dataclass
+class Budget:
+    """--time-budget's planner state: when the whole command's time ends, the tasks not planned yet, and what the
+    tasks run so far measured: view prompts (views x test inputs) run and rescored, seconds without rescoring and
+    seconds of rescoring."""
+    end: float
+    tasks_left: int
+    units: int = 0
+    scored_units: int = 0
+    work_s: float = 0.0
+    score_s: float = 0.0
+
+
+def budget_share(budget, now):
+    """The next task's share: the time left, spread evenly over the tasks left (a fast task leaves more to the rest)."""
+    return (budget.end - now) / budget.tasks_left
+
+
+def plan_task(budget, n_views, n_tests, writeup, now):
+    """The next task's Plan (all `n_views` views, rescored) cut to fit its share of `budget` at the seconds per view
+    prompt the tasks before it took: fewer views first, down to 1 (writeup keeps its 2: one per guess), then no
+    rescoring; None (the task is cut) when the time left would not cover even that. Before anything is measured,
+    the full plan; without a budget, the full plan with no share. Counts the task as planned."""
+    if budget is None:
+        return Plan(n_views)
+    share, left = budget_share(budget, now), budget.end - now
+    budget.tasks_left -= 1
+    plan = Plan(n_views, share=share, until=now + share)
+    if not budget.units:
+        return plan if left > 0 else None
+    work, score = budget.work_s / budget.units, budget.score_s / max(budget.scored_units, 1)
+    cost = lambda views, rescore: views * n_tests * (work + score * rescore)  # noqa: E731
+    least = n_views if writeup else 1
+    if left <= 0 or cost(least, False) > left:
+        return None
+    if writeup or cost(n_views, True) <= share:
+        return plan
+    plan.views = min(n_views, max(least, int(share / cost(1, True))))
+    plan.rescore = cost(plan.views, True) <= share
+    plan.lost = ", ".join([f"{plan.views} of {n_views} views"] * (plan.views < n_views)
+                          + ["no rescoring (candidates ranked by votes)"] * (not plan.rescore)) + \
+        f": its share of --time-budget is {share:.1f} s, its full plan about {cost(n_views, True):.1f} s"
+    return plan
+
+
+def measure(budget, plan, n_tests, seconds, score_s):
+    """Count a task run under `plan` in `budget`'s rates (seconds per view prompt, rescoring apart)."""
+    if budget is not None:
+        budget.units += plan.views * n_tests
+        budget.scored_units += plan.views * n_tests * plan.rescore
+        budget.work_s += seconds - score_s
+        budget.score_s += score_s
+
+
+def sampled_prompts(tasks, tokenizer, fmt, cfg, views):
+    """(prompts, records, shown): a prompt per task x test input x view x sample of the mode (build_prompts, said
+    in the `prompts:` line), and per (task, test input) -> view -> (k, perm, prompt ids): what the modes score
+    candidates against."""
     prompts, records = build_prompts(tasks, tokenizer, fmt, cfg.max_seq_len, views, cfg.guesses == "writeup")
-    n_samples = mode.samples(cfg)
+    n_samples = MODES[cfg.guesses].samples(cfg)
     describe_prompts(cfg, tasks, prompts, records, len(views), n_samples)
-    shown = {}  # (task, test input) -> view -> (k, perm, prompt ids): what the modes score candidates against
+    shown = {}
     for p in prompts:
         shown.setdefault((p["task_id"], p["test"]), {})[p["view"]] = (*views[p["view"]], p["ids"])
-    prompts = [dict(p, sample=j) for p in prompts for j in range(n_samples)]
-    pending = Counter(p["task_id"] for p in prompts)
+    return [dict(p, sample=j) for p in prompts for j in range(n_samples)], records, shown
+
+
+def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None, end=None):
+    """Generate every guess of `tasks`, appending each task's Record to the `cache` file as soon as its guesses are
+    chosen. use_adapter(task_id), when given, loads that task's test-time-trained adapter before its prompts. With
+    `end` (--time-budget, a time.time()), tasks run one at a time, each as plan_task fits it into its share; those
+    it cuts are neither predicted nor cached. Returns (generated tokens, seconds, ids of the tasks cut)."""
+    from tqdm import tqdm
+    mode, views = MODES[cfg.guesses], view_list(cfg)
+    prompts, records, shown = sampled_prompts(tasks, tokenizer, fmt, cfg, views)
     samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
-    job = make_job(cfg, model, tokenizer, fmt)
+    job, budget = make_job(cfg, model, tokenizer, fmt), Budget(end, len(tasks)) if end else None
     bar = tqdm(total=len(tasks), unit="task", desc="tasks")
-    t0, generated, current = time.time(), 0, None
+    t0, generated, current, cut = time.time(), 0, None, []
     with open(cache, "a", encoding="utf-8") as f:
         def load(tid):
             nonlocal current
             if use_adapter is not None and tid != current:
                 current = tid
                 use_adapter(tid)
-        def finish(tid):
+        def finish(tid, plan):
             nonlocal generated
             rec = records[tid]
             load(tid)  # a mode that searches (dfs) uses the task's adapter here, after no generation
-            decide(rec, mode, job, samples[tid], {i: shown.get((tid, i), {}) for i in range(len(rec.guesses))})
+            decide(rec, mode, job, samples[tid], {i: shown.get((tid, i), {}) for i in range(len(rec.guesses))}, plan)
             rec.tokens["generated"] += job.forwards
             generated += job.forwards
-            for note in rec.timed_out:
+            for note in rec.timed_out + ([f"degraded: {rec.degraded}"] if rec.degraded else []):
                 bar.write(f"task {tid} {note}")
             rec.settings, rec.fingerprint = settings, data.task_fingerprint(tasks[tid])
             f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
             f.flush()
             bar.update(1)
-        for tid in [tid for tid in tasks if pending[tid] == 0]:
-            finish(tid)
-        for batch in batches(prompts, cfg.batch_size, use_adapter is not None):
-            load(batch[0]["task_id"])
-            seeds = [row_seed(cfg.seed, p["task_id"], p["test"], p["view"], p.get("sample", 0)) for p in batch]
-            texts = generate_halving(model, tokenizer, [p["ids"] for p in batch], cfg, fmt, seeds)
-            for p, text in zip(batch, texts):
-                rec, (grid, status) = records[p["task_id"]], parse_guess(text, fmt)
-                samples[p["task_id"]][p["test"]].append((p["view"], grid, status))
-                n = len(tokenizer.encode(text, add_special_tokens=False))  # the answer's tokens, EOS not counted
-                rec.tokens["generated"] += n
-                generated += n
-                pending[p["task_id"]] -= 1
-                if pending[p["task_id"]] == 0:
-                    finish(p["task_id"])
-            bar.set_postfix_str(f"{generated / (time.time() - t0):.0f} tok/s")
+        for group in [tasks] if budget is None else [{tid: task} for tid, task in tasks.items()]:
+            start, job.score_s, n_tests = time.time(), 0.0, sum(len(task["test"]) for task in group.values())
+            plan = plan_task(budget, len(views), n_tests, cfg.guesses == "writeup", start)
+            if plan is None:  # out of time: not predicted, not cached
+                cut += group
+                bar.update(len(group))
+                continue
+            todo = [p for p in prompts if p["task_id"] in group and p["view"] < plan.views]
+            pending = Counter(p["task_id"] for p in todo)
+            for tid in [tid for tid in group if pending[tid] == 0]:
+                finish(tid, plan)
+            for batch in batches(todo, cfg.batch_size, use_adapter is not None):
+                load(batch[0]["task_id"])
+                seeds = [row_seed(cfg.seed, p["task_id"], p["test"], p["view"], p.get("sample", 0)) for p in batch]
+                texts = generate_halving(model, tokenizer, [p["ids"] for p in batch], cfg, fmt, seeds)
+                for p, text in zip(batch, texts):
+                    rec, (grid, status) = records[p["task_id"]], parse_guess(text, fmt)
+                    samples[p["task_id"]][p["test"]].append((p["view"], grid, status))
+                    n = len(tokenizer.encode(text, add_special_tokens=False))  # the answer's tokens, EOS not counted
+                    rec.tokens["generated"] += n
+                    generated += n
+                    pending[p["task_id"]] -= 1
+                    if pending[p["task_id"]] == 0:
+                        finish(p["task_id"], plan)
+                bar.set_postfix_str(f"{generated / (time.time() - t0):.0f} tok/s")
+            measure(budget, plan, n_tests, time.time() - start, job.score_s)
     bar.close()
-    return generated, time.time() - t0
+    return generated, time.time() - t0, cut
 
 
 # ----------------------------------------------------------------------------
@@ -1399,8 +1523,19 @@ def warn_seen(run, tasks):
     return seen
 
 
-def predict_missing(cfg, run, tasks, cache_path, settings, setup):
-    """(records, generated tokens, seconds): every task's Record, from the cache or predicted now."""
+def cut_records(cut, tasks, cache_path):
+    """Placeholder Records ([[0]] attempts, status cut_by_budget) of the tasks --time-budget left unpredicted, said
+    in one line; they are not in the cache, so the same command with more time predicts them."""
+    if cut:
+        print(f"cut by --time-budget: {len(cut)} tasks, first: {', '.join(cut[:5])}: [[0]] in the submission and "
+              f"not in {cache_path}; the same command with a longer --time-budget (or none) predicts them")
+    return {tid: Record(tid, guesses=[[None, None] for _ in tasks[tid]["test"]],
+                        status=[["cut_by_budget"] * 2 for _ in tasks[tid]["test"]]) for tid in cut}
+
+
+def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
+    """(records, generated tokens, seconds, ids cut by --time-budget): every task's Record, from the cache,
+    predicted now, or a placeholder where predicting it would pass `end` (cut_records)."""
     cached = read_cache(cache_path, settings, repair=True)
     done = answered(cached, tasks)
     changed = sorted(tid for tid in cached if tid in tasks and tid not in done)
@@ -1411,7 +1546,7 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup):
     todo = {tid: task for tid, task in tasks.items() if tid not in done}
     print(f"tasks: {len(tasks)} of {cfg.dataset} {cfg.split}" + (f" (shard {cfg.shard})" if cfg.shard else "")
           + f", {len(done)} already done in {cache_path}, {len(todo)} to do")
-    generated, seconds = 0, 0.0
+    generated, seconds, cut = 0, 0.0, []
     if todo:
         import torch
         model, tokenizer = load_model(run, setup)
@@ -1426,10 +1561,14 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup):
             print(f"search: min_prob {cfg.min_prob} (at most {int(1 / cfg.min_prob)} answers per view), "
                   f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}")
         print(f"guesses: {describe_mode(cfg)}")
+        if end:
+            print(f"time budget: --time-budget {cfg.time_budget}, " + (
+                f"{end - time.time():.0f} s left after loading: each of the {len(todo)} tasks in turn gets the time "
+                "left / the tasks left" if end > time.time() else "all spent before predicting: every task is cut"))
         try:
             use_adapter = adapter_loader(model, run, todo) if run.ttt_mode == "per-task" and run.ttt_adapters() \
                 else None
-            generated, seconds = predict(todo, model, tokenizer, fmt, cfg, cache_path, settings, use_adapter)
+            generated, seconds, cut = predict(todo, model, tokenizer, fmt, cfg, cache_path, settings, use_adapter, end)
         except KeyboardInterrupt:
             n = len(read_cache(cache_path))
             sys.exit(f"\ninterrupted: {n} finished tasks are saved in {cache_path}; rerun the same command to resume")
@@ -1437,7 +1576,16 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup):
             raise OneLineError(data.write_failure(cache_path, e) + "; the tasks finished before it are kept: the same "
                                "command again resumes")
         done.update(read_cache(cache_path, settings))
-    return {tid: done[tid] for tid in tasks}, generated, seconds
+        done.update(cut_records(cut, tasks, cache_path))
+    return {tid: done[tid] for tid in tasks}, generated, seconds, cut
+
+
+def budget_results(cfg, records, cut):
+    """results.json's lines on --time-budget: the tasks it cut, and every task that gave something up to fit its
+    share (cached ones too), where there is a budget or a degraded task."""
+    degraded = {tid: rec.degraded for tid, rec in records.items() if rec.degraded}
+    return dict(time_budget=cfg.time_budget, cut_by_budget=cut, degraded=degraded) \
+        if budget_seconds(cfg.time_budget) or degraded else {}
 
 
 def predict_all(cfg, tasks, unreadable, t0):
@@ -1470,7 +1618,8 @@ def predict_all(cfg, tasks, unreadable, t0):
     seen = warn_seen(run, tasks)
     no_adapter = missing_adapters(run, tasks)
     with lock(cache_path):
-        records, generated, seconds = predict_missing(cfg, run, tasks, cache_path, settings, setup)
+        end = t0 + budget_seconds(cfg.time_budget) if budget_seconds(cfg.time_budget) else None
+        records, generated, seconds, cut = predict_missing(cfg, run, tasks, cache_path, settings, setup, end)
         status = [s for rec in records.values() for pair in rec.status for s in pair]
         skipped = [f"task {tid} {note}" for tid, rec in records.items() for note in rec.skipped]
         extra = dict(time_s=round(time.time() - t0, 1), generate_s=round(seconds, 1), generated_tokens=generated,
@@ -1479,7 +1628,8 @@ def predict_all(cfg, tasks, unreadable, t0):
                      timed_out={tid: rec.timed_out for tid, rec in records.items() if rec.timed_out},
                      trimmed_examples=sum(rec.trimmed for rec in records.values()), settings=settings,
                      unreadable={tid: reason for tid, (reason, _) in unreadable.items()}, mode=cfg.guesses,
-                     seen_in_training=seen, no_adapter=no_adapter, **coverage(tasks, records))
+                     seen_in_training=seen, no_adapter=no_adapter, **coverage(tasks, records),
+                     **budget_results(cfg, records, cut))
         sub = submission_of(tasks, records, unreadable)
         save_submission(sub, tasks, unreadable, sub_path)
         _, files = report(cfg, tasks, sub, {tid: rec.guesses for tid, rec in records.items()},
