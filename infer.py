@@ -1662,6 +1662,9 @@ def main(argv=None):
             unreadable = {tid: u for tid, u in unreadable.items() if tid in first}
         for reason, _ in unreadable.values():
             print(f"unreadable task, [[0]] in the submission: {reason}", file=sys.stderr)
+        if (cfg.score or cfg.merge) and budget_seconds(cfg.time_budget):
+            print(f"note: --time-budget {cfg.time_budget}: not used by {'--score' if cfg.score else '--merge'} "
+                  "(nothing is predicted)")
         if cfg.score:
             score_file(cfg, tasks, unreadable)
         elif cfg.merge:

@@ -66,6 +66,8 @@ def test_budget_cuts_what_it_cannot_fit_names_it_and_a_rerun_predicts_only_that(
     sub = read(Path(run) / "submission.json")
     assert all(sub[tid][0]["attempt_1"] != [[0]] for tid in tasks)
     assert "cut_by_budget" not in read(Path(run) / "results.json")
+    infer.main(["--dataset", folder, "--score", str(Path(run) / "submission.json"), "--time-budget", "2"])
+    assert "note: --time-budget 2: not used by --score (nothing is predicted)" in capsys.readouterr().out
 
 
 def test_a_short_share_costs_views_then_rescoring_task_by_task_and_each_says_so(tmp_path, monkeypatch, tokenizer,
