@@ -1,7 +1,11 @@
 """Shared test helpers and fixtures: the tiny tokenizer, a small task family on disk, fake and real tiny runs.
 Test modules import the helpers from here (`from conftest import ...`); nothing outside tests/ does."""
 import json
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest.ini's 2 worker processes: one thread each (and in the
+    os.environ["OMP_NUM_THREADS"] = "1"    # scripts they start), so the two share the cores instead of fighting
 
 import pytest
 

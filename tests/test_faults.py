@@ -463,7 +463,7 @@ def test_sigterm_saves_a_checkpoint_a_second_train_is_refused_and_infer_skips_th
 
 
 def test_a_sigint_stops_pytest_itself(family, tmp_path):
-    """15.7: train.py's handlers are installed by its own main only, so Ctrl-C in a test process stops pytest."""
+    """train.py's handlers are installed by its own main only, so Ctrl-C in a test process stops pytest."""
     marker = tmp_path / "second-test-ran"
     (tmp_path / "test_long.py").write_text(f"""
 import sys
