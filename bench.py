@@ -538,9 +538,9 @@ def smallest_view_prompts(cfg, tokenizer, n_views, n_inputs):
 
 
 def decode_steps(model, prompts, tokens, pad, device):
-    """(prefill seconds, [seconds of each one-token step], log-probs [row][step]) of prompts (token ids) prefilled in one
-    forward, then tokens[row][s] fed to every row at step s on the growing cache, as dfs_search's inner loop feeds
-    its branch. Several prompts are left-padded, with an attention mask and each row's own positions."""
+    """(prefill seconds, [seconds of each one-token step], log-probs [row][step]) of prompts (token ids) prefilled
+    in one forward, then tokens[row][s] fed to every row at step s on the growing cache, as dfs_search's inner loop
+    feeds its branch. Several prompts are left-padded, with an attention mask and each row's own positions."""
     import torch
     from transformers import DynamicCache
     width = max(len(p) for p in prompts)
@@ -613,10 +613,11 @@ def bench_dfsbatch(cfg, setup):
     for size in sizes:
         runs = [batched_against_alone(model, views, size, cfg.dfsbatch_steps, pad, setup.device)
                 for _, _, views in inputs]
+        # medians: a step another process preempts takes many times its cost, and there are many steps
         alone, batch = (statistics.median(t for r in runs for t in r[f"{k}_steps"]) for k in ("alone", "batch"))
+        prefill = {k: sum(r[f"{k}_prefill_s"] for r in runs) for k in ("alone", "batch")}
         rows.append(dict(rows=size, alone_step_ms=1000 * alone, batch_step_ms=1000 * batch,
-                         step_ratio=size * alone / batch,
-                         prefill_ratio=sum(r["alone_prefill_s"] for r in runs) / sum(r["batch_prefill_s"] for r in runs),
+                         step_ratio=size * alone / batch, prefill_ratio=prefill["alone"] / prefill["batch"],
                          max_abs_diff=max(r["max_abs_diff"] for r in runs),
                          max_rel_diff=max(r["max_rel_diff"] for r in runs)))
     lengths = [len(p) for _, _, views in inputs for p, _ in views]
