@@ -5,6 +5,7 @@ measured side by side in the same run; all of them go to one JSON record with th
     python bench.py --arch llama3-8b --train-batch-size 2 --max-seq-len 8192 --out gpu.json   # a GPU: the 8B's shape
     python bench.py --sections modes                   # writeup / vote / poe / dfs, with and without TTT, side by side
     python bench.py --sections scoring                 # candidates scored by full forwards vs one prefill per view
+    python bench.py --sections dfsbatch                # dfs's decode step: 1 view a forward vs 2 and 4 views batched
     python bench.py --sections vocab --train-batch-size 2 --train-batches 4 --max-seq-len 512   # --vocab arc vs full
     python bench.py --sections loss                    # --loss answer vs outputs on the family, 3 seeds
 """
@@ -44,7 +45,8 @@ class Config:
                          "sections to run, in the order given: data, train, generate, estimate (estimate uses the "
                          "figures of the other three, so it comes last), modes (a few minutes more), vocab (--vocab full "
                          "against arc, about 15 minutes), loss (--loss answer against outputs), scoring (full "
-                         "forward against prefix-cached scoring, SmolLM2)")
+                         "forward against prefix-cached scoring, SmolLM2), dfsbatch (dfs's one-token step for one view "
+                         "against several views in one batch, SmolLM2)")
     out: str = opt("bench.json", "benchmark", "JSON record: machine, package versions and every figure")
     dataset: str = opt("arc1", "data", "tasks measured (see infer.py --dataset)")
     split: str = opt("eval", "data", "split whose prompts generate measures")
@@ -73,6 +75,10 @@ class Config:
     scoring_inputs: int = opt(4, "scoring", "test inputs scored, from the smallest tasks whose views all fit")
     scoring_views: int = opt(8, "scoring", "views each candidate is scored under")
     scoring_candidates: int = opt(6, "scoring", "candidates per test input")
+    dfsbatch_model: str = opt("smollm2", "dfsbatch", "model the dfsbatch section measures (loaded in float32)")
+    dfsbatch_inputs: int = opt(3, "dfsbatch", "test inputs, from the smallest tasks whose views all fit")
+    dfsbatch_rows: list = opt(["2", "4"], "dfsbatch", "batch sizes compared with one view a forward: views per batch")
+    dfsbatch_steps: int = opt(20, "dfsbatch", "one-token steps timed per view after its prompt")
     vocab_models: list = opt(["smollm2", "llama3-8b-2l"], "vocab", "models timed: smollm2 and/or llama3-8b-2l (Llama-3-8B's "
                                                                    "vocabulary and width, 2 layers, random weights)")
     vocab_steps: list = opt(["15", "30", "60"], "vocab", "SmolLM2 LoRA runs on the synthetic family, one per step "
@@ -485,7 +491,7 @@ def bench_scoring(cfg, setup):
     n = len(rows)
     total = {k: sum(r[k] for r in rows) for k in ("full_s", "cached_s", "full_tokens", "cached_tokens")}
     worst = max(r["max_rel_diff"] for r in rows)
-    print(f"\nscoring: {cfg.scoring_model} (float32) on {device_name()}, {n} test inputs of the smallest "
+    print(f"\nscoring: {cfg.scoring_model} (float32) on {device_name(setup)}, {n} test inputs of the smallest "
           f"{cfg.dataset} {cfg.split} tasks (prompts of {min(r['prompt_tokens'] for r in rows)}.."
           f"{max(r['prompt_tokens'] for r in rows)} tokens), {cfg.scoring_views} views x {cfg.scoring_candidates} "
           f"candidates each (the answer, its transpose, near misses), batch {cfg.batch_size}")
@@ -497,11 +503,139 @@ def bench_scoring(cfg, setup):
           f"{worst:.1e} |")
     print(f"  {total['full_tokens'] / total['cached_tokens']:.1f}x fewer tokens, "
           f"{total['full_s'] / total['cached_s']:.1f}x less time{busy_note()}")
-    return dict(model=cfg.scoring_model, device=device_name(), views=cfg.scoring_views,
+    return dict(model=cfg.scoring_model, device=device_name(setup), views=cfg.scoring_views,
                 candidates=cfg.scoring_candidates, rows=[{k: (round(v, 3) if isinstance(v, float) else v)
                                                           for k, v in r.items()} for r in rows],
                 tokens_ratio=round(total["full_tokens"] / total["cached_tokens"], 2),
                 time_ratio=round(total["full_s"] / total["cached_s"], 2), max_rel_diff=worst)
+
+
+# ----------------------------------------------------------------------------
+# dfsbatch: dfs's one-token step for one view a forward against several views in one batch
+
+def smallest_view_prompts(cfg, tokenizer, n_views, n_inputs):
+    """[(task id, test index, [(prompt ids, right answer's completion ids) per view])] of the smallest --dataset
+    --split tasks whose first `n_views` views all fit --max-seq-len untrimmed, up to `n_inputs` test inputs; only
+    those whose views differ in prompt length (a square task's do not), so that a batch of them needs padding."""
+    fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    count, views = data.count_tokens(tokenizer), data.views(n_views)
+    tasks, _ = data.load_tasks(cfg.dataset, cfg.split)
+    out = []
+    for tid in sorted(tasks, key=lambda t: len(json.dumps(tasks[t]))):
+        for i, test in enumerate(tasks[tid]["test"]):
+            fitted = [data.fit_task(data.prompt_view(tasks[tid], k, p), i, fmt, cfg.max_seq_len, count)
+                      for k, p in views]
+            if not all(f is not None and not trimmed for f, trimmed in fitted):
+                continue
+            pairs = [(data.encode_prompt(tokenizer, data.format_prompt(f, i, fmt)), data.encode_completion(
+                tokenizer, data.format_completion(data.apply_view(test["output"], k, p), fmt)))
+                     for (f, _), (k, p) in zip(fitted, views)]
+            if len({len(prompt) for prompt, _ in pairs}) > 1:
+                out.append((tid, i, pairs))
+        if len(out) >= n_inputs:
+            break
+    return out
+
+
+def decode_steps(model, prompts, tokens, pad, device):
+    """(prefill seconds, [seconds of each one-token step], log-probs [row][step]) of prompts (token ids) prefilled
+    in one forward, then tokens[row][s] fed to every row at step s on the growing cache, as dfs_search's inner loop
+    feeds its branch. Several prompts are left-padded, with an attention mask and each row's own positions."""
+    import torch
+    from transformers import DynamicCache
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache, logprobs = DynamicCache(), []
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, **infer.logits_kept(model, 1)).logits[:, -1]
+        sync()
+        prefill, steps = time.perf_counter() - t0, []
+        logprobs.append(logits.float().log_softmax(-1))
+        for s in range(len(tokens[0])):
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=device)], -1)
+            positions = positions[:, -1:] + 1
+            t0 = time.perf_counter()
+            logits = model(input_ids=torch.tensor([[t[s]] for t in tokens], device=device), attention_mask=mask,
+                           position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+            sync()
+            steps.append(time.perf_counter() - t0)
+            logprobs.append(logits.float().log_softmax(-1))
+    return prefill, steps, [[lp[r] for lp in logprobs] for r in range(len(prompts))]
+
+
+def batched_against_alone(model, views, rows, n_steps, pad, device):
+    """One test input's first `rows` views decoded one a batch and all in one batch, each order once (other work on
+    the machine then slows both alike): summed prefill seconds, every step's seconds, and the largest log-prob
+    differences between the two."""
+    prompts = [p for p, _ in views[:rows]]
+    tokens = [(c * n_steps)[:n_steps] for _, c in views[:rows]]  # the answer's tokens, again when it is shorter
+    out = dict(alone_prefill_s=0.0, alone_steps=[], batch_prefill_s=0.0, batch_steps=[])
+    for batch_first in (False, True):
+        for batched in (batch_first, not batch_first):
+            runs = [decode_steps(model, prompts, tokens, pad, device)] if batched else \
+                [decode_steps(model, [p], [t], pad, device) for p, t in zip(prompts, tokens)]
+            name = "batch" if batched else "alone"
+            out[f"{name}_prefill_s"] += sum(r[0] for r in runs)
+            out[f"{name}_steps"] += [t for r in runs for t in r[1]]
+            out[name] = [row for r in runs for row in r[2]]
+    # every next-token log-prob, and the summed log-prob of the path fed (what dfs compares with -log(min_prob))
+    out["max_abs_diff"] = max((a - b).abs().max().item() for ra, rb in zip(out["alone"], out["batch"])
+                              for a, b in zip(ra, rb))
+    path = lambda lps, t: sum(lp[x].item() for lp, x in zip(lps, t))  # noqa: E731
+    out["max_rel_diff"] = max(abs(path(ra, t) - path(rb, t)) / abs(path(ra, t))
+                              for ra, rb, t in zip(out.pop("alone"), out.pop("batch"), tokens))
+    return out
+
+
+def bench_dfsbatch(cfg, setup):
+    """What dfs would gain by searching several views of a test input in one batch (NVARC's turbo DFS runs 4):
+    the one-token step that dfs_search's inner loop makes, for each view alone (batch 1, as infer.dfs_search does)
+    against --dfsbatch-rows views in one left-padded batch, and the prompts' prefill the same two ways, on real
+    prompts of the smallest --dataset --split tasks; with the largest log-prob difference the padding brings."""
+    if not all(n.isdigit() and int(n) >= 2 for n in cfg.dfsbatch_rows):
+        raise SystemExit(f"error: --dfsbatch-rows {' '.join(cfg.dfsbatch_rows)}: give batch sizes of 2 or more")
+    sizes = [int(n) for n in cfg.dfsbatch_rows]
+    model, tokenizer = train.load_base(cfg.dfsbatch_model, setup, cfg.max_seq_len)
+    model = model.float().eval().to(setup.device)
+    inputs = smallest_view_prompts(cfg, tokenizer, max(sizes), cfg.dfsbatch_inputs)
+    if not inputs:
+        raise SystemExit(f"error: --dataset {cfg.dataset} --split {cfg.split}: no test input whose {max(sizes)} "
+                         f"views fit --max-seq-len {cfg.max_seq_len}")
+    pad = data.pad_id(tokenizer)
+    for size in [1, *sizes]:  # warm-up: a batch's first forward of its shape is slower
+        decode_steps(model, [p for p, _ in inputs[0][2][:size]], [[pad]] * size, pad, setup.device)
+    rows = []
+    for size in sizes:
+        runs = [batched_against_alone(model, views, size, cfg.dfsbatch_steps, pad, setup.device)
+                for _, _, views in inputs]
+        # medians: a step another process preempts takes many times its cost, and there are many steps
+        alone, batch = (statistics.median(t for r in runs for t in r[f"{k}_steps"]) for k in ("alone", "batch"))
+        prefill = {k: sum(r[f"{k}_prefill_s"] for r in runs) for k in ("alone", "batch")}
+        rows.append(dict(rows=size, alone_step_ms=1000 * alone, batch_step_ms=1000 * batch,
+                         step_ratio=size * alone / batch, prefill_ratio=prefill["alone"] / prefill["batch"],
+                         max_abs_diff=max(r["max_abs_diff"] for r in runs),
+                         max_rel_diff=max(r["max_rel_diff"] for r in runs)))
+    lengths = [len(p) for _, _, views in inputs for p, _ in views]
+    print(f"\ndfsbatch: {cfg.dfsbatch_model} (float32) on {device_name(setup)}, {len(inputs)} test inputs of the "
+          f"smallest {cfg.dataset} {cfg.split} tasks (prompts of {min(lengths)}..{max(lengths)} tokens, left-padded "
+          f"in a batch), {cfg.dfsbatch_steps} one-token steps per view, each order once")
+    print("| views a batch | ms / step, 1 view a batch | ms / step, the batch | cost per view, batched / alone | "
+          "prefill, batched / one by one | largest log-prob difference | largest path relative difference |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['rows']} | {r['alone_step_ms']:.1f} | {r['batch_step_ms']:.1f} | {1 / r['step_ratio']:.2f} | "
+              f"{1 / r['prefill_ratio']:.2f} | {r['max_abs_diff']:.1e} | {r['max_rel_diff']:.1e} |")
+    print(f"  per view a batched step is {rows[-1]['step_ratio']:.2f}x cheaper at {rows[-1]['rows']} views"
+          f"{busy_note()}")
+    return dict(model=cfg.dfsbatch_model, device=device_name(setup), steps=cfg.dfsbatch_steps,
+                inputs=[f"{tid}:{i}" for tid, i, _ in inputs],
+                rows=[{k: (round(v, 3) if isinstance(v, float) and k not in ("max_abs_diff", "max_rel_diff") else v)
+                       for k, v in r.items()} for r in rows])
 
 
 # ----------------------------------------------------------------------------
@@ -704,7 +838,8 @@ def bench_loss(cfg, setup):
 
 
 SECTIONS = {"data": bench_data, "train": bench_train, "generate": bench_generate, "estimate": bench_estimate,
-            "modes": bench_modes, "vocab": bench_vocab, "loss": bench_loss, "scoring": bench_scoring}
+            "modes": bench_modes, "vocab": bench_vocab, "loss": bench_loss, "scoring": bench_scoring,
+            "dfsbatch": bench_dfsbatch}
 
 
 def main(argv=None):

@@ -4,6 +4,7 @@ cropped on backtracking is right), with or without a known first branch.
 
     python -m pytest tests/test_dfs.py -q
 """
+import json
 import math
 import random
 
@@ -127,3 +128,19 @@ def test_dfs_past_its_deadline_keeps_what_it_found(monkeypatch):
     found, finished, _ = infer.dfs_search(model, prompt, eos, 8, 0.005, deadline=60)
     assert not finished and 0 < len(found) < len(everything)
     assert {tuple(c): nll for c, nll in found} == pytest.approx({tuple(c): everything[tuple(c)] for c, _ in found})
+
+
+def test_bench_times_views_searched_one_a_batch_against_several_and_their_log_prob_difference(tmp_path):
+    """bench.py --sections dfsbatch: per batch size, dfs's one-token step and the prefill timed alone and batched
+    on left-padded real prompts, and the log-probs of a row alone equal its log-probs inside the padded batch."""
+    import bench
+    out = tmp_path / "bench.json"
+    bench.main(["--sections", "dfsbatch", "--dfsbatch-model", "tiny", "--dfsbatch-inputs", "1", "--dfsbatch-rows", "3",
+                "--dfsbatch-steps", "2", "--out", str(out)])
+    section = json.loads(out.read_text())["dfsbatch"]
+    assert [r["rows"] for r in section["rows"]] == [3]
+    for row in section["rows"]:
+        assert row["alone_step_ms"] > 0 and row["batch_step_ms"] > 0 and row["step_ratio"] > 0
+        assert row["prefill_ratio"] > 0
+        assert row["max_abs_diff"] < 1e-4 and row["max_rel_diff"] < 1e-4
+    assert len(section["inputs"]) == 1 and section["steps"] == 2
