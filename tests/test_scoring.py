@@ -5,6 +5,7 @@ model and on SmolLM2, with the same rankings; through infer.py each (test input,
     python -m pytest tests/test_scoring.py -q
 """
 import importlib.util
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -157,3 +158,15 @@ def test_dfs_scores_its_candidates_on_the_prompt_caches_its_search_built(tmp_pat
         [(grid, _, score)] = cache.candidates[i]
         expected = sum(reference_logprobs(loaded["model"], prompts, [answer] * len(prompts)))
         assert grid == [[1]] and score == pytest.approx(expected, rel=TOLERANCE)
+
+
+def test_bench_scoring_section_runs_and_finds_the_cached_scores_equal(tmp_path, capsys):
+    """bench.py --sections scoring, as README runs it (on the tiny model here): fewer tokens forwarded through the
+    shared prefix, the same scores, and its table printed."""
+    import bench
+    out = tmp_path / "bench.json"
+    bench.main(["--sections", "scoring", "--scoring-model", "tiny", "--scoring-inputs", "1", "--scoring-views", "2",
+                "--scoring-candidates", "3", "--out", str(out)])
+    section = json.loads(out.read_text())["scoring"]
+    assert section["tokens_ratio"] > 1 and section["max_rel_diff"] <= 1e-4 and len(section["rows"]) == 1
+    assert "| one prefill per view, cache shared |" in capsys.readouterr().out
