@@ -14,6 +14,17 @@ import infer
 import train
 
 
+LONGEST_FIRST = ("test_smollm2.py", "test_faults.py", "test_unsloth.py", "test_vocab.py", "test_train.py",
+                 "test_scoring.py", "test_e2e.py", "test_learning.py")  # the files that take longest, longest first
+
+
+def pytest_collection_modifyitems(items):
+    """The files that take longest first, the rest after them in their own order: pytest.ini's 2 workers take a
+    whole file at a time in this order (--no-loadscope-reorder), so neither is left with a long file at the end."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
 def write_family(root, n_train, n_eval, seed=0):
     """The synthetic family (data.colour_family) in the ARC repository layout: root/training/*.json and
     root/evaluation/*.json, one task per file."""
