@@ -54,6 +54,7 @@ LAUNCH = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # torchrun and accelerate launch 
 # checkpointing), README's Measured
 SMOLLM2_CPU_TOK_S = {"short": 250, "long": 158}
 VOCABS = ("arc", "full")
+WRITEUP = dict(vocab="full", loss="answer")  # --writeup: the write-up's recipe where our measured defaults differ
 TORCH_CU126 = "https://download.pytorch.org/whl/cu126"  # PyTorch's CUDA 12.6 builds: NVIDIA drivers >= 525
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # in model configs
 
@@ -112,9 +113,12 @@ class Config:
     packing: bool = opt(False, "training", "padding-free batches: a batch's sequences joined into one row, positions "
                                            "restarting at each (same loss; off: slower on CPU, unmeasured on GPU)")
     seed: int = opt(1212, "training", "random seed (the write-up's random_state)")
-    loss: str = opt("answer", "training", "answer: the loss on the test output only (the write-up); outputs: on "
-                                          "every output grid but the first, train outputs included (the "
-                                          "ARChitects')", choices=list(LOSSES))
+    loss: str = opt("outputs", "training", "outputs: the loss on every output grid but the first, train outputs "
+                                           "included (the ARChitects'; the default: more learnt per step, see "
+                                           "README); answer: on the test output only (the write-up's)",
+                    choices=list(LOSSES))
+    writeup: bool = opt(False, "training", "the write-up's recipe exactly, where our defaults differ from it: "
+                                           f"{' '.join(f'--{k} {v}' for k, v in WRITEUP.items())}")
     # output
     out: str = opt("", "output", "run folder (default: runs/<model>-<time>)")
     resume: bool = opt(False, "output", "continue from the latest checkpoint in --out (default: the latest run)")
@@ -144,6 +148,8 @@ def resolve(cfg, given, gpu):
     """A complete Config: with --resume, the run's saved value of every flag not `given` on this command line;
     then every AUTO from the device and the model. Prints one `inherited:` / `auto:` line per decision."""
     cfg = dataclasses.replace(cfg)  # the caller's Config stays as parsed
+    if cfg.writeup:
+        cfg, given = writeup_recipe(cfg, given)
     if cfg.resume and cfg.overwrite:  # users type them together: the refusal of a finished run names both
         raise OneLineError("--resume continues the run in --out, --overwrite replaces it: give one of them "
                            "(nothing was written)")
@@ -159,6 +165,17 @@ def resolve(cfg, given, gpu):
                   "ARC task, so expect 0 solved from infer.py. For a real score: a GPU, or --model smollm2 (what "
                   "it would cost on this CPU is said below, once the data is read)")
     return auto_settings(cfg, gpu)
+
+
+def writeup_recipe(cfg, given):
+    """(cfg, given) with --writeup's flags set as if given on the command line (so --resume refuses a run trained
+    otherwise, as it refuses those flags); a contradicting flag beside it is a OneLineError."""
+    clash = [f"--{k} {getattr(cfg, k)}" for k, v in WRITEUP.items() if k in given and getattr(cfg, k) != v]
+    if clash:
+        raise OneLineError(f"--writeup sets {' '.join(f'--{k} {v}' for k, v in WRITEUP.items())}: drop "
+                           f"{', '.join(clash)} or --writeup")
+    print(f"writeup: {' '.join(f'--{k} {v}' for k, v in WRITEUP.items())} (the write-up's recipe)")
+    return dataclasses.replace(cfg, **WRITEUP), given | set(WRITEUP)
 
 
 def inherit(cfg, given):
@@ -1351,6 +1368,12 @@ def is_run_folder(folder):
     return isinstance(info, dict) and {"format", "lora", "base_model", "backend"} <= set(info)
 
 
+def legacy_flags(flags):
+    """A run's saved flags, with the values of flags added since it was trained where they changed a default: a run
+    saved without `loss` was trained with `answer`, then the only loss (a --resume keeps it)."""
+    return {"loss": "answer", **flags} if flags and "loss" not in flags else flags
+
+
 def read_run(folder, finished=True):
     """The Run in `folder`: every field of config.json a script needs. OneLineError when it is not a run folder, or
     (with `finished`) when its training has not ended."""
@@ -1380,7 +1403,7 @@ def read_run(folder, finished=True):
                backend=info["backend"],
                fingerprints=info.get("fingerprints") or [], trained_on=info.get("trained_on") or [],
                ttt_mode=ttt.get("mode"), keep_ids=info.get("keep_ids"), status=status,
-               flags=info.get("config") or {}, summary=summary, ttt_key=ttt.get("key"),
+               flags=legacy_flags(info.get("config") or {}), summary=summary, ttt_key=ttt.get("key"),
                tiny=info["base_model"] in ("tiny", BASE))
 
 

@@ -75,6 +75,34 @@ def test_loss_outputs_trains_through_the_entry_point_and_is_recorded(tmp_path, c
     assert info["config"]["loss"] == "outputs" and info["summary"]["steps"] == 2
 
 
+def test_outputs_is_the_default_writeup_gives_the_write_ups_recipe_and_a_run_from_before_keeps_answer(tmp_path,
+                                                                                                      capsys):
+    family = tmp_path / "family"
+    for tid, task in data.colour_family(4, 0)["train"].items():
+        data.write_json(family / f"{tid}.json", task)
+    flags = ["--dataset", str(family), "--views", "1", "--max-steps", "1", "--batch-size", "4"]
+    train.main([*flags, "--out", str(tmp_path / "default")])
+    train.main([*flags, "--writeup", "--out", str(tmp_path / "writeup")])
+    said = capsys.readouterr().out
+    assert "writeup: --vocab full --loss answer (the write-up's recipe)" in said
+    configs = {name: json.loads((tmp_path / name / "config.json").read_text())["config"]
+               for name in ("default", "writeup")}
+    assert [(c["loss"], c["vocab"]) for c in configs.values()] == [("outputs", "arc"), ("answer", "full")]
+    with pytest.raises(SystemExit) as e:
+        train.main([*flags, "--writeup", "--loss", "outputs", "--out", str(tmp_path / "clash")])
+    assert str(e.value) == "error: --writeup sets --vocab full --loss answer: drop --loss outputs or --writeup"
+    assert not (tmp_path / "clash").exists()
+
+    # a run saved before --loss existed (no `loss` in its config.json) was trained on the answer: resumed, it stays so
+    path = tmp_path / "default" / "config.json"
+    info = json.loads(path.read_text())
+    del info["config"]["loss"]
+    path.write_text(json.dumps(info))
+    train.main(["--resume", "--out", str(tmp_path / "default"), "--max-steps", "2"])
+    assert "inherited: loss answer" in capsys.readouterr().out
+    assert json.loads(path.read_text())["config"]["loss"] == "answer"
+
+
 def test_packed_batch_gives_the_padded_loss_on_every_output():
     import torch
     tokenizer = train.tiny_tokenizer()
