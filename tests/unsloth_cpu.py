@@ -6,7 +6,8 @@ the Unsloth line behind each). The scripts' own main() runs unchanged; `--backen
     python tests/unsloth_cpu.py infer --backend unsloth --model RUN ...        # infer.main(...)
     python tests/unsloth_cpu.py grads OUT.pt MODEL DATASET                     # loss + gradients, each --vocab
     python tests/unsloth_cpu.py reference OUT.pt MODEL DATASET STATE.pt        # the same, transformers + peft
-    python tests/unsloth_cpu.py scores OUT.json RUN DATASET                    # cached scores and dfs vs full forward
+    python tests/unsloth_cpu.py scores OUT.json RUN DATASET [FLAGS]            # infer.main(FLAGS), then cached
+                                                                               # scores and dfs vs full forward
 
 Only tests import this module; `run()` starts the subprocess. A same-process comparison would be meaningless:
 `import unsloth` patches transformers' Llama classes for the whole process, so `reference` asserts it never
@@ -213,19 +214,22 @@ def reference(out, model_folder, dataset, state_file):
     torch.save(result, out)
 
 
-def scores(out, run_folder, dataset):
-    """A trained run loaded as infer.py loads it on Unsloth, its head SHARPER, scoring candidates (the answer, its
-    transpose, a near miss, and a two-token completion) of its --split eval tasks under 2 views with the prefix
-    cache (infer.completion_logprobs) and with a full forward per pair (bench.full_forward_logprobs); and
-    infer.dfs_search on two prompts, each completion's nll beside its full-forward score, the scores from the
-    caches the search kept, and the search again with its longest completion known (`first`). Written as json."""
+def scores(out, run_folder, dataset, *flags):
+    """infer.main(flags) when given (in its own import order; one import of Unsloth serves both), then a trained
+    run loaded as infer.py loads it on Unsloth, its head SHARPER, scoring candidates (the answer, its transpose, a
+    near miss, and a two-token completion) of its --split eval tasks under 2 views with the prefix cache
+    (infer.completion_logprobs) and with a full forward per pair (bench.full_forward_logprobs); and
+    infer.dfs_search on one prompt, each completion's nll beside its full-forward score, the scores from the caches
+    the search kept, and the search again with its longest completion known (`first`). Written as json."""
     import json
     import random
-    import torch
     import bench
     import data
     import infer
     import train
+    if flags:
+        infer.main(list(flags))
+    import torch
     setup = train.make_setup("auto", "unsloth")
     run = train.read_run(run_folder)
     model, tokenizer = infer.load_model(run, setup)
@@ -247,19 +251,16 @@ def scores(out, run_folder, dataset):
     prompt_ids, completion_ids = [p for p, _ in pairs], [c for _, c in pairs]
     result = dict(dtype=str(next(model.parameters()).dtype), lengths=list(map(len, completion_ids)),
                   cached=infer.completion_logprobs(model, tokenizer, prompt_ids, completion_ids, 4),
-                  full=bench.full_forward_logprobs(model, tokenizer, prompt_ids, completion_ids, 4), dfs=[])
-    for p in prompts[:2]:
-        prefixes = {}
-        found, finished, forwards = infer.dfs_search(model, p["ids"], eos, 12, DFS_MIN_PROB, allowed, keep=prefixes)
-        completions = [tokens + [eos] for tokens, _ in found]
-        longest = max((tokens for tokens, _ in found), key=len, default=None)
-        again = infer.dfs_search(model, p["ids"], eos, 12, DFS_MIN_PROB, allowed, first=longest)
-        result["dfs"].append(dict(
-            found=found, finished=finished, forwards=forwards, kept=len(prefixes), again=again[0],
-            again_forwards=again[2],
-            full=bench.full_forward_logprobs(model, tokenizer, [p["ids"]] * len(found), completions, 4),
-            from_search=infer.completion_logprobs(model, tokenizer, [p["ids"]] * len(found), completions, 4,
-                                                  prefixes=prefixes)))
+                  full=bench.full_forward_logprobs(model, tokenizer, prompt_ids, completion_ids, 4))
+    ids, prefixes = prompts[0]["ids"], {}
+    found, finished, forwards = infer.dfs_search(model, ids, eos, 12, DFS_MIN_PROB, allowed, keep=prefixes)
+    completions = [tokens + [eos] for tokens, _ in found]
+    again = infer.dfs_search(model, ids, eos, 12, DFS_MIN_PROB, allowed, first=max((t for t, _ in found), key=len))
+    result["dfs"] = dict(found=found, finished=finished, forwards=forwards, kept=len(prefixes), again=again[0],
+                         again_forwards=again[2],
+                         full=bench.full_forward_logprobs(model, tokenizer, [ids] * len(found), completions, 4),
+                         from_search=infer.completion_logprobs(model, tokenizer, [ids] * len(found), completions, 4,
+                                                               prefixes=prefixes))
     Path(out).write_text(json.dumps(result))
 
 
@@ -270,9 +271,11 @@ def main():
     assert os.environ.get("UNSLOTH_ALLOW_CPU") == "1", "run through tests/unsloth_cpu.py run()"
     patch_before()
     sys.meta_path.insert(0, AfterUnsloth())
-    if mode in ("grads", "scores"):
+    if mode == "grads":
         assert __import__("train").import_unsloth("cpu") is None  # before transformers, as train.py does
-        return grads(*args) if mode == "grads" else scores(*args)
+        return grads(*args)
+    if mode == "scores":
+        return scores(*args)
     script = __import__(mode)  # train or infer: its own main(), its own import order
     return script.main(args)
 
