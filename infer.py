@@ -481,6 +481,8 @@ def completion_logprobs(model, tokenizer, prompt_ids, completion_ids, batch_size
                 batch = rows[start:start + batch_size]
                 comps = [list(completion_ids[i]) for i, _ in batch]
                 width = len(comps[0]) - 1  # the last token is predicted, never fed
+                if width == 1:  # a pad after it: one token on a cache is a decoding step to Unsloth (dfs_step)
+                    width = 2
                 logits = None
                 if width:
                     ids = torch.tensor([c[:-1] + [pad] * (width + 1 - len(c)) for c in comps], device=device)
@@ -591,19 +593,40 @@ def dfs_options(logits, nll, depth, on_first, allowed, eos_id, limit, max_new_to
 
 
 def dfs_prefill(model, prompt_ids, first, cache, keep=None):
-    """The logits after the prompt + first[:d] for every d, from one forward pass that fills `cache`; `keep` (a
-    dict) receives the prompt's own prefix for scoring (see dfs_search)."""
+    """(the logits after the prompt + first[:d] for every d, the cache) from one forward pass on the empty `cache`;
+    `keep` (a dict) receives the prompt's own prefix for scoring (see dfs_search)."""
     import inspect
     import torch
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     trim = dict(logits_to_keep=len(first) + 1) if "logits_to_keep" in inspect.signature(base.forward).parameters \
         else {}
     out = model(input_ids=torch.tensor([list(prompt_ids) + first], device=next(model.parameters()).device),
-                past_key_values=cache, use_cache=True, **trim).logits[0]
-    known = out[out.shape[0] - len(first) - 1:]  # known[d]: the logits after the prompt + first[:d]
-    if keep is not None:  # the prompt's positions only: the layers grow by torch.cat, never in place
-        keep[tuple(prompt_ids)] = (kv_tensors(cache, len(prompt_ids)), known[0].float().log_softmax(-1))
-    return known
+                past_key_values=cache, use_cache=True, return_dict=True, **trim)
+    known = out.logits[0, out.logits.shape[1] - len(first) - 1:]  # known[d]: the logits after the prompt + first[:d]
+    if keep is not None:  # the prompt's positions only: neither backend writes into these tensors later (dfs_step)
+        keep[tuple(prompt_ids)] = (kv_tensors(out.past_key_values, len(prompt_ids)), known[0].float().log_softmax(-1))
+    return known, out.past_key_values
+
+
+def dfs_step(model, token, cache, length):
+    """(the logits after `token`, the cache) from one forward pass of `token` at position `length`, on the first
+    `length` positions of `cache`: a transformers Cache, cropped and grown in place by torch.cat, or the (keys,
+    values) per layer that Unsloth's forward returns instead (it never writes into a Cache given to it), sliced.
+    Unsloth takes one token on a cache as a decoding step: it needs the position, and it reads the positions
+    before it from buffers of its own, copied from the cache at its first step after a longer pass (which drops
+    them) and then written one position a step; a depth-first search only returns to a prefix of the branch
+    written last, whose positions those buffers hold."""
+    import torch
+    if hasattr(cache, "crop"):
+        excess = cache.get_seq_length() - length
+        if excess > 0:
+            cache.crop(-excess)  # a count to remove (transformers 5.18 drops the positive length form)
+    else:
+        cache = tuple(kv_tensors(cache, length))
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True,
+                position_ids=torch.tensor([[length]], device=device), return_dict=True)
+    return out.logits[0, -1], out.past_key_values
 
 
 def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None,
@@ -612,7 +635,7 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
     found so far is kept), and the one-token forward passes made. A branch grows while its summed negative
     log-likelihood stays below -log(min_prob); one reaching EOS (within max_new_tokens, EOS counted) is a
     completion, so at most 1/min_prob exist. One KV cache serves the whole search: a new branch crops it back to
-    where it leaves the current one (DynamicCache.crop), so memory is one branch's, not a beam's. `first`, a
+    where it leaves the current one (dfs_step), so memory is one branch's, not a beam's. `first`, a
     known completion (without EOS), is prefilled with the prompt in one forward pass and explored first, so it
     costs no decoding. `allowed_ids` (EOS is always allowed) limits the tokens searched, e.g. to those the text
     format can write; their log-probs are NOT renormalised over the allowed tokens: every nll is the model's own,
@@ -633,7 +656,7 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
                                 max_new_tokens=max_new_tokens, first=first)
 
     with torch.inference_mode():
-        known = dfs_prefill(model, prompt_ids, first, cache, keep)
+        known, cache = dfs_prefill(model, prompt_ids, first, cache, keep)
         found, path, forwards = [], [], 0
         stack = [(options(known[0], 0.0, 0, True), True)]  # per depth: (tokens still to try, on `first`?)
         while stack:
@@ -654,11 +677,7 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
             if follows:
                 logits = known[depth + 1]
             else:  # the cache's first n + depth positions hold the prompt and this branch: keep those only
-                excess = cache.get_seq_length() - (n + depth)
-                if excess > 0:
-                    cache.crop(-excess)  # a count to remove (transformers 5.18 drops the positive length form)
-                logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
-                               use_cache=True).logits[0, -1]
+                logits, cache = dfs_step(model, token, cache, n + depth)
                 forwards += 1
             path.append(token)
             stack.append((options(logits, nll, depth + 1, follows), follows))

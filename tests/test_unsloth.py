@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(not unsloth_cpu.available(), reason="unsloth is 
 POSITIONS = 512  # the tiny model's max_position_embeddings: auto --max-seq-len is capped to it
 UNUSED = 200  # words of the tiny model's vocabulary that ARC text never uses: --vocab arc cuts them
 KEPT = 17  # the tiny tokenizer's 18 tokens but <pad>: the tied model pads with </s>
+SCORES_REL = 3e-4  # fp16 here: cached and full forward scores differ by <= 3.4e-5; a lost prompt moves them by >= 4e-3
 
 
 def tiny_tokenizer_with_unused_words():
@@ -174,16 +175,46 @@ def test_unsloth_run_reports_a_validation_loss_kept_across_its_resume(trained):
     assert all(0 < loss < 10 for _, loss in summary["val_losses"])
 
 
-def test_unsloth_run_predicts_a_valid_submission(setup, trained):
+@pytest.fixture(scope="module")
+def predicted(setup, trained):
+    """One Unsloth process on the trained run (its import costs the most): infer.py predicts the eval split, then
+    the scores of unsloth_cpu.scores are written. (its output, the scores)"""
     root, _, family = setup
     out = trained[0]
-    output = run("infer", "--backend", "unsloth", "--model", out, "--dataset", family, "--split", "eval",
-                 "--max-new-tokens", "12", "--out", root / "submission.json", root=root)
+    output = run("scores", root / "scores.json", out, family, "--backend", "unsloth", "--model", out, "--dataset",
+                 family, "--split", "eval", "--max-new-tokens", "12", "--out", root / "submission.json", root=root)
+    return output, json.loads((root / "scores.json").read_text())
+
+
+def test_unsloth_run_predicts_a_valid_submission(setup, predicted):
+    root, _, family = setup
+    output = predicted[0]
     assert "backend: unsloth (--backend unsloth)" in output and "Unsloth should be imported before" not in output
     tasks, _ = data.load_tasks(str(family), "eval")
     submission = json.loads((root / "submission.json").read_text())
     infer.check_submission(submission, tasks, "submission")
     assert set(submission) == set(tasks)
+
+
+def test_unsloth_scores_on_a_shared_prefix_and_dfs_nlls_equal_full_forward_ones(predicted):
+    """Unsloth's forward returns its cache instead of filling the one given, and takes one token on a cache as a
+    decoding step (its position needed): infer.py's cached scores of real prompts' candidates, in 2 views, equal a
+    full forward per pair and rank alike; dfs finds each completion at the nll a full forward gives, the same ones
+    with its longest known first, and the scores from the caches it kept are the full forward ones."""
+    r = predicted[1]
+    assert r["dtype"] == "torch.float16"
+    assert 2 in r["lengths"] and min(r["lengths"]) == 2 < max(r["lengths"])  # one completion token fed, and many
+    assert r["cached"] == pytest.approx(r["full"], rel=SCORES_REL)
+    ranks = lambda s: [sorted(range(4), key=lambda j: -s[i + j]) for i in range(0, len(s), 4)]  # noqa: E731
+    assert ranks(r["cached"]) == ranks(r["full"])
+    search = r["dfs"]
+    assert search["finished"] and search["kept"] == 1
+    tokens, nll = [t for t, _ in search["found"]], [nll for _, nll in search["found"]]
+    assert max(map(len, tokens)) >= 2 and search["forwards"] > len(tokens)  # branches cropped and grown
+    assert nll == pytest.approx([-s for s in search["full"]], rel=SCORES_REL)
+    assert search["from_search"] == pytest.approx(search["full"], rel=SCORES_REL)
+    assert [t for t, _ in search["again"]] == tokens and search["again_forwards"] < search["forwards"]
+    assert [nll for _, nll in search["again"]] == pytest.approx(nll, rel=SCORES_REL)
 
 
 def test_unsloth_merge_of_a_tied_base_keeps_the_trained_head(trained):

@@ -6,6 +6,8 @@ the Unsloth line behind each). The scripts' own main() runs unchanged; `--backen
     python tests/unsloth_cpu.py infer --backend unsloth --model RUN ...        # infer.main(...)
     python tests/unsloth_cpu.py grads OUT.pt MODEL DATASET                     # loss + gradients, each --vocab
     python tests/unsloth_cpu.py reference OUT.pt MODEL DATASET STATE.pt        # the same, transformers + peft
+    python tests/unsloth_cpu.py scores OUT.json RUN DATASET [FLAGS]            # infer.main(FLAGS), then cached
+                                                                               # scores and dfs vs full forward
 
 Only tests import this module; `run()` starts the subprocess. A same-process comparison would be meaningless:
 `import unsloth` patches transformers' Llama classes for the whole process, so `reference` asserts it never
@@ -24,6 +26,7 @@ SWITCHES = {"UNSLOTH_ALLOW_CPU": "1",  # Unsloth's test-only switch: its GPU pat
             "UNSLOTH_DISABLE_PINNED_MEMORY": "1",  # pinned host buffers need a driver
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 PLAIN = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+SHARPER, DFS_MIN_PROB = 2.0, 0.005  # `scores`: the head's logits doubled, a completion of 2 tokens lies above it
 
 
 def available():
@@ -211,6 +214,56 @@ def reference(out, model_folder, dataset, state_file):
     torch.save(result, out)
 
 
+def scores(out, run_folder, dataset, *flags):
+    """infer.main(flags) when given (in its own import order; one import of Unsloth serves both), then a trained
+    run loaded as infer.py loads it on Unsloth, its head SHARPER, scoring candidates (the answer, its transpose, a
+    near miss, and a two-token completion) of its --split eval tasks under 2 views with the prefix cache
+    (infer.completion_logprobs) and with a full forward per pair (bench.full_forward_logprobs); and
+    infer.dfs_search on one prompt, each completion's nll beside its full-forward score, the scores from the caches
+    the search kept, and the search again with its longest completion known (`first`). Written as json."""
+    import json
+    import random
+    import bench
+    import data
+    import infer
+    import train
+    if flags:
+        infer.main(list(flags))
+    import torch
+    setup = train.make_setup("auto", "unsloth")
+    run = train.read_run(run_folder)
+    model, tokenizer = infer.load_model(run, setup)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lm_head" in name:
+                p.mul_(SHARPER)
+    fmt = run.format or data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    tasks, _ = data.load_tasks(dataset, "eval")
+    views = data.views(2)
+    prompts, _ = infer.build_prompts(tasks, tokenizer, fmt, run.max_seq_len, views, writeup=False)
+    allowed, eos = infer.answer_ids(tokenizer, fmt), tokenizer.eos_token_id
+    encode = lambda g, v: data.encode_completion(  # noqa: E731
+        tokenizer, data.format_completion(data.apply_view(g, *views[v]), fmt))
+    rng, pairs = random.Random(0), []
+    for p in prompts:
+        grids = bench.scoring_candidates(tasks[p["task_id"]]["test"][p["test"]]["output"], 3, rng)
+        pairs += [(p["ids"], encode(g, p["view"])) for g in grids] + [(p["ids"], [allowed[0], eos])]
+    prompt_ids, completion_ids = [p for p, _ in pairs], [c for _, c in pairs]
+    result = dict(dtype=str(next(model.parameters()).dtype), lengths=list(map(len, completion_ids)),
+                  cached=infer.completion_logprobs(model, tokenizer, prompt_ids, completion_ids, 4),
+                  full=bench.full_forward_logprobs(model, tokenizer, prompt_ids, completion_ids, 4))
+    ids, prefixes = prompts[0]["ids"], {}
+    found, finished, forwards = infer.dfs_search(model, ids, eos, 12, DFS_MIN_PROB, allowed, keep=prefixes)
+    completions = [tokens + [eos] for tokens, _ in found]
+    again = infer.dfs_search(model, ids, eos, 12, DFS_MIN_PROB, allowed, first=max((t for t, _ in found), key=len))
+    result["dfs"] = dict(found=found, finished=finished, forwards=forwards, kept=len(prefixes), again=again[0],
+                         again_forwards=again[2],
+                         full=bench.full_forward_logprobs(model, tokenizer, [ids] * len(found), completions, 4),
+                         from_search=infer.completion_logprobs(model, tokenizer, [ids] * len(found), completions, 4,
+                                                               prefixes=prefixes))
+    Path(out).write_text(json.dumps(result))
+
+
 def main():
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "reference":
@@ -221,6 +274,8 @@ def main():
     if mode == "grads":
         assert __import__("train").import_unsloth("cpu") is None  # before transformers, as train.py does
         return grads(*args)
+    if mode == "scores":
+        return scores(*args)
     script = __import__(mode)  # train or infer: its own main(), its own import order
     return script.main(args)
 
