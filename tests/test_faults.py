@@ -477,8 +477,11 @@ def test_long():
 def test_after():
     open({str(marker)!r}, "w").close()
 """)
+    # SIGINT as a terminal delivers it: a job started in the background by a script (`cmd &`, as CI may be run)
+    # inherits SIGINT ignored, and a Python started so keeps ignoring it
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "test_long.py"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     said = wait_for_step(proc)
     proc.send_signal(signal.SIGINT)
     said += proc.communicate(timeout=120)[0]

@@ -75,12 +75,13 @@ def run(mode, *args, root):
 @pytest.fixture(scope="module")
 def trained(setup):
     """One Unsloth run shared by the tests, on the cut vocabulary: 6 steps with a checkpoint at 4, a merged model
-    and a validation loss every 3 steps, then resumed to 8."""
+    and a validation loss every 3 steps, then resumed to 8. --loss answer: the falling loss and the dfs check below
+    are set for the weights it gives (--loss outputs on Unsloth: test_unsloth_loss_on_every_output_...)."""
     root, model, family = setup
     out = root / "runs" / "lora"
     first = run("train", "--backend", "unsloth", "--model", model, "--dataset", family, "--split", "train",
                 "--max-steps", "6", "--save-steps", "4", "--logging-steps", "1", "--batch-size", "4",
-                "--grad-accum", "1", "--lr", "1e-2", "--vocab", "arc",
+                "--grad-accum", "1", "--lr", "1e-2", "--vocab", "arc", "--loss", "answer",
                 "--no-load-in-4bit", "--merge", "--val-dataset", family, "--val-split", "eval", "--eval-steps", "3",
                 "--out", out, root=root)
     info = json.loads((out / "config.json").read_text())
