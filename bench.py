@@ -460,18 +460,10 @@ def bench_scoring(cfg, setup):
     model, tokenizer = train.load_base(cfg.scoring_model, setup, cfg.max_seq_len)
     model = model.float().eval().to(setup.device)
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
-    count, views = data.count_tokens(tokenizer), data.views(cfg.scoring_views)
+    views = data.views(cfg.scoring_views)
     tasks, _ = data.load_tasks(cfg.dataset, cfg.split)
-    inputs = []  # (task id, test input, prompt ids per view)
-    for tid in sorted(tasks, key=lambda t: len(json.dumps(tasks[t]))):
-        for i in range(len(tasks[tid]["test"])):
-            fitted = [data.fit_task(data.prompt_view(tasks[tid], k, p), i, fmt, cfg.max_seq_len, count)
-                      for k, p in views]
-            if all(f is not None and not trimmed for f, trimmed in fitted):
-                inputs.append((tid, i, [data.encode_prompt(tokenizer, data.format_prompt(f, i, fmt))
-                                        for f, _ in fitted]))
-        if len(inputs) >= cfg.scoring_inputs:
-            break
+    inputs = [(tid, i, [prompt for prompt, _ in pairs])  # (task id, test input, prompt ids per view)
+              for tid, i, pairs in smallest_view_prompts(cfg, tokenizer, cfg.scoring_views, cfg.scoring_inputs)]
     forwarded = []
     model.register_forward_pre_hook(lambda m, args, kw: forwarded.append(kw["input_ids"].numel()), with_kwargs=True)
     rng, rows = random.Random(cfg.seed), []
@@ -513,10 +505,11 @@ def bench_scoring(cfg, setup):
 # ----------------------------------------------------------------------------
 # dfsbatch: dfs's one-token step for one view a forward against several views in one batch
 
-def smallest_view_prompts(cfg, tokenizer, n_views, n_inputs):
+def smallest_view_prompts(cfg, tokenizer, n_views, n_inputs, varied=False):
     """[(task id, test index, [(prompt ids, right answer's completion ids) per view])] of the smallest --dataset
-    --split tasks whose first `n_views` views all fit --max-seq-len untrimmed, up to `n_inputs` test inputs; only
-    those whose views differ in prompt length (a square task's do not), so that a batch of them needs padding."""
+    --split tasks whose first `n_views` views all fit --max-seq-len untrimmed, the test inputs of whole tasks until
+    there are `n_inputs`; with `varied`, only those whose views differ in prompt length (a square task's do not), so
+    that a batch of them needs padding."""
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     count, views = data.count_tokens(tokenizer), data.views(n_views)
     tasks, _ = data.load_tasks(cfg.dataset, cfg.split)
@@ -530,7 +523,7 @@ def smallest_view_prompts(cfg, tokenizer, n_views, n_inputs):
             pairs = [(data.encode_prompt(tokenizer, data.format_prompt(f, i, fmt)), data.encode_completion(
                 tokenizer, data.format_completion(data.apply_view(test["output"], k, p), fmt)))
                      for (f, _), (k, p) in zip(fitted, views)]
-            if len({len(prompt) for prompt, _ in pairs}) > 1:
+            if not varied or len({len(prompt) for prompt, _ in pairs}) > 1:
                 out.append((tid, i, pairs))
         if len(out) >= n_inputs:
             break
@@ -602,7 +595,7 @@ def bench_dfsbatch(cfg, setup):
     sizes = [int(n) for n in cfg.dfsbatch_rows]
     model, tokenizer = train.load_base(cfg.dfsbatch_model, setup, cfg.max_seq_len)
     model = model.float().eval().to(setup.device)
-    inputs = smallest_view_prompts(cfg, tokenizer, max(sizes), cfg.dfsbatch_inputs)
+    inputs = smallest_view_prompts(cfg, tokenizer, max(sizes), cfg.dfsbatch_inputs, varied=True)
     if not inputs:
         raise SystemExit(f"error: --dataset {cfg.dataset} --split {cfg.split}: no test input whose {max(sizes)} "
                          f"views fit --max-seq-len {cfg.max_seq_len}")
