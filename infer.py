@@ -245,7 +245,7 @@ def load_weights(run, setup):
 class Record:
     task_id: str
     guesses: list   # per test input: [guess 1, guess 2], each a grid in the task's orientation or None
-    status: list    # per test input: [status 1, status 2]: ok, no_end, unparsable or too_long
+    status: list    # per test input: [status 1, status 2]: ok, no_end, unparsable, too_long or cut_by_budget
     skipped: list = field(default_factory=list)  # "test i guess g: why", for guesses too long to fit
     trimmed: int = 0  # train examples dropped to fit max_seq_len, over all guesses
     tokens: dict = field(default_factory=lambda: dict(prompt=0, generated=0))
@@ -256,9 +256,9 @@ class Record:
     degraded: str = ""  # what it gave up to fit its share of --time-budget (fewer views, no rescoring), if anything
 
     @classmethod
-    def empty(cls, task_id, n_tests):
+    def empty(cls, task_id, n_tests, status=None):
         return cls(task_id, guesses=[[None, None] for _ in range(n_tests)],
-                   status=[[None, None] for _ in range(n_tests)])
+                   status=[[status, status] for _ in range(n_tests)])
 
     @classmethod
     def from_json(cls, obj):
@@ -958,16 +958,17 @@ def measure(budget, plan, n_tests, seconds, score_s):
 
 
 def sampled_prompts(tasks, tokenizer, fmt, cfg, views):
-    """(prompts, records, shown): a prompt per task x test input x view x sample of the mode (build_prompts, said
+    """(prompts, records, shown): per task, a prompt per test input x view x sample of the mode (build_prompts, said
     in the `prompts:` line), and per (task, test input) -> view -> (k, perm, prompt ids): what the modes score
     candidates against."""
     prompts, records = build_prompts(tasks, tokenizer, fmt, cfg.max_seq_len, views, cfg.guesses == "writeup")
     n_samples = MODES[cfg.guesses].samples(cfg)
     describe_prompts(cfg, tasks, prompts, records, len(views), n_samples)
-    shown = {}
+    shown, by_task = {}, {}
     for p in prompts:
         shown.setdefault((p["task_id"], p["test"]), {})[p["view"]] = (*views[p["view"]], p["ids"])
-    return [dict(p, sample=j) for p in prompts for j in range(n_samples)], records, shown
+        by_task.setdefault(p["task_id"], []).extend(dict(p, sample=j) for j in range(n_samples))
+    return by_task, records, shown
 
 
 def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None, end=None):
@@ -977,7 +978,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
     it cuts are neither predicted nor cached. Returns (generated tokens, seconds, ids of the tasks cut)."""
     from tqdm import tqdm
     mode, views = MODES[cfg.guesses], view_list(cfg)
-    prompts, records, shown = sampled_prompts(tasks, tokenizer, fmt, cfg, views)
+    by_task, records, shown = sampled_prompts(tasks, tokenizer, fmt, cfg, views)
     samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
     job, budget = make_job(cfg, model, tokenizer, fmt), Budget(end, len(tasks)) if end else None
     bar = tqdm(total=len(tasks), unit="task", desc="tasks")
@@ -1008,7 +1009,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
                 cut += group
                 bar.update(len(group))
                 continue
-            todo = [p for p in prompts if p["task_id"] in group and p["view"] < plan.views]
+            todo = [p for tid in group for p in by_task.get(tid, []) if p["view"] < plan.views]
             pending = Counter(p["task_id"] for p in todo)
             for tid in [tid for tid in group if pending[tid] == 0]:
                 finish(tid, plan)
@@ -1548,8 +1549,7 @@ def cut_records(cut, tasks, cache_path):
     if cut:
         print(f"cut by --time-budget: {len(cut)} tasks, first: {', '.join(cut[:5])}: [[0]] in the submission and "
               f"not in {cache_path}; the same command with a longer --time-budget (or none) predicts them")
-    return {tid: Record(tid, guesses=[[None, None] for _ in tasks[tid]["test"]],
-                        status=[["cut_by_budget"] * 2 for _ in tasks[tid]["test"]]) for tid in cut}
+    return {tid: Record.empty(tid, len(tasks[tid]["test"]), "cut_by_budget") for tid in cut}
 
 
 def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
@@ -1637,7 +1637,7 @@ def predict_all(cfg, tasks, unreadable, t0):
     seen = warn_seen(run, tasks)
     no_adapter = missing_adapters(run, tasks)
     with lock(cache_path):
-        end = t0 + budget_seconds(cfg.time_budget) if budget_seconds(cfg.time_budget) else None
+        end = t0 + budget if (budget := budget_seconds(cfg.time_budget)) else None
         records, generated, seconds, cut = predict_missing(cfg, run, tasks, cache_path, settings, setup, end)
         status = [s for rec in records.values() for pair in rec.status for s in pair]
         skipped = [f"task {tid} {note}" for tid, rec in records.items() for note in rec.skipped]
