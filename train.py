@@ -55,6 +55,7 @@ LAUNCH = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # torchrun and accelerate launch 
 SMOLLM2_CPU_TOK_S = {"short": 250, "long": 158}
 VOCABS = ("arc", "full")
 WRITEUP = dict(vocab="full", loss="answer")  # --writeup: the write-up's recipe where our measured defaults differ
+WRITEUP_FLAGS = " ".join(f"--{k} {v}" for k, v in WRITEUP.items())
 TORCH_CU126 = "https://download.pytorch.org/whl/cu126"  # PyTorch's CUDA 12.6 builds: NVIDIA drivers >= 525
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # in model configs
 
@@ -118,7 +119,7 @@ class Config:
                                            "README); answer: on the test output only (the write-up's)",
                     choices=list(LOSSES))
     writeup: bool = opt(False, "training", "the write-up's recipe exactly, where our defaults differ from it: "
-                                           f"{' '.join(f'--{k} {v}' for k, v in WRITEUP.items())}")
+                                           + WRITEUP_FLAGS)
     # output
     out: str = opt("", "output", "run folder (default: runs/<model>-<time>)")
     resume: bool = opt(False, "output", "continue from the latest checkpoint in --out (default: the latest run)")
@@ -172,9 +173,8 @@ def writeup_recipe(cfg, given):
     otherwise, as it refuses those flags); a contradicting flag beside it is a OneLineError."""
     clash = [f"--{k} {getattr(cfg, k)}" for k, v in WRITEUP.items() if k in given and getattr(cfg, k) != v]
     if clash:
-        raise OneLineError(f"--writeup sets {' '.join(f'--{k} {v}' for k, v in WRITEUP.items())}: drop "
-                           f"{', '.join(clash)} or --writeup")
-    print(f"writeup: {' '.join(f'--{k} {v}' for k, v in WRITEUP.items())} (the write-up's recipe)")
+        raise OneLineError(f"--writeup sets {WRITEUP_FLAGS}: drop {', '.join(clash)} or --writeup")
+    print(f"writeup: {WRITEUP_FLAGS} (the write-up's recipe)")
     return dataclasses.replace(cfg, **WRITEUP), given | set(WRITEUP)
 
 
