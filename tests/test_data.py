@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import cli
 import data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +164,7 @@ def test_choose_format_picks_llama3_for_llama3_and_digits_for_a_per_digit_encode
 
 
 def test_choose_format_refuses_a_tokenizer_with_neither():
-    with pytest.raises(data.OneLineError, match="no one-token-per-cell format"):
+    with pytest.raises(cli.OneLineError, match="no one-token-per-cell format"):
         data.choose_format(lambda s: [s])  # the whole text as one token
 
 
@@ -263,7 +264,7 @@ def test_bad_file_raises_data_error_naming_the_file(tmp_path, case):
     files, source, named, problem = BAD_FILES[case]
     for name, text in files.items():
         write(tmp_path / name, text)
-    with pytest.raises(data.OneLineError) as e:
+    with pytest.raises(cli.OneLineError) as e:
         read_tasks(str(tmp_path / source), "train")
     message = str(e.value)
     assert str(tmp_path / named) in message and problem in message, message
@@ -281,13 +282,13 @@ def test_broken_file_in_a_folder_is_one_skipped_task(tmp_path):
 
 def test_single_task_file_missing_a_part_names_the_part(tmp_path):
     path = write(tmp_path / "single.json", json.dumps({"train": GOOD["train"]}))
-    with pytest.raises(data.OneLineError) as e:
+    with pytest.raises(cli.OneLineError) as e:
         read_tasks(str(path), "train")
     assert "single.json" in str(e.value) and "'test' is missing" in str(e.value)
 
 
 def test_unknown_split_of_an_embedded_set_is_a_data_error():
-    with pytest.raises(data.OneLineError, match="--split test"):
+    with pytest.raises(cli.OneLineError, match="--split test"):
         read_tasks("arc1", "test")
 
 
@@ -360,9 +361,9 @@ def test_a_kaggle_folder_loads_as_the_kaggle_set_with_its_splits(tmp_path):
 def test_a_split_a_kaggle_folder_lacks_is_one_line_naming_what_it_has(tmp_path):
     folder, _ = kaggle_folder(tmp_path / "k")
     (folder / "arc-agi_test_challenges.json").unlink()
-    with pytest.raises(data.OneLineError, match=r"--split test: .* holds Kaggle challenges for train, eval"):
+    with pytest.raises(cli.OneLineError, match=r"--split test: .* holds Kaggle challenges for train, eval"):
         read_tasks(str(folder), "test")
-    with pytest.raises(data.OneLineError, match=r"--split test: arc1 has the splits train, eval"):
+    with pytest.raises(cli.OneLineError, match=r"--split test: arc1 has the splits train, eval"):
         read_tasks("arc1", "test")
 
 

@@ -1,4 +1,4 @@
-"""Where a process runs: the device, dtype and backend decided once at its start (train.make_setup), a GPU that
+"""Where a process runs: the device, dtype and backend decided once at its start (models.make_setup), a GPU that
 torch cannot use stopping every script in one line, and fp16 wherever bf16 would only be emulated."""
 import json
 import os
@@ -10,6 +10,8 @@ import torch
 
 import bench
 import infer
+import models
+import runs
 import train
 from conftest import tiny_run
 
@@ -44,7 +46,8 @@ def test_an_unusable_gpu_stops_train_infer_and_bench_before_any_model_in_one_lin
                                                                                    monkeypatch):
     def no_model(*_, **__):
         raise AssertionError("a model was loaded")
-    monkeypatch.setattr(train, "load_base", no_model)
+    for script in (train, bench, models):  # each loads a base; infer.py builds its model on one
+        monkeypatch.setattr(script, "load_base", no_model)
     run = tiny_run(tmp_path / "run")
     calls = {"train.py": lambda: train.main(["--dataset", str(family), "--max-steps", "2", "--out",
                                              str(tmp_path / "new")]),
@@ -54,7 +57,7 @@ def test_an_unusable_gpu_stops_train_infer_and_bench_before_any_model_in_one_lin
         message = one_line_error(call)
         assert "NVIDIA A100-SXM4-80GB with NVIDIA driver 550.54.15 is here, but torch " in message, (script, message)
         assert f"pip install torch=={torch.__version__.split('+')[0]} xformers==0.0.35 --index-url " \
-               f"{train.TORCH_CU126}" in message and "--device cpu" in message, (script, message)
+               f"{models.TORCH_CU126}" in message and "--device cpu" in message, (script, message)
     assert not (tmp_path / "new").exists() and not (tmp_path / "bench.json").exists()
     assert sorted(p.name for p in Path(run).iterdir()) == ["config.json", "final"]  # no submission, no cache
 
@@ -96,7 +99,7 @@ def fake_gpu(monkeypatch, name, capability, count=1):
 @pytest.mark.parametrize("name, capability, dtype", GPUS, ids=[g[0].split()[-1] for g in GPUS])
 def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capsys, name, capability, dtype):
     fake_gpu(monkeypatch, name, capability, count=2)
-    setup = train.make_setup("auto", "transformers")
+    setup = models.make_setup("auto", "transformers")
     assert (setup.device, setup.gpus, setup.dtype) == ("cuda", [name, name], dtype)
     said = capsys.readouterr().out
     assert f"device: cuda (2 x {name}) (CUDA found)" in said
@@ -106,10 +109,10 @@ def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capsys, name,
 def test_cpu_is_fp32_and_the_setup_says_so(capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    setup = train.make_setup("auto", "auto", model="unsloth/llama-3-8b-bnb-4bit")
+    setup = models.make_setup("auto", "auto", model="unsloth/llama-3-8b-bnb-4bit")
     assert (setup.device, setup.dtype, setup.backend) == ("cpu", torch.float32, "transformers")
     assert capsys.readouterr().out.splitlines()[:3] == [
-        f"device: cpu (no GPU); torch {train.torch_build()}, NVIDIA driver none", "dtype: float32 (CPU)",
+        f"device: cpu (no GPU); torch {models.torch_build()}, NVIDIA driver none", "dtype: float32 (CPU)",
         "backend: transformers (no CUDA device found: transformers + peft)"]
 
 
@@ -117,17 +120,17 @@ def test_a_t4_setup_loads_and_merges_in_fp16(monkeypatch, tmp_path, family):
     """The dtype decided once is the one every loader uses: a T4's fp16 reaches the base load and the merged save
     (both built on the CPU here: the setup, not torch, says which dtype)."""
     fake_gpu(monkeypatch, "Tesla T4", (7, 5))
-    t4 = train.make_setup("auto", "transformers")
+    t4 = models.make_setup("auto", "transformers")
     monkeypatch.undo()
-    on_cpu = train.Setup(**{**vars(t4), "device": "cpu"})
+    on_cpu = models.Setup(**{**vars(t4), "device": "cpu"})
     run = tiny_run(tmp_path / "run")
-    model, tokenizer = train.load_base(str(Path(run) / "final"), on_cpu)
+    model, tokenizer = models.load_base(str(Path(run) / "final"), on_cpu)
     assert next(model.parameters()).dtype == torch.float16
     out = tmp_path / "lora"
     train.main(["--dataset", str(family), "--no-full-finetune", "--max-steps", "1", "--batch-size", "4",
                 "--out", str(out)])
-    r = train.read_run(out)
-    train.save_merged(None, tokenizer, tmp_path / "merged", on_cpu, r.base, r.adapter, r.keep_ids)
+    r = runs.read_run(out)
+    models.save_merged(None, tokenizer, tmp_path / "merged", on_cpu, r.base, r.adapter, r.keep_ids)
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "float16"
 
 
@@ -135,7 +138,7 @@ def test_the_scripts_ask_torch_about_the_gpu_in_one_place():
     """Decided once: find_device is the only caller of cuda.is_available(), pick_dtype the only dtype rule, and
     nothing asks is_bf16_supported (True on a T4, where bf16 is emulated)."""
     calls = {}
-    for script in ("data.py", "train.py", "infer.py", "bench.py"):
-        text = (ROOT / script).read_text()
-        calls[script] = len(re.findall(r"cuda\.is_available\(\)", text)), len(re.findall(r"is_bf16_supported\(", text))
-    assert calls == {"data.py": (0, 0), "train.py": (1, 0), "infer.py": (0, 0), "bench.py": (0, 0)}, calls
+    for path in sorted(ROOT.glob("*.py")):
+        text = path.read_text()
+        calls[path.name] = len(re.findall(r"cuda\.is_available\(\)", text)), len(re.findall(r"is_bf16_supported\(", text))
+    assert calls == {name: (name == "models.py", 0) for name in calls} and "models.py" in calls, calls

@@ -1,4 +1,4 @@
-"""infer.dfs, the depth-first search for every answer above a probability: exact against brute-force enumeration of
+"""decode.dfs, the depth-first search for every answer above a probability: exact against brute-force enumeration of
 every sequence, at most the greedy answer above 0.5, and each nll the one a teacher-forced pass gives (the cache
 cropped on backtracking is right), with or without a known first branch.
 
@@ -10,8 +10,9 @@ import random
 
 import pytest
 
+import decode
 import infer
-import train
+import models
 
 VOCAB = 6
 
@@ -73,12 +74,12 @@ def test_dfs_finds_exactly_the_completions_above_p_of_brute_force_enumeration(se
     expected = {c: nll for c, nll in every.items() if nll < limit}
     assert all(abs(nll - limit) > 1e-4 for nll in every.values())  # no completion sits on the threshold
     assert len(expected) >= 2  # the case is worth testing
-    found = infer.dfs(model, prompt, eos, max_new, min_prob, allowed_ids=allowed)
+    found = decode.dfs(model, prompt, eos, max_new, min_prob, allowed_ids=allowed)
     assert [nll for _, nll in found] == sorted(nll for _, nll in found)
     assert {tuple(c): nll for c, nll in found} == pytest.approx(expected, abs=1e-5)
     assert len(found) == len(expected) <= 1 / min_prob
     if allowed is not None:  # not renormalised: the same nll as over the whole vocabulary, so fewer pass P
-        assert len(found) < len(infer.dfs(model, prompt, eos, max_new, min_prob))
+        assert len(found) < len(decode.dfs(model, prompt, eos, max_new, min_prob))
 
 
 def test_dfs_above_one_half_returns_at_most_the_greedy_answer():
@@ -95,7 +96,7 @@ def test_dfs_above_one_half_returns_at_most_the_greedy_answer():
                 lp = model(input_ids=torch.tensor([prompt + best])).logits[0].double().log_softmax(-1)
             p = math.exp(sum(lp[len(prompt) - 1 + j, t].item() for j, t in enumerate(best + [eos])))
             expected = [best] if p > 0.5 else []
-        found = infer.dfs(model, prompt, eos, 6, 0.5)
+        found = decode.dfs(model, prompt, eos, 6, 0.5)
         assert [c for c, _ in found] == expected
         hits += len(found)
     assert hits >= 3  # the greedy answer was above 0.5, and found, several times
@@ -105,15 +106,15 @@ def test_each_dfs_nll_is_a_teacher_forced_pass_and_a_known_first_branch_changes_
     """A 20-token prompt and answers up to 8 tokens: the search backtracks often through one cache. Every
     completion's nll equals completion_logprobs' one forward pass over prompt + completion + EOS; the same search
     given a known completion to try first finds the same set with fewer one-token forward passes."""
-    model, eos, tokenizer = small_model(seed=1, head_scale=0.6), 4, train.tiny_tokenizer()
+    model, eos, tokenizer = small_model(seed=1, head_scale=0.6), 4, models.tiny_tokenizer()
     rng = random.Random(1)
     prompt = [rng.randrange(VOCAB) for _ in range(20)]
-    found, finished, forwards = infer.dfs_search(model, prompt, eos, 8, 0.005)
+    found, finished, forwards = decode.dfs_search(model, prompt, eos, 8, 0.005)
     assert finished and len(found) >= 5 and max(len(c) for c, _ in found) >= 4
-    forced = infer.completion_logprobs(model, tokenizer, [prompt] * len(found), [c + [eos] for c, _ in found])
+    forced = decode.completion_logprobs(model, tokenizer, [prompt] * len(found), [c + [eos] for c, _ in found])
     assert [nll for _, nll in found] == pytest.approx([-lp for lp in forced], abs=1e-4)
     for known, _ in (found[-1], found[0]):
-        again, finished, fewer = infer.dfs_search(model, prompt, eos, 8, 0.005, first=known)
+        again, finished, fewer = decode.dfs_search(model, prompt, eos, 8, 0.005, first=known)
         assert finished and [c for c, _ in again] == [c for c, _ in found]
         assert [nll for _, nll in again] == pytest.approx([nll for _, nll in found], abs=1e-5)
         assert fewer <= forwards - len(known)  # the known branch was prefilled, not decoded
@@ -122,10 +123,10 @@ def test_each_dfs_nll_is_a_teacher_forced_pass_and_a_known_first_branch_changes_
 def test_dfs_past_its_deadline_keeps_what_it_found(monkeypatch):
     model, eos = small_model(seed=2), 4
     prompt = [3, 1, 2, 5, 0, 2]
-    everything = dict((tuple(c), nll) for c, nll in infer.dfs(model, prompt, eos, 8, 0.005))
+    everything = dict((tuple(c), nll) for c, nll in decode.dfs(model, prompt, eos, 8, 0.005))
     clock = iter(range(10**6))
     monkeypatch.setattr(infer.time, "time", lambda: next(clock))  # each look at the clock: one second later
-    found, finished, _ = infer.dfs_search(model, prompt, eos, 8, 0.005, deadline=60)
+    found, finished, _ = decode.dfs_search(model, prompt, eos, 8, 0.005, deadline=60)
     assert not finished and 0 < len(found) < len(everything)
     assert {tuple(c): nll for c, nll in found} == pytest.approx({tuple(c): everything[tuple(c)] for c, _ in found})
 

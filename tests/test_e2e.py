@@ -3,8 +3,9 @@ solves held-out tasks of that family and writes a valid, scored Kaggle submissio
 import json
 
 import data
-import train
 import infer
+import submit
+import train
 
 
 def test_tiny_model_learns_a_task_family_and_solves_held_out_tasks(tmp_path, capsys):
@@ -32,6 +33,6 @@ def test_tiny_model_learns_a_task_family_and_solves_held_out_tasks(tmp_path, cap
                     "--out", str(out)])
     results = json.loads(out.with_name("results.dfs.json").read_text())
     submission = json.loads(out.with_name("submission.dfs.json").read_text())
-    infer.check_submission(submission, data.load_tasks("family", "eval")[0], "dfs submission")  # every task
+    submit.check_submission(submission, data.load_tasks("family", "eval")[0], "dfs submission")  # every task
     assert results["mode"] == "dfs" and results["tasks"] == 30 == len(submission)
     assert results["score"] >= 0.9 * 30, results["score"]

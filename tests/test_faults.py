@@ -19,8 +19,12 @@ from pathlib import Path
 
 import pytest
 
+import cli
 import data
+import hub
 import infer
+import models
+import runs
 import train
 from conftest import FMT, fake_model, mirror_task, read, tiny_run, write_family, write_run, write_tasks
 
@@ -89,7 +93,7 @@ def test_resume_after_a_real_kill_9_while_saving(family, tmp_path, capsys):
     proc.kill()
     proc.wait()
     newest = max((out / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
-    half_written = train.checkpoint_problem(newest) != ""  # usually: the kill lands in its torch.save
+    half_written = runs.checkpoint_problem(newest) != ""  # usually: the kill lands in its torch.save
     train.main(argv[2:] + ["--max-steps", "5", "--resume"])
     said = capsys.readouterr().out
     assert "resume: from" in said and (f"{newest} is incomplete" in said) == half_written, said
@@ -121,7 +125,7 @@ def mirror(tmp_path):
     rng = random.Random(0)
     tasks = {f"t{i}": mirror_task(rng, 2, 3 + i) for i in range(4)}
     run = Path(write_run(tmp_path / "run"))
-    (run / train.FINAL / "model.safetensors").write_bytes(b"weights v1")  # only fingerprinted: the model is faked
+    (run / runs.FINAL / "model.safetensors").write_bytes(b"weights v1")  # only fingerprinted: the model is faked
     return tasks, write_tasks(tmp_path / "tasks", tasks), run
 
 
@@ -141,7 +145,7 @@ def test_cache_of_other_weights_is_moved_aside_and_every_task_predicted_afresh(m
     fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
     infer.main(["--dataset", folder, "--model", str(run)])
     old = (run / "submission.cache.jsonl").read_text()
-    (run / train.FINAL / "model.safetensors").write_bytes(b"weights v2")  # train.py --resume trained it further
+    (run / runs.FINAL / "model.safetensors").write_bytes(b"weights v2")  # train.py --resume trained it further
     again = fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
     capsys.readouterr()
     infer.main(["--dataset", folder, "--model", str(run)])
@@ -222,7 +226,7 @@ def test_data_reads_a_file_once_whatever_the_splits(tmp_path, monkeypatch, capsy
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"a": {"train": [{"input": G, "output": G}], "test": [{"input": G, "output": G}]}}))
     reads = []
-    read_json = data.read_json
+    read_json = cli.read_json
     monkeypatch.setattr(data, "read_json", lambda p: reads.append(p) or read_json(p))
     data.main(["--stats", "--dataset", str(path)])
     assert reads == [path] and capsys.readouterr().out.count("1 tasks (0 skipped)") == 1
@@ -242,7 +246,8 @@ INFER_FLAGS = [("--max-seq-len", "-5"), ("--max-new-tokens", "-5"), ("--temperat
 def no_model(monkeypatch):
     def load(*_):
         raise AssertionError("a model was loaded")
-    monkeypatch.setattr(train, "load_base", load)
+    for script in (train, models):  # training loads its base, every other model is built on one
+        monkeypatch.setattr(script, "load_base", load)
     monkeypatch.setattr(infer, "load_model", load)
 
 
@@ -293,8 +298,8 @@ def test_out_in_a_read_only_folder_is_one_line(mirror, tmp_path, monkeypatch):
 
 
 def damaged_model(folder, damage):
-    tok = train.tiny_tokenizer()
-    model = train.tiny_model(tok, hidden=32, layers=1)
+    tok = models.tiny_tokenizer()
+    model = models.tiny_model(tok, hidden=32, layers=1)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -403,8 +408,8 @@ def wait_for_step(proc):
 
 def finish(run, steps=1):
     """Mark a write_run folder as a run that finished training (config.json's summary)."""
-    path = train.run_config_path(run)
-    data.write_json(path, dict(json.loads(Path(path).read_text()), summary=dict(steps=steps, interrupted=False)))
+    path = runs.run_config_path(run)
+    cli.write_json(path, dict(json.loads(Path(path).read_text()), summary=dict(steps=steps, interrupted=False)))
     return run
 
 
@@ -438,9 +443,9 @@ def test_resume_with_a_flag_that_changes_the_weights_is_refused_and_writes_nothi
 def test_sigterm_saves_a_checkpoint_a_second_train_is_refused_and_infer_skips_the_run(family, mirror, tmp_path,
                                                                                      monkeypatch, tokenizer, capsys):
     tasks, folder, _ = mirror
-    runs = tmp_path / "runs"
-    finish(write_run(runs / "a-finished"))
-    killed = runs / "b-killed"
+    root = tmp_path / "runs"
+    finish(write_run(root / "a-finished"))
+    killed = root / "b-killed"
     proc = script("train.py", "--dataset", family, "--out", killed, "--max-steps", 100000, "--save-steps", 100000,
                   "--logging-steps", 1, "--batch-size", 4)
     said = wait_for_step(proc)
@@ -451,15 +456,15 @@ def test_sigterm_saves_a_checkpoint_a_second_train_is_refused_and_infer_skips_th
     assert proc.returncode == 143 and "SIGTERM: saving a checkpoint" in said and "Traceback" not in said, said
     summary = json.loads((killed / "config.json").read_text())["summary"]
     assert summary["interrupted"] and 0 < summary["steps"] < 100000
-    assert train.checkpoint_problem(killed / "checkpoints" / f"checkpoint-{summary['steps']}") == ""
-    assert train.run_status(killed) == "interrupted" and train.latest_run(runs) == killed
+    assert runs.checkpoint_problem(killed / "checkpoints" / f"checkpoint-{summary['steps']}") == ""
+    assert runs.run_status(killed) == "interrupted" and runs.latest_run(root) == killed
     monkeypatch.chdir(tmp_path)
     fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
     capsys.readouterr()
     infer.main(["--dataset", folder])
     out = capsys.readouterr().out
     assert "model: runs/a-finished (the newest finished run; runs/b-killed is newer but interrupted)" in out, out
-    assert (runs / "a-finished" / "submission.json").exists() and not (killed / "submission.json").exists()
+    assert (root / "a-finished" / "submission.json").exists() and not (killed / "submission.json").exists()
 
 
 def test_a_sigint_stops_pytest_itself(family, tmp_path):
@@ -559,7 +564,7 @@ def test_ttt_adapters_are_keyed_by_the_base_weights_and_odd_ids_get_their_own_fo
     ttt = ["--ttt", "--dataset", str(tmp_path / "odd_challenges.json"), "--out", str(tmp_path / "ttt"),
            "--epochs", "1", "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1"]
     train.main(ttt + ["--model", str(bases[0])])
-    folders = {tid: train.ttt_folder(tmp_path / "ttt", tid, tasks[tid]) for tid in ODD_IDS}
+    folders = {tid: runs.ttt_folder(tmp_path / "ttt", tid, tasks[tid]) for tid in ODD_IDS}
     assert len(set(folders.values())) == 4 and all(f.is_dir() and f.parent == tmp_path / "ttt" / "ttt"
                                              for f in folders.values())
     message = error_of(train.main, ttt + ["--model", str(bases[1])])
@@ -642,9 +647,9 @@ def test_cache_append_over_a_file_size_limit_is_one_line_and_keeps_the_finished_
     driver.write_text(f"""
 import resource, sys
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
-import infer, train
-infer.load_model = lambda run, cfg: (None, train.tiny_tokenizer())
-infer.generate = lambda model, tok, prompts, cfg, fmt=None, **kw: ["junk"] * len(prompts)
+import decode, infer, models
+infer.load_model = lambda run, cfg: (None, models.tiny_tokenizer())
+decode.generate = lambda model, tok, prompts, cfg, fmt=None, **kw: ["junk"] * len(prompts)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 infer.main(["--dataset", {folder!r}, "--model", {str(run)!r}, "--batch-size", "2"])
 """)
@@ -663,7 +668,7 @@ def test_unwritable_hf_home_for_the_smollm2_conversion_is_one_line(family, tmp_p
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("HF_HOME", str(blocker / "hf"))
-    monkeypatch.setattr(train, "smollm2_gguf", lambda: Path("SmolLM2.gguf"))  # the package's file is not needed
+    monkeypatch.setattr(hub, "smollm2_gguf", lambda: Path("SmolLM2.gguf"))  # the package's file is not needed
     message = error_of(train.main, ["--dataset", str(family), "--model", "smollm2", "--out", str(tmp_path / "r")])
     assert "\n" not in message and "a-file" in message and "HF_HOME" in message, message
 
@@ -700,10 +705,10 @@ def test_weights_gone_nan_stop_training_with_one_line_and_keep_the_last_good_che
                                     "1", "--batch-size", "4", "--lr", "1e30", "--warmup", "0"])
     assert "NaN or inf at step" in message and "last good checkpoint" in message and "\n" not in message, message
     good = Path(message.split("last good checkpoint is ")[1].split(":")[0])
-    assert train.checkpoint_problem(good) == "" and good == train.checkpoints(out)[0]
+    assert runs.checkpoint_problem(good) == "" and good == runs.checkpoints(out)[0]
     state = json.loads((good / "trainer_state.json").read_text())
     assert all(math.isfinite(log["loss"]) for log in state["log_history"] if "loss" in log)
-    assert train.run_status(out) == "unfinished" and not (out / "final").exists()
+    assert runs.run_status(out) == "unfinished" and not (out / "final").exists()
 
 
 # deeply nested JSON: one skipped file in a folder, one line for a file
@@ -875,7 +880,7 @@ def test_shards_of_other_weights_are_not_merged_and_limited_shards_merge(mirror,
     fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
     given = ["--dataset", folder, "--model", str(run)]
     infer.main(given + ["--shard", "0/2"])
-    (run / train.FINAL / "model.safetensors").write_bytes(b"weights v2")  # trained further between the shards
+    (run / runs.FINAL / "model.safetensors").write_bytes(b"weights v2")  # trained further between the shards
     infer.main(given + ["--shard", "1/2"])
     message = error_of(infer.main, given + ["--merge"])
     assert "shards 0/2 and 1/2 were predicted with other weights" in message and "\n" not in message, message
@@ -929,7 +934,7 @@ def test_a_task_with_other_grids_or_no_adapter_is_named_and_never_gets_another_t
     changed = json.loads(files[0].read_text())
     changed["train"][0] = {"input": [[1]], "output": [[2]]}  # other grids under the same id and path
     (tasks / files[0].name).write_text(json.dumps(changed))
-    shutil.rmtree(next((run / train.TTT).glob(f"{ids[1]}*")))  # as after a SIGTERM before its task
+    shutil.rmtree(next((run / runs.TTT).glob(f"{ids[1]}*")))  # as after a SIGTERM before its task
     loaded = []
     real = safetensors.torch.load_file
     monkeypatch.setattr(safetensors.torch, "load_file", lambda path, *a, **k: (loaded.append(Path(path).parent.name),
@@ -965,13 +970,13 @@ def test_overwrite_keeps_the_finished_run_until_its_replacement_finishes(four_st
     final = files_of(out / "final")
     diverges = ["--max-steps", "6", "--save-steps", "1", "--batch-size", "4", "--lr", "1e30", "--warmup", "0"]
     error_of(train.main, ["--dataset", str(family), "--out", str(out), "--overwrite"] + diverges)
-    assert files_of(out / ".replaced" / "final") == final and train.run_status(out) == "unfinished"
+    assert files_of(out / ".replaced" / "final") == final and runs.run_status(out) == "unfinished"
     error_of(train.main, ["--dataset", str(family), "--out", str(out), "--overwrite"] + diverges)
     assert files_of(out / ".replaced" / "final") == final  # an unfinished run is no replacement: still kept
     capsys.readouterr()
     train.main(["--dataset", str(family), "--out", str(out), "--overwrite", "--max-steps", "1", "--batch-size", "4"])
     assert "(the finished run this one replaced) deleted" in capsys.readouterr().out
-    assert not (out / ".replaced").exists() and train.run_status(out) == "finished"
+    assert not (out / ".replaced").exists() and runs.run_status(out) == "finished"
 
 
 @pytest.mark.parametrize("extra", [[], ["--max-steps", "4"], ["--max-steps", "3"]])
@@ -994,7 +999,7 @@ def test_a_resume_on_other_data_adds_it_to_what_the_run_was_trained_on(four_step
     info = json.loads((out / "config.json").read_text())
     assert [(s["dataset"], s["split"]) for s in info["trained_on"]] == [(str(family), "train"), (str(other), "train")]
     first = set(json.loads((four_steps / "config.json").read_text())["fingerprints"])
-    assert first < set(train.read_run(out).fingerprints) and len(info["fingerprints"]) == len(first) + 3
+    assert first < set(runs.read_run(out).fingerprints) and len(info["fingerprints"]) == len(first) + 3
 
 
 # ----------------------------------------------------------------------------
@@ -1071,7 +1076,7 @@ def test_a_signal_before_the_first_step_ends_the_run_at_once(family, tmp_path, s
 def test_infer_without_a_finished_run_names_the_interrupted_one_and_its_resume(mirror, tmp_path, monkeypatch):
     _, folder, _ = mirror
     killed = Path(write_run(tmp_path / "runs" / "b-killed"))
-    data.write_json(killed / "config.json", dict(read(killed / "config.json"), summary=dict(steps=7, interrupted=True)))
+    cli.write_json(killed / "config.json", dict(read(killed / "config.json"), summary=dict(steps=7, interrupted=True)))
     monkeypatch.chdir(tmp_path)
     message = error_of(infer.main, ["--dataset", folder])
     assert "runs/b-killed" in message and "interrupted at step 7" in message and "\n" not in message, message
@@ -1086,7 +1091,7 @@ def test_auto_max_seq_len_is_what_the_data_needs_and_the_tiny_note_prices_smollm
     train.main(["--dataset", str(family), "--out", str(out), "--max-steps", "1", "--batch-size", "4"])
     said = capsys.readouterr().out
     assert "auto: max_seq_len 128 (the longest sequence is" in said, said  # the family's are about 120 tokens
-    assert train.read_run(out).max_seq_len == 128
+    assert runs.read_run(out).max_seq_len == 128
     note = next(line for line in said.splitlines() if line.startswith("note: --model smollm2 on this CPU"))
     assert "estimate" in note and "tok/s" in note and "M tokens" in note, note
 

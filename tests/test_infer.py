@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
+import cli
 import data
+import decode
 import infer
-import train
+import models
+import submit
 from conftest import FMT, fake_model, mirror_task, read, tiny_run, write_run, write_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +47,7 @@ def test_score_matches_hand_count_with_multi_test_tasks(tmp_path):
            "C": [{"attempt_1": a, "attempt_2": wrong}, {"attempt_1": wrong, "attempt_2": b},           # 2/3
                  {"attempt_1": wrong, "attempt_2": [[0]]}],
            "D": [{"attempt_1": [[0]], "attempt_2": [[0]]}]}                                           # 0, unanswered
-    r = infer.score(tasks, sub)
+    r = submit.score(tasks, sub)
     assert r["score"] == pytest.approx(0.5 + 1 + 2 / 3)
     assert r["score_pct"] == pytest.approx((0.5 + 1 + 2 / 3) / 4)
     assert (r["tasks"], r["predicted"], r["solved_any"], r["solved_first"], r["solved_second"]) == (4, 3, 1, 1, 0)
@@ -99,7 +102,7 @@ def test_garbage_model_gives_complete_valid_submission_all_unanswered(tmp_path, 
     calls = fake_model(monkeypatch, tokenizer, lambda ids: junk[len(ids) % len(junk)])
     infer.main(["--dataset", folder, "--model", run, "--batch-size", "3"])
     sub = read(Path(run) / "submission.json")
-    infer.check_submission(sub, tasks, "submission")  # every task, every test input, valid grids
+    submit.check_submission(sub, tasks, "submission")  # every task, every test input, valid grids
     assert all(e == {"attempt_1": [[0]], "attempt_2": [[0]]} for entries in sub.values() for e in entries)
     r = read(Path(run) / "results.json")
     n_tests = sum(len(t["test"]) for t in tasks.values())
@@ -138,7 +141,7 @@ def test_killed_run_resumes_without_redoing_finished_tasks(tmp_path, monkeypatch
         return [answer(p) for p in prompts]
     calls = []
     monkeypatch.setattr(infer, "load_model", lambda run, cfg: (None, tokenizer))
-    monkeypatch.setattr(infer, "generate", dies_on_third_call)
+    monkeypatch.setattr(decode, "generate", dies_on_third_call)
     with pytest.raises(RuntimeError):
         infer.main(["--dataset", folder, "--model", run, "--batch-size", "2"])
     cache = Path(run) / "submission.cache.jsonl"
@@ -153,7 +156,7 @@ def test_killed_run_resumes_without_redoing_finished_tasks(tmp_path, monkeypatch
     assert len(redone) == 2 * 3  # the 3 unfinished tasks x 2 guesses, nothing of k5, k6
     assert all(len(p) < min(len(q) for q in map(tuple, calls[0])) for p in redone)
     sub = read(Path(run) / "submission.json")
-    infer.check_submission(sub, tasks, "submission")
+    submit.check_submission(sub, tasks, "submission")
     assert all(e["attempt_1"] != [[0]] for entries in sub.values() for e in entries)
 
 
@@ -190,7 +193,7 @@ def test_real_tiny_model_on_cpu_writes_a_complete_submission(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)  # "runs/" not needed: --model names the run
     infer.main(["--dataset", folder, "--model", run, "--max-new-tokens", "24", "--batch-size", "4", "--plot"])
     sub, r = read(Path(run) / "submission.json"), read(Path(run) / "results.json")
-    infer.check_submission(sub, tasks, "submission")
+    submit.check_submission(sub, tasks, "submission")
     assert r["tasks"] == 3 and r["guesses"] == 8 and r["generated_tokens"] > 0
     assert sum(r["guess_status"].values()) == 8 and (Path(run) / "plots" / "summary.png").exists()
 
@@ -203,13 +206,13 @@ def test_untrained_model_guesses_stop_when_they_can_no_longer_be_a_grid(tmp_path
     for stopping in (False, True):
         run = tiny_run(tmp_path / f"run{stopping}")
         if not stopping:  # what generation did before: every row ran on to max_new_tokens or EOS
-            monkeypatch.setattr(infer, "grid_stopper", lambda *args: None)
+            monkeypatch.setattr(decode, "grid_stopper", lambda *args: None)
         else:
             monkeypatch.undo()
         infer.main(["--dataset", folder, "--model", run, "--max-new-tokens", "200", "--batch-size", "8"])
         r = read(Path(run) / "results.json")
         generated[stopping] = r["generated_tokens"]
-        infer.check_submission(read(Path(run) / "submission.json"), tasks, "submission")
+        submit.check_submission(read(Path(run) / "submission.json"), tasks, "submission")
     assert generated[True] < generated[False] / 10, generated
     assert r["guess_status"].get("unparsable", 0) > 0 and sum(r["guess_status"].values()) == 8, r["guess_status"]
 
@@ -225,7 +228,7 @@ def test_gpu_out_of_memory_halves_the_batch_instead_of_failing(mirror, tmp_path,
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return ["junk"] * len(prompts)
     monkeypatch.setattr(infer, "load_model", lambda run, cfg: (None, tokenizer))
-    monkeypatch.setattr(infer, "generate", generate)
+    monkeypatch.setattr(decode, "generate", generate)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     infer.main(["--dataset", folder, "--model", run, "--batch-size", "16"])
     n_prompts = 2 * sum(len(t["test"]) for t in tasks.values())
@@ -351,7 +354,7 @@ def test_poe_picks_the_best_summed_logprob_over_the_most_voted(tmp_path, monkeyp
 
 def test_completion_logprobs_batched_equals_one_at_a_time_and_a_plain_forward(tokenizer):
     import torch
-    model = train.tiny_model(tokenizer).eval()
+    model = models.tiny_model(tokenizer).eval()
     rng = random.Random(4)
     pairs = []
     for i in range(7):
@@ -359,8 +362,8 @@ def test_completion_logprobs_batched_equals_one_at_a_time_and_a_plain_forward(to
         pairs.append((data.encode_prompt(tokenizer, data.format_prompt(task, 0, FMT)),
                       data.encode_completion(tokenizer, data.format_completion(task["test"][0]["output"], FMT))))
     prompts, comps = [p for p, _ in pairs], [c for _, c in pairs]
-    batched = infer.completion_logprobs(model, tokenizer, prompts, comps, batch_size=4)
-    single = [infer.completion_logprobs(model, tokenizer, [p], [c], batch_size=1)[0] for p, c in pairs]
+    batched = decode.completion_logprobs(model, tokenizer, prompts, comps, batch_size=4)
+    single = [decode.completion_logprobs(model, tokenizer, [p], [c], batch_size=1)[0] for p, c in pairs]
     assert batched == pytest.approx(single, abs=1e-4)
     p, c = pairs[3]
     with torch.inference_mode():
@@ -376,7 +379,7 @@ def test_real_tiny_model_votes_and_scores_on_cpu(tmp_path, monkeypatch, mode):
     infer.main(["--dataset", folder, "--model", run, "--max-new-tokens", "8", "--guesses", mode, "--views", "9",
                 "--samples", "2", "--temperature", "0", "--min-prob", "0.02"])  # dfs: random weights, flat
     sub, r = read(Path(run) / f"submission.{mode}.json"), read(Path(run) / f"results.{mode}.json")
-    infer.check_submission(sub, tasks, "submission")
+    submit.check_submission(sub, tasks, "submission")
     assert r["mode"] == mode and r["tasks"] == 2 and r["generated_tokens"] > 0
 
 
@@ -386,7 +389,7 @@ def test_guard_warns_with_counts_when_scored_tasks_were_trained_on(tmp_path, mon
     renamed = {f"other{i}": tasks[tid] for i, tid in enumerate(["t1", "t3"])}  # same grids under other ids
     info.update(trained_on=[dict(dataset="elsewhere", split="train", tasks=2)],
                 fingerprints=[data.task_fingerprint(t) for t in renamed.values()])
-    data.write_json(Path(run) / "config.json", info)
+    cli.write_json(Path(run) / "config.json", info)
     fake_model(monkeypatch, tokenizer, lambda ids: "junk")
     infer.main(["--dataset", folder, "--model", run])
     printed = capsys.readouterr().out
@@ -476,7 +479,7 @@ def test_dfs_task_out_of_time_keeps_its_answers_and_says_so(tmp_path, monkeypatc
     note = "test 0: out of time (--max-task-seconds 30) in view 3 of 8: 3 answers found so far are ranked"
     assert f"task slow {note}" in printed.out + printed.err
     sub, r = read(Path(run) / "submission.dfs.json"), read(Path(run) / "results.dfs.json")
-    infer.check_submission(sub, tasks, "submission")
+    submit.check_submission(sub, tasks, "submission")
     assert r["timed_out"] == {"slow": [note, note.replace("test 0", "test 1")]}
     assert [e["attempt_1"] for e in sub["slow"]] == [t["output"] for t in tasks["slow"]["test"]]  # found in time
     assert sum(c["ids"] in slow_ids for c in calls) == 2 * 3 and sum(c["ids"] not in slow_ids for c in calls) == 8
@@ -553,9 +556,9 @@ def test_found_is_none_without_solutions_and_counts_only_right_grids(tmp_path, m
     infer.main(["--dataset", folder, "--model", run])
     r = read(Path(run) / "results.json")
     assert (r["found"], r["found_test_inputs"]) == (0, 0)
-    records = {tid: infer.Record.empty(tid, len(t["test"])) for tid, t in tasks.items()}
+    records = {tid: submit.Record.empty(tid, len(t["test"])) for tid, t in tasks.items()}
     records["t0"].guesses[0][1] = tasks["t0"]["test"][0]["output"]
     records["t1"].candidates = [[[tasks["t1"]["test"][0]["output"], 1, -1.0]]]
-    assert infer.coverage(tasks, records) == dict(found=1, found_test_inputs=2)  # t0 has a second test input
+    assert submit.coverage(tasks, records) == dict(found=1, found_test_inputs=2)  # t0 has a second test input
     unsolved = {tid: dict(t, test=[{"input": x["input"]} for x in t["test"]]) for tid, t in tasks.items()}
-    assert infer.coverage(unsolved, records) == dict(found=None, found_test_inputs=None)
+    assert submit.coverage(unsolved, records) == dict(found=None, found_test_inputs=None)

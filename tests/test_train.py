@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import data
+import models
+import runs
 import train
 from conftest import write_family
 
 
-@pytest.mark.parametrize("make_tokenizer", [train.tiny_tokenizer, train.llama3_hf_tokenizer])
+@pytest.mark.parametrize("make_tokenizer", [models.tiny_tokenizer, models.llama3_hf_tokenizer])
 def test_label_mask_covers_exactly_the_prompt(make_tokenizer):
     tokenizer = make_tokenizer()
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
@@ -38,7 +41,7 @@ def test_label_mask_covers_exactly_the_prompt(make_tokenizer):
 
 
 def test_tokenize_drops_and_counts_rows_over_max_seq_len():
-    tokenizer = train.tiny_tokenizer()
+    tokenizer = models.tiny_tokenizer()
     tasks = data.load_tasks("arc1", "train")[0]
     ds, _ = data.build_dataset({tid: tasks[tid] for tid in sorted(tasks)[:4]}, "digits", symmetries=[0])
     lengths = [len(r["input_ids"]) for r in train.tokenize(ds, tokenizer, 100_000)[0]]
@@ -60,7 +63,7 @@ def test_lora_config_is_the_write_ups(lora_run):
     model, run = lora_run
     config = model.peft_config["default"]
     assert config.use_rslora and config.r == 16 and config.lora_alpha == 16 and config.lora_dropout == 0
-    assert set(config.target_modules) == set(train.PROJECTIONS)
+    assert set(config.target_modules) == set(models.PROJECTIONS)
     assert set(config.modules_to_save) >= {"embed_tokens", "lm_head"}
     saved = json.loads((run / "final" / "adapter_config.json").read_text())
     assert saved["use_rslora"] and set(saved["modules_to_save"]) >= {"embed_tokens", "lm_head"}
@@ -73,7 +76,7 @@ def test_parameter_count_is_the_base_plus_the_lora_each_embedding_once(lora_run)
     model, run = lora_run
     base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(run / "base").parameters())
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    trainable, embed, total = train.count_params(model)
+    trainable, embed, total = models.count_params(model)
     assert total == base + lora and trainable == embed + lora
     info = json.loads((run / "config.json").read_text())
     assert info["summary"]["trainable_params"] == trainable
@@ -177,7 +180,7 @@ def test_a_slow_step_is_never_silent_between_logging_steps(family, tmp_path, mon
 def test_cpu_path_is_chosen_without_cuda_and_unsloth_never_imported():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    backend, why = train.pick_backend(data.AUTO, train.find_device()[0], "unsloth/llama-3-8b-bnb-4bit")
+    backend, why = models.pick_backend(cli.AUTO, models.find_device()[0], "unsloth/llama-3-8b-bnb-4bit")
     assert backend == "transformers" and "no CUDA" in why
     assert "unsloth" not in sys.modules
 
@@ -185,7 +188,7 @@ def test_cpu_path_is_chosen_without_cuda_and_unsloth_never_imported():
 def test_backend_unsloth_without_gpu_is_one_line_error(tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    monkeypatch.delenv(train.UNSLOTH_CPU, raising=False)
+    monkeypatch.delenv(models.UNSLOTH_CPU, raising=False)
     with pytest.raises(SystemExit) as e:
         train.main(["--backend", "unsloth", "--model", str(tmp_path), "--out", str(tmp_path / "r")])
     assert str(e.value) == "error: --backend unsloth: no CUDA device found; use --backend transformers (or auto)"
@@ -206,9 +209,9 @@ def test_bad_model_and_data_give_one_line_errors(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_unsloth_path_trains_embeddings(tmp_path, family):
     """On a GPU: a small Llama-shaped model saved locally goes through Unsloth with the write-up's LoRA."""
-    tokenizer = train.llama3_hf_tokenizer()
+    tokenizer = models.llama3_hf_tokenizer()
     tokenizer.save_pretrained(tmp_path / "base")
-    model = train.tiny_model(tokenizer, hidden=256, layers=2)
+    model = models.tiny_model(tokenizer, hidden=256, layers=2)
     model.save_pretrained(tmp_path / "base")
     model, run = train.main(["--model", str(tmp_path / "base"), "--dataset", str(family), "--max-steps", "4",
                              "--lr", "1e-2", "--out", str(tmp_path / "run"), "--no-load-in-4bit"])
@@ -225,7 +228,7 @@ def test_unsloth_path_trains_embeddings(tmp_path, family):
 def test_packed_batch_gives_the_padded_loss():
     """A packed row (no attention_mask, positions restarting per sequence) must score exactly as the padded batch:
     a cross-sequence attention leak or a label across a boundary would change the loss."""
-    tokenizer = train.tiny_tokenizer()
+    tokenizer = models.tiny_tokenizer()
     tasks = data.load_tasks("arc1", "train")[0]
     ds, _ = data.build_dataset({tid: tasks[tid] for tid in sorted(tasks)[:3]}, "digits", symmetries=[0, 1])
     rows = list(train.tokenize(ds, tokenizer, 100_000)[0])
@@ -233,7 +236,7 @@ def test_packed_batch_gives_the_padded_loss():
     packed = train.packed_collate()(rows)
     assert "attention_mask" not in packed and packed["input_ids"].shape[0] == 1
     assert packed["position_ids"][0].tolist() == [i for r in rows for i in range(len(r["input_ids"]))]
-    model = train.tiny_model(tokenizer, max_seq_len=4096)
+    model = models.tiny_model(tokenizer, max_seq_len=4096)
     model.config.use_cache = False  # as the Trainer sets it: a KV cache would hide the packed layout from masking
     with torch.no_grad():
         padded_loss = model(**train.collate(data.pad_id(tokenizer))(rows)).loss
@@ -302,7 +305,7 @@ def test_several_datasets_and_splits_are_counted_deduplicated_and_recorded(famil
     assert [(s["dataset"], s["tasks"], s["duplicates"]) for s in info["trained_on"]] == \
         [(str(family), 6, 0), (str(copy), 5, 4)]
     assert len(info["fingerprints"]) == 7 and info["config"]["dataset"] == [str(family), str(copy)]
-    assert train.read_run(out).fingerprints == info["fingerprints"]
+    assert runs.read_run(out).fingerprints == info["fingerprints"]
 
 
 @pytest.fixture(scope="module")
@@ -330,15 +333,15 @@ def test_test_time_training_per_task_resumes_and_infer_loads_each_adapter(ttt_fa
     assert info["fingerprints"] == json.loads((base / "config.json").read_text())["fingerprints"]  # eval unseen
 
     import shutil
-    weights = infer.weights_fingerprint(train.read_run(run))
+    weights = runs.weights_fingerprint(runs.read_run(run))
     shutil.rmtree(next((run / "ttt").glob("evalu0001.*")))
-    assert infer.weights_fingerprint(train.read_run(run)) != weights  # infer's cache follows each task's adapter
+    assert runs.weights_fingerprint(runs.read_run(run)) != weights  # infer's cache follows each task's adapter
     train.main(ttt)
     summary = json.loads((run / "config.json").read_text())["summary"]
     assert (summary["trained"], summary["already_done"]) == (1, 2)
 
     loaded = []
-    real = infer.adapter_loader
+    real = models.adapter_loader
     monkeypatch.setattr(infer, "adapter_loader", lambda model, r, tasks: lambda tid: (loaded.append(tid),
                                                                                         real(model, r, tasks)(tid)))
     infer.main(["--model", str(run), "--dataset", str(ttt_family), "--split", "eval", "--max-new-tokens", "16"])
@@ -354,7 +357,7 @@ def test_test_time_training_shared_writes_one_adapter(ttt_family, tmp_path):
     info = json.loads((run / "config.json").read_text())
     assert info["ttt"]["mode"] == "shared" and info["summary"]["sequences"] == 9  # 3 tasks x 3 demonstrations
     assert (run / "final" / "adapter_model.safetensors").exists() and not (run / "ttt").exists()
-    assert train.read_run(run).adapter == run / "final"
+    assert runs.read_run(run).adapter == run / "final"
     import infer
     infer.main(["--model", str(run), "--dataset", str(ttt_family), "--split", "eval", "--max-new-tokens", "8",
                 "--guesses", "poe", "--views", "2"])
@@ -362,16 +365,16 @@ def test_test_time_training_shared_writes_one_adapter(ttt_family, tmp_path):
 
 
 def test_every_load_of_a_trained_model_goes_through_the_one_builder(lora_run, family, tmp_path, monkeypatch):
-    """infer.py, test-time training and --merge build a run's model only through train.build_model (base, cut,
+    """infer.py, test-time training and --merge build a run's model only through models.build_model (base, cut,
     untie, adapter, merged): counted by wrapping it. A test-time run's base is a run: built by the same call."""
     import infer
     _, run = lora_run
-    calls, build = [], train.build_model
+    calls, build = [], models.build_model
 
     def counted(base, *a, **k):
         calls.append((Path(base).name, k.get("merge", False) or (len(a) > 3 and a[3])))
         return build(base, *a, **k)
-    monkeypatch.setattr(train, "build_model", counted)
+    monkeypatch.setattr(models, "build_model", counted)
     infer.main(["--model", str(run), "--dataset", str(family), "--split", "train", "--limit", "1",
                 "--max-new-tokens", "4", "--out", str(tmp_path / "predicted")])
     assert calls == [("base", False)]
@@ -405,7 +408,7 @@ def test_a_run_moved_away_from_its_base_finds_it_with_base_model(lora_run, famil
     shutil.copy(run / "config.json", moved / "config.json")
     shutil.copytree(run / "base", tmp_path / "input" / "base")
     info = json.loads((moved / "config.json").read_text())
-    data.write_json(moved / "config.json", dict(info, base_model="/home/someone/tiny-base"))
+    cli.write_json(moved / "config.json", dict(info, base_model="/home/someone/tiny-base"))
     predict = ["--model", str(moved), "--dataset", str(family), "--split", "train", "--limit", "1",
                "--max-new-tokens", "4"]
     with pytest.raises(SystemExit) as e:

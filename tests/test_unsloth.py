@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import data
-import infer
+import models
+import runs
+import submit
 import train
 import unsloth_cpu
 from conftest import write_family
@@ -30,7 +32,7 @@ def tiny_tokenizer_with_unused_words():
     real tokenizer holds far more tokens than the format writes."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-    tiny = train.tiny_tokenizer()
+    tiny = models.tiny_tokenizer()
     spec = json.loads(tiny.backend_tokenizer.to_str())
     vocab = spec["model"]["vocab"]
     vocab.update({f"unused{i}": len(vocab) + i for i in range(UNUSED)})
@@ -107,7 +109,7 @@ def test_unsloth_loss_and_gradients_match_transformers_in_a_process_without_unsl
     assert names == set(theirs["grads"])
     assert {n for n in names if "modules_to_save" in n and "embed_tokens" in n}
     assert {n for n in names if "modules_to_save" in n and "lm_head" in n}
-    assert sum("lora_A" in n for n in names) == sum("lora_B" in n for n in names) == 2 * len(train.PROJECTIONS)
+    assert sum("lora_A" in n for n in names) == sum("lora_B" in n for n in names) == 2 * len(models.PROJECTIONS)
     for name in names:
         a, b = ours["grads"][name].flatten(), theirs["grads"][name].flatten()
         assert b.norm() > 0, name
@@ -193,7 +195,7 @@ def test_unsloth_run_predicts_a_valid_submission(setup, predicted):
     assert "backend: unsloth (--backend unsloth)" in output and "Unsloth should be imported before" not in output
     tasks, _ = data.load_tasks(str(family), "eval")
     submission = json.loads((root / "submission.json").read_text())
-    infer.check_submission(submission, tasks, "submission")
+    submit.check_submission(submission, tasks, "submission")
     assert set(submission) == set(tasks)
 
 
@@ -264,7 +266,7 @@ def test_pad_and_eos_agree_between_backends(setup, trained):
     model = setup[1]
     from transformers import AutoTokenizer
     saved = AutoTokenizer.from_pretrained(trained[0] / "final")
-    _, plain = train.load_base(str(model), train.make_setup("auto", "transformers"))
+    _, plain = models.load_base(str(model), models.make_setup("auto", "transformers"))
     assert (saved.pad_token, saved.eos_token) == (plain.pad_token, plain.eos_token) == ("</s>", "</s>")
     assert "unsloth" not in sys.modules
 
@@ -282,12 +284,12 @@ def test_full_finetune_past_the_positions_records_16_bits_and_rope_scaling(setup
     assert info["max_seq_len"] == 2 * POSITIONS
     assert info["rope_scaling"] == {"type": "linear", "factor": 2.0, "positions": POSITIONS}
     assert "Unsloth scales RoPE linearly by 2" in output
-    assert train.read_run(out).load_in_4bit is False
+    assert runs.read_run(out).load_in_4bit is False
 
 
 def test_base_and_adapter_on_a_4bit_base_load_the_4bit_repo(tmp_path):
     """--model unsloth/llama-3-8b-bnb-4bit --adapter DIR loaded the 16-bit repo (a 16 GB download)."""
     (tmp_path / "adapter").mkdir()
     for name, four in (("unsloth/llama-3-8b-bnb-4bit", True), ("unsloth/llama-3-8b", False)):
-        run_ = infer.find_run(infer.Config(model=name, adapter=str(tmp_path / "adapter")))
+        run_ = runs.find_run(name, str(tmp_path / "adapter"))
         assert run_.load_in_4bit is four and run_.backend == "unsloth"

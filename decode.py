@@ -1,0 +1,334 @@
+"""Decoding: sampling a grid (stopped as soon as its text can no longer be one), the log-probability of given
+answers from one prompt prefix, and the depth-first search for every answer above a probability."""
+import functools
+import hashlib
+import math
+import time
+
+import data
+from cli import OneLineError
+
+
+def answer_tokens(tokenizer, fmt):
+    """Tokens of the largest possible answer: a 30x30 grid, its row breaks and end marker, plus EOS."""
+    return len(tokenizer.encode(data.format_completion(data.zero_grid(data.MAX_SIDE, data.MAX_SIDE), fmt),
+                                add_special_tokens=False)) + 1
+
+
+def answer_ids(tokenizer, fmt):
+    """The token ids an answer is written with (each colour's cell, row end, end marker, EOS), read off answers
+    the format writes, so that whatever the tokenizer merges at a row's end is included."""
+    grids = ([list(range(10)), list(range(9, -1, -1))], [[c] for c in range(10)], [[0]])
+    return sorted({t for g in grids for t in data.encode_completion(tokenizer, data.format_completion(g, fmt))})
+
+
+def grid_stopper(tokenizer, fmt, width):
+    """A stopping criterion that ends each row of a batch on its own once its text can no longer be an answer
+    (data.could_be_answer) or the end marker is written; `stops[i]` is where row i stopped (tokens generated)."""
+    import torch
+    from transformers import StoppingCriteria
+    pieces = {}  # token id -> its text, decoded once
+
+    class GridStop(StoppingCriteria):
+        def __init__(self):
+            self.texts, self.stops = None, None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.texts is None:
+                self.texts, self.stops = [""] * len(input_ids), [None] * len(input_ids)
+            n = input_ids.shape[1] - width
+            for i, token in enumerate(input_ids[:, -1].tolist()):
+                if self.stops[i] is not None or token == tokenizer.eos_token_id:
+                    self.stops[i] = self.stops[i] or n
+                    continue
+                if token not in pieces:
+                    pieces[token] = tokenizer.decode([token])
+                self.texts[i] += pieces[token]
+                if data.END in self.texts[i] or not data.could_be_answer(self.texts[i], fmt):
+                    self.stops[i] = n
+            return torch.tensor([s is not None for s in self.stops], device=input_ids.device)
+    return GridStop()
+
+
+def row_seed(seed, *where):
+    """The sampling seed of one prompt: from --seed and the prompt's task, test input, view and sample number only."""
+    return int(hashlib.sha256(repr((seed, *where)).encode()).hexdigest()[:15], 16)
+
+
+def seeded_sampler(seeds, top_k, temperature, device):
+    """A logits processor drawing each row's next token (temperature, then top-k, as generate's own sampling) from
+    a generator of its own, seeded by `seeds`: a guess depends on its seed only, not on the other prompts of its
+    batch nor on how many ran before, so a killed and resumed or sharded run samples what one run would. It
+    returns scores where only the drawn token is finite, for generate's greedy step to take."""
+    import torch
+    from transformers import LogitsProcessor
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    class Sampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores = scores.float() / temperature
+            if top_k:
+                kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+                scores = scores.masked_fill(scores < kth, -math.inf)
+            probs = scores.softmax(-1)
+            picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+            return torch.full_like(scores, -math.inf).scatter(1, picks[:, None], 0.0)
+    return Sampler()
+
+
+def generate(model, tokenizer, prompts, cfg, fmt=None, min_new_tokens=0, seeds=None):
+    """Completions of a batch of token-id prompts in one left-padded generate() call, each decoded up to EOS.
+    With `fmt`, each row stops as soon as its text can no longer be a grid in that format (grid_stopper): an
+    untrained model's guesses end after a few tokens instead of at max_new_tokens. `seeds`: one per prompt, each
+    row sampled from its own (seeded_sampler). `min_new_tokens` only serves benchmarks that need a fixed length."""
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+    pad = data.pad_id(tokenizer)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    sampling = dict(do_sample=True, top_k=cfg.top_k, temperature=cfg.temperature) if cfg.temperature > 0 \
+        else dict(do_sample=False, top_k=None, temperature=None)
+    if seeds is not None and cfg.temperature > 0:
+        sampling = dict(do_sample=False, top_k=None, temperature=None, logits_processor=LogitsProcessorList(
+            [seeded_sampler(seeds, cfg.top_k, cfg.temperature, model.device)]))
+    # On CPU the default DynamicCache copies every layer's keys and values at each step (torch.cat): at 32 prompts
+    # a step costs 4x more than with a preallocated static cache. Unsloth on a GPU keeps its own cache.
+    cache = dict(cache_implementation="static") if model.device.type == "cpu" else {}
+    # the context bounds the answer too: prompt + answer never exceed max_seq_len
+    max_new = min(cfg.max_new_tokens, cfg.max_seq_len - width) if cfg.max_seq_len else cfg.max_new_tokens
+    stop = grid_stopper(tokenizer, fmt, width) if fmt and not min_new_tokens else None
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_new, 1),
+                             min_new_tokens=min_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=pad, stopping_criteria=StoppingCriteriaList([stop] if stop else []),
+                             **sampling, **cache)
+    texts = []
+    for i, row in enumerate(out[:, width:].tolist()):
+        if stop and stop.stops and stop.stops[i] is not None:
+            row = row[:stop.stops[i]]
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row))  # special tokens kept: one inside an answer makes it unparsable
+    return texts
+
+
+def generate_halving(model, tokenizer, prompts, cfg, fmt=None, seeds=None):
+    """generate(), retried in two halves when the GPU runs out of memory, so one big batch costs a retry, not
+    the run; a single prompt that does not fit is an error naming the flags that help."""
+    import torch
+    try:
+        return generate(model, tokenizer, prompts, cfg, fmt, seeds=seeds)
+    except torch.cuda.OutOfMemoryError:
+        if len(prompts) == 1:
+            raise OneLineError(f"GPU out of memory on one prompt of {len(prompts[0])} tokens: lower --max-seq-len "
+                               "(tasks are trimmed to fit) or use a GPU with more memory")
+        torch.cuda.empty_cache()
+        half = len(prompts) // 2
+        print(f"note: GPU out of memory at {len(prompts)} prompts per batch, retrying as 2 x {half}; "
+              f"a smaller --batch-size avoids the retries")
+        return generate_halving(model, tokenizer, prompts[:half], cfg, fmt, seeds and seeds[:half]) + \
+            generate_halving(model, tokenizer, prompts[half:], cfg, fmt, seeds and seeds[half:])
+
+
+def parse_guess(text, fmt):
+    """(grid as written, status): status is ok, no_end (a grid so far, cut off before its end marker) or
+    unparsable (it can never be a grid); the grid is None unless ok."""
+    grid = data.parse_output(text, fmt) if isinstance(text, str) else None
+    if grid is not None:
+        return grid, "ok"
+    return None, "no_end" if isinstance(text, str) and data.could_be_answer(text, fmt) else "unparsable"
+
+
+def completion_logprobs(model, tokenizer, prompt_ids, completion_ids, batch_size=8, prefixes=None):
+    """Summed log-prob of each completion (token ids, EOS included) after its prompt (token ids, BOS included).
+    Each distinct prompt is prefilled once (prompts of one length together, up to `batch_size` a pass); every
+    completion then runs on top of its prompt's KV cache, longest first in right-padded batches of `batch_size`
+    rows that mix the prompts of one length, the cache repeated per row, never recomputed: a test input's 8 views x
+    6 candidates cost 8 prompt prefills, not 48. Only completion positions get logits, taken in float32 for
+    log_softmax. `prefixes` (prompt tuple -> prompt_prefix's result for that one prompt) supplies caches built
+    elsewhere (a dfs search), which are then not prefilled again."""
+    import torch
+    device, out = next(model.parameters()).device, [0.0] * len(prompt_ids)
+    by_length = {}  # prompt length -> prompt -> indices of its completions
+    for i, p in enumerate(prompt_ids):
+        by_length.setdefault(len(p), {}).setdefault(tuple(p), []).append(i)
+    pad = data.pad_id(tokenizer)  # right padding: a causal row never attends to what follows it
+    with torch.inference_mode():
+        for group in by_length.values():
+            ready = {p: (prefixes or {})[p] for p in group if p in (prefixes or {})}
+            todo = [p for p in group if p not in ready]
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                kv, first = prompt_prefix(model, chunk)
+                ready.update({p: ([(k[j:j + 1], v[j:j + 1]) for k, v in kv], first[j]) for j, p in enumerate(chunk)})
+            rows = sorted(((i, p) for p, idx in group.items() for i in idx), key=lambda r: -len(completion_ids[r[0]]))
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start:start + batch_size]
+                comps = [list(completion_ids[i]) for i, _ in batch]
+                width = len(comps[0]) - 1  # the last token is predicted, never fed
+                if width == 1:  # a pad after it: one token on a cache is a decoding step to Unsloth (dfs_step)
+                    width = 2
+                logits = None
+                if width:
+                    ids = torch.tensor([c[:-1] + [pad] * (width + 1 - len(c)) for c in comps], device=device)
+                    logits = model(input_ids=ids, past_key_values=stacked_prefix([ready[p][0] for _, p in batch]),
+                                   use_cache=True).logits
+                for row, ((i, p), c) in enumerate(zip(batch, comps)):
+                    total = ready[p][1][c[0]].item()
+                    if len(c) > 1:
+                        rest = logits[row, :len(c) - 1].float().log_softmax(-1)
+                        total += rest.gather(-1, torch.tensor(c[1:], device=device)[:, None]).sum().item()
+                    out[i] = total
+    return out
+
+
+def prompt_prefix(model, prompts):
+    """(KV cache tensors [(keys, values)] per layer, log-probs of each prompt's first completion token) of prompts
+    of one length, from one forward pass that keeps the last position's logits only."""
+    import torch
+    out = model(input_ids=torch.tensor([list(p) for p in prompts], device=next(model.parameters()).device),
+                use_cache=True, **logits_kept(model, 1))
+    return kv_tensors(out.past_key_values), out.logits[:, -1].float().log_softmax(-1)
+
+
+def logits_kept(model, n):
+    """logits_to_keep=n where the model's forward takes it (transformers >= 4.50, Unsloth), else nothing."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return dict(logits_to_keep=n) if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
+def kv_tensors(cache, length=None):
+    """[(keys, values)] per layer of a transformers Cache or of the tuple Unsloth's forward returns, the first
+    `length` positions only (all by default)."""
+    layers = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") else list(cache)
+    return [(k[..., :length, :], v[..., :length, :]) for k, v in layers]
+
+
+def stacked_prefix(rows):
+    """A fresh DynamicCache holding row r's prefix (kv_tensors of one prompt, all of one length) in batch row r: a
+    copy per row, made once per batch; the prefix tensors themselves are never written to, so they serve the next
+    batch."""
+    from transformers import DynamicCache
+    import torch
+    cache = DynamicCache()
+    for layer in range(len(rows[0])):
+        keys = [r[layer][0] for r in rows]
+        values = [r[layer][1] for r in rows]
+        same = all(k is keys[0] for k in keys)  # one prompt: an expanded view, copied once by the layer's update
+        cache.update(keys[0].expand(len(rows), *keys[0].shape[1:]) if same else torch.cat(keys),
+                     values[0].expand(len(rows), *values[0].shape[1:]) if same else torch.cat(values), layer)
+    return cache
+
+
+def dfs(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None):
+    """Every completion of `prompt_ids` whose probability under the model is above `min_prob`, as
+    [(completion ids without EOS, summed nll including EOS), ...] sorted by nll. See dfs_search."""
+    return dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids, first)[0]
+
+
+def dfs_options(logits, nll, depth, on_first, allowed, eos_id, limit, max_new_tokens, first):
+    """dfs_search's next tokens worth trying after a branch of `depth` tokens and summed `nll`, as (nll, token), in
+    the order to pop them: the known completion's token last (popped first), then the most likely."""
+    import torch
+    lp = logits.float().log_softmax(-1).double()
+    ids = allowed if allowed is not None else torch.arange(lp.numel(), device=lp.device)
+    costs = (nll - lp[ids]).tolist()
+    out = sorted(((c, t) for c, t in zip(costs, ids.tolist()) if c < limit and
+                  (t == eos_id or depth + 2 <= max_new_tokens)), reverse=True)  # room left for EOS
+    if on_first and depth < len(first):
+        out.sort(key=lambda o: o[1] == first[depth])
+    return out
+
+
+def dfs_prefill(model, prompt_ids, first, cache, keep=None):
+    """(the logits after the prompt + first[:d] for every d, the cache) from one forward pass on the empty `cache`;
+    `keep` (a dict) receives the prompt's own prefix for scoring (see dfs_search)."""
+    import inspect
+    import torch
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    trim = dict(logits_to_keep=len(first) + 1) if "logits_to_keep" in inspect.signature(base.forward).parameters \
+        else {}
+    out = model(input_ids=torch.tensor([list(prompt_ids) + first], device=next(model.parameters()).device),
+                past_key_values=cache, use_cache=True, return_dict=True, **trim)
+    known = out.logits[0, out.logits.shape[1] - len(first) - 1:]  # known[d]: the logits after the prompt + first[:d]
+    if keep is not None:  # the prompt's positions only: neither backend writes into these tensors later (dfs_step)
+        keep[tuple(prompt_ids)] = (kv_tensors(out.past_key_values, len(prompt_ids)), known[0].float().log_softmax(-1))
+    return known, out.past_key_values
+
+
+def dfs_step(model, token, cache, length):
+    """(the logits after `token`, the cache) from one forward pass of `token` at position `length`, on the first
+    `length` positions of `cache`: a transformers Cache, cropped and grown in place by torch.cat, or the (keys,
+    values) per layer that Unsloth's forward returns instead (it never writes into a Cache given to it), sliced.
+    Unsloth takes one token on a cache as a decoding step: it needs the position, and it reads the positions
+    before it from buffers of its own, copied from the cache at its first step after a longer pass (which drops
+    them) and then written one position a step; a depth-first search only returns to a prefix of the branch
+    written last, whose positions those buffers hold."""
+    import torch
+    if hasattr(cache, "crop"):
+        excess = cache.get_seq_length() - length
+        if excess > 0:
+            cache.crop(-excess)  # a count to remove (transformers 5.18 drops the positive length form)
+    else:
+        cache = tuple(kv_tensors(cache, length))
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True,
+                position_ids=torch.tensor([[length]], device=device), return_dict=True)
+    return out.logits[0, -1], out.past_key_values
+
+
+def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None,
+               keep=None):
+    """(found, finished, forwards): dfs()'s completions, False when time.time() passed `deadline` first (what was
+    found so far is kept), and the one-token forward passes made. A branch grows while its summed negative
+    log-likelihood stays below -log(min_prob); one reaching EOS (within max_new_tokens, EOS counted) is a
+    completion, so at most 1/min_prob exist. One KV cache serves the whole search: a new branch crops it back to
+    where it leaves the current one (dfs_step), so memory is one branch's, not a beam's. `first`, a
+    known completion (without EOS), is prefilled with the prompt in one forward pass and explored first, so it
+    costs no decoding. `allowed_ids` (EOS is always allowed) limits the tokens searched, e.g. to those the text
+    format can write; their log-probs are NOT renormalised over the allowed tokens: every nll is the model's own,
+    the one a teacher-forced pass (completion_logprobs) gives, so min_prob means the model's probability. `keep`, a
+    dict, receives the prompt's prefix (prompt_prefix's form) under tuple(prompt_ids): scoring then starts from the
+    search's own prefill instead of forwarding the prompt again."""
+    import math
+    import torch
+    from transformers import DynamicCache
+    limit, device = -math.log(min_prob), next(model.parameters()).device
+    allowed = None if allowed_ids is None else torch.tensor(sorted({*allowed_ids, eos_id}), device=device)
+    first = list(first or [])[:max(max_new_tokens - 1, 0)]
+    cache, n = DynamicCache(), len(prompt_ids)
+    if deadline is not None and time.time() > deadline:  # not even the prefill
+        return [], False, 0
+
+    options = functools.partial(dfs_options, allowed=allowed, eos_id=eos_id, limit=limit,
+                                max_new_tokens=max_new_tokens, first=first)
+
+    with torch.inference_mode():
+        known, cache = dfs_prefill(model, prompt_ids, first, cache, keep)
+        found, path, forwards = [], [], 0
+        stack = [(options(known[0], 0.0, 0, True), True)]  # per depth: (tokens still to try, on `first`?)
+        while stack:
+            if deadline is not None and time.time() > deadline:
+                return sorted(found, key=lambda f: f[1]), False, forwards
+            todo, on_first = stack[-1]
+            if not todo:
+                stack.pop()
+                if path:
+                    path.pop()
+                continue
+            nll, token = todo.pop()
+            if token == eos_id:
+                found.append((list(path), nll))
+                continue
+            depth = len(path)
+            follows = on_first and depth < len(first) and token == first[depth]
+            if follows:
+                logits = known[depth + 1]
+            else:  # the cache's first n + depth positions hold the prompt and this branch: keep those only
+                logits, cache = dfs_step(model, token, cache, n + depth)
+                forwards += 1
+            path.append(token)
+            stack.append((options(logits, nll, depth + 1, follows), follows))
+    return sorted(found, key=lambda f: f[1]), True, forwards
