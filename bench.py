@@ -23,8 +23,8 @@ from pathlib import Path
 import data
 import infer
 import train
-from cli import (AUTO, DEVICES, OneLineError, check_writable, line_buffered, opt, parse_config, peak_memory_gb,
-                 quiet_libraries, read_json, versions, write_json)
+from cli import (OneLineError, check_writable, line_buffered, opt, parse_config, peak_memory_gb, quiet_libraries,
+                 read_json, shared, versions, write_json)
 from models import count_params, llama3_hf_tokenizer, load_base, make_setup
 from decode import completion_logprobs, generate, logits_kept
 
@@ -58,8 +58,7 @@ class Config:
                                       "Face name")
     arch: str = opt("", "model", "train measures a random-weight model of this shape instead of --model",
                     choices=["", *ARCHS])
-    device: str = opt(AUTO, "model", "cuda, cpu (on purpose, even where a GPU is) or auto: the GPU when torch can "
-                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *DEVICES])
+    device: str = shared("device")
     max_seq_len: int = opt(2048, "model", "prompt + answer token limit; tasks are trimmed to fit as in train.py")
     train_batch_size: int = opt(8, "train", "sequences per training batch")
     train_batches: int = opt(3, "train", "batches timed, each padded and packed in turn")

@@ -218,6 +218,7 @@ def config_parser(cls, description, defaults=True):
         group_name = f.metadata.get("group", "options")
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
         flag = "--" + f.name.replace("_", "-")
+        spellings = [flag, *f.metadata.get("old", ())]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = "auto" if default is AUTO else " ".join(map(str, default)) if isinstance(default, list) else default
         text = f.metadata.get("help", "")
@@ -225,17 +226,23 @@ def config_parser(cls, description, defaults=True):
         kwargs = dict(default=default if defaults else argparse.SUPPRESS, dest=f.name,
                       help=text if said else f"{text} (default: {shown})")
         if f.type in (bool, "bool"):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(*spellings, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, list):
-            group.add_argument(flag, nargs="+", type=str, **kwargs)
+            group.add_argument(*spellings, nargs="+", type=str, **kwargs)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            group.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **kwargs)
+            group.add_argument(*spellings, type=kind, choices=f.metadata.get("choices"), **kwargs)
     return parser
 
 
 def parse_config(cls, description, argv=None):
-    return cls(**vars(config_parser(cls, description).parse_args(argv)))
+    cfg = cls(**vars(config_parser(cls, description).parse_args(argv)))
+    for f in dataclasses.fields(cls):
+        for old in f.metadata.get("old", ()):
+            if any(a == old or a.startswith(old + "=") for a in (sys.argv[1:] if argv is None else argv)):
+                print(f"note: {old} is now --{f.name.replace('_', '-')} (the old spelling works until the next "
+                      "release)", file=sys.stderr)
+    return cfg
 
 
 def given_flags(cls, argv=None):
@@ -263,7 +270,29 @@ def line_buffered():
 
 
 def opt(default, group, help, **kw):
-    """A Config field: default, argparse group and help text in one place."""
+    """A Config field: default, argparse group and help text in one place; old=("--was",) keeps an old spelling
+    working, with a note naming the new one."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=dict(group=group, help=help, **kw))
     return field(default=default, metadata=dict(group=group, help=help, **kw))
+
+
+# flags several scripts take with one meaning, declared once: one name, one help text, one default (each script's
+# Config takes its field from here and may file it under its own group)
+SHARED = dict(
+    device=(AUTO, "model", "cuda, cpu (on purpose, even where a GPU is) or auto: the GPU when torch can use it; a GPU "
+                           "that torch cannot use is an error", dict(choices=["auto", *DEVICES])),
+    backend=(AUTO, "model", "unsloth (needs a CUDA GPU), transformers (transformers + peft, any device) or auto: "
+                            "Unsloth on a GPU when it imports (infer.py: for a run trained with it), transformers "
+                            "otherwise", dict(choices=["auto", *BACKENDS])),
+    limit=(0, "data", "only the first N tasks by id, for quick checks (0 = all)", dict(old=("--limit-tasks",))),
+    views=(8, "data", "views of each task: up to 8 symmetries (rotations and transpositions), beyond that each "
+                      "symmetry again under a fixed colour permutation keeping 0 (train.py trains on them; infer.py's "
+                      "vote, poe, nvarc and dfs prompt them)", {}),
+)
+
+
+def shared(name, group=None):
+    """The Config field of a flag in SHARED."""
+    default, own_group, text, kw = SHARED[name]
+    return opt(default, group or own_group, text, **kw)

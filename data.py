@@ -555,7 +555,7 @@ def fit_task(task, test_index, fmt, max_tokens, count_tokens):
 def build_dataset(tasks, fmt, symmetries=range(8), max_tokens=None, count_tokens=None, colour_perm=False,
                   shuffle_examples=False, seed=0, copies=1, pool_examples=POOL_EXAMPLES):
     """A datasets.Dataset of prompt/completion pairs: one row per task x view x test input (x copy, x the task's
-    "repeat" set by read_sets).
+    "repeat" set by read_sets). A view is a symmetry k or (k, colour permutation), as views() gives them.
 
     Each copy (and repeat) draws its own colour permutation / example order when those are on, and a pool task
     (pool_task) its own `pool_examples` demonstrations and test pair, so `copies=epochs` gives the per-epoch
@@ -566,10 +566,12 @@ def build_dataset(tasks, fmt, symmetries=range(8), max_tokens=None, count_tokens
     rows, report = [], {"trimmed_examples": 0, "trimmed_rows": 0, "skipped": []}
     for copy in range(copies):
         for tid, repeat in ((tid, r) for tid in sorted(tasks) for r in range(tasks[tid].get("repeat", 1))):
-            for k in symmetries:
-                task = draw_pool(tasks[tid], pool_examples, stable_seed(seed, tid, copy, repeat, k)) \
+            for k, fixed in (v if isinstance(v, tuple) else (v, None) for v in symmetries):
+                task = draw_pool(tasks[tid], pool_examples, stable_seed(seed, tid, copy, repeat, k, *(fixed or ()))) \
                     if tasks[tid].get("pool") else tasks[tid]
                 perm = colour_permutation(rng) if colour_perm else None
+                if fixed:  # a view beyond the 8 symmetries: its own colours, then this copy's draw on top
+                    perm = [perm[c] for c in fixed] if perm else fixed
                 order = rng.sample(range(len(task["train"])), len(task["train"])) if shuffle_examples else None
                 view = view_task(task, k, perm, order)
                 for i, test in enumerate(view["test"]):

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import data
-from cli import (AUTO, BACKENDS, DEVICES, OneLineError, TINY_NOTE, check_ranges, check_writable, line_buffered,
-                 lock_file, opt, parse_config, peak_memory_gb, quiet_libraries, read_json, safe_name, write_atomic,
+from cli import (AUTO, OneLineError, TINY_NOTE, check_ranges, check_writable, line_buffered, lock_file, opt,
+                 parse_config, peak_memory_gb, quiet_libraries, read_json, safe_name, shared, write_atomic,
                  write_failure, write_json)
 from models import adapter_loader, load_model, make_setup
 from runs import check_ttt_base, find_run, missing_adapters, model_key, model_name, weights_fingerprint
@@ -34,19 +34,16 @@ class Config:
                                        "*_challenges.json file (solutions from *_solutions.json beside it), a "
                                        "folder of tasks or a Kaggle data folder")
     split: str = opt("eval", "data", "train, eval, or test (a Kaggle folder's hidden test set)")
-    limit: int = opt(0, "data", "only the first N tasks by id, for quick checks (0 = all)")
+    limit: int = shared("limit")
     shard: str = opt("", "data", "i/n: only tasks i, i+n, i+2n... (sorted by id), so n machines share the work; "
-                                 "join the slices with --merge")
+                                 "join the slices with --join-shards")
     model: str = opt("", "model", "run folder written by train.py (default: the runs/*/ with the newest config.json), "
                                   "or a base model (HF name or folder) to use with --adapter")
     adapter: str = opt("", "model", "PEFT adapter folder to put on a base --model")
     base_model: str = opt("", "model", "a local copy of a run's base model, for a run moved to a machine that lacks "
                                        "the base it names (a Hugging Face name offline, a folder of another machine)")
-    backend: str = opt(AUTO, "model", "unsloth (needs a CUDA GPU), transformers, or auto: Unsloth on a GPU for a "
-                                      "run trained with it, transformers otherwise",
-                       choices=["auto", *BACKENDS])
-    device: str = opt(AUTO, "model", "cuda, cpu (on purpose, even where a GPU is) or auto: the GPU when torch can "
-                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *DEVICES])
+    backend: str = shared("backend")
+    device: str = shared("device")
     max_seq_len: int = opt(AUTO, "model", "prompt + answer token limit; longer tasks lose their largest train "
                                           "examples (auto: the run's max_seq_len, 8192 for a base model)")
     batch_size: int = opt(16, "model", "prompts per forward pass (sorted by length)")
@@ -62,8 +59,7 @@ class Config:
                                              "first, ties by mean log-prob over every view) or dfs (every answer above --min-prob in each "
                                              "view, ranked as poe); a run's first lines describe its mode",
                        choices=MODES)
-    views: int = opt(8, "guesses", "views sampled (vote, poe) or searched (dfs): up to 8 symmetries, beyond that "
-                                   "each symmetry again with a colour permutation keeping 0")
+    views: int = shared("views", "guesses")
     samples: int = opt(1, "guesses", "samples per view for vote, poe and nvarc")
     min_prob: float = opt(0.1, "guesses", "dfs: every answer whose probability under the model is above this, in "
                                           "each view (at most 1/P per view)")
@@ -80,7 +76,8 @@ class Config:
                                  "or the --adapter folder); a .cache.jsonl beside it lets a killed run resume")
     score: str = opt("", "output", "score this submission file's attempts against --dataset/--split and exit (no "
                                    "model); results.<its name>.json beside it (submission.X.json -> results.X.json)")
-    merge: bool = opt(False, "output", "join the --shard slices beside --out into the full submission and score it")
+    join_shards: bool = opt(False, "output", "join the --shard slices beside --out into the full submission and score "
+                                             "it", old=("--merge",))
     plot: bool = opt(False, "output", "PNGs of solved tasks, near misses and a summary in plots/ beside the submission")
 
 
@@ -732,7 +729,7 @@ def check_same_settings(written, n):
     for i, s in known.items():
         differ = [k for k in sorted({*s, *known[first]}) if s.get(k) != known[first].get(k)]
         if differ:
-            raise OneLineError(f"--merge: shards {first}/{n} and {i}/{n} were predicted with other "
+            raise OneLineError(f"--join-shards: shards {first}/{n} and {i}/{n} were predicted with other "
                                + ", ".join(f"{k} ({known[first].get(k)!r} and {s.get(k)!r})" for k in differ)
                                + ": one submission joins the shards of one model and settings; predict the odd ones "
                                "again with --shard")
@@ -826,7 +823,7 @@ def plot_results(tasks, guesses, r, folder, title):
 
 
 # ----------------------------------------------------------------------------
-# the three commands: --score a file, --merge shards, predict (the default)
+# the three commands: --score a file, --join-shards, predict (the default)
 
 def report(cfg, tasks, sub, guesses, sub_path, results_path, plots, title, extra=None):
     """Score a written submission when solutions are known, write results.json, plot."""
@@ -876,7 +873,7 @@ def score_file(cfg, tasks, unreadable):
 
 
 def merge(cfg, tasks, unreadable):
-    """--merge: join the --shard slices beside --out into the full submission and score it."""
+    """--join-shards: join the --shard slices beside --out into the full submission and score it."""
     out = Path(cfg.out) if cfg.out else \
         find_run(cfg.model, cfg.adapter, cfg.max_seq_len, cfg.base_model).folder / "submission.json"
     out = submission_path(out)
@@ -988,7 +985,7 @@ def predict_all(cfg, tasks, unreadable, t0):
     setup = make_setup(cfg.device, cfg.backend, trained_with=run.backend,
                              ttt=bool(run.ttt_mode))
     out = submission_path(Path(cfg.out) if cfg.out else run.folder / "submission.json")
-    if cfg.shard:  # unreadable tasks join the submission at --merge
+    if cfg.shard:  # unreadable tasks join the submission at --join-shards
         tasks, unreadable = shard_tasks(tasks, cfg.shard), {}
     sub_path, cache_path, results_path, plots = paths(out, cfg.shard, cfg.limit, cfg.guesses)
     check_outputs("--out", dict(submission=sub_path, cache=cache_path, results=results_path,
@@ -1034,7 +1031,7 @@ def predict_all(cfg, tasks, unreadable, t0):
           f"guess status {extra['guess_status']}")
     print(f"wrote {describe_files(files)} (cache {cache_path})")
     if cfg.shard:
-        print("when every shard is done: python infer.py --merge (with the same --model/--out/--dataset/--split)")
+        print("when every shard is done: python infer.py --join-shards (with the same --model/--out/--dataset/--split)")
 
 
 def main(argv=None):
@@ -1054,12 +1051,12 @@ def main(argv=None):
             unreadable = {tid: u for tid, u in unreadable.items() if tid in first}
         for reason, _ in unreadable.values():
             print(f"unreadable task, [[0]] in the submission: {reason}", file=sys.stderr)
-        if (cfg.score or cfg.merge) and budget_seconds(cfg.time_budget):
-            print(f"note: --time-budget {cfg.time_budget}: not used by {'--score' if cfg.score else '--merge'} "
+        if (cfg.score or cfg.join_shards) and budget_seconds(cfg.time_budget):
+            print(f"note: --time-budget {cfg.time_budget}: not used by {'--score' if cfg.score else '--join-shards'} "
                   "(nothing is predicted)")
         if cfg.score:
             score_file(cfg, tasks, unreadable)
-        elif cfg.merge:
+        elif cfg.join_shards:
             merge(cfg, tasks, unreadable)
         else:
             predict_all(cfg, tasks, unreadable, t0)

@@ -172,9 +172,14 @@ def is_run_folder(folder):
     return isinstance(info, dict) and {"format", "lora", "base_model", "backend"} <= set(info)
 
 
+RENAMED = {"limit_tasks": "limit"}  # flags saved under an old name: config.json key -> Config field
+
+
 def legacy_flags(flags):
-    """A run's saved flags, with the values of flags added since it was trained where they changed a default: a run
-    saved without `loss` was trained with `answer`, then the only loss (a --resume keeps it)."""
+    """A run's saved flags under today's names, with the values of flags added since it was trained where they
+    changed a default: a run saved without `loss` was trained with `answer`, then the only loss (a --resume keeps
+    it)."""
+    flags = {RENAMED.get(k, k): v for k, v in flags.items()}
     return {"loss": "answer", **flags} if flags and "loss" not in flags else flags
 
 

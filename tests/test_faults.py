@@ -235,7 +235,7 @@ def test_data_reads_a_file_once_whatever_the_splits(tmp_path, monkeypatch, capsy
 # ----------------------------------------------------------------------------
 # every flag's range, before any model loads
 
-TRAIN_FLAGS = [("--max-seq-len", "-5"), ("--limit-tasks", "-3"), ("--grad-accum", "-1"), ("--epochs", "0"),
+TRAIN_FLAGS = [("--max-seq-len", "-5"), ("--limit", "-3"), ("--grad-accum", "-1"), ("--epochs", "0"),
                ("--views", "9"), ("--batch-size", "0"), ("--lr", "-1"), ("--warmup", "-1"),
                ("--optim", "nonsense"), ("--scheduler", "nonsense"), ("--max-steps", "0"), ("--lora-r", "0")]
 INFER_FLAGS = [("--max-seq-len", "-5"), ("--max-new-tokens", "-5"), ("--temperature", "-1"), ("--limit", "-3"),
@@ -882,12 +882,12 @@ def test_shards_of_other_weights_are_not_merged_and_limited_shards_merge(mirror,
     infer.main(given + ["--shard", "0/2"])
     (run / runs.FINAL / "model.safetensors").write_bytes(b"weights v2")  # trained further between the shards
     infer.main(given + ["--shard", "1/2"])
-    message = error_of(infer.main, given + ["--merge"])
+    message = error_of(infer.main, given + ["--join-shards"])
     assert "shards 0/2 and 1/2 were predicted with other weights" in message and "\n" not in message, message
     assert not (run / "submission.json").exists()
     for i in range(2):
         infer.main(given + ["--limit", "3", "--shard", f"{i}/2"])
-    infer.main(given + ["--limit", "3", "--merge"])
+    infer.main(given + ["--limit", "3", "--join-shards"])
     assert sorted(read(run / "submission.limit-3.json")) == ["t0", "t1", "t2"]
     assert read(run / "results.limit-3.json")["score"] == 3
 
@@ -916,7 +916,7 @@ def test_a_second_guess_mode_on_a_predicted_run_keeps_both(mirror, monkeypatch, 
 def ttt_run(four_steps, family, tmp_path_factory):
     """Per-task test-time adapters of 3 family tasks on the four_steps run, one step each."""
     out = tmp_path_factory.mktemp("ttt") / "run"
-    train.main(["--ttt", "--model", str(four_steps), "--dataset", str(family), "--out", str(out), "--limit-tasks",
+    train.main(["--ttt", "--model", str(four_steps), "--dataset", str(family), "--out", str(out), "--limit",
                 "3", "--epochs", "1", "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1"])
     return out
 

@@ -168,7 +168,7 @@ def test_shards_merge_to_the_same_submission_as_one_run(tmp_path, monkeypatch, t
     for shard in ("0/2", "1/2"):
         infer.main(["--dataset", folder, "--model", run, "--out", str(sharded), "--shard", shard])
     assert set(read(sharded.with_name("submission.shard-0-of-2.json"))) == {"t0", "t2", "t4"}
-    infer.main(["--dataset", folder, "--model", run, "--out", str(sharded), "--merge"])
+    infer.main(["--dataset", folder, "--model", run, "--out", str(sharded), "--join-shards"])
     assert sharded.read_bytes() == single.read_bytes()
     one, merged = read(single.with_name("results.json")), read(sharded.with_name("results.json"))
     assert all(one[k] == merged[k] for k in ("score", "predicted", "solved_any", "solved_first", "unanswered"))

@@ -233,7 +233,7 @@ def test_validation_loss_falls_on_the_family_and_is_printed_recorded_and_drawn(t
     assert orange_pixels(out / "loss.png") > 50
 
     plain = tmp_path / "plain"  # off by default: no validation, no second curve
-    train.main(["--dataset", "family", "--max-steps", "5", "--logging-steps", "5", "--limit-tasks", "8",
+    train.main(["--dataset", "family", "--max-steps", "5", "--logging-steps", "5", "--limit", "8",
                 "--out", str(plain)])
     assert "val_loss" not in json.loads((plain / "config.json").read_text())["summary"]
     assert orange_pixels(plain / "loss.png") == 0

@@ -3,6 +3,7 @@ datasets that exist: README's commands run as written.
 
     python -m pytest tests/test_readme.py -q
 """
+import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -73,3 +74,26 @@ def test_the_checker_catches_a_missing_flag_and_a_missing_dataset():
 def test_no_script_imports_from_tests(script):
     source = (ROOT / script).read_text()
     assert not re.search(r"^\s*(from tests\b|import tests\b|from (conftest|families|test_\w+) import)", source, re.M)
+
+
+def test_a_flag_the_scripts_share_has_one_help_text_and_one_default():
+    """--device, --backend, --limit and --views mean one thing in every script that takes them: one declaration."""
+    seen = {}
+    for script, config in CONFIGS.items():
+        for f in dataclasses.fields(config):
+            if f.name in cli.SHARED:
+                seen.setdefault(f.name, set()).add((f.default, f.metadata["help"], tuple(f.metadata.get("old", ()))))
+    assert set(seen) == set(cli.SHARED), seen
+    assert all(len(declared) == 1 for declared in seen.values()), seen
+    assert {name for name, declared in seen.items()} >= {"device", "backend", "limit", "views"}
+
+
+@pytest.mark.parametrize("script, old, new, value", [("train.py", "--limit-tasks", "--limit", "3"),
+                                                     ("infer.py", "--merge", "--join-shards", None),
+                                                     ("infer.py", "--limit-tasks", "--limit", "3")])
+def test_an_old_spelling_still_works_and_names_the_new_one(script, old, new, value, capsys):
+    args = [old] + ([value] if value else [])
+    cfg = cli.parse_config(CONFIGS[script], "", args)
+    field = new[2:].replace("-", "_")
+    assert getattr(cfg, field) == (int(value) if value else True)
+    assert f"note: {old} is now {new}" in capsys.readouterr().err

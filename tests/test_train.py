@@ -248,7 +248,7 @@ def test_run_writes_a_loss_curve(lora_run):
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-ARC_SLICE = ["--dataset", "arc1", "--limit-tasks", "8", "--views", "4", "--max-steps", "3", "--warmup", "0",
+ARC_SLICE = ["--dataset", "arc1", "--limit", "8", "--views", "4", "--max-steps", "3", "--warmup", "0",
              "--logging-steps", "1", "--no-group-by-length", "--save-steps", "1000"]
 
 
@@ -378,7 +378,7 @@ def test_every_load_of_a_trained_model_goes_through_the_one_builder(lora_run, fa
     infer.main(["--model", str(run), "--dataset", str(family), "--split", "train", "--limit", "1",
                 "--max-new-tokens", "4", "--out", str(tmp_path / "predicted")])
     assert calls == [("base", False)]
-    train.main(["--ttt", "--ttt-mode", "shared", "--model", str(run), "--dataset", str(family), "--limit-tasks", "1",
+    train.main(["--ttt", "--ttt-mode", "shared", "--model", str(run), "--dataset", str(family), "--limit", "1",
                 "--out", str(tmp_path / "ttt"), "--epochs", "1", "--ttt-views", "1", "--batch-size", "2"])
     assert calls[1:] == [("lora", False), ("base", True)]  # the run, built on its base and merged
     infer.main(["--model", str(tmp_path / "ttt"), "--dataset", str(family), "--split", "train", "--limit", "1",

@@ -277,7 +277,7 @@ def test_full_finetune_past_the_positions_records_16_bits_and_rope_scaling(setup
     root, model, family = setup
     out = root / "runs" / "full"
     output = run("train", "--backend", "unsloth", "--model", model, "--dataset", family, "--split", "train",
-                 "--limit-tasks", "2", "--views", "1", "--max-steps", "1", "--full-finetune", "--vocab", "full",
+                 "--limit", "2", "--views", "1", "--max-steps", "1", "--full-finetune", "--vocab", "full",
                  "--max-seq-len", str(2 * POSITIONS), "--out", out, root=root)
     info = json.loads((out / "config.json").read_text())
     assert info["load_in_4bit"] is False and info["lora"] is False

@@ -149,7 +149,7 @@ def check_run(out, family, steps, n_keep, tmp_path):
     # --ttt: per-task adapters on the cut model, embeddings frozen
     ttt = tmp_path / "ttt"
     train.main(["--ttt", "--model", str(out), "--dataset", str(family), "--split", "eval", "--out", str(ttt),
-                "--epochs", "1", "--ttt-views", "1", "--batch-size", "2", "--grad-accum", "1", "--limit-tasks", "1"])
+                "--epochs", "1", "--ttt-views", "1", "--batch-size", "2", "--grad-accum", "1", "--limit", "1"])
     assert json.loads((ttt / "config.json").read_text())["vocab"] == "arc"
     assert len(list((ttt / "ttt").iterdir())) == 1
     infer.main(["--model", str(ttt), "--limit", "1"] + common)
