@@ -39,7 +39,7 @@ ARCHS = {
                          intermediate_size=1536, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True,
                          tokenizer="tiny"),
 }
-WRITE_UP = dict(gpu="H100", train_s=8243, predict_s=7688, epochs=3)  # ../shared/WRITEUP-FACTS.md
+WRITEUP_TIMINGS = dict(gpu="H100", train_s=8243, predict_s=7688, epochs=3)  # the write-up: 8243 s training, 7688 s predicting the 400 eval tasks, on one H100
 
 
 @dataclass
@@ -329,16 +329,16 @@ def bench_estimate(cfg, setup):
     if missing:
         raise SystemExit(f"error: --sections estimate needs the {', '.join(missing)} figures in {cfg.out}: "
                          "run --sections data train generate estimate")
-    train_tokens = WRITE_UP["epochs"] * record["data"]["train"]["tokens"]
+    train_tokens = WRITEUP_TIMINGS["epochs"] * record["data"]["train"]["tokens"]
     answer_tokens = 2 * record["data"]["eval"]["answer_tokens"]  # two guesses per test input
     t, g = record["train"], record["generate"]
-    rows = [("train, padded", train_tokens, t["padded_tok_s"], WRITE_UP["train_s"]),
-            ("train, packed", train_tokens, t["packed_tok_s"], WRITE_UP["train_s"]),
-            ("predict, batched", answer_tokens, g["batched_tok_s"], WRITE_UP["predict_s"]),
-            ("predict, one at a time", answer_tokens, g["single_tok_s"], WRITE_UP["predict_s"])]
+    rows = [("train, padded", train_tokens, t["padded_tok_s"], WRITEUP_TIMINGS["train_s"]),
+            ("train, packed", train_tokens, t["packed_tok_s"], WRITEUP_TIMINGS["train_s"]),
+            ("predict, batched", answer_tokens, g["batched_tok_s"], WRITEUP_TIMINGS["predict_s"]),
+            ("predict, one at a time", answer_tokens, g["single_tok_s"], WRITEUP_TIMINGS["predict_s"])]
     print(f"estimate: an extrapolation, not a measurement: the write-up's run at the rates measured here "
           f"(train: {t['model']}; predict: {g['model']}; {t['device']}), next to the write-up's Llama-3-8B on an "
-          f"{WRITE_UP['gpu']}")
+          f"{WRITEUP_TIMINGS['gpu']}")
     out = {}
     for label, tokens, rate, theirs in rows:
         seconds = tokens / rate

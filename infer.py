@@ -21,7 +21,7 @@ from cli import (AUTO, OneLineError, TINY_NOTE, check_ranges, check_writable, li
 from models import adapter_loader, load_model, make_setup
 from runs import check_ttt_base, find_run, missing_adapters, model_key, model_name, weights_fingerprint
 from decode import answer_ids, answer_tokens, completion_logprobs, dfs_search, generate_halving, parse_guess, row_seed
-from submit import (MAX_PLOTS, NEAR_MISS, Record, TABLE, TABLE_KEYS, WRITEUP, answers_of, coverage, read_submission,
+from submit import (MAX_PLOTS, NEAR_MISS, Record, TABLE, TABLE_KEYS, WRITEUP_SCORES, answers_of, coverage, read_submission,
                     save_submission, score, submission_of, submission_path)
 
 GUESSES = (0, 4)  # data.dihedral k of guess 1 (the task as given) and guess 2 (the transposed task)
@@ -747,13 +747,13 @@ def print_results(r, reference=False):
     print(f"\n| Guesses | {' | '.join(columns)} |\n|---|{'|'.join('---' for _ in columns)}|")
     print(f"| {r.get('mode') or '-'} | {' | '.join(str(r[k]) for k in TABLE_KEYS + ('found',) * bool(found))} |")
     if reference:
-        print(f"| writeup | {' | '.join(str(WRITEUP[k]) for k in TABLE_KEYS)} |{' - |' * bool(found)}  <- the write-up "
+        print(f"| writeup | {' | '.join(str(WRITEUP_SCORES[k]) for k in TABLE_KEYS)} |{' - |' * bool(found)}  <- the write-up "
               "(Llama-3-8B)"
               + ("" if r.get("mode") == "writeup" else ": its last guess column is its transposed guess"))
     unscored = f" ({r['tasks'] - r['scored']} tasks without a usable solution not scored)" \
         if r["scored"] < r["tasks"] else ""
-    print(f"\nofficial score: {r['score']:.2f} / {r['scored']} = {r['score_pct']:.2%}{unscored}   "
-          f"(write-up: {WRITEUP['solved_any']} / {WRITEUP['tasks']} = {WRITEUP['solved_any'] / WRITEUP['tasks']:.2%})")
+    print(f"\nofficial score: {r['score']:.2f} / {r['scored']} = {r['score_pct']:.2f}%{unscored}   "
+          f"(write-up: {WRITEUP_SCORES['solved_any']} / {WRITEUP_SCORES['tasks']} = {WRITEUP_SCORES['solved_any'] / WRITEUP_SCORES['tasks']:.2%})")
     print(f"guesses: {r['guesses']} ({r['test_inputs']} test inputs x 2), unanswered {r['unanswered']}, "
           f"correct size {r['correct_size']:.1%}, correct pixels {r['correct_pixels']:.1%}")
     if found:
@@ -805,7 +805,7 @@ def plot_results(tasks, guesses, r, folder, title):
     a.set_xticks(range(5), [label.replace(" by ", "\nby ") for label in table_columns(r.get("mode"))], fontsize=7)
     for x, v in enumerate(values):
         a.text(x, v, str(v), ha="center", va="bottom", fontsize=8)
-    a.set_title(f"tasks (score {r['score']:.2f} / {r['tasks']} = {r['score_pct']:.1%})", fontsize=9)
+    a.set_title(f"tasks (score {r['score']:.2f} / {r['tasks']} = {r['score_pct']:.1f}%)", fontsize=9)
     pixels = [p for t in per_task.values() for pair in t["pixels"] for p in pair]
     right = sum(x for t in per_task.values() for x in t["first"] + t["second"])
     kinds = dict(right=right, **{"right size only": sum(p is not None for p in pixels) - right,

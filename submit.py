@@ -10,7 +10,7 @@ from cli import OneLineError, read_json, write_atomic
 
 NO_ANSWER = [[0]]  # what the submission carries where a guess has no answer (Kaggle needs a grid)
 
-WRITEUP = dict(tasks=400, predicted=339, solved_any=51, solved_first=38, solved_second=28)  # Llama-3-8B, arc1 eval
+WRITEUP_SCORES = dict(tasks=400, predicted=339, solved_any=51, solved_first=38, solved_second=28)  # Llama-3-8B, arc1 eval
 
 TABLE = ("Num Problems", "Predictions", "Solved by any Guess")  # then a column per guess, named by the mode
 
@@ -135,16 +135,18 @@ def score(tasks, submission, guesses=None):
              test_inputs=0, guesses=0, unanswered=0, correct_size=0.0, correct_pixels=0.0, solutions=False, scored=0,
              per_task={})
     for tid, task in tasks.items():
-        g = guesses[tid]
-        r["test_inputs"] += len(g)
-        r["guesses"] += 2 * len(g)
+        n = len(task["test"])  # a submission or guesses short of a test input score it wrong, never skip it
+        g = (list(guesses.get(tid) or []) + [[None, None]] * n)[:n]
+        entries = (list(submission.get(tid) or []) + [{}] * n)[:n]
+        r["test_inputs"] += n
+        r["guesses"] += 2 * n
         r["unanswered"] += sum(x is None for pair in g for x in pair)
         r["predicted"] += any(x is not None for pair in g for x in pair)
         if not all("output" in t for t in task["test"]):
             continue
         r["solutions"], r["scored"] = True, r["scored"] + 1
         sols = [t["output"] for t in task["test"]]
-        right = [sol in (e["attempt_1"], e["attempt_2"]) for sol, e in zip(sols, submission[tid])]
+        right = [sol in (e.get("attempt_1"), e.get("attempt_2")) for sol, e in zip(sols, entries)]
         first = [as_submitted(pair[0]) == sol for pair, sol in zip(g, sols)]
         second = [as_submitted(pair[1]) == sol for pair, sol in zip(g, sols)]
         pixels = [[pixel_accuracy(x, sol) for x in pair] for pair, sol in zip(g, sols)]
@@ -155,7 +157,7 @@ def score(tasks, submission, guesses=None):
         r["correct_size"] += sum(p is not None for pair in pixels for p in pair)
         r["correct_pixels"] += sum(p or 0.0 for pair in pixels for p in pair)
         r["per_task"][tid] = dict(score=sum(right) / len(right), first=first, second=second, pixels=pixels)
-    r["score_pct"] = r["score"] / max(r["scored"], 1)
+    r["score_pct"] = 100 * r["score"] / max(r["scored"], 1)
     r["correct_size"] /= max(r["guesses"], 1)
     r["correct_pixels"] /= max(r["guesses"], 1)
     return r

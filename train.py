@@ -24,6 +24,7 @@ from models import (EMBEDDINGS, PROJECTIONS, add_lora, arc_vocabulary, count_par
 from runs import (BASE, CHECKPOINTS, FINAL, LOCK, LOSS_PLOT, REPLACED, RUN_CONFIG, TTT, checkpoints, is_run_folder,
                   latest_run, model_positions, newest_complete_checkpoint, read_run, resume_checkpoint, rope_scaling,
                   run_config_path, run_info, run_status, test_time_key, ttt_folder)
+from recipes import WRITEUP_FLAGS, WRITEUP_RECIPE, auto_help, recipe, shown
 
 HEARTBEAT_S = 30  # the longest silence while training: a progress line at least this often
 TTT_MODES = ("per-task", "shared")
@@ -37,8 +38,6 @@ LAUNCH = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # torchrun and accelerate launch 
 # checkpointing), README's Measured
 SMOLLM2_CPU_TOK_S = {"short": 250, "long": 158}
 VOCABS = ("arc", "full")
-WRITEUP = dict(vocab="full", loss="answer")  # --writeup: the write-up's recipe where our measured defaults differ
-WRITEUP_FLAGS = " ".join(f"--{k} {v}" for k, v in WRITEUP.items())
 
 
 @dataclass
@@ -57,8 +56,8 @@ class Config:
     limit: int = shared("limit")
     pool_examples: int = opt(POOL_EXAMPLES, "data", "demonstrations drawn from an example pool per sequence, with a "
                                                     "test pair, anew each epoch and view")
-    max_seq_len: int = opt(AUTO, "data", "tokens per sequence; longer tasks lose their largest examples "
-                                         "(auto: 8192 for a real model, 1024 for tiny)")
+    max_seq_len: int = opt(AUTO, "data", "tokens per sequence; longer tasks lose their largest examples ("
+                                         + auto_help("max_seq_len") + ")")
     val_dataset: list = opt([], "data", "tasks whose test outputs give a validation loss (any --dataset source; "
                                         "default: none, no validation)")
     val_split: list = opt(["eval"], "data", "split(s) of --val-dataset")
@@ -69,7 +68,7 @@ class Config:
     load_in_4bit: bool = opt(True, "model", "load the base model in 4 bits (Unsloth path only)")
     backend: str = shared("backend")
     device: str = shared("device")
-    full_finetune: bool = opt(AUTO, "model", "train every weight instead of a LoRA (auto: on for tiny only)")
+    full_finetune: bool = opt(AUTO, "model", f"train every weight instead of a LoRA ({auto_help('full_finetune')})")
     vocab: str = opt("arc", "model", "arc: the tokenizer and embed_tokens/lm_head cut to the tokens the text format "
                                      "writes (a few dozen; the same text, a smaller model: see README); full: the "
                                      "whole vocabulary (the write-up's recipe)", choices=list(VOCABS))
@@ -79,14 +78,15 @@ class Config:
     lora_dropout: float = opt(0.0, "lora", "LoRA dropout")
     # training
     epochs: float = opt(3.0, "training", "passes over the data")
-    max_steps: int = opt(AUTO, "training", "stop after N optimizer steps (auto: from --epochs; tiny on CPU: 300)")
-    batch_size: int = opt(AUTO, "training", "sequences per device step (auto: 2, or 16 for tiny)")
-    grad_accum: int = opt(AUTO, "training", "gradient accumulation steps (auto: 4, or 1 for tiny)")
-    lr: float = opt(AUTO, "training", "learning rate (auto: 2e-4 for LoRA, 1e-3 for tiny full fine-tuning)")
+    max_steps: int = opt(AUTO, "training", f"stop after N optimizer steps ({auto_help('max_steps')})")
+    batch_size: int = opt(AUTO, "training", f"sequences per device step ({auto_help('batch_size')})")
+    grad_accum: int = opt(AUTO, "training", f"gradient accumulation steps ({auto_help('grad_accum')})")
+    lr: float = opt(AUTO, "training", f"learning rate ({auto_help('lr')}; a tiny LoRA: "
+                                          f"{shown(recipe(GPU_MODEL, True)['lr'])})")
     embedding_lr: float = opt(AUTO, "training", "learning rate of embed_tokens and lm_head (auto: same as --lr)")
     warmup: float = opt(0.03, "training", "warm-up: a fraction of the steps if < 1, else a step count")
     scheduler: str = opt("linear", "training", "learning-rate schedule (transformers' names)")
-    optim: str = opt(AUTO, "training", "optimizer (auto: adamw_8bit on GPU, adamw_torch on CPU)")
+    optim: str = opt(AUTO, "training", f"optimizer ({auto_help('optim')})")
     weight_decay: float = opt(0.0, "training", "weight decay")
     group_by_length: bool = opt(True, "training", "batch sequences of similar length (less padding; not with --packing)")
     packing: bool = opt(False, "training", "padding-free batches: a batch's sequences joined into one row, positions "
@@ -149,11 +149,11 @@ def resolve(cfg, given, gpu):
 def writeup_recipe(cfg, given):
     """(cfg, given) with --writeup's flags set as if given on the command line (so --resume refuses a run trained
     otherwise, as it refuses those flags); a contradicting flag beside it is a OneLineError."""
-    clash = [f"--{k} {getattr(cfg, k)}" for k, v in WRITEUP.items() if k in given and getattr(cfg, k) != v]
+    clash = [f"--{k} {getattr(cfg, k)}" for k, v in WRITEUP_RECIPE.items() if k in given and getattr(cfg, k) != v]
     if clash:
         raise OneLineError(f"--writeup sets {WRITEUP_FLAGS}: drop {', '.join(clash)} or --writeup")
     print(f"writeup: {WRITEUP_FLAGS} (the write-up's recipe)")
-    return dataclasses.replace(cfg, **WRITEUP), given | set(WRITEUP)
+    return dataclasses.replace(cfg, **WRITEUP_RECIPE), given | set(WRITEUP_RECIPE)
 
 
 def inherit(cfg, given):
@@ -181,25 +181,15 @@ def inherit(cfg, given):
 
 
 def auto_settings(cfg, gpu):
-    """cfg with every AUTO left decided from the device and the model, in one `auto:` line."""
+    """cfg with every AUTO left decided from the model's row of the recipe table, in one `auto:` line."""
     tiny, small = cfg.model == "tiny", cfg.model == SMOLLM2
-    if cfg.max_steps is AUTO and tiny and not gpu:
-        cfg.max_steps = 300
-        print("auto: tiny model on CPU: --max-steps 300 (a few minutes on 2 cores)")
-    decided = {}
-    # SmolLM2-135M: 16 sequences per step as the 8B recipe's 2 x 4 would be too few for a model this fast
-    for name, value in (("max_steps", -1), ("full_finetune", tiny), ("max_seq_len", 1024 if tiny else 8192),
-                        ("batch_size", 16 if tiny else 4 if small else 2),
-                        ("grad_accum", 1 if tiny else 4)):
-        if getattr(cfg, name) is AUTO:
-            decided[name] = value
+    row = recipe(cfg.model, gpu, cfg.full_finetune)
+    row["embedding_lr"] = cfg.lr if cfg.lr is not AUTO else row["lr"]  # the same as --lr, said after it
+    row["optim"] = row.pop("optim")
+    decided = {name: value for name, value in row.items() if getattr(cfg, name) is AUTO}
+    if decided.get("max_steps", -1) != -1:
+        print(f"auto: tiny model on CPU: --max-steps {decided['max_steps']} (a few minutes on 2 cores)")
     cfg = dataclasses.replace(cfg, **decided)
-    if cfg.lr is AUTO:
-        cfg.lr = decided["lr"] = 1e-3 if tiny and cfg.full_finetune else 4e-4 if small else 2e-4
-    if cfg.embedding_lr is AUTO:
-        cfg.embedding_lr = decided["embedding_lr"] = cfg.lr
-    if cfg.optim is AUTO:
-        cfg.optim = decided["optim"] = "adamw_8bit" if gpu and not tiny else "adamw_torch"
     decided.pop("max_steps", None)  # -1: "from --epochs", said by the training line
     if decided:
         print(f"auto: {', '.join(f'{k} {v:g}' if isinstance(v, float) else f'{k} {v}' for k, v in decided.items())}"

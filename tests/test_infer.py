@@ -49,12 +49,18 @@ def test_score_matches_hand_count_with_multi_test_tasks(tmp_path):
            "D": [{"attempt_1": [[0]], "attempt_2": [[0]]}]}                                           # 0, unanswered
     r = submit.score(tasks, sub)
     assert r["score"] == pytest.approx(0.5 + 1 + 2 / 3)
-    assert r["score_pct"] == pytest.approx((0.5 + 1 + 2 / 3) / 4)
+    assert r["score_pct"] == pytest.approx(100 * (0.5 + 1 + 2 / 3) / 4)  # a percent
     assert (r["tasks"], r["predicted"], r["solved_any"], r["solved_first"], r["solved_second"]) == (4, 3, 1, 1, 0)
     assert (r["test_inputs"], r["guesses"], r["unanswered"]) == (7, 14, 5)
     # right size: A a, A [[4],[3]] (0 of 2 pixels), B c, C a, C b -> 5 of 14; pixels 1 + 0 + 1 + 1 + 1 = 4
     assert r["correct_size"] == pytest.approx(5 / 14)
     assert r["correct_pixels"] == pytest.approx(4 / 14)
+
+    short = dict(sub, C=sub["C"][:2])  # C's third test input missing, D's task missing altogether
+    del short["D"]
+    r = submit.score(tasks, short)
+    assert r["score"] == pytest.approx(0.5 + 1 + 2 / 3) and r["scored"] == 4  # scored wrong, not skipped
+    assert (r["test_inputs"], r["guesses"], r["unanswered"]) == (7, 14, 6)  # C's missing input: 2 more, D: 2 as before
 
     folder = tmp_path / "tasks"
     write_tasks(folder, tasks)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import select
@@ -11,7 +12,9 @@ import torch
 
 import cli
 import data
+import hub
 import models
+import recipes
 import runs
 import train
 from conftest import write_family
@@ -417,3 +420,16 @@ def test_a_run_moved_away_from_its_base_finds_it_with_base_model(lora_run, famil
                            "local copy with --base-model FOLDER"
     infer.main([*predict, "--base-model", str(tmp_path / "input" / "base")])
     assert json.loads((moved / "results.limit-1.json").read_text())["tasks"] == 1
+
+
+@pytest.mark.parametrize("model, gpu", [("tiny", False), ("tiny", True), ("smollm2", False), ("some/model", True)])
+def test_auto_settings_are_the_recipe_rows_and_help_names_them(model, gpu, capsys):
+    """One recipe table: what an auto flag becomes and what --help says it becomes come from the same row."""
+    cfg = train.auto_settings(train.Config(model=model, out="x"), gpu)
+    row = recipes.RECIPES.get(model, recipes.RECIPES[hub.GPU_MODEL])
+    expected = {**row, **({} if gpu else {**recipes.ON_CPU, **row.get("cpu", {})})}
+    assert {k: getattr(cfg, k) for k in expected if k != "cpu"} == {k: v for k, v in expected.items() if k != "cpu"}
+    assert cfg.embedding_lr == cfg.lr
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(train.Config)}
+    for name in ("batch_size", "grad_accum", "lr", "max_seq_len", "optim", "full_finetune", "max_steps"):
+        assert recipes.shown(row[name]) in helps[name], (name, helps[name])
