@@ -1,5 +1,5 @@
 """Our Unsloth path on a CPU, for the tests: train.py / infer.py run in a process of their own with Unsloth's CPU
-switches, a few monkeypatches and torch stand-ins for three per-row Triton kernels (../shared/UNSLOTH-CPU.md has
+switches, a few monkeypatches and torch stand-ins for three per-row Triton kernels (docs/unsloth-cpu.md has
 the Unsloth line behind each). The scripts' own main() runs unchanged; `--backend unsloth` picks the branch.
 
     python tests/unsloth_cpu.py train --backend unsloth --model FOLDER ...     # train.main(...)
