@@ -25,7 +25,8 @@ import infer
 import train
 from cli import (OneLineError, check_writable, line_buffered, opt, parse_config, peak_memory_gb, quiet_libraries,
                  read_json, shared, versions, write_json)
-from models import count_params, llama3_hf_tokenizer, load_base, make_setup
+from models import (LOSSES, count_params, encode_completion, encode_prompt, llama3_hf_tokenizer, load_base, make_setup,
+                    pad_id)
 from decode import completion_logprobs, generate, logits_kept
 
 # Published shapes as LlamaConfig fields, built with random weights: speed and memory depend on the shape only, so
@@ -159,7 +160,7 @@ def arch_model(cfg, setup):
     tokenizer = llama3_hf_tokenizer() if spec.pop("tokenizer") == "llama3" else load_base("tiny", setup)[1]
     config = LlamaConfig(**spec, max_position_embeddings=max(cfg.max_seq_len, 8192),
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=data.pad_id(tokenizer))
+                         pad_token_id=pad_id(tokenizer))
     torch.manual_seed(cfg.seed)
     with torch.device(setup.device):
         model = LlamaForCausalLM._from_config(config, dtype=setup.dtype)
@@ -274,7 +275,7 @@ def generate_setup(cfg, setup):
         fitted, _ = data.fit_task(data.strip_outputs(tasks[tid]), 0, fmt, cfg.max_seq_len,
                                   data.count_tokens(tokenizer))
         if fitted is not None:
-            prompts.append(data.encode_prompt(tokenizer, data.format_prompt(fitted, 0, fmt)))
+            prompts.append(encode_prompt(tokenizer, data.format_prompt(fitted, 0, fmt)))
     prompts.sort(key=len, reverse=True)
     start = max(0, (len(prompts) - cfg.prompts) // 2)
     return model, tokenizer, prompts[start:start + cfg.prompts]
@@ -419,7 +420,7 @@ def full_forward_logprobs(model, tokenizer, prompt_ids, completion_ids, batch_si
     import torch
     pairs = list(zip(prompt_ids, completion_ids))
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-    pad, out = data.pad_id(tokenizer), [0.0] * len(pairs)
+    pad, out = pad_id(tokenizer), [0.0] * len(pairs)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
@@ -467,7 +468,7 @@ def bench_scoring(cfg, setup):
     forwarded = []
     model.register_forward_pre_hook(lambda m, args, kw: forwarded.append(kw["input_ids"].numel()), with_kwargs=True)
     rng, rows = random.Random(cfg.seed), []
-    encode = lambda g, k, p: data.encode_completion(tokenizer, data.format_completion(data.apply_view(g, k, p), fmt))  # noqa: E731
+    encode = lambda g, k, p: encode_completion(tokenizer, data.format_completion(data.apply_view(g, k, p), fmt))  # noqa: E731
     completion_logprobs(model, tokenizer, inputs[0][2][:1], [[tokenizer.eos_token_id]])  # warm-up
     for tid, i, prompts in inputs[:cfg.scoring_inputs]:
         grids = scoring_candidates(tasks[tid]["test"][i]["output"], cfg.scoring_candidates, rng)
@@ -520,7 +521,7 @@ def smallest_view_prompts(cfg, tokenizer, n_views, n_inputs, varied=False):
                       for k, p in views]
             if not all(f is not None and not trimmed for f, trimmed in fitted):
                 continue
-            pairs = [(data.encode_prompt(tokenizer, data.format_prompt(f, i, fmt)), data.encode_completion(
+            pairs = [(encode_prompt(tokenizer, data.format_prompt(f, i, fmt)), encode_completion(
                 tokenizer, data.format_completion(data.apply_view(test["output"], k, p), fmt)))
                      for (f, _), (k, p) in zip(fitted, views)]
             if not varied or len({len(prompt) for prompt, _ in pairs}) > 1:
@@ -599,7 +600,7 @@ def bench_dfsbatch(cfg, setup):
     if not inputs:
         raise SystemExit(f"error: --dataset {cfg.dataset} --split {cfg.split}: no test input whose {max(sizes)} "
                          f"views fit --max-seq-len {cfg.max_seq_len}")
-    pad = data.pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     for size in [1, *sizes]:  # warm-up: a batch's first forward of its shape is slower
         decode_steps(model, [p for p, _ in inputs[0][2][:size]], [[pad]] * size, pad, setup.device)
     rows = []
@@ -804,7 +805,7 @@ def bench_loss(cfg, setup):
                                            "--max-seq-len", "512"] if model == "smollm2" else [])
             for seed in cfg.loss_seeds:
                 for n in cfg.loss_steps:
-                    for loss in data.LOSSES:
+                    for loss in LOSSES:
                         run = Path(tmp) / f"{model}-{seed}-{n}-{loss}"
                         t0 = time.time()
                         train.main(["--dataset", data.FAMILY, "--loss", loss, "--max-steps", n, "--seed", seed,
@@ -824,7 +825,7 @@ def bench_loss(cfg, setup):
     for model in cfg.loss_models:
         for n in cfg.loss_steps:
             cell = {loss: [r for r in rows if r["model"] == model and r["steps"] == int(n) and r["loss"] == loss]
-                    for loss in data.LOSSES}
+                    for loss in LOSSES}
             shown = {loss: (", ".join(f"{r['solved']}" for r in rs) + f" / {rs[0]['tasks']}",
                             round(statistics.mean(r["tok_s"] for r in rs))) for loss, rs in cell.items()}
             print(f"| {model} | {n} | {shown['answer'][0]} | {shown['answer'][1]} | {shown['outputs'][0]} | "

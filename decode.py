@@ -7,6 +7,7 @@ import time
 
 import data
 from cli import OneLineError
+from models import encode_completion, pad_id
 
 
 def answer_tokens(tokenizer, fmt):
@@ -19,7 +20,7 @@ def answer_ids(tokenizer, fmt):
     """The token ids an answer is written with (each colour's cell, row end, end marker, EOS), read off answers
     the format writes, so that whatever the tokenizer merges at a row's end is included."""
     grids = ([list(range(10)), list(range(9, -1, -1))], [[c] for c in range(10)], [[0]])
-    return sorted({t for g in grids for t in data.encode_completion(tokenizer, data.format_completion(g, fmt))})
+    return sorted({t for g in grids for t in encode_completion(tokenizer, data.format_completion(g, fmt))})
 
 
 def grid_stopper(tokenizer, fmt, width):
@@ -83,7 +84,7 @@ def generate(model, tokenizer, prompts, cfg, fmt=None, min_new_tokens=0, seeds=N
     row sampled from its own (seeded_sampler). `min_new_tokens` only serves benchmarks that need a fixed length."""
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
-    pad = data.pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
@@ -153,7 +154,7 @@ def completion_logprobs(model, tokenizer, prompt_ids, completion_ids, batch_size
     by_length = {}  # prompt length -> prompt -> indices of its completions
     for i, p in enumerate(prompt_ids):
         by_length.setdefault(len(p), {}).setdefault(tuple(p), []).append(i)
-    pad = data.pad_id(tokenizer)  # right padding: a causal row never attends to what follows it
+    pad = pad_id(tokenizer)  # right padding: a causal row never attends to what follows it
     with torch.inference_mode():
         for group in by_length.values():
             ready = {p: (prefixes or {})[p] for p in group if p in (prefixes or {})}

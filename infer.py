@@ -18,11 +18,12 @@ import data
 from cli import (AUTO, OneLineError, TINY_NOTE, check_ranges, check_writable, line_buffered, lock_file, opt,
                  parse_config, peak_memory_gb, quiet_libraries, read_json, safe_name, shared, write_atomic,
                  write_failure, write_json)
-from models import adapter_loader, load_model, make_setup
+from data import seen_in_training, task_fingerprint
+from models import adapter_loader, encode_completion, encode_prompt, load_model, make_setup
 from runs import check_ttt_base, find_run, missing_adapters, model_key, model_name, weights_fingerprint
 from decode import answer_ids, answer_tokens, completion_logprobs, dfs_search, generate_halving, parse_guess, row_seed
-from submit import (MAX_PLOTS, NEAR_MISS, Record, TABLE, TABLE_KEYS, WRITEUP_SCORES, answers_of, coverage, read_submission,
-                    save_submission, score, submission_of, submission_path)
+from submit import (MAX_PLOTS, NEAR_MISS, Record, TABLE, TABLE_KEYS, WRITEUP_SCORES, answers_of, coverage,
+                    read_submission, save_submission, score, submission_of, submission_path)
 
 GUESSES = (0, 4)  # data.dihedral k of guess 1 (the task as given) and guess 2 (the transposed task)
 MODES = {}  # --guesses name -> Mode: the table beside the mode functions below (filled there)
@@ -135,7 +136,7 @@ def build_prompts(tasks, tokenizer, fmt, max_seq_len, views, writeup=True):
                         rec.status[i][v] = "too_long"
                     rec.skipped.append(f"test {i} {'guess' if writeup else 'view'} {v + 1}: {trimmed}")
                     continue
-                ids = data.encode_prompt(tokenizer, data.format_prompt(fitted, i, fmt))
+                ids = encode_prompt(tokenizer, data.format_prompt(fitted, i, fmt))
                 rec.trimmed += trimmed
                 rec.tokens["prompt"] += len(ids)
                 prompts.append(dict(task_id=tid, test=i, view=v, ids=ids))
@@ -355,7 +356,7 @@ def make_job(cfg, model, tokenizer, fmt):
                                   **(dict(prefixes=job.prefixes) if job.prefixes else {}))
         job.score_s += time.time() - start
         return out
-    job = Job(cfg, fmt, encode=lambda grid: data.encode_completion(tokenizer, data.format_completion(grid, fmt)),
+    job = Job(cfg, fmt, encode=lambda grid: encode_completion(tokenizer, data.format_completion(grid, fmt)),
               decode=tokenizer.decode, logprobs=logprobs,
               search=lambda ids, first: dfs_search(model, ids, tokenizer.eos_token_id,
                                                    min(cfg.max_new_tokens, cfg.max_seq_len - len(ids)), cfg.min_prob,
@@ -493,7 +494,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             generated += job.forwards
             for note in rec.timed_out + ([f"degraded: {rec.degraded}"] if rec.degraded else []):
                 bar.write(f"task {tid} {note}")
-            rec.settings, rec.fingerprint = settings, data.task_fingerprint(tasks[tid])
+            rec.settings, rec.fingerprint = settings, task_fingerprint(tasks[tid])
             f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
             f.flush()
             bar.update(1)
@@ -584,7 +585,7 @@ def answered(records, tasks):
     """The cached Records of `tasks` that answer those very grids (the task's fingerprint): a task file changed
     under the same id and path is predicted again, never answered from another task's line."""
     return {tid: rec for tid, rec in records.items()
-            if tid in tasks and rec.fingerprint == data.task_fingerprint(tasks[tid])}
+            if tid in tasks and rec.fingerprint == task_fingerprint(tasks[tid])}
 
 
 def move_aside(cache, saved):
@@ -905,7 +906,7 @@ def unused_flags(cfg):
 
 def warn_seen(run, tasks):
     """Ids of `tasks` the run was trained on, grid for grid (the contamination guard), said in one warning line."""
-    seen = data.seen_in_training(tasks, run.fingerprints)
+    seen = seen_in_training(tasks, run.fingerprints)
     if seen:
         sets = ", ".join(f"{s['dataset']} {s['split']}" for s in run.trained_on)
         print(f"warning: {len(seen)} of {len(tasks)} tasks scored here are, grid for grid, tasks this model was "

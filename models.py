@@ -598,3 +598,65 @@ def load_weights(run, setup):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+
+def encode_prompt(tokenizer, text):
+    """Token ids of a prompt: BOS (when the tokenizer has one) + the text, never anything else added."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(text, add_special_tokens=False)
+
+
+
+def encode_completion(tokenizer, text):
+    """Token ids of an answer: the text + EOS."""
+    return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+
+# what a training sequence's loss covers: "answer" the test output only (the write-up); "outputs" every output grid
+# but the first, train outputs included (the ARChitects' mask_first_n_examples=1): each is an answer the examples
+# before it teach
+LOSSES = ("answer", "outputs")
+
+
+
+def output_spans(prompt):
+    """(start, end) character ranges of the output grids shown in a prompt, each with the end marker after it. The
+    markers are lines of their own, so the lines say where each grid is."""
+    spans, pos, start = [], 0, None
+    for line in prompt.split("\n"):
+        if line == OUT:
+            start = pos + len(line) + 1
+        elif line == END and start is not None:
+            spans.append((start, pos + len(END)))
+            start = None
+        pos += len(line) + 1
+    return spans
+
+
+
+def prompt_labels(tokenizer, prompt, spans):
+    """Labels of a prompt's tokens (BOS first when the tokenizer has one): the token's id where the token lies
+    inside one of `spans` (character ranges), -100 elsewhere. The offsets come from the same encoding as
+    encode_prompt's, so the labels line up with its ids whatever the tokenizer merges."""
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [token if any(a <= start and end <= b for a, b in spans) else -100
+              for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    return [-100] * int(tokenizer.bos_token_id is not None) + labels
+
+
+
+def encode_example(tokenizer, prompt, completion, loss="answer"):
+    """(input_ids, labels) of one training sequence: BOS + prompt + completion + EOS. The loss is on the answer and
+    its EOS; with loss "outputs" also on every output grid of the prompt but the first (its end marker included),
+    everything else masked with -100."""
+    p, c = encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
+    if loss == "outputs":
+        return p + c, prompt_labels(tokenizer, prompt, output_spans(prompt)[1:]) + c
+    return p + c, [-100] * len(p) + c
+
+
+
+def pad_id(tokenizer):
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -96,7 +96,7 @@ class Run:
     max_seq_len: int
     load_in_4bit: bool
     backend: str          # "unsloth" or "transformers": how it was trained, so how to load it
-    fingerprints: list = field(default_factory=list)  # data.task_fingerprint of every task it was trained on
+    fingerprints: list = field(default_factory=list)  # runs.task_fingerprint of every task it was trained on
     trained_on: list = field(default_factory=list)    # one dict per dataset x split: dataset, split, tasks, ...
     ttt_mode: str = None  # a test-time-training run: per-task (adapters in folder/ttt/<task>/) or shared
     keep_ids: list = None  # --vocab arc: the base's token ids kept, in their new order; cut the base to them
@@ -306,7 +306,7 @@ def base_weights(run_folder):
 
 def ttt_folder(run_folder, task_id, task):
     """Where a per-task test-time-training run keeps the adapter of one task: a folder named by its id (made safe)
-    and its grids (data.task_fingerprint), so that other grids under the same id never get this adapter."""
+    and its grids (runs.task_fingerprint), so that other grids under the same id never get this adapter."""
     return Path(run_folder) / TTT / f"{safe_name(task_id)}.{task_fingerprint(task)}"
 
 
@@ -380,3 +380,5 @@ def check_ttt_base(run):
                            f"trained further or replaced: train them again with python train.py --ttt --model "
                            f"{run.base} --dataset {given['dataset']} --split {given['split']} --out {run.folder} "
                            "--overwrite")
+
+

@@ -16,15 +16,16 @@ from pathlib import Path
 
 from cli import (AUTO, OneLineError, TINY_NOTE, check_ranges, check_writable, file_mode, given_flags, line_buffered,
                  lock_file, opt, parse_config, peak_memory_gb, quiet_libraries, shared, write_failure, write_json)
-from data import (LOSSES, POOL_EXAMPLES, build_dataset, choose_format, count_tokens, encode_example, pad_id, read_sets,
-                  training_fingerprint, ttt_dataset, views)
+from data import (POOL_EXAMPLES, build_dataset, choose_format, count_tokens, read_sets, training_fingerprint,
+                  ttt_dataset, views)
 from hub import GPU_MODEL, SMOLLM2
-from models import (EMBEDDINGS, PROJECTIONS, add_lora, arc_vocabulary, count_params, find_device, import_unsloth,
-                    is_embedding, load_base, load_run_model, make_setup, save_merged, untie_embeddings, world_size)
+from recipes import WRITEUP_FLAGS, WRITEUP_RECIPE, auto_help, recipe, shown
+from models import (EMBEDDINGS, LOSSES, PROJECTIONS, add_lora, arc_vocabulary, count_params, encode_example,
+                    find_device, import_unsloth, is_embedding, load_base, load_run_model, make_setup, pad_id,
+                    save_merged, untie_embeddings, world_size)
 from runs import (BASE, CHECKPOINTS, FINAL, LOCK, LOSS_PLOT, REPLACED, RUN_CONFIG, TTT, checkpoints, is_run_folder,
                   latest_run, model_positions, newest_complete_checkpoint, read_run, resume_checkpoint, rope_scaling,
                   run_config_path, run_info, run_status, test_time_key, ttt_folder)
-from recipes import WRITEUP_FLAGS, WRITEUP_RECIPE, auto_help, recipe, shown
 
 HEARTBEAT_S = 30  # the longest silence while training: a progress line at least this often
 TTT_MODES = ("per-task", "shared")
@@ -306,7 +307,7 @@ def describe_model(cfg, model, fmt):
 # data
 
 def tokenize(ds, tokenizer, max_seq_len, loss="answer"):
-    """input_ids and labels of every row (data.encode_example: the loss on the answer, or on every output but the
+    """input_ids and labels of every row (models.encode_example: the loss on the answer, or on every output but the
     first). Nothing is truncated: rows over max_seq_len (data.fit_task should leave none) are dropped and counted."""
     from datasets import Dataset
     cols = {"input_ids": [], "labels": [], "length": []}

@@ -134,7 +134,7 @@ def right_answer(tasks, tokenizer):
     answers = {}
     for task in tasks.values():
         for i, test in enumerate(task["test"]):
-            ids = data.encode_prompt(tokenizer, data.format_prompt(data.strip_outputs(task), i, FMT))
+            ids = models.encode_prompt(tokenizer, data.format_prompt(data.strip_outputs(task), i, FMT))
             answers[tuple(ids)] = data.format_completion(test["output"], FMT)
     return lambda ids: answers.get(tuple(ids), "no idea")
 
@@ -236,7 +236,7 @@ def test_data_reads_a_file_once_whatever_the_splits(tmp_path, monkeypatch, capsy
 # every flag's range, before any model loads
 
 TRAIN_FLAGS = [("--max-seq-len", "-5"), ("--limit", "-3"), ("--grad-accum", "-1"), ("--epochs", "0"),
-               ("--views", "9"), ("--batch-size", "0"), ("--lr", "-1"), ("--warmup", "-1"),
+               ("--views", "0"), ("--batch-size", "0"), ("--lr", "-1"), ("--warmup", "-1"),
                ("--optim", "nonsense"), ("--scheduler", "nonsense"), ("--max-steps", "0"), ("--lora-r", "0")]
 INFER_FLAGS = [("--max-seq-len", "-5"), ("--max-new-tokens", "-5"), ("--temperature", "-1"), ("--limit", "-3"),
                ("--batch-size", "0"), ("--top-k", "-5"), ("--min-prob", "0"), ("--min-prob", "1.5"),

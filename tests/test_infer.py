@@ -122,7 +122,7 @@ def test_transposed_guess_is_transposed_back(tmp_path, monkeypatch, tokenizer, m
     for task in tasks.values():
         view = data.view_task(data.strip_outputs(task), 4)
         for i, test in enumerate(task["test"]):
-            ids = data.encode_prompt(tokenizer, data.format_prompt(view, i, FMT))
+            ids = models.encode_prompt(tokenizer, data.format_prompt(view, i, FMT))
             answers[tuple(ids)] = data.format_completion(data.dihedral(test["output"], 4), FMT)
     fake_model(monkeypatch, tokenizer, lambda ids: answers.get(tuple(ids), "no idea"))
     infer.main(["--dataset", folder, "--model", run])
@@ -248,7 +248,7 @@ def test_gpu_out_of_memory_halves_the_batch_instead_of_failing(mirror, tmp_path,
 
 def view_prompts(tokenizer, task, views, test=0):
     """prompt ids (as a tuple) -> view index, for the prompts infer.py builds for `task` (nothing trimmed)."""
-    return {tuple(data.encode_prompt(tokenizer, data.format_prompt(data.prompt_view(task, k, perm), test, FMT))): v
+    return {tuple(models.encode_prompt(tokenizer, data.format_prompt(data.prompt_view(task, k, perm), test, FMT))): v
             for v, (k, perm) in enumerate(views)}
 
 
@@ -342,7 +342,7 @@ def test_poe_picks_the_best_summed_logprob_over_the_most_voted(tmp_path, monkeyp
         k, perm = views[prompt_view[tuple(ids)]]
         return data.format_completion(data.apply_view(b if prompt_view[tuple(ids)] == 3 else a, k, perm), FMT)
     fake_model(monkeypatch, tokenizer, answer)
-    b_texts = {tuple(data.encode_completion(tokenizer, data.format_completion(data.apply_view(b, k, p), FMT)))
+    b_texts = {tuple(models.encode_completion(tokenizer, data.format_completion(data.apply_view(b, k, p), FMT)))
                for k, p in views}
     scored = []
 
@@ -365,8 +365,8 @@ def test_completion_logprobs_batched_equals_one_at_a_time_and_a_plain_forward(to
     pairs = []
     for i in range(7):
         task = mirror_task(rng, 1 + i % 3, 2 + i % 4)
-        pairs.append((data.encode_prompt(tokenizer, data.format_prompt(task, 0, FMT)),
-                      data.encode_completion(tokenizer, data.format_completion(task["test"][0]["output"], FMT))))
+        pairs.append((models.encode_prompt(tokenizer, data.format_prompt(task, 0, FMT)),
+                      models.encode_completion(tokenizer, data.format_completion(task["test"][0]["output"], FMT))))
     prompts, comps = [p for p, _ in pairs], [c for _, c in pairs]
     batched = decode.completion_logprobs(model, tokenizer, prompts, comps, batch_size=4)
     single = [decode.completion_logprobs(model, tokenizer, [p], [c], batch_size=1)[0] for p, c in pairs]
@@ -430,7 +430,7 @@ def test_dfs_pools_every_view_mapped_back_ranks_by_poe_and_a_resumed_run_reuses_
     folder, run = write_tasks(tmp_path / "tasks", {"t": task}), write_run(tmp_path / "run")
     views = data.views(8)
     prompt_view = view_prompts(tokenizer, task, views)
-    written = lambda grid, v: data.encode_completion(tokenizer, data.format_completion(  # noqa: E731
+    written = lambda grid, v: models.encode_completion(tokenizer, data.format_completion(  # noqa: E731
         data.apply_view(grid, *views[v]), FMT))[:-1]
 
     def answers(ids, first):
@@ -474,7 +474,7 @@ def test_dfs_task_out_of_time_keeps_its_answers_and_says_so(tmp_path, monkeypatc
 
     def answers(ids, first):  # the slow task runs out of time in its third view
         k, perm = views[prompt_view[ids]]
-        found = [(data.encode_completion(tokenizer, data.format_completion(data.apply_view(truth[ids], k, perm),
+        found = [(models.encode_completion(tokenizer, data.format_completion(data.apply_view(truth[ids], k, perm),
                                                                            FMT))[:-1], 1.0)]
         return found, not (ids in slow_ids and prompt_view[ids] == 2)
     calls = fake_search(monkeypatch, answers)
@@ -539,7 +539,7 @@ def test_found_counts_the_truth_among_candidates_and_nvarc_ranks_by_count_then_m
     proposer = dict(zip(range(8), "aaabbccd"))
     fake_model(monkeypatch, tokenizer, lambda ids: data.format_completion(
         data.apply_view(grids[proposer[prompt_view[tuple(ids)]]], *views[prompt_view[tuple(ids)]]), FMT))
-    written = {tuple(data.encode_completion(tokenizer, data.format_completion(data.apply_view(g, k, p), FMT))): name
+    written = {tuple(models.encode_completion(tokenizer, data.format_completion(data.apply_view(g, k, p), FMT))): name
                for name, g in grids.items() for k, p in views}
     score = dict(a=-4.0, b=-2.0, c=-3.0, d=-1.0)
     monkeypatch.setattr(infer, "completion_logprobs", lambda model, tok, prompts, completions, batch_size=8:

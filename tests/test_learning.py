@@ -31,7 +31,7 @@ def labelled_stretches(tokenizer, row):
 
 
 @pytest.mark.parametrize("make_tokenizer", [models.tiny_tokenizer, models.llama3_hf_tokenizer])
-@pytest.mark.parametrize("loss", data.LOSSES)
+@pytest.mark.parametrize("loss", models.LOSSES)
 def test_loss_covers_the_answer_or_every_output_but_the_first(make_tokenizer, loss):
     tokenizer = make_tokenizer()
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
@@ -60,7 +60,7 @@ def test_loss_outputs_trains_through_the_entry_point_and_is_recorded(tmp_path, c
     for tid, task in data.colour_family(4, 0)["train"].items():
         cli.write_json(family / f"{tid}.json", task)
     counts = {}
-    for loss in data.LOSSES:
+    for loss in models.LOSSES:
         out = tmp_path / loss
         train.main(["--dataset", str(family), "--views", "1", "--max-steps", "1", "--batch-size", "4", "--loss", loss,
                     "--packing", "--save-steps", "1", "--out", str(out)])
@@ -116,7 +116,7 @@ def test_packed_batch_gives_the_padded_loss_on_every_output():
     model = models.tiny_model(tokenizer, max_seq_len=4096)
     model.config.use_cache = False
     with torch.no_grad():
-        padded = model(**train.collate(data.pad_id(tokenizer))(rows)).loss
+        padded = model(**train.collate(models.pad_id(tokenizer))(rows)).loss
         assert torch.allclose(model(**train.packed_collate()(rows)).loss, padded, atol=1e-5)
 
 

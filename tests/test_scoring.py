@@ -44,8 +44,8 @@ def views_and_candidates(tokenizer, task, n_views, n_candidates, rng, test=0):
     grids = [task["test"][test]["output"]] + [random_grid(rng) for _ in range(n_candidates - 1)]
     pairs = []
     for k, perm in data.views(n_views):
-        ids = data.encode_prompt(tokenizer, data.format_prompt(data.prompt_view(task, k, perm), test, FMT))
-        pairs += [(ids, data.encode_completion(tokenizer, data.format_completion(data.apply_view(g, k, perm), FMT)))
+        ids = models.encode_prompt(tokenizer, data.format_prompt(data.prompt_view(task, k, perm), test, FMT))
+        pairs += [(ids, models.encode_completion(tokenizer, data.format_completion(data.apply_view(g, k, perm), FMT)))
                   for g in grids]
     return [p for p, _ in pairs], [c for _, c in pairs]
 
@@ -118,11 +118,11 @@ def test_poe_through_infer_prefills_each_view_once_and_scores_as_a_full_forward(
     forwarded, loaded = watch_forwards(monkeypatch)
     infer.main(["--dataset", folder, "--model", run, "--guesses", "poe", "--views", "4", "--samples", "4"])
     tok = loaded["tokenizer"]
-    prompts = {(tid, i, v): data.encode_prompt(tok, data.format_prompt(data.prompt_view(task, k, perm), i, FMT))
+    prompts = {(tid, i, v): models.encode_prompt(tok, data.format_prompt(data.prompt_view(task, k, perm), i, FMT))
                for tid, task in tasks.items() for i in range(len(task["test"])) for v, (k, perm) in enumerate(views)}
     rows = Counter(forwarded)
     assert all(rows[tuple(p)] == 1 for p in prompts.values())
-    pairs = [(p, data.encode_completion(tok, data.format_completion(data.apply_view(g, *views[v]), FMT)))
+    pairs = [(p, models.encode_completion(tok, data.format_completion(data.apply_view(g, *views[v]), FMT)))
              for (_, _, v), p in prompts.items() for g in answers]
     assert sum(map(len, forwarded)) * 2 < sum(len(p) + len(c) for p, c in pairs)
     cache = infer.read_cache(Path(run) / "submission.poe.cache.jsonl")
@@ -132,7 +132,7 @@ def test_poe_through_infer_prefills_each_view_once_and_scores_as_a_full_forward(
         ranked = cache[tid].candidates[i]
         assert len(ranked) == len(answers)
         for grid, _, score in ranked:
-            shown = [(prompts[tid, i, w], data.encode_completion(tok, data.format_completion(
+            shown = [(prompts[tid, i, w], models.encode_completion(tok, data.format_completion(
                 data.apply_view(grid, *views[w]), FMT))) for w in range(len(views))]
             expected = sum(reference_logprobs(loaded["model"], [s[0] for s in shown], [s[1] for s in shown]))
             assert score == pytest.approx(expected, rel=TOLERANCE)
@@ -151,10 +151,10 @@ def test_dfs_scores_its_candidates_on_the_prompt_caches_its_search_built(tmp_pat
     infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--views", "3", "--min-prob", "0.01",
                 "--max-new-tokens", "2"])
     tok, views = loaded["tokenizer"], data.views(3)
-    answer = data.encode_completion(tok, data.format_completion([[1]], FMT))
+    answer = models.encode_completion(tok, data.format_completion([[1]], FMT))
     cache = infer.read_cache(Path(run) / "submission.dfs.cache.jsonl")["a"]
     for i in range(2):
-        prompts = [tuple(data.encode_prompt(tok, data.format_prompt(data.prompt_view(tasks["a"], k, perm), i, FMT)))
+        prompts = [tuple(models.encode_prompt(tok, data.format_prompt(data.prompt_view(tasks["a"], k, perm), i, FMT)))
                    for k, perm in views]
         assert all(sum(row[:len(p)] == p for row in forwarded) == 1 for p in prompts)
         [(grid, _, score)] = cache.candidates[i]

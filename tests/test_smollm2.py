@@ -80,8 +80,8 @@ def test_label_mask_and_end_token_with_the_real_tokenizer(tokenizer):
     task = data.load_tasks("arc1", "train")[0][TRAIN_IDS[0]]
     prompt = data.format_prompt(task, 0, "digits")
     completion = data.format_completion(task["test"][0]["output"], "digits")
-    ids, labels = data.encode_example(tokenizer, prompt, completion)
-    n = len(data.encode_prompt(tokenizer, prompt))
+    ids, labels = models.encode_example(tokenizer, prompt, completion)
+    n = len(models.encode_prompt(tokenizer, prompt))
     assert labels[:n] == [-100] * n and labels[n:] == ids[n:] and ids[-1] == 2
     assert tokenizer.decode(labels[n:-1]) == completion
     assert ids == tokenizer.encode(tokenizer.bos_token + prompt + completion, add_special_tokens=False) + [2]
@@ -101,7 +101,7 @@ def run(folder, tmp_path_factory):
 
 def sequences(tokenizer, tasks):
     ds, _ = data.build_dataset(tasks, "digits", range(2))
-    return [data.encode_example(tokenizer, p, c) for p, c in zip(ds["prompt"], ds["completion"])]
+    return [models.encode_example(tokenizer, p, c) for p, c in zip(ds["prompt"], ds["completion"])]
 
 
 def answer_loss(model, seqs):
@@ -141,7 +141,7 @@ def test_embeddings_untied_trained_and_every_save_predicts_the_same(run, folder,
     assert not torch.equal(embed, base.get_input_embeddings().weight)
     assert not torch.equal(head, base.get_output_embeddings().weight) and not torch.equal(embed, head)
 
-    x = torch.tensor([data.encode_prompt(tokenizer, data.format_prompt(data.load_tasks("arc1", "eval")[0][EVAL_IDS[0]],
+    x = torch.tensor([models.encode_prompt(tokenizer, data.format_prompt(data.load_tasks("arc1", "eval")[0][EVAL_IDS[0]],
                                                                        0, "digits"))])
     with torch.no_grad():
         trained = model(x).logits
@@ -171,5 +171,5 @@ def test_infer_writes_a_complete_submission_and_stops_at_the_models_end_token(ru
     text = data.format_prompt(task, 0, "digits") + data.format_completion(task["test"][0]["output"], "digits")
     loaded, tok = models.load_model(runs.read_run(out), cpu_setup())
     assert tok.eos_token_id == 2
-    assert decode.generate(loaded, tok, [data.encode_prompt(tok, text)],
+    assert decode.generate(loaded, tok, [models.encode_prompt(tok, text)],
                           infer.Config(temperature=0, max_new_tokens=16)) == [""]

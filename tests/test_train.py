@@ -30,12 +30,12 @@ def test_label_mask_covers_exactly_the_prompt(make_tokenizer):
     tokenized, over = train.tokenize(ds, tokenizer, 100_000)
     assert over == 0 and len(tokenized) == len(ds)
     for row, prompt, completion in zip(tokenized, ds["prompt"], ds["completion"]):
-        n = len(data.encode_prompt(tokenizer, prompt))
+        n = len(models.encode_prompt(tokenizer, prompt))
         assert row["labels"][:n] == [-100] * n
         assert row["labels"][n:] == row["input_ids"][n:]
         assert row["labels"][-1] == tokenizer.eos_token_id
         assert tokenizer.decode(row["labels"][n:-1]) == completion
-    batch = train.collate(data.pad_id(tokenizer))([tokenized[0], tokenized[1]])
+    batch = train.collate(models.pad_id(tokenizer))([tokenized[0], tokenized[1]])
     short = min(len(tokenized[0]["input_ids"]), len(tokenized[1]["input_ids"]))
     width = batch["input_ids"].shape[1]
     row = 0 if len(tokenized[0]["input_ids"]) == short else 1
@@ -242,7 +242,7 @@ def test_packed_batch_gives_the_padded_loss():
     model = models.tiny_model(tokenizer, max_seq_len=4096)
     model.config.use_cache = False  # as the Trainer sets it: a KV cache would hide the packed layout from masking
     with torch.no_grad():
-        padded_loss = model(**train.collate(data.pad_id(tokenizer))(rows)).loss
+        padded_loss = model(**train.collate(models.pad_id(tokenizer))(rows)).loss
         assert torch.allclose(model(**packed).loss, padded_loss, atol=1e-5)
 
 

@@ -85,7 +85,7 @@ def test_reduced_model_gives_the_full_models_logits_at_the_kept_tokens(which, re
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
     task = data.load_tasks("arc1", "eval")[0]["66e6c45b"]
     text = data.format_prompt(task, 0, fmt) + data.format_completion(task["test"][0]["output"], fmt)
-    ids = data.encode_prompt(tokenizer, text) + [tokenizer.eos_token_id]
+    ids = models.encode_prompt(tokenizer, text) + [tokenizer.eos_token_id]
     with torch.no_grad():
         full = model.eval()(torch.tensor([ids])).logits
         reduced, keep = models.arc_vocabulary(model, tokenizer, fmt)
@@ -94,7 +94,7 @@ def test_reduced_model_gives_the_full_models_logits_at_the_kept_tokens(which, re
     assert cut_logits.shape[-1] == len(keep) == model.config.vocab_size == len(reduced)
     assert torch.allclose(cut_logits, full[..., keep], atol=1e-5)
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
-    assert data.encode_prompt(reduced, text) == [new[i] for i in ids[:-1]]
+    assert models.encode_prompt(reduced, text) == [new[i] for i in ids[:-1]]
     for config in (model.config, model.generation_config):  # every id names the same token as before
         assert keep[config.eos_token_id] == tokenizer.eos_token_id and config.eos_token_id == reduced.eos_token_id
         assert keep[config.bos_token_id] == tokenizer.bos_token_id
@@ -110,7 +110,7 @@ def answer_logits(model, tokenizer, family):
     """Logits over every eval task's prompt + answer, the run's text as this folder's tokenizer encodes it."""
     tasks = data.load_tasks(str(family), "eval")[0]
     fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
-    rows = [data.encode_example(tokenizer, data.format_prompt(t, 0, fmt), data.format_completion(t["test"][0]["output"],
+    rows = [models.encode_example(tokenizer, data.format_prompt(t, 0, fmt), data.format_completion(t["test"][0]["output"],
                                                                                                 fmt))[0]
             for t in tasks.values()]
     with torch.no_grad():

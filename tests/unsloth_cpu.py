@@ -146,7 +146,7 @@ def model_and_rows(model_folder, dataset, backend, vocab):
     models.untie_embeddings(model)
     tasks, _ = data.read_sets(cfg.dataset, cfg.split)
     rows = {}
-    for loss in data.LOSSES:
+    for loss in models.LOSSES:
         ds, _, _ = train.training_data(dataclasses.replace(cfg, loss=loss), tasks, tokenizer, fmt)
         rows[loss] = [ds[i] for i in range(4)]
     return cfg, model, tokenizer, rows
@@ -167,7 +167,6 @@ def grads(out, model_folder, dataset):
     for `reference`; its loss on the same rows packed (train.py's collators); and with --loss outputs' labels, its
     loss padded and packed."""
     import torch
-    import data
     import train
     saved = {}
     for vocab in train.VOCABS:
@@ -180,12 +179,12 @@ def grads(out, model_folder, dataset):
                 if "lora_B" in n:
                     p.normal_(0, 0.02)
         state = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-        padded, packed = train.collate(data.pad_id(tokenizer))(rows), train.packed_collate("unsloth")(rows)
+        padded, packed = train.collate(models.pad_id(tokenizer))(rows), train.packed_collate("unsloth")(rows)
         loss, g = loss_and_grads(model, padded)
         packed_loss, _ = loss_and_grads(model, packed)
         unbounded = {k: v for k, v in packed.items() if k != "packed_seq_lengths"}  # position_ids only
         unbounded_loss, _ = loss_and_grads(model, unbounded)
-        outputs_batch = train.collate(data.pad_id(tokenizer))(by_loss["outputs"])
+        outputs_batch = train.collate(models.pad_id(tokenizer))(by_loss["outputs"])
         outputs_loss, _ = loss_and_grads(model, outputs_batch)
         outputs_packed_loss, _ = loss_and_grads(model, train.packed_collate("unsloth")(by_loss["outputs"]))
         saved[vocab] = dict(loss=loss, grads=g, packed_loss=packed_loss, unbounded_loss=unbounded_loss, state=state,
@@ -244,7 +243,7 @@ def scores(out, run_folder, dataset, *flags):
     views = data.views(2)
     prompts, _ = infer.build_prompts(tasks, tokenizer, fmt, run.max_seq_len, views, writeup=False)
     allowed, eos = decode.answer_ids(tokenizer, fmt), tokenizer.eos_token_id
-    encode = lambda g, v: data.encode_completion(  # noqa: E731
+    encode = lambda g, v: models.encode_completion(  # noqa: E731
         tokenizer, data.format_completion(data.apply_view(g, *views[v]), fmt))
     rng, pairs = random.Random(0), []
     for p in prompts:
