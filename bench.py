@@ -24,7 +24,7 @@ import data
 import infer
 import train
 from cli import (AUTO, DEVICES, OneLineError, check_writable, line_buffered, opt, parse_config, peak_memory_gb,
-                 quiet_libraries, read_json, versions, write_json)
+                 quiet_libraries, read_json, run_command, versions, write_json)
 from models import count_params, llama3_hf_tokenizer, load_base, make_setup
 from decode import completion_logprobs, generate, logits_kept
 
@@ -866,4 +866,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -20,6 +20,42 @@ class OneLineError(Exception):
     to do. Bad data, a bad flag, a locked or unwritable folder and a GPU out of memory all end this way."""
 
 
+class Stopped(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM arrived (stop_on_signals). A BaseException, as KeyboardInterrupt is, so that no
+    library's `except Exception` swallows it; `said` is the rest of the one line the script ends with."""
+
+    def __init__(self, signum, said=": stopped"):
+        import signal
+        self.signum, self.said = signum, said
+        self.name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        super().__init__(self.name + said)
+
+
+def stop_on_signals(asked=None):
+    """Ctrl-C and SIGTERM (what Kaggle, Slurm, docker stop and Kubernetes send) raise Stopped wherever the process
+    is (importing, loading a model, predicting), unless `asked(signum)` returns True: the script took the signal
+    (train.py, while it trains, saves a checkpoint first). Installed by each script's own command (run_command),
+    never on import or by main(): a test process's Ctrl-C stays pytest's."""
+    import signal
+
+    def handler(signum, _):
+        if asked is None or not asked(signum):
+            raise Stopped(signum)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
+def run_command(main, asked=None):
+    """A script run as a command: its main() under stop_on_signals, a Stopped ending it with one line and the exit
+    status 128 + the signal (130 after Ctrl-C, 143 after SIGTERM), so `train.py && infer.py` stops there."""
+    stop_on_signals(asked)
+    try:
+        main()
+    except Stopped as e:
+        print(f"\n{e.name}{e.said}", flush=True)
+        sys.exit(128 + e.signum)
+
+
 def first_line(error):
     """The first line of a library's error message, for a one-line OneLineError."""
     return (str(error).strip().splitlines() or [""])[0]

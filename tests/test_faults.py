@@ -979,6 +979,64 @@ def test_overwrite_keeps_the_finished_run_until_its_replacement_finishes(four_st
     assert not (out / ".replaced").exists() and runs.run_status(out) == "finished"
 
 
+def test_a_replacement_stopped_before_it_saved_anything_puts_the_finished_run_back(four_steps, family, tmp_path):
+    """Ctrl-C once --overwrite has moved the finished run aside, before the first step: the run is back as it was."""
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    before = files_of(out)
+    proc = script("train.py", "--dataset", family, "--out", out, "--overwrite", "--max-steps", 100000,
+                  "--batch-size", 4, "--logging-steps", 1)
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if line.startswith("overwrite: the finished run in"):
+            break
+    proc.send_signal(signal.SIGINT)
+    said = "".join(said) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "Traceback" not in said and "nothing to save" in said, said
+    assert f"the finished run is back in {out}" in said and files_of(out) == before, said
+
+
+def test_a_folder_holding_only_the_replaced_run_is_named_by_every_command_with_its_restore(four_steps, family,
+                                                                                          tmp_path):
+    """As a kill -9 between --overwrite's move and the first checkpoint leaves it: each command names .replaced/
+    and the command that restores it, which gives the run back byte for byte."""
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    before = files_of(out)
+    (out / runs.REPLACED).mkdir()
+    for p in list(out.iterdir()):
+        if p.name != runs.REPLACED:
+            p.rename(out / runs.REPLACED / p.name)
+    tasks = ["--dataset", str(family), "--split", "train"]
+    messages = [error_of(infer.main, ["--model", str(out)] + tasks),
+                error_of(train.main, ["--out", str(out)] + tasks + ["--max-steps", "1"]),
+                error_of(train.main, ["--out", str(out), "--resume"]),
+                error_of(train.main, ["--ttt", "--model", str(out), "--out", str(tmp_path / "ttt")] + tasks)]
+    restore = f"mv {out / runs.REPLACED}/* {out}/ && rmdir {out / runs.REPLACED}"
+    for message in messages:
+        assert "\n" not in message and f"{out / runs.REPLACED} holds the finished run" in message, message
+        assert f"restore it with `{restore}`" in message, message
+    assert not (out / "config.json").exists()  # the refusals wrote nothing
+    subprocess.run(restore, shell=True, check=True)
+    assert files_of(out) == before and runs.run_status(out) == "finished"
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "dataset"])
+def test_an_out_that_is_or_is_inside_an_input_is_refused_before_anything_moves(four_steps, family, tmp_path, where):
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    before = files_of(run)
+    argv = {"same": ["--ttt", "--model", str(run), "--out", str(run), "--dataset", str(family)],
+            "inside": ["--ttt", "--model", str(run), "--out", str(run / "ttt-out"), "--dataset", str(family)],
+            "dataset": ["--dataset", str(family), "--out", str(family / "training")]}[where]
+    message = error_of(train.main, argv + ["--overwrite", "--max-steps", "1"])
+    assert "\n" not in message and message.startswith(f"error: --out {argv[argv.index('--out') + 1]}: "), message
+    assert "which train.py reads; give another --out" in message, message
+    assert files_of(run) == before and not (run / runs.REPLACED).exists() and not (run / "ttt-out").exists()
+    assert not (family / "training" / "config.json").exists()
+
+
 @pytest.mark.parametrize("extra", [[], ["--max-steps", "4"], ["--max-steps", "3"]])
 def test_resume_of_a_finished_run_without_more_steps_does_nothing(four_steps, tmp_path, capsys, extra):
     out = tmp_path / "run"
@@ -1038,6 +1096,25 @@ def test_every_count_flag_is_checked_before_the_model(family, mirror, tmp_path, 
     message = error_of(train.main, ["--ttt", "--dataset", str(family), "--out", str(tmp_path / "r"),
                                     "--ttt-views", "0"])
     assert message.startswith("error: --ttt-views 0: must be") and "\n" not in message, message
+
+
+def test_a_dataset_name_too_long_for_a_file_is_one_line_in_every_script(family, tmp_path):
+    import bench
+    name = "x" * 300
+    for main, argv in ((train.main, ["--out", str(tmp_path / "r")]), (infer.main, ["--model", str(tmp_path / "r")]),
+                       (bench.main, ["--sections", "data", "--out", str(tmp_path / "b.json")])):
+        message = error_of(main, argv + ["--dataset", name])
+        assert "\n" not in message and "(300 characters): not a file or folder here (File name too long)" in message
+    message = error_of(train.main, ["--dataset", str(family), "--val-dataset", name, "--out", str(tmp_path / "r")])
+    assert "(300 characters)" in message and "\n" not in message
+    assert not (tmp_path / "r" / "config.json").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_a_bad_val_split_names_val_split(family, tmp_path):
+    message = error_of(train.main, ["--dataset", str(family), "--val-dataset", "family", "--val-split", "test",
+                                    "--out", str(tmp_path / "r")])
+    assert message == "error: --val-split test: family has the splits train, eval", message
+    assert not (tmp_path / "r" / "config.json").exists()
 
 
 # ----------------------------------------------------------------------------
