@@ -131,8 +131,9 @@ def raw_tasks(source, split, strict_solutions=True, split_flag="--split"):
     except FileNotFoundError:
         pass  # said below, with the embedded sets' names
     except OSError as e:  # a name over the system's limit (ENAMETOOLONG), a loop of links: no file can be there
-        raise OneLineError(f"{source[:60]}{'...' * (len(source) > 60)} ({len(source)} characters): not a file or folder "
-                           f"here ({e.strerror}), and not an embedded dataset ({', '.join([*EMBEDDED, FAMILY])})")
+        known = ", ".join([*EMBEDDED, FAMILY])
+        raise OneLineError(f"{source[:60]}{'...' * (len(source) > 60)} ({len(source)} characters): not a file or "
+                           f"folder here ({e.strerror}), and not an embedded dataset ({known})")
     if path.is_dir() and kaggle_files(path):
         return raw_tasks(str(kaggle_challenges(path, split, split_flag)), split, strict_solutions)
     if path.is_dir():

@@ -479,8 +479,9 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
     mode, views, records, shown = MODES[cfg.guesses], view_list(cfg), {}, {}
     samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
     job, budget = make_job(cfg, model, tokenizer, fmt), Budget(end, len(tasks)) if end else None
-    bar, t0, generated, current, cut = tqdm(total=len(tasks), unit="task", desc="tasks"), time.time(), 0, None, []
-    with open(cache, "a", encoding="utf-8", buffering=1) as f:  # line-buffered: each task's line on disk at once
+    t0, generated, current, cut = time.time(), 0, None, []
+    # the bar closed however predicting ends (a signal's line comes after it); each task's line on disk at once
+    with tqdm(total=len(tasks), unit="task", desc="tasks") as bar, open(cache, "a", encoding="utf-8", buffering=1) as f:
         def load(tid):
             nonlocal current
             if use_adapter is not None and tid != current:
@@ -527,7 +528,6 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
                         finish(p["task_id"], plan)
                 bar.set_postfix_str(f"{generated / (time.time() - t0):.0f} tok/s")
             measure(budget, plan, n_tests, time.time() - start, job.score_s)
-    bar.close()
     return generated, time.time() - t0, cut
 
 
@@ -963,7 +963,8 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
         if end:
             print(f"time budget: --time-budget {cfg.time_budget}, " + (
                 f"{end - time.time():.0f} s left after loading: each of the {len(todo)} tasks in turn gets the time "
-                "left / the tasks left, its prompts built as it comes up" if end > time.time() else "all spent before predicting: every task is cut"))
+                "left / the tasks left, its prompts built as it comes up" if end > time.time()
+                else "all spent before predicting: every task is cut"))
         try:
             use_adapter = adapter_loader(model, run, todo) if run.ttt_mode == "per-task" and run.ttt_adapters() \
                 else None

@@ -108,8 +108,9 @@ def gpu_fix(driver):
 
 
 def find_device(wanted=AUTO):
-    """("cuda" | "cpu", why, NVIDIA driver version; "" under --device cpu, which asks no driver). An NVIDIA GPU that torch cannot use stops here: a paid GPU
-    never silently becomes a CPU run. `--device cpu` and CUDA_VISIBLE_DEVICES="" choose the CPU on purpose."""
+    """("cuda" | "cpu", why, NVIDIA driver version; "" under --device cpu, which asks no driver). An NVIDIA GPU that
+    torch cannot use stops here: a paid GPU never silently becomes a CPU run. `--device cpu` and
+    CUDA_VISIBLE_DEVICES="" choose the CPU on purpose."""
     if wanted == "cpu":  # told where to run: no GPU probe (an nvidia-smi that hangs would cost its timeout)
         return "cpu", "--device cpu", ""
     import torch

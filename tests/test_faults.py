@@ -1150,6 +1150,47 @@ def test_a_signal_before_the_first_step_ends_the_run_at_once(family, tmp_path, s
     assert not any(line.startswith("step ") for line in said.splitlines()) and not (out / "checkpoints").exists()
 
 
+def read_until(proc, start):
+    """The process's output up to and including its first line that starts with `start`."""
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if line.startswith(start):
+            return "".join(said)
+    raise AssertionError(f"no {start!r} line:\n" + "".join(said))
+
+
+@pytest.mark.parametrize("name, at, signum", [("infer.py", "device:", signal.SIGINT),
+                                              ("infer.py", "guesses:", signal.SIGINT),
+                                              ("infer.py", "guesses:", signal.SIGTERM),
+                                              ("bench.py", "machine:", signal.SIGINT),
+                                              ("bench.py", "machine:", signal.SIGTERM)])
+def test_a_signal_ends_infer_and_bench_in_one_line_with_128_plus_the_signal(tmp_path, name, at, signum):
+    """As train.py: Ctrl-C (130) or SIGTERM (143) while the model loads ("device:" is printed before it) or while
+    predicting ("guesses:" just before), or in a bench section, ends with one line and no traceback."""
+    if name == "infer.py":
+        tasks = write_family(tmp_path / "tasks", n_train=40, n_eval=0)
+        argv = ["--model", tiny_run(tmp_path / "run"), "--dataset", tasks, "--split", "train", "--max-new-tokens",
+                400, "--out", tmp_path / "out" / "submission.json"]
+    else:
+        argv = ["--sections", "data", "--out", tmp_path / "bench.json"]
+    proc = script(name, *argv)
+    said = read_until(proc, at)
+    if at == "guesses:":
+        time.sleep(0.5)  # inside the first batches
+    proc.send_signal(signum)
+    said += proc.communicate(timeout=120)[0]
+    last = said.strip().splitlines()[-1]
+    assert proc.returncode == 128 + signum and "Traceback" not in said and "KeyboardInterrupt" not in said, said
+    stopped = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    if at == "guesses:":
+        cache = tmp_path / "out" / "submission.cache.jsonl"
+        assert last == f"{stopped}: {len(infer.read_cache(cache))} finished tasks are saved in {cache}; the same " \
+                       "command again resumes", said
+    else:
+        assert last == f"{stopped}: stopped", said
+
+
 def test_infer_without_a_finished_run_names_the_interrupted_one_and_its_resume(mirror, tmp_path, monkeypatch):
     _, folder, _ = mirror
     killed = Path(write_run(tmp_path / "runs" / "b-killed"))
