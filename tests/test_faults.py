@@ -947,6 +947,29 @@ def test_a_task_with_other_grids_or_no_adapter_is_named_and_never_gets_another_t
     assert read(run / "results.json")["no_adapter"] == ids[:2]
 
 
+def test_identical_grids_under_two_ids_use_the_same_test_time_adapter(four_steps, family, tmp_path, monkeypatch,
+                                                                       capsys):
+    """train.py keeps identical grids once (the second id is an exact duplicate): its adapter serves both ids."""
+    import safetensors.torch
+    first, other = [json.loads(f.read_text()) for f in sorted((family / "training").glob("*.json"))[:2]]
+    challenges = tmp_path / "twins_challenges.json"
+    challenges.write_text(json.dumps({"twin-a": first, "twin-b": first, "other": other}))
+    run = tmp_path / "ttt"
+    train.main(["--ttt", "--model", str(four_steps), "--dataset", str(challenges), "--out", str(run), "--epochs", "1",
+                "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1"])
+    assert len(list((run / runs.TTT).iterdir())) == 2  # one adapter per distinct grids
+    loaded = []
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, *a, **k: (loaded.append(Path(path).parent.name),
+                                                                             real(path, *a, **k))[1])
+    capsys.readouterr()
+    infer.main(["--model", str(run), "--dataset", str(challenges), "--max-new-tokens", "4"])
+    assert "no test-time adapter" not in capsys.readouterr().out
+    assert read(run / "results.json")["no_adapter"] == []
+    twin = runs.ttt_folder(run, "twin-a", first).name
+    assert loaded.count(twin) == 2 and len(loaded) == 3, loaded  # each task loads its adapter: twin-b twin-a's
+
+
 # ----------------------------------------------------------------------------
 # a finished run stays as it is: --resume with nothing left to do, --resume together with --overwrite
 
