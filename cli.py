@@ -1,6 +1,7 @@
 """The command line shared by the scripts: one-line errors, flags from a Config dataclass, files written atomically
 and locked, the package versions and peak memory a run records."""
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,6 +44,18 @@ def stop_on_signals(asked=None):
             raise Stopped(signum)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends (then arrive as usual): a run's folder is never left half
+    moved."""
+    import signal
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def run_command(main, asked=None):

@@ -674,11 +674,20 @@ def seen_in_training(tasks, fingerprints):
     return sorted(tid for tid, task in tasks.items() if task_fingerprint(task) in known or f"id:{tid}" in known)
 
 
+def path_exists(name):
+    """True when a file or folder `name` is here; False also for a name the system cannot hold (over its length
+    limit), which raw_tasks says in one line."""
+    try:
+        return Path(name).exists()
+    except OSError:
+        return False
+
+
 def weighted_dataset(spec):
     """(dataset, repeat) of a --dataset value: NAME:N repeats its sequences N times per epoch (N >= 1), a plain
     NAME once. A path that exists is a name, even with a colon in it."""
     name, _, factor = spec.rpartition(":")
-    if not name or not factor.isdigit() or Path(spec).exists():
+    if not name or not factor.isdigit() or path_exists(spec):
         return spec, 1
     if int(factor) < 1:
         raise OneLineError(f"--dataset {spec}: the repeat factor after ':' must be >= 1")

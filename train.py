@@ -16,9 +16,9 @@ from pathlib import Path
 
 from cli import (AUTO, BACKENDS, DEVICES, OneLineError, Stopped, TINY_NOTE, check_ranges, check_writable, file_mode,
                  given_flags, line_buffered, lock_file, opt, parse_config, peak_memory_gb, quiet_libraries,
-                 run_command, write_failure, write_json)
+                 run_command, signals_held, write_failure, write_json)
 from data import (LOSSES, POOL_EXAMPLES, build_dataset, choose_format, count_tokens, encode_example, pad_id, read_sets,
-                  task_folder, training_fingerprint, ttt_dataset, views, weighted_dataset)
+                  path_exists, task_folder, training_fingerprint, ttt_dataset, views, weighted_dataset)
 from hub import GPU_MODEL, SMOLLM2
 from models import (EMBEDDINGS, PROJECTIONS, add_lora, arc_vocabulary, count_params, find_device, import_unsloth,
                     is_embedding, load_base, load_run_model, make_setup, save_merged, untie_embeddings, world_size)
@@ -704,14 +704,9 @@ def check_out_is_free(cfg, out, ttt_key=None):
 def input_paths(cfg):
     """(flag, path) of every file or folder train.py reads that exists here: --model (a run or model folder),
     each --dataset and --val-dataset."""
-    def exists(name):
-        try:
-            return Path(name).exists()
-        except OSError:  # a name too long to be a file: read_data says so
-            return False
     named = [("--model", cfg.model)] + [("--dataset", weighted_dataset(d)[0]) for d in cfg.dataset] \
         + [("--val-dataset", d) for d in cfg.val_dataset or []]
-    return [(flag, Path(name).resolve()) for flag, name in named if name and exists(name)]
+    return [(flag, Path(name).resolve()) for flag, name in named if name and path_exists(name)]
 
 
 def check_out_is_no_input(cfg):
@@ -784,11 +779,12 @@ def clear_run(out):
     back when it ends before saving anything (put_back)."""
     gone = [out / n for n in TRAIN_OUTPUTS if (out / n).exists()]
     if gone and run_status(out) == "finished":
-        shutil.rmtree(out / REPLACED, ignore_errors=True)
-        (out / REPLACED).mkdir()
-        REPLACING.append(out)
-        for p in gone:
-            os.rename(p, out / REPLACED / p.name)
+        with signals_held():
+            shutil.rmtree(out / REPLACED, ignore_errors=True)
+            (out / REPLACED).mkdir()
+            REPLACING.append(out)
+            for p in gone:
+                os.rename(p, out / REPLACED / p.name)
         print(f"overwrite: the finished run in {out} moved to {out / REPLACED} ({', '.join(p.name for p in gone)}), "
               "deleted when this run finishes")
         return
@@ -810,12 +806,13 @@ def put_back(out):
     replaced = out / REPLACED
     if not replaced.is_dir() or saved_anything(out):
         return
-    for p in (out / n for n in TRAIN_OUTPUTS):
-        if p.exists():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    for p in replaced.iterdir():
-        os.rename(p, out / p.name)
-    replaced.rmdir()
+    with signals_held():
+        for p in (out / n for n in TRAIN_OUTPUTS):
+            if p.exists():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for p in replaced.iterdir():
+            os.rename(p, out / p.name)
+        replaced.rmdir()
     print(f"overwrite: stopped before the new run saved anything: the finished run is back in {out}", flush=True)
 
 
