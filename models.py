@@ -79,7 +79,7 @@ def nvidia_gpus():
     else the kernel module's version file; ([], "") on a machine without the driver."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=60).stdout
+                             capture_output=True, text=True, errors="replace", timeout=60).stdout
         rows = [[x.strip() for x in line.split(",")] for line in out.splitlines() if "," in line]
         if rows:
             return [r[0] for r in rows], rows[0][1]
@@ -108,12 +108,13 @@ def gpu_fix(driver):
 
 
 def find_device(wanted=AUTO):
-    """("cuda" | "cpu", why, NVIDIA driver version). An NVIDIA GPU that torch cannot use stops here: a paid GPU
-    never silently becomes a CPU run. `--device cpu` and CUDA_VISIBLE_DEVICES="" choose the CPU on purpose."""
+    """("cuda" | "cpu", why, NVIDIA driver version; "" under --device cpu, which asks no driver). An NVIDIA GPU that
+    torch cannot use stops here: a paid GPU never silently becomes a CPU run. `--device cpu` and
+    CUDA_VISIBLE_DEVICES="" choose the CPU on purpose."""
+    if wanted == "cpu":  # told where to run: no GPU probe (an nvidia-smi that hangs would cost its timeout)
+        return "cpu", "--device cpu", ""
     import torch
     names, driver = nvidia_gpus()
-    if wanted == "cpu":
-        return "cpu", "--device cpu", driver
     if torch.cuda.is_available():
         return "cuda", "--device cuda" if wanted == "cuda" else "CUDA found", driver
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
@@ -481,10 +482,10 @@ def count_params(model):
 
 
 def save_merged(model, tokenizer, folder, setup, base, adapter, keep=None):
-    """A 16-bit model with the adapter merged in, for other inference engines, in the run's dtype (bf16 for a run
-    trained in fp32 on a CPU). The transformers path merges a fresh copy built on the CPU in fp32 (the trained
-    model in memory stays as it is, and a GPU need not hold two), then casts. The folder holds the run's own
-    tokenizer: plain from_pretrained loads both."""
+    """The model with the adapter merged in, for other inference engines, in the dtype the run computed in (fp32
+    for a run on a CPU: a bf16 copy would pick other tokens than the adapter it came from). The transformers path
+    merges a fresh copy built on the CPU in fp32 (the trained model in memory stays as it is, and a GPU need not
+    hold two), then casts. The folder holds the run's own tokenizer: plain from_pretrained loads both."""
     import torch
     if setup.backend == "unsloth":
         model.save_pretrained_merged(str(folder), tokenizer, save_method="merged_16bit")
@@ -493,9 +494,9 @@ def save_merged(model, tokenizer, folder, setup, base, adapter, keep=None):
     else:
         on_cpu = dataclasses.replace(setup, device="cpu", dtype=torch.float32)
         merged = build_model(str(base), on_cpu, keep, adapter, merge=True)
-        merged.to(setup.dtype if setup.dtype != torch.float32 else torch.bfloat16).save_pretrained(str(folder))
+        merged.to(setup.dtype).save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
-    print(f"merged 16-bit model: {folder}")
+    print(f"merged model ({'16-bit' if setup.backend == 'unsloth' else str(setup.dtype).split('.')[1]}): {folder}")
 
 
 def keep_token_ids(model, folder):

@@ -21,6 +21,10 @@ LOCK = "train.lock"  # in a run folder, held by the train.py writing it
 
 REPLACED = ".replaced"  # in a run folder: the finished run --overwrite replaces, kept until the new one finishes
 
+MERGED = "merged"  # in a run folder: --merge's model
+
+TRAIN_OUTPUTS = (RUN_CONFIG, LOSS_PLOT, FINAL, BASE, CHECKPOINTS, TTT, MERGED)  # what train.py writes in a run folder
+
 
 def model_positions(name):
     """max_position_embeddings of --model from its config, or None (the tiny model, a run, a hub name not cached)."""
@@ -76,7 +80,7 @@ def resume_checkpoint(out):
     folder = Path(out) / CHECKPOINTS
     found = checkpoints(out)
     if not found:
-        raise OneLineError(f"--resume: no checkpoint in {folder}")
+        raise OneLineError(f"--resume: no checkpoint in {folder}" + replaced_note(out))
     for checkpoint in found:
         problem = checkpoint_problem(checkpoint)
         if not problem:
@@ -107,8 +111,13 @@ class Run:
     tiny: bool = False  # train.py's tiny model, random weights: it proves the pipeline, it solves nothing
 
     def ttt_adapter(self, task_id, task):
-        """Where a per-task test-time run keeps the adapter of one task (ttt_folder: by its id and grids)."""
-        return ttt_folder(self.folder, task_id, task)
+        """The adapter folder of one task of a per-task test-time run: its own (ttt_folder: by its id and grids),
+        else one trained under another id for the same grids (train.py keeps identical grids once), else its own
+        name, which does not exist."""
+        own = ttt_folder(self.folder, task_id, task)
+        if own.is_dir():
+            return own
+        return next(iter(sorted((self.folder / TTT).glob(f"*.{task_fingerprint(task)}"))), own)
 
     def base_changed(self):
         """True when a test-time run's base run has other weights than its adapters were trained on."""
@@ -183,12 +192,25 @@ def legacy_flags(flags):
     return {"loss": "answer", **flags} if flags and "loss" not in flags else flags
 
 
+def replaced_note(folder):
+    """The end of an error about `folder` when train.py --overwrite left the finished run it was replacing in
+    .replaced/ (killed before the new run saved anything): where that run is and the command that restores it."""
+    folder = Path(folder)
+    replaced = folder / REPLACED
+    if not replaced.is_dir():
+        return ""
+    left = [str(folder / n) for n in TRAIN_OUTPUTS if (folder / n).exists()]
+    return (f"; {replaced} holds the finished run that a train.py --overwrite stopped before saving anything was "
+            "replacing: restore it with `" + (f"rm -r {' '.join(left)} && " if left else "")
+            + f"mv {replaced}/* {folder}/ && rmdir {replaced}`")
+
+
 def read_run(folder, finished=True):
     """The Run in `folder`: every field of config.json a script needs. OneLineError when it is not a run folder, or
     (with `finished`) when its training has not ended."""
     folder = Path(folder)
     if not is_run_folder(folder):
-        raise OneLineError(f"{folder}: no {RUN_CONFIG} written by train.py, not a run folder")
+        raise OneLineError(f"{folder}: no {RUN_CONFIG} written by train.py, not a run folder" + replaced_note(folder))
     info = read_json(run_config_path(folder))
     final = folder / FINAL
     summary = info.get("summary")
@@ -196,7 +218,7 @@ def read_run(folder, finished=True):
         "interrupted" if summary.get("interrupted") else "finished"
     if finished and not final.is_dir():
         raise OneLineError(f"{final}: missing; the run is still training or failed (train.py writes it last), "
-                           "pick a finished one with --model")
+                           "pick a finished one with --model" + replaced_note(folder))
     base = info["base_model"]
     if finished and info["lora"] and base == BASE and not (folder / BASE).is_dir():
         raise OneLineError(f"{folder / BASE}: missing; this LoRA's base model (random weights, saved nowhere else) was "
@@ -222,7 +244,8 @@ def find_run(model="", adapter="", max_seq_len=AUTO, base_model=""):
     if model:
         check_model_name(model)
     if model and Path(model).is_dir() and not (Path(model) / "config.json").exists():
-        raise OneLineError(f"--model {model}: no config.json, neither a run folder nor a model folder")
+        raise OneLineError(f"--model {model}: no config.json, neither a run folder nor a model folder"
+                           + replaced_note(model))
     if model and not is_run_folder(model):
         if adapter and not Path(adapter).is_dir():
             raise OneLineError(f"--adapter {adapter}: no such folder")

@@ -14,25 +14,28 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import (AUTO, OneLineError, TINY_NOTE, check_ranges, check_writable, file_mode, given_flags, line_buffered,
-                 lock_file, opt, parse_config, peak_memory_gb, quiet_libraries, shared, write_failure, write_json)
-from data import (POOL_EXAMPLES, build_dataset, choose_format, count_tokens, read_sets, training_fingerprint,
-                  ttt_dataset, views)
+from cli import (AUTO, OneLineError, Stopped, TINY_NOTE, check_ranges, check_writable, file_mode, given_flags,
+                 line_buffered, lock_file, opt, parse_config, peak_memory_gb, quiet_libraries, run_command, shared,
+                 signals_held, write_failure, write_json)
+from data import (POOL_EXAMPLES, build_dataset, choose_format, count_tokens, path_exists, read_sets, task_folder,
+                  training_fingerprint, ttt_dataset, views, weighted_dataset)
 from hub import GPU_MODEL, SMOLLM2
 from recipes import WRITEUP_FLAGS, WRITEUP_RECIPE, auto_help, recipe, shown
 from models import (EMBEDDINGS, LOSSES, PROJECTIONS, add_lora, arc_vocabulary, count_params, encode_example,
                     find_device, import_unsloth, is_embedding, load_base, load_run_model, make_setup, pad_id,
                     save_merged, untie_embeddings, world_size)
-from runs import (BASE, CHECKPOINTS, FINAL, LOCK, LOSS_PLOT, REPLACED, RUN_CONFIG, TTT, checkpoints, is_run_folder,
-                  latest_run, model_positions, newest_complete_checkpoint, read_run, resume_checkpoint, rope_scaling,
-                  run_config_path, run_info, run_status, test_time_key, ttt_folder)
+from runs import (BASE, CHECKPOINTS, FINAL, LOCK, LOSS_PLOT, MERGED, REPLACED, RUN_CONFIG, TRAIN_OUTPUTS, TTT,
+                  checkpoints, is_run_folder, latest_run, model_positions, newest_complete_checkpoint, read_run,
+                  replaced_note, resume_checkpoint, rope_scaling, run_config_path, run_info, run_status, test_time_key,
+                  ttt_folder)
 
 HEARTBEAT_S = 30  # the longest silence while training: a progress line at least this often
 TTT_MODES = ("per-task", "shared")
 # flags that change the model or the shape of its weights: a checkpoint cannot be resumed under other values
 SHAPE_FLAGS = ("model", "full_finetune", "lora_r", "vocab", "ttt", "ttt_mode")
 HELD = []  # the lock files this process holds; main releases them
-STOP = {}  # the signal that asked training to stop: set by the handlers that only train.py's own main installs
+REPLACING = []  # run folders whose finished run clear_run moved aside: main puts it back if nothing replaced it
+STOP = {}  # the signal that asked training to stop: set by save_first, which only train.py's own command installs
 STEPPING = {}  # set once training steps begin: from then a signal saves a checkpoint first, before it ends at once
 LAUNCH = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # torchrun and accelerate launch set them with MASTER_ADDR/MASTER_PORT
 # SmolLM2-135M LoRA training on 2 idle CPU cores: sequences up to 2048 tokens, and longer ones (with gradient
@@ -353,7 +356,7 @@ def validation_tasks(cfg):
         return {}
     if cfg.ttt:
         raise OneLineError("--val-dataset: not with --ttt (a test-time run learns the tasks it predicts)")
-    tasks = read_sets(cfg.val_dataset, cfg.val_split)[0]
+    tasks = read_sets(cfg.val_dataset, cfg.val_split, split_flag="--val-split")[0]
     tasks = {tid: t for tid, t in sorted(tasks.items()) if "output" in t["test"][0] and not t.get("pool")}
     tasks = dict(list(tasks.items())[:cfg.val_limit or None])
     if not tasks:
@@ -540,23 +543,18 @@ def make_optimizer(model, args, embedding_lr):
     return cls([g for g in groups if g["params"]], lr=args.learning_rate, weight_decay=args.weight_decay, **kwargs)
 
 
-def stop_on_signals():
-    """Ctrl-C (SIGINT) and SIGTERM (what Kaggle, Slurm, docker stop and Kubernetes send at preemption) ask training
-    to save a checkpoint at the end of the current step and stop; the same signal again kills at once. Before the
-    first step they stop at once; either way the exit status is 128 + the signal (130, 143). Installed
-    by train.py's own main only, never on import or in a library call: a test process's Ctrl-C stays pytest's."""
-    import signal
-
-    def handler(signum, _):
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        if not STEPPING:  # still loading: nothing trained, nothing to save
-            print(f"\n{name} before the first training step: nothing to save; stopped", flush=True)
-            raise SystemExit(128 + signum)
-        print(f"\n{name}: saving a checkpoint at the end of this step ({name} again to abort)", flush=True)
-        STOP["signal"] = signum
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handler)
+def save_first(signum):
+    """train.py's answer to Ctrl-C (SIGINT) or SIGTERM (cli.stop_on_signals): once training steps have begun, save a
+    checkpoint at the end of the current step and stop (STOP); the same signal again stops at once. Before the
+    first step it stops at once, nothing to save. Either way the exit status is 128 + the signal (130, 143)."""
+    if not STEPPING:  # still loading: nothing trained, nothing to save
+        raise Stopped(signum, " before the first training step: nothing to save; stopped")
+    if STOP:
+        raise Stopped(signum, " again: stopped at once, without saving this step")
+    name = Stopped(signum).name
+    print(f"\n{name}: saving a checkpoint at the end of this step ({name} again to abort)", flush=True)
+    STOP["signal"] = signum
+    return True
 
 
 def finite_weights(params):
@@ -566,7 +564,7 @@ def finite_weights(params):
 
 
 def progress_callback():
-    """One line per logging step; a stop asked by a signal (stop_on_signals) saves a checkpoint first; weights or a
+    """One line per logging step; a stop asked by a signal (save_first) saves a checkpoint first; weights or a
     loss gone NaN or inf stop training before that step is saved (`diverged`: the step)."""
     import math
     from transformers import TrainerCallback
@@ -674,6 +672,8 @@ def check_out_is_free(cfg, out, ttt_key=None):
     """Refuse to train over a run already in `out` unless --resume or --overwrite says so. A per-task test-time
     run is the exception: the same command again (same base weights, tasks and settings) trains the tasks it lacks."""
     status = run_status(out)
+    if status is None and (out / REPLACED).is_dir() and not cfg.overwrite:  # a --resume finds no checkpoint first
+        raise OneLineError(f"--out {out}: no run of its own" + replaced_note(out) + "; or --overwrite replaces it")
     if status is None or cfg.resume or cfg.overwrite:
         return
     saved = read_run(out, finished=False).ttt_key
@@ -686,7 +686,28 @@ def check_out_is_free(cfg, out, ttt_key=None):
                            "another --out")
     further = " with a larger --max-steps or more --epochs" if status == "finished" else ""
     raise OneLineError(f"--out {out}: a {status} run is already there: --resume{further} continues it, --overwrite "
-                       "replaces it, or give another --out")
+                       "replaces it, or give another --out" + replaced_note(out))
+
+
+def input_paths(cfg):
+    """(flag, path) of every file or folder train.py reads that exists here: --model (a run or model folder),
+    each --dataset and --val-dataset."""
+    named = [("--model", cfg.model)] + [("--dataset", weighted_dataset(d)[0]) for d in cfg.dataset] \
+        + [("--val-dataset", d) for d in cfg.val_dataset or []]
+    return [(flag, Path(name).resolve()) for flag, name in named if name and path_exists(name)]
+
+
+def check_out_is_no_input(cfg):
+    """Refuse an --out that is, or is inside, the --model folder, or that is a dataset's file, folder or task folder,
+    before anything is written or moved: --overwrite would move the input aside, and a dataset would read the run's
+    config.json as a task."""
+    out = Path(cfg.out).resolve()
+    for flag, path in input_paths(cfg):
+        task_folders = {task_folder(path, split) for split in cfg.split + cfg.val_split} if path.is_dir() else set()
+        if out == path or flag == "--model" and out.is_relative_to(path) or out in task_folders:
+            where = "is" if out == path else "is inside" if out.is_relative_to(path) else "is the task folder of"
+            raise OneLineError(f"--out {cfg.out}: {where} {flag} {path}, which train.py reads; give another --out "
+                               "(nothing was written or moved)")
 
 
 def already_finished(cfg):
@@ -742,14 +763,16 @@ def smollm2_cost(tasks, views, epochs):
 
 def clear_run(out):
     """--overwrite: take away what train.py wrote in `out` (infer.py's files stay: its cache notices new weights). A
-    finished run is moved to out/.replaced/, deleted only when the run replacing it finishes (drop_replaced)."""
-    names = (RUN_CONFIG, LOSS_PLOT, FINAL, BASE, CHECKPOINTS, TTT, "merged")
-    gone = [out / n for n in names if (out / n).exists()]
+    finished run is moved to out/.replaced/, deleted only when the run replacing it finishes (drop_replaced), put
+    back when it ends before saving anything (put_back)."""
+    gone = [out / n for n in TRAIN_OUTPUTS if (out / n).exists()]
     if gone and run_status(out) == "finished":
-        shutil.rmtree(out / REPLACED, ignore_errors=True)
-        (out / REPLACED).mkdir()
-        for p in gone:
-            os.rename(p, out / REPLACED / p.name)
+        with signals_held():
+            shutil.rmtree(out / REPLACED, ignore_errors=True)
+            (out / REPLACED).mkdir()
+            REPLACING.append(out)
+            for p in gone:
+                os.rename(p, out / REPLACED / p.name)
         print(f"overwrite: the finished run in {out} moved to {out / REPLACED} ({', '.join(p.name for p in gone)}), "
               "deleted when this run finishes")
         return
@@ -757,6 +780,28 @@ def clear_run(out):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     if gone:
         print(f"overwrite: removed the run in {out} ({', '.join(p.name for p in gone)})")
+
+
+def saved_anything(out):
+    """True once a run in `out` has something of its own: final/, a checkpoint or a test-time adapter."""
+    adapters = (out / TTT).is_dir() and any(not p.name.startswith(".") for p in (out / TTT).iterdir())
+    return (out / FINAL).exists() or bool(checkpoints(out)) or adapters
+
+
+def put_back(out):
+    """A replacement that ended (an error, a signal) before it saved anything of its own gives `out` back to the
+    finished run it was replacing (clear_run): what it wrote so far goes, the run in .replaced/ returns."""
+    replaced = out / REPLACED
+    if not replaced.is_dir() or saved_anything(out):
+        return
+    with signals_held():
+        for p in (out / n for n in TRAIN_OUTPUTS):
+            if p.exists():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for p in replaced.iterdir():
+            os.rename(p, out / p.name)
+        replaced.rmdir()
+    print(f"overwrite: stopped before the new run saved anything: the finished run is back in {out}", flush=True)
 
 
 def drop_replaced(out):
@@ -893,6 +938,7 @@ def settings(cfg, given):
         import_unsloth(device[0])  # before checks() imports transformers: Unsloth's patches hold only then
     check_ranges(cfg, checks())  # the flags as given: values resolved from them are ours, a resumed run's were checked
     cfg = resolve(cfg, given, device[0] == "cuda")
+    check_out_is_no_input(cfg)
     steps = already_finished(cfg) if cfg.resume else None
     if steps is not None:
         print(f"--resume {cfg.out}: already finished at step {steps}; nothing to do (a larger --max-steps or more "
@@ -917,7 +963,7 @@ def settings(cfg, given):
 
 
 def read_data(cfg):
-    """(tasks, sources, validation tasks or None) of every --dataset x --split (--limit-tasks applied, said in one
+    """(tasks, sources, validation tasks or None) of every --dataset x --split (--limit applied, said in one
     line) and of --val-dataset."""
     tasks, sources = read_sets(cfg.dataset, cfg.split)
     if cfg.limit:
@@ -1091,8 +1137,8 @@ def save_outputs(cfg, model, tokenizer, setup, trainer, info):
             readable(final)
             if cfg.merge and not cfg.full_finetune:
                 base = out / BASE if info["base_model"] == BASE else info["base_model"]
-                save_merged(model, tokenizer, out / "merged", setup, base, final, info["keep_ids"])
-                readable(out / "merged")
+                save_merged(model, tokenizer, out / MERGED, setup, base, final, info["keep_ids"])
+                readable(out / MERGED)
     except Exception as e:  # a full disk or a file-size limit, worded by each library its own way
         raise OneLineError(write_failure(final, e) + f"; the checkpoints in {out / CHECKPOINTS} stay usable: "
                            "train.py --resume")
@@ -1132,6 +1178,8 @@ def main(argv=None):
     except OneLineError as e:
         sys.exit(f"error: {e}")
     finally:
+        while REPLACING:  # before the lock goes: no other train.py may start there meanwhile
+            put_back(REPLACING.pop())
         while HELD:
             HELD.pop().close()
     if STOP:  # saved, but not finished: `train.py && infer.py` stops here (130 after Ctrl-C, 143 after SIGTERM)
@@ -1140,5 +1188,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    stop_on_signals()
-    main()
+    run_command(main, save_first)

@@ -47,6 +47,8 @@ def test_budget_cuts_what_it_cannot_fit_names_it_and_a_rerun_predicts_only_that(
     tasks = {f"b{i}": mirror_task(random.Random(i), 2, 3) for i in range(12)}
     folder, run = write_tasks(tmp_path / "tasks", tasks), write_run(tmp_path / "run")
     calls = slow_model(monkeypatch, tokenizer, 0.3)  # a task (its 2 guesses in one batch): 0.3 s, all 12: 3.6 s
+    built, build = [], infer.build_prompts
+    monkeypatch.setattr(infer, "build_prompts", lambda tasks, *a, **k: (built.extend(tasks), build(tasks, *a, **k))[1])
     start = time.time()
     infer.main(["--dataset", folder, "--model", run, "--time-budget", "2"])
     wall, out = time.time() - start, capsys.readouterr().out
@@ -55,6 +57,7 @@ def test_budget_cuts_what_it_cannot_fit_names_it_and_a_rerun_predicts_only_that(
     submit.check_submission(sub, tasks, "submission")  # every task, the cut ones too
     cut = r["cut_by_budget"]
     assert 1 <= len(calls) and cut and len(calls) + len(cut) == len(tasks)  # one batch per task predicted
+    assert sorted(built) == sorted(set(tasks) - set(cut))  # a task cut costs no prompt
     assert f"cut by --time-budget: {len(cut)} tasks, first: {', '.join(cut[:5])}:" in out
     assert all((sub[tid][0]["attempt_1"] == [[0]]) == (tid in cut) for tid in tasks)  # cut: the placeholder
     assert r["guess_status"]["cut_by_budget"] == 2 * len(cut) and r["time_budget"] == "2"
@@ -141,3 +144,25 @@ def test_bad_budget_is_one_line_before_any_model_loads(tmp_path, monkeypatch, va
         infer.main(["--dataset", folder, "--model", write_run(tmp_path / "run"), "--time-budget", value])
     assert str(e.value) == f"error: --time-budget {value}: must be a duration such as 11h, 90m, 600s, 1h30m or " \
                            "seconds (0 = none)"
+
+
+@pytest.mark.parametrize("spent", ["reading", "loading"])
+def test_a_budget_spent_before_predicting_cuts_every_task_at_once_and_counts_the_writing(tmp_path, monkeypatch,
+                                                                                         tokenizer, capsys, spent):
+    """--time-budget 5 spent reading the tasks (then no model is loaded) or loading the model (6 s each): every
+    task is cut at once, without building a prompt; results' time_s counts the writing after it (2 s here)."""
+    tasks = {f"c{i}": mirror_task(random.Random(i), 2, 2) for i in range(4)}
+    folder, run = write_tasks(tmp_path / "tasks", tasks), write_run(tmp_path / "run")
+    advance, built = fake_clock(monkeypatch), []
+    read_tasks, save = data.load_tasks, infer.save_submission
+    if spent == "reading":
+        monkeypatch.setattr(data, "load_tasks", lambda *a, **k: (advance(6.0), read_tasks(*a, **k))[1])
+        monkeypatch.setattr(infer, "load_model", lambda run, setup: pytest.fail("a model was loaded"))
+    else:
+        monkeypatch.setattr(infer, "load_model", lambda run, setup: (advance(6.0), (None, tokenizer))[1])
+    monkeypatch.setattr(infer, "build_prompts", lambda tasks, *a, **k: pytest.fail(f"prompts built for {list(tasks)}"))
+    monkeypatch.setattr(infer, "save_submission", lambda *a, **k: (advance(2.0), save(*a, **k))[1])
+    infer.main(["--dataset", folder, "--model", run, "--time-budget", "5"])
+    r, sub = read(Path(run) / "results.json"), read(Path(run) / "submission.json")
+    assert r["cut_by_budget"] == sorted(tasks) and all(sub[tid][0]["attempt_1"] == [[0]] for tid in tasks)
+    assert r["time_s"] == 8.0 and "all spent before" in capsys.readouterr().out

@@ -19,19 +19,25 @@ ROOT = Path(__file__).resolve().parent.parent
 A100_550 = "NVIDIA A100-SXM4-80GB, 550.54.15"  # what `nvidia-smi --query-gpu=name,driver_version` prints
 
 
-@pytest.fixture
-def driver_550(tmp_path, monkeypatch):
-    """A machine whose NVIDIA driver (550, too old for torch's CUDA 13 build) lists an A100: this CPU machine's
-    torch sees no GPU, which is exactly what happens there."""
+def fake_smi(tmp_path, monkeypatch, body):
+    """An nvidia-smi first on PATH that runs the shell line `body`, each call logged in <bin>/calls; returns <bin>.
+    This CPU machine's torch sees no GPU, which is exactly what happens beside a driver too old for it."""
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     folder = tmp_path / "bin"
     folder.mkdir()
     smi = folder / "nvidia-smi"
-    smi.write_text(f"#!/bin/sh\necho called >> '{folder / 'calls'}'\necho '{A100_550}'\n")  # each call logged
+    smi.write_text(f"#!/bin/sh\necho called >> '{folder / 'calls'}'\n{body}\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return folder
+
+
+@pytest.fixture
+def driver_550(tmp_path, monkeypatch):
+    """A machine whose NVIDIA driver (550, too old for torch's CUDA 13 build) lists an A100."""
+    fake_smi(tmp_path, monkeypatch, f"echo '{A100_550}'")
 
 
 def one_line_error(call):
@@ -68,17 +74,37 @@ def test_device_cpu_trains_and_predicts_on_purpose_and_a_hidden_gpu_is_no_error(
     train.main(["--device", "cpu", "--dataset", str(family), "--max-steps", "2", "--batch-size", "4", "--out",
                 str(out)])
     first = capsys.readouterr().out
-    assert "device: cpu (--device cpu); torch " in first and "NVIDIA driver 550.54.15" in first
-    assert (tmp_path / "bin" / "calls").read_text().count("called") == 1  # the device is decided once
+    assert "device: cpu (--device cpu); torch " in first and "NVIDIA driver none" in first
+    assert not (tmp_path / "bin" / "calls").exists()  # told where to run: the driver is not asked
     assert json.loads((out / "config.json").read_text())["summary"]["steps"] == 2
     predict = ["--model", str(out), "--dataset", str(family), "--split", "train", "--limit", "2",
                "--max-new-tokens", "8"]
     infer.main(["--device", "cpu", *predict])
     assert json.loads((out / "results.limit-2.json").read_text())["tasks"] == 2
+    assert not (tmp_path / "bin" / "calls").exists()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     infer.main([*predict, "--out", str(tmp_path / "hidden" / "submission.json")])
     assert "device: cpu (CUDA_VISIBLE_DEVICES hides the GPU)" in capsys.readouterr().out
+    assert (tmp_path / "bin" / "calls").read_text().count("called") == 1  # the device is decided once
     assert (tmp_path / "hidden" / "submission.limit-2.json").is_file()
+
+
+def test_nvidia_smi_bytes_that_are_not_utf8_are_one_line_and_device_cpu_never_waits_for_it(tmp_path, monkeypatch,
+                                                                                          family, capsys):
+    """A driver whose name holds bytes that are not UTF-8 is still named, in one line; an nvidia-smi that hangs
+    costs nothing under --device cpu, in every script, as it is never started."""
+    fake_smi(tmp_path, monkeypatch, "printf 'NVIDIA A100\\377\\376-SXM4, 550.54.15\\n'")
+    message = one_line_error(lambda: train.main(["--dataset", str(family), "--max-steps", "1", "--out",
+                                                 str(tmp_path / "new")]))
+    assert "NVIDIA A100\ufffd\ufffd-SXM4 with NVIDIA driver 550.54.15 is here, but torch " in message, message
+    (tmp_path / "bin" / "nvidia-smi").write_text(f"#!/bin/sh\necho called >> '{tmp_path / 'bin' / 'hung'}'\nsleep 600\n")
+    out = tmp_path / "run"
+    train.main(["--device", "cpu", "--dataset", str(family), "--max-steps", "1", "--batch-size", "4", "--out",
+                str(out)])
+    infer.main(["--device", "cpu", "--model", str(out), "--dataset", str(family), "--split", "train", "--limit", "1",
+                "--max-new-tokens", "4"])
+    bench.main(["--device", "cpu", "--sections", "data", "--dataset", "family", "--out", str(tmp_path / "b.json")])
+    assert not (tmp_path / "bin" / "hung").exists() and (tmp_path / "b.json").is_file()
 
 
 GPUS = [("Tesla T4", (7, 5), torch.float16), ("Tesla V100-SXM2-16GB", (7, 0), torch.float16),

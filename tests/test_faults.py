@@ -947,6 +947,29 @@ def test_a_task_with_other_grids_or_no_adapter_is_named_and_never_gets_another_t
     assert read(run / "results.json")["no_adapter"] == ids[:2]
 
 
+def test_identical_grids_under_two_ids_use_the_same_test_time_adapter(four_steps, family, tmp_path, monkeypatch,
+                                                                       capsys):
+    """train.py keeps identical grids once (the second id is an exact duplicate): its adapter serves both ids."""
+    import safetensors.torch
+    first, other = [json.loads(f.read_text()) for f in sorted((family / "training").glob("*.json"))[:2]]
+    challenges = tmp_path / "twins_challenges.json"
+    challenges.write_text(json.dumps({"twin-a": first, "twin-b": first, "other": other}))
+    run = tmp_path / "ttt"
+    train.main(["--ttt", "--model", str(four_steps), "--dataset", str(challenges), "--out", str(run), "--epochs", "1",
+                "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1"])
+    assert len(list((run / runs.TTT).iterdir())) == 2  # one adapter per distinct grids
+    loaded = []
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, *a, **k: (loaded.append(Path(path).parent.name),
+                                                                             real(path, *a, **k))[1])
+    capsys.readouterr()
+    infer.main(["--model", str(run), "--dataset", str(challenges), "--max-new-tokens", "4"])
+    assert "no test-time adapter" not in capsys.readouterr().out
+    assert read(run / "results.json")["no_adapter"] == []
+    twin = runs.ttt_folder(run, "twin-a", first).name
+    assert loaded.count(twin) == 2 and len(loaded) == 3, loaded  # each task loads its adapter: twin-b twin-a's
+
+
 # ----------------------------------------------------------------------------
 # a finished run stays as it is: --resume with nothing left to do, --resume together with --overwrite
 
@@ -977,6 +1000,64 @@ def test_overwrite_keeps_the_finished_run_until_its_replacement_finishes(four_st
     train.main(["--dataset", str(family), "--out", str(out), "--overwrite", "--max-steps", "1", "--batch-size", "4"])
     assert "(the finished run this one replaced) deleted" in capsys.readouterr().out
     assert not (out / ".replaced").exists() and runs.run_status(out) == "finished"
+
+
+def test_a_replacement_stopped_before_it_saved_anything_puts_the_finished_run_back(four_steps, family, tmp_path):
+    """Ctrl-C once --overwrite has moved the finished run aside, before the first step: the run is back as it was."""
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    before = files_of(out)
+    proc = script("train.py", "--dataset", family, "--out", out, "--overwrite", "--max-steps", 100000,
+                  "--batch-size", 4, "--logging-steps", 1)
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if line.startswith("overwrite: the finished run in"):
+            break
+    proc.send_signal(signal.SIGINT)
+    said = "".join(said) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "Traceback" not in said and "nothing to save" in said, said
+    assert f"the finished run is back in {out}" in said and files_of(out) == before, said
+
+
+def test_a_folder_holding_only_the_replaced_run_is_named_by_every_command_with_its_restore(four_steps, family,
+                                                                                          tmp_path):
+    """As a kill -9 between --overwrite's move and the first checkpoint leaves it: each command names .replaced/
+    and the command that restores it, which gives the run back byte for byte."""
+    out = tmp_path / "run"
+    shutil.copytree(four_steps, out)
+    before = files_of(out)
+    (out / runs.REPLACED).mkdir()
+    for p in list(out.iterdir()):
+        if p.name != runs.REPLACED:
+            p.rename(out / runs.REPLACED / p.name)
+    tasks = ["--dataset", str(family), "--split", "train"]
+    messages = [error_of(infer.main, ["--model", str(out)] + tasks),
+                error_of(train.main, ["--out", str(out)] + tasks + ["--max-steps", "1"]),
+                error_of(train.main, ["--out", str(out), "--resume"]),
+                error_of(train.main, ["--ttt", "--model", str(out), "--out", str(tmp_path / "ttt")] + tasks)]
+    restore = f"mv {out / runs.REPLACED}/* {out}/ && rmdir {out / runs.REPLACED}"
+    for message in messages:
+        assert "\n" not in message and f"{out / runs.REPLACED} holds the finished run" in message, message
+        assert f"restore it with `{restore}`" in message, message
+    assert not (out / "config.json").exists()  # the refusals wrote nothing
+    subprocess.run(restore, shell=True, check=True)
+    assert files_of(out) == before and runs.run_status(out) == "finished"
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "dataset"])
+def test_an_out_that_is_or_is_inside_an_input_is_refused_before_anything_moves(four_steps, family, tmp_path, where):
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    before = files_of(run)
+    argv = {"same": ["--ttt", "--model", str(run), "--out", str(run), "--dataset", str(family)],
+            "inside": ["--ttt", "--model", str(run), "--out", str(run / "ttt-out"), "--dataset", str(family)],
+            "dataset": ["--dataset", str(family), "--out", str(family / "training")]}[where]
+    message = error_of(train.main, argv + ["--overwrite", "--max-steps", "1"])
+    assert "\n" not in message and message.startswith(f"error: --out {argv[argv.index('--out') + 1]}: "), message
+    assert "which train.py reads; give another --out" in message, message
+    assert files_of(run) == before and not (run / runs.REPLACED).exists() and not (run / "ttt-out").exists()
+    assert not (family / "training" / "config.json").exists()
 
 
 @pytest.mark.parametrize("extra", [[], ["--max-steps", "4"], ["--max-steps", "3"]])
@@ -1040,6 +1121,25 @@ def test_every_count_flag_is_checked_before_the_model(family, mirror, tmp_path, 
     assert message.startswith("error: --ttt-views 0: must be") and "\n" not in message, message
 
 
+def test_a_dataset_name_too_long_for_a_file_is_one_line_in_every_script(family, tmp_path):
+    import bench
+    name = "x" * 300
+    for main, argv in ((train.main, ["--out", str(tmp_path / "r")]), (infer.main, ["--model", str(tmp_path / "r")]),
+                       (bench.main, ["--sections", "data", "--out", str(tmp_path / "b.json")])):
+        message = error_of(main, argv + ["--dataset", name])
+        assert "\n" not in message and "(300 characters): not a file or folder here (File name too long)" in message
+    message = error_of(train.main, ["--dataset", str(family), "--val-dataset", name, "--out", str(tmp_path / "r")])
+    assert "(300 characters)" in message and "\n" not in message
+    assert not (tmp_path / "r" / "config.json").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_a_bad_val_split_names_val_split(family, tmp_path):
+    message = error_of(train.main, ["--dataset", str(family), "--val-dataset", "family", "--val-split", "test",
+                                    "--out", str(tmp_path / "r")])
+    assert message == "error: --val-split test: family has the splits train, eval", message
+    assert not (tmp_path / "r" / "config.json").exists()
+
+
 # ----------------------------------------------------------------------------
 # bench.py: a bad --dataset or --out is one line
 
@@ -1071,6 +1171,47 @@ def test_a_signal_before_the_first_step_ends_the_run_at_once(family, tmp_path, s
     said = "".join(said) + proc.communicate(timeout=120)[0]
     assert proc.returncode == code and "nothing to save" in said and "Traceback" not in said, said
     assert not any(line.startswith("step ") for line in said.splitlines()) and not (out / "checkpoints").exists()
+
+
+def read_until(proc, start):
+    """The process's output up to and including its first line that starts with `start`."""
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if line.startswith(start):
+            return "".join(said)
+    raise AssertionError(f"no {start!r} line:\n" + "".join(said))
+
+
+@pytest.mark.parametrize("name, at, signum", [("infer.py", "device:", signal.SIGINT),
+                                              ("infer.py", "guesses:", signal.SIGINT),
+                                              ("infer.py", "guesses:", signal.SIGTERM),
+                                              ("bench.py", "machine:", signal.SIGINT),
+                                              ("bench.py", "machine:", signal.SIGTERM)])
+def test_a_signal_ends_infer_and_bench_in_one_line_with_128_plus_the_signal(tmp_path, name, at, signum):
+    """As train.py: Ctrl-C (130) or SIGTERM (143) while the model loads ("device:" is printed before it) or while
+    predicting ("guesses:" just before), or in a bench section, ends with one line and no traceback."""
+    if name == "infer.py":
+        tasks = write_family(tmp_path / "tasks", n_train=40, n_eval=0)
+        argv = ["--model", tiny_run(tmp_path / "run"), "--dataset", tasks, "--split", "train", "--max-new-tokens",
+                400, "--out", tmp_path / "out" / "submission.json"]
+    else:
+        argv = ["--sections", "data", "--out", tmp_path / "bench.json"]
+    proc = script(name, *argv)
+    said = read_until(proc, at)
+    if at == "guesses:":
+        time.sleep(0.5)  # inside the first batches
+    proc.send_signal(signum)
+    said += proc.communicate(timeout=120)[0]
+    last = said.strip().splitlines()[-1]
+    assert proc.returncode == 128 + signum and "Traceback" not in said and "KeyboardInterrupt" not in said, said
+    stopped = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    if at == "guesses:":
+        cache = tmp_path / "out" / "submission.cache.jsonl"
+        assert last == f"{stopped}: {len(infer.read_cache(cache))} finished tasks are saved in {cache}; the same " \
+                       "command again resumes", said
+    else:
+        assert last == f"{stopped}: stopped", said
 
 
 def test_infer_without_a_finished_run_names_the_interrupted_one_and_its_resume(mirror, tmp_path, monkeypatch):

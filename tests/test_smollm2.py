@@ -151,11 +151,13 @@ def test_embeddings_untied_trained_and_every_save_predicts_the_same(run, folder,
         assert torch.allclose(trained, reloaded(x).logits, atol=1e-5)
         merged_in_memory = reloaded.merge_and_unload()
         assert torch.allclose(trained, merged_in_memory(x).logits, atol=1e-3)
-        merged = AutoModelForCausalLM.from_pretrained(out / "merged").float().eval()  # saved in bf16
+        # saved in the dtype the run computed in (fp32 on a CPU): a bf16 copy picked other tokens than its adapter
+        assert json.loads((out / "merged" / "config.json").read_text())["dtype"] == "float32"
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
         assert not merged.config.tie_word_embeddings  # a re-tied head would undo the trained lm_head (peft 2777)
-        assert torch.allclose(merged.lm_head.weight, head.to(torch.bfloat16).float())
+        assert torch.equal(merged.lm_head.weight, head)
         agree = (merged(x).logits.argmax(-1) == trained.argmax(-1)).float().mean().item()
-    assert agree >= 0.97, agree
+    assert agree >= 0.99, agree
 
 
 def test_infer_writes_a_complete_submission_and_stops_at_the_models_end_token(run, tokenizer):
