@@ -151,12 +151,12 @@ def run_info(cfg, fmt, setup, base, trained_on, fingerprints, ttt=None, keep=Non
     """config.json as written at the start of training; the summary is added at the end. trained_on and
     fingerprints say which tasks' answers the weights have seen (infer.py's contamination guard reads them);
     ttt: what a test-time-training run trained on, demonstrations only; keep_ids: the base model's token ids that
-    --vocab arc kept (final/ holds the tokenizer rewritten to them). Unsloth turns 4 bits off for a full fine-tune,
-    so such a run is recorded as 16-bit (infer.py reloads it as recorded)."""
+    --vocab arc kept (final/ holds the tokenizer rewritten to them). load_in_4bit: whether the base was loaded in 4
+    bits (either backend; never under a full fine-tune), so infer.py reloads it as it was trained."""
     backend = setup.backend
     return dict(config=dataclasses.asdict(cfg), format=fmt, max_seq_len=cfg.max_seq_len, lora=not cfg.full_finetune,
                 vocab=cfg.vocab, keep_ids=keep,
-                base_model=base, load_in_4bit=cfg.load_in_4bit and backend == "unsloth" and not cfg.full_finetune,
+                base_model=base, load_in_4bit=bool(cfg.load_in_4bit) and not cfg.full_finetune,
                 backend=backend, why=setup.backend_why, rope_scaling=rope_scaling(cfg, backend),
                 device=dict(device=setup.device, gpus=setup.gpus, driver=setup.driver, torch=setup.torch,
                             dtype=str(setup.dtype).split(".")[1], why=setup.dtype_why),

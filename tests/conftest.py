@@ -90,6 +90,19 @@ def cpu_setup():
     return models.make_setup("auto", "transformers")
 
 
+def answer_logits(model, tokenizer, family, split="eval"):
+    """(ids, logits) over every `split` task's prompt + answer in the `family` folder, the run's text as this
+    folder's tokenizer encodes it."""
+    import torch
+    tasks = data.load_tasks(str(family), split)[0]
+    fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    rows = [data.encode_example(tokenizer, data.format_prompt(t, 0, fmt), data.format_completion(t["test"][0]["output"],
+                                                                                                fmt))[0]
+            for t in tasks.values()]
+    with torch.no_grad():
+        return torch.tensor(rows), model.float().eval()(torch.tensor(rows)).logits
+
+
 def fake_model(monkeypatch, tokenizer, answer):
     """Replace the model by `answer(prompt_ids) -> text`; returns the list of batches generate() was given."""
     calls = []
