@@ -103,6 +103,14 @@ def answer_logits(model, tokenizer, family, split="eval"):
         return torch.tensor(rows), model.float().eval()(torch.tensor(rows)).logits
 
 
+def trained_tensors(folder):
+    """The tensors an adapter folder's training moves: the LoRA factors and the whole copies of modules_to_save
+    (peft also saves the frozen originals beside them)."""
+    from safetensors.torch import load_file
+    weights = load_file(Path(folder) / "adapter_model.safetensors")
+    return {k: v for k, v in weights.items() if "lora_" in k or "modules_to_save" in k}
+
+
 def fake_model(monkeypatch, tokenizer, answer):
     """Replace the model by `answer(prompt_ids) -> text`; returns the list of batches generate() was given."""
     calls = []

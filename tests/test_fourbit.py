@@ -19,7 +19,7 @@ import infer
 import models
 import runs
 import train
-from conftest import answer_logits, cpu_setup, write_family
+from conftest import answer_logits, cpu_setup, trained_tensors, write_family
 
 STEPS = 3  # trained 2 steps, checkpointed, then resumed to 3
 
@@ -82,11 +82,10 @@ def test_projections_train_as_4bit_layers_and_the_lines_say_so(run):
 
 def test_embeddings_and_every_lora_factor_moved(run, base):
     out, _, _ = run
-    final = load_file(out / "final" / "adapter_model.safetensors")
-    before = load_file(out / "checkpoints" / f"checkpoint-{STEPS - 1}" / "adapter_model.safetensors")
-    assert final.keys() == before.keys()
-    assert sum("lora_A" in k for k in final) == sum("lora_B" in k for k in final) == 2 * len(models.PROJECTIONS)
-    trained = {k: v for k, v in final.items() if "lora_" in k or "modules_to_save" in k}
+    trained = trained_tensors(out / "final")
+    before = trained_tensors(out / "checkpoints" / f"checkpoint-{STEPS - 1}")
+    assert trained.keys() == before.keys()
+    assert sum("lora_A" in k for k in trained) == sum("lora_B" in k for k in trained) == 2 * len(models.PROJECTIONS)
     assert len(trained) == 4 * len(models.PROJECTIONS) + len(models.EMBEDDINGS)
     for key, value in trained.items():  # every trained tensor moved in the resumed step
         assert not torch.equal(value, before[key]), key
@@ -95,7 +94,7 @@ def test_embeddings_and_every_lora_factor_moved(run, base):
     for name, weight in (("embed_tokens", "model.embed_tokens.weight"), ("lm_head", "lm_head.weight")):
         embedding = next(v for k, v in trained.items() if name in k)
         assert embedding.shape == (len(keep), 64) and not torch.allclose(embedding, start[weight][keep])
-    assert all(v.abs().sum() > 0 for k, v in final.items() if "lora_B" in k)  # zero at the start
+    assert all(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # zero at the start
 
 
 def test_merged_16bit_model_agrees_with_the_4bit_adapter(run, family):
