@@ -141,3 +141,19 @@ def test_load_in_4bit_where_nothing_is_loaded_under_a_lora_is_refused(base, fami
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     assert str(e.value) == f"error: --load-in-4bit: {why}, not 4-bit layers under a LoRA; drop it"
+
+
+def test_bench_weight_bytes_equal_what_a_4bit_load_holds(base):
+    """bench.py's memory figure for the recipe: the bytes of a 4-bit load counted from the shape alone equal the
+    bytes the loaded model holds (its weights, and the scales each 4-bit weight keeps in its quant_state)."""
+    import bench
+    model, _ = models.load_base(str(base), cpu_setup(), load_in_4bit=True)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    for layer in model.modules():
+        state = getattr(getattr(layer, "weight", None), "quant_state", None)
+        if state is not None:
+            held += sum(t.numel() * t.element_size() for t in (state.absmax, state.offset, state.state2.absmax))
+    spec = json.loads((base / "config.json").read_text())
+    assert held == bench.weight_bytes(spec, True, dtype_bytes=4)  # fp32 here: the CPU's dtype
+    assert bench.weight_bytes(spec, False, dtype_bytes=4) == sum(p.numel() * 4 for p in models.tiny_model(
+        models.llama3_hf_tokenizer(), hidden=64, layers=2).parameters())
