@@ -411,10 +411,12 @@ def quantized_layers(model):
 
 
 def weights_kind(model, setup):
-    """How the loaded base holds its weights, for the lines a script starts with: "4-bit nf4 ..." or the dtype."""
+    """How the loaded model holds its weights, for the lines a script starts with: "4-bit (...)", counted on the
+    model, or its parameters' dtype (the tiny model is fp32 whatever the device computes in)."""
     n = quantized_layers(model)
-    dtype = str(setup.dtype).split(".")[1]
-    return f"4-bit (bitsandbytes, {n} Linear4bit layers; compute {dtype})" if n else dtype
+    if n:
+        return f"4-bit (bitsandbytes, {n} Linear4bit layers; compute {str(setup.dtype).split('.')[1]})"
+    return str(next(model.parameters()).dtype).split(".")[1]
 
 
 def build_model(base, setup, keep_ids=None, adapter=None, merge=False, max_seq_len=8192, load_in_4bit=False):

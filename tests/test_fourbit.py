@@ -157,3 +157,17 @@ def test_bench_weight_bytes_equal_what_a_4bit_load_holds(base):
     assert held == bench.weight_bytes(spec, True, dtype_bytes=4)  # fp32 here: the CPU's dtype
     assert bench.weight_bytes(spec, False, dtype_bytes=4) == sum(p.numel() * 4 for p in models.tiny_model(
         models.llama3_hf_tokenizer(), hidden=64, layers=2).parameters())
+
+
+def test_test_time_training_starts_from_the_4bit_run_merged_into_its_dequantized_base(run, family, tmp_path):
+    out, _, _ = run
+    ttt = tmp_path / "ttt"
+    _, lines = printed(train.main, ["--ttt", "--model", str(out), "--dataset", str(family), "--split", "eval",
+                                    "--out", str(ttt), "--epochs", "1", "--ttt-views", "1", "--batch-size", "2",
+                                    "--grad-accum", "1", "--limit-tasks", "1"])
+    assert "auto: " in lines and "load_in_4bit False" in lines
+    assert "4-bit" not in next(line for line in lines.splitlines() if line.startswith("model: "))
+    assert runs.read_run(ttt).load_in_4bit is False and len(list((ttt / "ttt").iterdir())) == 1
+    with pytest.raises(SystemExit, match="--load-in-4bit: --ttt trains on its run's model, merged in 16 bits"):
+        train.main(["--ttt", "--model", str(out), "--dataset", str(family), "--split", "eval", "--load-in-4bit",
+                    "--out", str(tmp_path / "refused")])
