@@ -336,10 +336,12 @@ def test_unsloth_merges_a_4bit_run_into_its_16bit_base(setup, four_bit):
     out, _, _ = four_bit
     base, merged = load_file(model / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
     lora, scale = trained_tensors(out / "final"), 16 / 16 ** 0.5  # rsLoRA: alpha / sqrt(r)
-    for name in (f"model.layers.{i}.{kind}.{p}.weight" for i in range(2) for kind, p in
-                 [("self_attn", p) for p in models.PROJECTIONS[:4]] + [("mlp", p) for p in models.PROJECTIONS[4:]]):
-        a, b = (lora[f"base_model.model.{name[:-len('.weight')]}.lora_{x}.weight"] for x in "AB")
-        assert torch.allclose(merged[name].float(), base[name] + scale * b @ a, atol=1e-3), name
+    factors = [k for k in lora if k.endswith(".lora_A.weight")]
+    assert len(factors) == 2 * len(models.PROJECTIONS)
+    for key in factors:
+        name = key.replace("base_model.model.", "", 1).replace(".lora_A", "")
+        delta = scale * lora[key.replace("lora_A", "lora_B")] @ lora[key]
+        assert torch.allclose(merged[name].float(), base[name] + delta, atol=1e-3), name
     adapter, tokenizer = models.load_model(runs.read_run(out), cpu_setup())  # the 4-bit base, transformers' path
     assert models.quantized_layers(adapter) == 2 * len(models.PROJECTIONS)
     reloaded = AutoModelForCausalLM.from_pretrained(out / "merged")
