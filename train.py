@@ -71,7 +71,7 @@ class Config:
     load_in_4bit: bool = opt(AUTO, "model", "load the base model's linear layers in 4 bits (nf4) and train the LoRA on "
                                             "them, as QLoRA: Unsloth's loader, or bitsandbytes + peft on the "
                                             "transformers path (auto: on with a GPU for a LoRA on a loaded model, "
-                                            "the write-up's; off on a CPU, where 4-bit layers are slower)")
+                                            "the write-up's; off on a CPU, where small models train in fp32)")
     backend: str = opt(AUTO, "model", "unsloth (needs a CUDA GPU), transformers (transformers + peft, any device) "
                                       "or auto: Unsloth on a GPU when it imports, transformers otherwise",
                        choices=["auto", *BACKENDS])
