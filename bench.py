@@ -11,6 +11,7 @@ measured side by side in the same run; all of them go to one JSON record with th
 """
 import dataclasses
 import json
+import math
 import os
 import platform
 import shutil
@@ -347,7 +348,36 @@ def bench_estimate(cfg, setup):
                           write_up_over_estimate=round(theirs / seconds, 3))
         print(f"  {label:<23} {tokens:>11,} tokens at {rate:>9,.1f} tok/s = {seconds:>9,.0f} s   "
               f"write-up {theirs:>5} s   write-up / estimate {theirs / seconds:.2f}x")
+    out["weights_gb"] = recipe_weights_gb()
     return out
+
+
+def recipe_weights_gb():
+    """GB of the write-up's Llama-3-8B weights as the default recipe loads them (--load-in-4bit: nf4 projections,
+    the rest 16-bit), beside a 16-bit load and beside 4 bits with --vocab arc's cut embeddings: from the shape."""
+    spec = ARCHS["llama3-8b"]
+    sizes = {"4-bit, full vocab": weight_bytes(spec, True), "16-bit, full vocab": weight_bytes(spec, False),
+             "4-bit, vocab arc": weight_bytes(spec, True, vocab=64)}
+    print("  weights of the write-up's Llama-3-8B (the recipe loads it in 4 bits): " +
+          ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sizes.items()) + "; activations, LoRA and optimizer "
+          "state come on top")
+    return {k: round(v / 2**30, 2) for k, v in sizes.items()}
+
+
+def weight_bytes(spec, four_bit, vocab=None, dtype_bytes=2):
+    """Bytes of a Llama-shaped model's weights (an ARCHS entry): the linear layers of every block in bitsandbytes
+    nf4 with double quantization where `four_bit` (half a byte a weight, one 8-bit scale per 64 weights, one fp32
+    scale and offset per 256 of those), else `dtype_bytes`; embed_tokens, lm_head (untied) and the norms stay at
+    `dtype_bytes`. vocab: the rows a --vocab arc run keeps."""
+    h, layers, inter = spec["hidden_size"], spec["num_hidden_layers"], spec["intermediate_size"]
+    kv = h * spec["num_key_value_heads"] // spec["num_attention_heads"]
+    linears = [h * h, h * kv, h * kv, h * h, h * inter, h * inter, inter * h]  # q k v o gate up down
+    blocks = [math.ceil(n / 64) for n in linears]
+    per_layer = sum(n // 2 + b + 4 * math.ceil(b / 256) + 4 for n, b in zip(linears, blocks)) if four_bit \
+        else sum(linears) * dtype_bytes
+    rows = vocab or spec["vocab_size"]
+    heads = 1 if spec["tie_word_embeddings"] else 2
+    return layers * (per_layer + 2 * h * dtype_bytes) + (heads * rows * h + h) * dtype_bytes
 
 
 # ----------------------------------------------------------------------------

@@ -380,24 +380,58 @@ def load_base(name, setup, max_seq_len=2048, load_in_4bit=False, full_finetune=F
             model, tokenizer = FastLanguageModel.from_pretrained(
                 model_name=source, max_seq_length=max_seq_len, dtype=setup.dtype, load_in_4bit=load_in_4bit,
                 full_finetuning=full_finetune)
-            return model, own_pad(model, tokenizer, source)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=setup.dtype, device_map=device_map(setup))
-        return model, AutoTokenizer.from_pretrained(source)
+            tokenizer = own_pad(model, tokenizer, source)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            # bitsandbytes quantizes while loading onto a device map: the CPU's too
+            where = dict(quantization_config=quantization(setup), device_map=device_map(setup) or "cpu") \
+                if load_in_4bit else dict(device_map=device_map(setup))
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=setup.dtype, **where)
+            tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:  # a damaged folder (bad config field, truncated weights) fails in many library ways
         raise OneLineError(f"--model {name}: cannot load it ({type(e).__name__}: {first_line(e)}); give a local "
                            "folder or a name in the Hugging Face cache (offline: set HF_HUB_OFFLINE=1)")
+    if load_in_4bit and not quantized_layers(model):  # a 16-bit model where 4 bits were asked is never silent
+        raise OneLineError(f"--model {name} --load-in-4bit: {setup.backend} loaded no layer in 4 bits; "
+                           "use --no-load-in-4bit to train it in 16 bits on purpose")
+    return model, tokenizer
+
+
+def quantization(setup):
+    """The transformers path's 4 bits, QLoRA's: bitsandbytes nf4 with double quantization, computing in setup's
+    dtype."""
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=setup.dtype)
+
+
+def quantized_layers(model):
+    """How many of the model's layers hold their weights in 4 bits (bitsandbytes' Linear4bit, under a LoRA too)."""
+    return sum(type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+               for m in model.modules())
+
+
+def weights_kind(model, setup):
+    """How the loaded model holds its weights, for the lines a script starts with: "4-bit (...)", counted on the
+    model, or its parameters' dtype (the tiny model is fp32 whatever the device computes in)."""
+    n = quantized_layers(model)
+    if n:
+        return f"4-bit (bitsandbytes, {n} Linear4bit layers; compute {str(setup.dtype).split('.')[1]})"
+    return str(next(model.parameters()).dtype).split(".")[1]
 
 
 def build_model(base, setup, keep_ids=None, adapter=None, merge=False, max_seq_len=8192, load_in_4bit=False):
-    """A trained model, built the one way every script builds it: the base loaded, cut to the token rows a --vocab
-    arc run kept, its head untied as training untied it (the adapter brings an lm_head of its own), the adapter put
-    on, and with `merge` merged in."""
+    """A trained model, built the one way every script builds it: the base loaded (in 4 bits if so trained), cut to
+    the token rows a --vocab arc run kept, its head untied as training untied it (the adapter brings an lm_head of
+    its own), the adapter put on, and with `merge` merged in (into the dequantized base of a 4-bit run)."""
     if is_run_folder(base):  # a test-time run's base: that run's own model, merged
         start = read_run(base)
-        model = build_model(start.base, setup, start.keep_ids, start.adapter, True, start.max_seq_len)
+        model = build_model(start.base, setup, start.keep_ids, start.adapter, True, start.max_seq_len,
+                            start.load_in_4bit)
     else:
         model, _ = load_base(base, setup, max_seq_len, load_in_4bit)
+        if merge and load_in_4bit:  # merged: the base the adapter trained on, its 4-bit weights dequantized
+            model = model.dequantize(setup.dtype)
     if keep_ids and model.get_input_embeddings().weight.shape[0] != len(keep_ids):  # a full fine-tune's is cut
         shrink_embeddings(model, keep_ids)
     if adapter:
@@ -478,14 +512,21 @@ def count_params(model):
     params = [(n, p) for n, p in model.named_parameters() if "original_module" not in n]
     trainable = sum(p.numel() for _, p in params if p.requires_grad)
     embed = sum(p.numel() for n, p in params if p.requires_grad and is_embedding(n))
-    return trainable, embed, sum(p.numel() for _, p in params)
+    return trainable, embed, sum(weights_in(p) for _, p in params)
 
 
-def save_merged(model, tokenizer, folder, setup, base, adapter, keep=None):
+def weights_in(param):
+    """The weights a parameter holds: a 4-bit one (bitsandbytes' Params4bit) packs two in each byte it stores."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()
+
+
+def save_merged(model, tokenizer, folder, setup, base, adapter, keep=None, load_in_4bit=False):
     """The model with the adapter merged in, for other inference engines, in the dtype the run computed in (fp32
     for a run on a CPU: a bf16 copy would pick other tokens than the adapter it came from). The transformers path
     merges a fresh copy built on the CPU in fp32 (the trained model in memory stays as it is, and a GPU need not
-    hold two), then casts. The folder holds the run's own tokenizer: plain from_pretrained loads both."""
+    hold two; a 4-bit base is quantized as in training, then dequantized), then casts. The folder holds the run's
+    own tokenizer: plain from_pretrained loads both."""
     import torch
     if setup.backend == "unsloth":
         model.save_pretrained_merged(str(folder), tokenizer, save_method="merged_16bit")
@@ -493,7 +534,7 @@ def save_merged(model, tokenizer, folder, setup, base, adapter, keep=None):
         keep_token_ids(model, folder)
     else:
         on_cpu = dataclasses.replace(setup, device="cpu", dtype=torch.float32)
-        merged = build_model(str(base), on_cpu, keep, adapter, merge=True)
+        merged = build_model(str(base), on_cpu, keep, adapter, merge=True, load_in_4bit=load_in_4bit)
         merged.to(setup.dtype).save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
     print(f"merged model ({'16-bit' if setup.backend == 'unsloth' else str(setup.dtype).split('.')[1]}): {folder}")
@@ -583,11 +624,11 @@ def load_weights(run, setup):
     if run.ttt_mode:
         model = ttt_model(run, setup).eval()
     else:
+        model = build_model(run.base, setup, run.keep_ids, run.adapter, max_seq_len=run.max_seq_len,
+                            load_in_4bit=run.load_in_4bit)
         print(f"weights: {run.base}" + (f" + the adapter {run.adapter}" if run.adapter else "")
               + (f", cut to the run's {len(run.keep_ids)} tokens" if run.keep_ids else "")
-              + (", 4-bit" if run.load_in_4bit and setup.backend == "unsloth" else ""))
-        model = build_model(run.base, setup, run.keep_ids, run.adapter, max_seq_len=run.max_seq_len,
-                                  load_in_4bit=run.load_in_4bit and setup.backend == "unsloth")
+              + f"; base {weights_kind(model, setup)}")
         if setup.backend == "unsloth":
             from unsloth import FastLanguageModel
             FastLanguageModel.for_inference(model)

@@ -6,16 +6,17 @@ from hub import GPU_MODEL, SMOLLM2
 # write-up's LoRA recipe; "cpu": what differs on a CPU
 RECIPES = {
     GPU_MODEL: dict(full_finetune=False, max_steps=-1, max_seq_len=8192, batch_size=2, grad_accum=4, lr=2e-4,
-                    optim="adamw_8bit"),
+                    optim="adamw_8bit", load_in_4bit=True),
     # SmolLM2-135M: 16 sequences per step, as the 8B recipe's 2 x 4 would be too few for a model this fast
     SMOLLM2: dict(full_finetune=False, max_steps=-1, max_seq_len=8192, batch_size=4, grad_accum=4, lr=4e-4,
-                  optim="adamw_8bit"),
+                  optim="adamw_8bit", load_in_4bit=True),
     # 0.5M parameters from random weights: a full fine-tune (its lr; a tiny LoRA takes the LoRA row's), a few
     # minutes on 2 cores
     "tiny": dict(full_finetune=True, max_steps=-1, max_seq_len=1024, batch_size=16, grad_accum=1, lr=1e-3,
-                 optim="adamw_torch", cpu=dict(max_steps=300)),
+                 optim="adamw_torch", load_in_4bit=False, cpu=dict(max_steps=300)),
 }
-ON_CPU = dict(optim="adamw_torch")  # bitsandbytes' 8-bit AdamW needs a GPU
+ON_CPU = dict(optim="adamw_torch", load_in_4bit=False)  # bitsandbytes' 8-bit AdamW needs a GPU; small models train
+# in fp32 on a CPU
 WRITEUP_RECIPE = dict(vocab="full", loss="answer")  # --writeup: the write-up's recipe where our measured defaults differ
 WRITEUP_FLAGS = " ".join(f"--{k} {v}" for k, v in WRITEUP_RECIPE.items())
 NAMES = {GPU_MODEL: "Llama-3-8B (any other model too)", SMOLLM2: SMOLLM2, "tiny": "tiny"}

@@ -100,7 +100,7 @@ class Run:
     max_seq_len: int
     load_in_4bit: bool
     backend: str          # "unsloth" or "transformers": how it was trained, so how to load it
-    fingerprints: list = field(default_factory=list)  # runs.task_fingerprint of every task it was trained on
+    fingerprints: list = field(default_factory=list)  # data.task_fingerprint of every task it was trained on
     trained_on: list = field(default_factory=list)    # one dict per dataset x split: dataset, split, tasks, ...
     ttt_mode: str = None  # a test-time-training run: per-task (adapters in folder/ttt/<task>/) or shared
     keep_ids: list = None  # --vocab arc: the base's token ids kept, in their new order; cut the base to them
@@ -160,12 +160,12 @@ def run_info(cfg, fmt, setup, base, trained_on, fingerprints, ttt=None, keep=Non
     """config.json as written at the start of training; the summary is added at the end. trained_on and
     fingerprints say which tasks' answers the weights have seen (infer.py's contamination guard reads them);
     ttt: what a test-time-training run trained on, demonstrations only; keep_ids: the base model's token ids that
-    --vocab arc kept (final/ holds the tokenizer rewritten to them). Unsloth turns 4 bits off for a full fine-tune,
-    so such a run is recorded as 16-bit (infer.py reloads it as recorded)."""
+    --vocab arc kept (final/ holds the tokenizer rewritten to them). load_in_4bit: whether the base was loaded in 4
+    bits (either backend; never under a full fine-tune), so infer.py reloads it as it was trained."""
     backend = setup.backend
     return dict(config=dataclasses.asdict(cfg), format=fmt, max_seq_len=cfg.max_seq_len, lora=not cfg.full_finetune,
                 vocab=cfg.vocab, keep_ids=keep,
-                base_model=base, load_in_4bit=cfg.load_in_4bit and backend == "unsloth" and not cfg.full_finetune,
+                base_model=base, load_in_4bit=bool(cfg.load_in_4bit) and not cfg.full_finetune,
                 backend=backend, why=setup.backend_why, rope_scaling=rope_scaling(cfg, backend),
                 device=dict(device=setup.device, gpus=setup.gpus, driver=setup.driver, torch=setup.torch,
                             dtype=str(setup.dtype).split(".")[1], why=setup.dtype_why),
@@ -329,7 +329,7 @@ def base_weights(run_folder):
 
 def ttt_folder(run_folder, task_id, task):
     """Where a per-task test-time-training run keeps the adapter of one task: a folder named by its id (made safe)
-    and its grids (runs.task_fingerprint), so that other grids under the same id never get this adapter."""
+    and its grids (data.task_fingerprint), so that other grids under the same id never get this adapter."""
     return Path(run_folder) / TTT / f"{safe_name(task_id)}.{task_fingerprint(task)}"
 
 

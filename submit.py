@@ -32,7 +32,7 @@ class Record:
     settings: dict = None  # the settings it was predicted with (read_cache compares them)
     candidates: list = field(default_factory=list)  # vote/poe/dfs, per test input: [grid, votes, score] best first
     timed_out: list = field(default_factory=list)  # "test i: why", where a search ran out of --max-task-seconds
-    fingerprint: str = None  # runs.task_fingerprint of the task it answers: other grids under its id are done again
+    fingerprint: str = None  # data.task_fingerprint of the task it answers: other grids under its id are done again
     degraded: str = ""  # what it gave up to fit its share of --time-budget (fewer views, no rescoring), if anything
 
     @classmethod

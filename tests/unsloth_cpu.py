@@ -110,6 +110,28 @@ def patch_after():
     llama.fast_rms_layernorm = rms.fast_rms_layernorm = rms_norm
     fast_lora.swiglu_fg_kernel = swiglu
     fast_lora.swiglu_DWf_DW_dfg_kernel = _DWf_DW_dfg_traced
+    patch_4bit()
+
+
+def patch_4bit():
+    """Unsloth's 4-bit path on the CPU: its loader told that bitsandbytes can load (its probe asks for the CUDA
+    kernels, unsloth/device_type.py:166), and its dequantize and decode matmul of a 4-bit weight done by
+    bitsandbytes' own CPU dequantize (Unsloth calls the CUDA kernels through ctypes, unsloth/kernels/utils.py:272)."""
+    import torch
+    import bitsandbytes.functional as bnb
+    import unsloth.kernels.utils as kernels
+    import unsloth.models.loader as loader
+
+    def dequantize(W, quant_state=None, out=None, use_global_buffer=False):
+        if quant_state is None:
+            return W
+        flipped = W.shape[0] == 1  # Unsloth passes W.t() and takes the weight back transposed
+        full = bnb.dequantize_4bit(W.t() if flipped else W, quant_state).to(quant_state.dtype)
+        return full.t() if flipped else full
+    loader.ALLOW_BITSANDBYTES = True
+    kernels._fast_dequantize_bnb = dequantize
+    kernels._fast_gemv_bnb = lambda X, W, quant_state, out=None: torch.matmul(X, dequantize(W, quant_state).t())
+    kernels._USE_NF4_KERNELS = False  # its Triton NF4 kernels: the interpreter would take minutes
 
 
 class AfterUnsloth(importlib.abc.MetaPathFinder):
