@@ -189,8 +189,8 @@ def poe_ranking(grids, prompts, encode, logprobs):
 class Job:
     """What a mode's guess function may use. encode(grid as a view writes it) -> completion ids with EOS;
     decode(ids) -> text; logprobs(prompt ids list, completion ids list) -> summed log-probs, batched;
-    search(prompt ids, first completion ids or None) -> dfs_search's (found, finished, forwards) under --min-prob
-    and the task's `deadline`. A guess function adds what the user must hear to `notes` and its one-token forward
+    search(prompt ids, drafts: completion ids lists) -> dfs_search's (found, finished, forwards) under --min-prob
+    and the task's `deadline`; `task` and `test`: the task and test input being decided. A guess function adds what the user must hear to `notes` and its one-token forward
     passes to `forwards`. `prefixes`: the prompt caches a search built, which logprobs scores on; they live while
     one test input is decided."""
     cfg: Config
@@ -206,6 +206,8 @@ class Job:
     limit: str = ""        # what set `deadline`, for the notes of a search out of time
     rescore: bool = True   # False: logprobs scores nothing and decide ranks the candidates by votes only
     score_s: float = 0.0   # seconds spent in logprobs, for the --time-budget planner
+    task: dict = None
+    test: int = 0
 
 
 @dataclass(frozen=True)
@@ -259,25 +261,38 @@ def guess_nvarc(samples, prompts, job):
     return top_two(sorted(ranked, key=lambda r: -r[1]))  # stable: equal counts stay in poe's order
 
 
+def dfs_drafts(found, task, test, k, perm, encode):
+    """The token paths (without EOS) a view's search verifies in one forward pass each, in view (k, perm): the
+    answers earlier views found (grids in the task's frame, best first), the test input (many outputs are the input
+    with a few cells changed), the demonstration outputs of its shape; each path once."""
+    test_input = task["test"][test]["input"] if task else None
+    shape = lambda g: (len(g), len(g[0]))  # noqa: E731
+    grids = found + ([test_input] if test_input else []) + \
+        [ex["output"] for ex in (task or {}).get("train", []) if shape(ex["output"]) == shape(test_input)]
+    paths = dict.fromkeys(tuple(encode(data.apply_view(g, k, perm))[:-1]) for g in grids)
+    return [list(p) for p in paths]
+
+
 def guess_dfs(samples, prompts, job):
-    """Every answer above --min-prob in each view (dfs_search), the best found so far searched first in the next
-    view (its branch costs one prefill); the grids found, pooled over the views, ranked as poe ranks them (votes:
-    the views that found a grid). Out of time, the views searched so far give the guesses."""
-    found, best = [], None  # best: (grid in the task's frame, its nll in the view that found it)
+    """Every answer above --min-prob in each view (dfs_search), given as drafts (dfs_drafts) the answers found so
+    far, best first, then the test input and the demonstration outputs of its shape; the grids found, pooled over
+    the views, ranked as poe ranks them (votes: the views that found a grid). Out of time, the views searched so
+    far give the guesses."""
+    found = []  # (grid in the task's frame, its nll in the view that found it)
     for searched, (k, perm, ids) in enumerate(prompts.values()):
-        first = job.encode(data.apply_view(best[0], k, perm))[:-1] if best else None
-        completions, finished, forwards = job.search(ids, first)
+        ranked = [g for g, _ in sorted(found, key=lambda f: f[1])]
+        completions, finished, forwards = job.search(ids, dfs_drafts(ranked, job.task, job.test, k, perm,
+                                                                     job.encode))
         job.forwards += forwards
         for tokens, nll in completions:
             grid = data.parse_output(job.decode(tokens), job.fmt)
             if grid is not None:
-                found.append(data.undo_view(grid, k, perm))
-                best = (found[-1], nll) if best is None or nll < best[1] else best
+                found.append((data.undo_view(grid, k, perm), nll))
         if not finished:
             job.notes.append(f"out of time ({job.limit}) in view {searched + 1} of {len(prompts)}: {len(found)} "
                              "answers found so far are ranked")
             break
-    return top_two(poe_ranking(found, list(prompts.values()), job.encode, job.logprobs))
+    return top_two(poe_ranking([g for g, _ in found], list(prompts.values()), job.encode, job.logprobs))
 
 
 def sampled_views(cfg):
@@ -360,9 +375,9 @@ def make_job(cfg, model, tokenizer, fmt):
         return out
     job = Job(cfg, fmt, encode=lambda grid: data.encode_completion(tokenizer, data.format_completion(grid, fmt)),
               decode=tokenizer.decode, logprobs=logprobs,
-              search=lambda ids, first: dfs_search(model, ids, tokenizer.eos_token_id,
-                                                   min(cfg.max_new_tokens, cfg.max_seq_len - len(ids)), cfg.min_prob,
-                                                   allowed, first, job.deadline, keep=job.prefixes))
+              search=lambda ids, drafts: dfs_search(model, ids, tokenizer.eos_token_id,
+                                                    min(cfg.max_new_tokens, cfg.max_seq_len - len(ids)),
+                                                    cfg.min_prob, allowed, drafts, job.deadline, keep=job.prefixes))
     return job
 
 
@@ -377,7 +392,7 @@ def decide(rec, mode, job, samples, shown, plan):
         job.deadline, job.limit = plan.until, f"its --time-budget share of {plan.share:.1f} s"
     job.forwards, job.rescore, rec.degraded, ranked = 0, plan.rescore, plan.lost, []
     for i in range(len(rec.guesses)):
-        job.notes, job.prefixes = [], {}  # a view's cache lives while its test input is decided
+        job.notes, job.prefixes, job.test = [], {}, i  # a view's cache lives while its test input is decided
         views = {v: view for v, view in shown[i].items() if v < plan.views}
         rec.guesses[i], rec.status[i], found = mode.guess(samples[i], views, job)
         if found is not None and not plan.rescore:  # stable: equal votes stay in the order proposed
@@ -491,6 +506,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             nonlocal generated
             rec = records[tid]
             load(tid)  # a mode that searches (dfs) uses the task's adapter here, after no generation
+            job.task = tasks[tid]
             decide(rec, mode, job, samples[tid], {i: shown.get((tid, i), {}) for i in range(len(rec.guesses))}, plan)
             rec.tokens["generated"] += job.forwards
             generated += job.forwards

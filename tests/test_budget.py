@@ -111,7 +111,7 @@ def test_dfs_searches_stop_at_their_share_of_the_budget(tmp_path, monkeypatch, t
     folder, run = write_tasks(tmp_path / "tasks", tasks), write_run(tmp_path / "run")
     advance, deadlines = fake_clock(monkeypatch), []
 
-    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None, keep=None):
+    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, drafts=(), deadline=None, keep=None):
         deadlines.append(deadline)
         advance(1.0)
         return [], infer.time.time() <= deadline, 1
