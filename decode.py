@@ -222,6 +222,23 @@ def stacked_prefix(rows):
     return cache
 
 
+def forward_rates(model, prompt_ids, steps=4):
+    """(seconds per prompt token, seconds per answer token) of `model`: one forward pass over `prompt_ids` (its
+    prefill), then `steps` one-token passes on its cache, as a search or a sampler writes an answer."""
+    import torch
+    from transformers import DynamicCache
+    sync = torch.cuda.synchronize if next(model.parameters()).device.type == "cuda" else lambda: None
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits, cache = dfs_prefill(model, prompt_ids, [], DynamicCache())
+        sync()
+        t1 = time.perf_counter()
+        for step in range(steps):
+            logits, cache = dfs_step(model, [int(logits[-1].argmax())], cache, len(prompt_ids) + step)
+        sync()
+    return (t1 - t0) / len(prompt_ids), (time.perf_counter() - t1) / steps
+
+
 def dfs(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, drafts=()):
     """Every completion of `prompt_ids` whose probability under the model is above `min_prob`, as
     [(completion ids without EOS, summed nll including EOS), ...] sorted by nll. See dfs_search."""

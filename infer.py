@@ -20,7 +20,8 @@ from cli import (AUTO, BACKENDS, DEVICES, OneLineError, TINY_NOTE, check_ranges,
                  write_failure, write_json)
 from models import adapter_loader, load_model, make_setup
 from runs import check_ttt_base, find_run, missing_adapters, model_key, model_name, weights_fingerprint
-from decode import answer_ids, answer_tokens, completion_logprobs, dfs_search, generate_halving, parse_guess, row_seed
+from decode import (answer_ids, answer_tokens, completion_logprobs, dfs_search, forward_rates, generate_halving,
+                    parse_guess, row_seed)
 from submit import (MAX_PLOTS, NEAR_MISS, Record, TABLE, TABLE_KEYS, WRITEUP, answers_of, coverage, read_submission,
                     save_submission, score, submission_of, submission_path)
 
@@ -418,14 +419,15 @@ class Plan:
 
 @dataclass
 class Budget:
-    """--time-budget's planner state: when the whole command's time ends, the tasks not planned yet, and what the
-    tasks run so far measured: view prompts (views x test inputs) run and rescored, seconds without rescoring and
-    seconds of rescoring."""
+    """--time-budget's planner state: when the whole command's time ends, the tasks not planned yet, the seconds per
+    prompt token and per answer token one forward pass took before the first task (forward_rates), and what the
+    tasks run so far measured against what those rates predicted for them, rescoring apart."""
     end: float
     tasks_left: int
-    units: int = 0
-    scored_units: int = 0
+    rates: tuple = (0.0, 0.0)
+    predicted_s: float = 0.0
     work_s: float = 0.0
+    predicted_score_s: float = 0.0
     score_s: float = 0.0
 
 
@@ -434,26 +436,48 @@ def budget_share(budget, now):
     return (budget.end - now) / budget.tasks_left
 
 
-def plan_task(budget, n_views, n_tests, writeup, now):
-    """The next task's Plan (all `n_views` views, rescored) cut to fit its share of `budget` at the seconds per view
-    prompt the tasks before it took: fewer views first, down to 1 (writeup keeps its 2: one per guess), then no
-    rescoring; None (the task is cut) when the time left would not cover even that. Before anything is measured,
-    the full plan; without a budget, the full plan with no share. Counts the task as planned."""
+def task_load(task, shown, n_views, samples, fmt, count):
+    """[(prompt tokens, answer tokens)] per view of a task whose test input i shows `shown[i]` (view -> (k, perm,
+    prompt ids)), each prompt `samples` times (a search: once), and per prompt an answer the size of the largest of
+    its test input and demonstration outputs (count(text): its token count), EOS included."""
+    load = [[0, 0] for _ in range(n_views)]
+    for i, views in shown.items():
+        grids = [ex["output"] for ex in task["train"]] + [task["test"][i]["input"]]
+        h, w = max(((len(g), len(g[0])) for g in grids), key=lambda s: s[0] * s[1])
+        for v, (_, _, ids) in views.items():
+            load[v][0] += len(ids) * max(samples, 1)
+            load[v][1] += (count(data.format_completion(data.zero_grid(h, w), fmt)) + 1) * max(samples, 1)
+    return [tuple(v) for v in load]
+
+
+def view_costs(budget, load, learned=True):
+    """(seconds without rescoring, seconds of rescoring) per view of a task of `load` (task_load): forward_rates'
+    prediction, scaled (`learned`) by what the tasks run so far took against their prediction."""
+    per_prompt, per_answer = budget.rates
+    work_k = budget.work_s / budget.predicted_s if learned and budget.predicted_s else 1.0
+    score_k = budget.score_s / budget.predicted_score_s if learned and budget.predicted_score_s else 1.0
+    return [(work_k * (per_prompt * p + per_answer * a), score_k * per_prompt * (p + a)) for p, a in load]
+
+
+def plan_task(budget, load, writeup, now):
+    """The next task's Plan (all its views, rescored) cut to fit its share of `budget` at the cost its `load`
+    (task_load: tokens per view) predicts (view_costs): fewer views first, down to 1 (writeup keeps its 2: one per
+    guess), then no rescoring; None (the task is cut) when the time left would not cover even that. Without a
+    budget, the full plan with no share. Counts the task as planned."""
+    n_views = len(load)
     if budget is None:
         return Plan(n_views)
     share, left = budget_share(budget, now), budget.end - now
     budget.tasks_left -= 1
     plan = Plan(n_views, share=share, until=now + share)
-    if not budget.units:
-        return plan if left > 0 else None
-    work, score = budget.work_s / budget.units, budget.score_s / max(budget.scored_units, 1)
-    cost = lambda views, rescore: views * n_tests * (work + score * rescore)  # noqa: E731
+    costs = view_costs(budget, load)
+    cost = lambda views, rescore: sum(w + s * rescore for w, s in costs[:views])  # noqa: E731
     least = n_views if writeup else 1
     if left <= 0 or cost(least, False) > left:
         return None
     if writeup or cost(n_views, True) <= share:
         return plan
-    plan.views = min(n_views, max(least, int(share / cost(1, True))))
+    plan.views = max([v for v in range(least, n_views + 1) if cost(v, True) <= share], default=least)
     plan.rescore = cost(plan.views, True) <= share
     plan.lost = ", ".join([f"{plan.views} of {n_views} views"] * (plan.views < n_views)
                           + ["no rescoring (candidates ranked by votes)"] * (not plan.rescore)) + \
@@ -461,13 +485,29 @@ def plan_task(budget, n_views, n_tests, writeup, now):
     return plan
 
 
-def measure(budget, plan, n_tests, seconds, score_s):
-    """Count a task run under `plan` in `budget`'s rates (seconds per view prompt, rescoring apart)."""
+def measure(budget, plan, load, seconds, score_s):
+    """Count a task of `load` run under `plan` in `budget`: its seconds against what the rates predicted."""
     if budget is not None:
-        budget.units += plan.views * n_tests
-        budget.scored_units += plan.views * n_tests * plan.rescore
+        costs = view_costs(budget, load, learned=False)[:plan.views]
+        budget.predicted_s += sum(w for w, _ in costs)
+        budget.predicted_score_s += sum(s for _, s in costs) * plan.rescore
         budget.work_s += seconds - score_s
         budget.score_s += score_s
+
+
+def start_budget(end, tasks, model, shown):
+    """The Budget of a --time-budget ending at `end` (None without one), its rates measured on the first prompt
+    (`shown`: see sampled_prompts)."""
+    if not end:
+        return None
+    budget = Budget(end, len(tasks))
+    first = next((ids for views in shown.values() for _, _, ids in views.values()), None)
+    if first is not None:
+        budget.rates = forward_rates(model, first)
+        print(f"time budget: a forward pass takes {1000 * budget.rates[0]:.2f} ms per prompt token, "
+              f"{1000 * budget.rates[1]:.1f} ms per answer token: the first task is planned at those rates, each "
+              "later one as the tasks before it measured against them")
+    return budget
 
 
 def sampled_prompts(tasks, tokenizer, fmt, cfg, views):
@@ -493,7 +533,8 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
     mode, views = MODES[cfg.guesses], view_list(cfg)
     by_task, records, shown = sampled_prompts(tasks, tokenizer, fmt, cfg, views)
     samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
-    job, budget = make_job(cfg, model, tokenizer, fmt), Budget(end, len(tasks)) if end else None
+    job, budget = make_job(cfg, model, tokenizer, fmt), start_budget(end, tasks, model, shown)
+    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     bar = tqdm(total=len(tasks), unit="task", desc="tasks")
     t0, generated, current, cut = time.time(), 0, None, []
     with open(cache, "a", encoding="utf-8") as f:
@@ -517,8 +558,11 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             f.flush()
             bar.update(1)
         for group in [tasks] if budget is None else [{tid: task} for tid, task in tasks.items()]:
-            start, job.score_s, n_tests = time.time(), 0.0, sum(len(task["test"]) for task in group.values())
-            plan = plan_task(budget, len(views), n_tests, cfg.guesses == "writeup", start)
+            start, job.score_s = time.time(), 0.0
+            sizes = [task_load(task, {i: shown.get((tid, i), {}) for i in range(len(task["test"]))}, len(views),
+                               mode.samples(cfg), fmt, count) for tid, task in group.items()][0] \
+                if budget else [(0, 0)] * len(views)  # under a budget a group is one task
+            plan = plan_task(budget, sizes, cfg.guesses == "writeup", start)
             if plan is None:  # out of time: not predicted, not cached
                 cut += group
                 bar.update(len(group))
@@ -541,7 +585,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
                     if pending[p["task_id"]] == 0:
                         finish(p["task_id"], plan)
                 bar.set_postfix_str(f"{generated / (time.time() - t0):.0f} tok/s")
-            measure(budget, plan, n_tests, time.time() - start, job.score_s)
+            measure(budget, plan, sizes, time.time() - start, job.score_s)
     bar.close()
     return generated, time.time() - t0, cut
 

@@ -171,3 +171,17 @@ def test_drafts_change_what_a_search_costs_never_what_it_finds(seed, eos, min_pr
         assert [nll for _, nll in found] == pytest.approx([nll for _, nll in plain], rel=1e-4, abs=1e-5)
         if drafts[0] in (best, worst) and len(drafts[0]) > 1:
             assert spent < forwards  # the answer's own tokens were verified in one pass
+
+
+def test_bench_dfs_section_searches_with_and_without_drafts_and_finds_the_same(tmp_path, capsys):
+    """bench.py --sections dfs on a run folder (the tiny model here): each test input searched both ways, the same
+    answers at the same nll, and its table printed."""
+    import bench
+    from conftest import tiny_run
+    out = tmp_path / "bench.json"
+    bench.main(["--sections", "dfs", "--dfs-run", tiny_run(tmp_path / "run"), "--dfs-inputs", "2", "--dfs-views", "2",
+                "--dfs-min-prob", "0.01", "--out", str(out)])
+    section = json.loads(out.read_text())["dfs"]
+    assert len(section["rows"]) == 2 and section["same_answers"] and section["max_rel_diff"] <= 1e-4
+    assert all(r["before_forwards"] > 0 and r["drafts_tokens"] > 0 for r in section["rows"])
+    assert "| drafts verified in one pass |" in capsys.readouterr().out
