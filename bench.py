@@ -86,7 +86,7 @@ class Config:
     dfsbatch_steps: int = opt(20, "dfsbatch", "one-token steps timed per view after its prompt")
     dfs_run: str = opt("", "dfs", "run folder the dfs section searches with (default: SmolLM2 trained briefly here)")
     dfs_train_steps: int = opt(60, "dfs", "training steps of that SmolLM2 on --dataset's train split")
-    dfs_inputs: int = opt(20, "dfs", "test inputs searched: every 3rd of the smallest whose views all fit")
+    dfs_inputs: int = opt(20, "dfs", "test inputs searched: every 2nd of the smallest whose views all fit")
     dfs_views: int = opt(8, "dfs", "views searched per test input")
     dfs_min_prob: float = opt(0.1, "dfs", "--min-prob of the searches")
     vocab_models: list = opt(["smollm2", "llama3-8b-2l"], "vocab", "models timed: smollm2 and/or llama3-8b-2l (Llama-3-8B's "
@@ -675,7 +675,7 @@ def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts):
 
 
 def bench_dfs(cfg, setup):
-    """infer's dfs on --dfs-inputs test inputs of mixed sizes (every 3rd of the smallest --dataset --split ones
+    """infer's dfs on --dfs-inputs test inputs of mixed sizes (every 2nd of the smallest --dataset --split ones
     whose --dfs-views views fit --max-seq-len), each searched before (only the best answer so far known, one
     prefill) and with drafts (the answers of earlier views, the test input, the demonstration outputs), in turn,
     the order alternating (other work on the machine slows both alike): forward passes, tokens forwarded (every
@@ -690,9 +690,8 @@ def bench_dfs(cfg, setup):
     model = model.float().eval()
     model.register_forward_pre_hook(lambda m, args, kw: forwarded.append(kw["input_ids"].numel()), with_kwargs=True)
     fmt, tasks = run.format, data.load_tasks(cfg.dataset, cfg.split)[0]
-    cfg = replace(cfg, max_seq_len=run.max_seq_len)
     views = data.views(cfg.dfs_views)
-    chosen = smallest_view_prompts(cfg, tokenizer, cfg.dfs_views, 3 * cfg.dfs_inputs)[::3][:cfg.dfs_inputs]
+    chosen = smallest_view_prompts(cfg, tokenizer, cfg.dfs_views, 2 * cfg.dfs_inputs)[::2][:cfg.dfs_inputs]
     for n, (tid, i, pairs) in enumerate(chosen):
         shown = [(k, p, ids) for (k, p), (ids, _) in zip(views, pairs)]
         answer = tasks[tid]["test"][i]["output"]

@@ -343,15 +343,13 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
     drafts = [list(d)[:max(max_new_tokens - 1, 0)] for d in drafts]
     if deadline is not None and time.time() > deadline:  # not even the prefill
         return [], False, 0
-    pick = slice(None) if ids is None else ids
-    log_probs = lambda logits: logits.float().log_softmax(-1).double()[..., pick]  # noqa: E731
+    log_probs = lambda logits: logits.float().log_softmax(-1).double()[..., slice(None) if ids is None else ids]  # noqa: E731
     with torch.inference_mode():
         trie, n = draft_trie(drafts), len(prompt_ids)
         held = drafts[0] if drafts else []  # the branch the cache holds after the prompt
         known, cache = dfs_prefill(model, prompt_ids, held, DynamicCache(), keep)
-        known = log_probs(known)
-        trie[0] = known[0]
-        remember(trie, held, known[1:])
+        trie[0], known = log_probs(known[0]), log_probs(known[1:])
+        remember(trie, held, known)
         options = functools.partial(dfs_options, ids=list(range(known.shape[-1])) if ids is None else ids.tolist(),
                                     eos_id=eos_id, limit=-math.log(min_prob), max_new_tokens=max_new_tokens)
         found, path, forwards = [], [], 0

@@ -419,11 +419,12 @@ class Plan:
 
 @dataclass
 class Budget:
-    """--time-budget's planner state: when the whole command's time ends, the tasks not planned yet, the seconds per
-    prompt token and per answer token one forward pass took before the first task (forward_rates), and what the
-    tasks run so far measured against what those rates predicted for them, rescoring apart."""
+    """--time-budget's planner state: when the whole command's time ends, the tasks not planned yet, each task's
+    tokens per view, the seconds per prompt token and per answer token one forward pass took before the first task
+    (forward_rates), and what the tasks run so far measured against what those rates predicted, rescoring apart."""
     end: float
     tasks_left: int
+    sizes: dict = field(default_factory=dict)  # task id -> task_load
     rates: tuple = (0.0, 0.0)
     predicted_s: float = 0.0
     work_s: float = 0.0
@@ -436,17 +437,17 @@ def budget_share(budget, now):
     return (budget.end - now) / budget.tasks_left
 
 
-def task_load(task, shown, n_views, samples, fmt, count):
+def task_load(task, shown, n_views, samples, count):
     """[(prompt tokens, answer tokens)] per view of a task whose test input i shows `shown[i]` (view -> (k, perm,
     prompt ids)), each prompt `samples` times (a search: once), and per prompt an answer the size of the largest of
-    its test input and demonstration outputs (count(text): its token count), EOS included."""
+    its test input and demonstration outputs (count(grid): its answer's tokens), EOS included."""
     load = [[0, 0] for _ in range(n_views)]
     for i, views in shown.items():
         grids = [ex["output"] for ex in task["train"]] + [task["test"][i]["input"]]
         h, w = max(((len(g), len(g[0])) for g in grids), key=lambda s: s[0] * s[1])
         for v, (_, _, ids) in views.items():
             load[v][0] += len(ids) * max(samples, 1)
-            load[v][1] += (count(data.format_completion(data.zero_grid(h, w), fmt)) + 1) * max(samples, 1)
+            load[v][1] += (count(data.zero_grid(h, w)) + 1) * max(samples, 1)
     return [tuple(v) for v in load]
 
 
@@ -459,18 +460,17 @@ def view_costs(budget, load, learned=True):
     return [(work_k * (per_prompt * p + per_answer * a), score_k * per_prompt * (p + a)) for p, a in load]
 
 
-def plan_task(budget, load, writeup, now):
-    """The next task's Plan (all its views, rescored) cut to fit its share of `budget` at the cost its `load`
-    (task_load: tokens per view) predicts (view_costs): fewer views first, down to 1 (writeup keeps its 2: one per
-    guess), then no rescoring; None (the task is cut) when the time left would not cover even that. Without a
-    budget, the full plan with no share. Counts the task as planned."""
-    n_views = len(load)
+def plan_task(budget, group, n_views, writeup, now):
+    """The next task's Plan (all `n_views` views, rescored) cut to fit its share of `budget` at the cost its tokens
+    per view predict (view_costs; under a budget `group` is that one task): fewer views first, down to 1 (writeup
+    keeps its 2: one per guess), then no rescoring; None (the task is cut) when the time left would not cover even
+    that. Without a budget, the full plan with no share. Counts the task as planned."""
     if budget is None:
         return Plan(n_views)
     share, left = budget_share(budget, now), budget.end - now
     budget.tasks_left -= 1
     plan = Plan(n_views, share=share, until=now + share)
-    costs = view_costs(budget, load)
+    costs = view_costs(budget, budget.sizes[next(iter(group))])
     cost = lambda views, rescore: sum(w + s * rescore for w, s in costs[:views])  # noqa: E731
     least = n_views if writeup else 1
     if left <= 0 or cost(least, False) > left:
@@ -485,22 +485,25 @@ def plan_task(budget, load, writeup, now):
     return plan
 
 
-def measure(budget, plan, load, seconds, score_s):
-    """Count a task of `load` run under `plan` in `budget`: its seconds against what the rates predicted."""
+def measure(budget, plan, group, seconds, score_s):
+    """Count the task of `group` run under `plan` in `budget`: its seconds against what the rates predicted."""
     if budget is not None:
-        costs = view_costs(budget, load, learned=False)[:plan.views]
+        costs = view_costs(budget, budget.sizes[next(iter(group))], learned=False)[:plan.views]
         budget.predicted_s += sum(w for w, _ in costs)
         budget.predicted_score_s += sum(s for _, s in costs) * plan.rescore
         budget.work_s += seconds - score_s
         budget.score_s += score_s
 
 
-def start_budget(end, tasks, model, shown):
-    """The Budget of a --time-budget ending at `end` (None without one), its rates measured on the first prompt
-    (`shown`: see sampled_prompts)."""
+def start_budget(end, tasks, model, shown, n_views, samples, tokenizer, fmt):
+    """The Budget of a --time-budget ending at `end` (None without one): its rates measured on the first prompt and
+    each task's tokens per view (task_load; `shown`: see sampled_prompts)."""
     if not end:
         return None
     budget = Budget(end, len(tasks))
+    count = lambda grid: len(tokenizer.encode(data.format_completion(grid, fmt), add_special_tokens=False))  # noqa: E731
+    budget.sizes = {tid: task_load(task, {i: shown.get((tid, i), {}) for i in range(len(task["test"]))}, n_views,
+                                   samples, count) for tid, task in tasks.items()}
     first = next((ids for views in shown.values() for _, _, ids in views.values()), None)
     if first is not None:
         budget.rates = forward_rates(model, first)
@@ -533,8 +536,8 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
     mode, views = MODES[cfg.guesses], view_list(cfg)
     by_task, records, shown = sampled_prompts(tasks, tokenizer, fmt, cfg, views)
     samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
-    job, budget = make_job(cfg, model, tokenizer, fmt), start_budget(end, tasks, model, shown)
-    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    job, budget = make_job(cfg, model, tokenizer, fmt), start_budget(end, tasks, model, shown, len(views),
+                                                                     mode.samples(cfg), tokenizer, fmt)
     bar = tqdm(total=len(tasks), unit="task", desc="tasks")
     t0, generated, current, cut = time.time(), 0, None, []
     with open(cache, "a", encoding="utf-8") as f:
@@ -545,9 +548,8 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
                 use_adapter(tid)
         def finish(tid, plan):
             nonlocal generated
-            rec = records[tid]
+            rec, job.task = records[tid], tasks[tid]
             load(tid)  # a mode that searches (dfs) uses the task's adapter here, after no generation
-            job.task = tasks[tid]
             decide(rec, mode, job, samples[tid], {i: shown.get((tid, i), {}) for i in range(len(rec.guesses))}, plan)
             rec.tokens["generated"] += job.forwards
             generated += job.forwards
@@ -559,10 +561,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             bar.update(1)
         for group in [tasks] if budget is None else [{tid: task} for tid, task in tasks.items()]:
             start, job.score_s = time.time(), 0.0
-            sizes = [task_load(task, {i: shown.get((tid, i), {}) for i in range(len(task["test"]))}, len(views),
-                               mode.samples(cfg), fmt, count) for tid, task in group.items()][0] \
-                if budget else [(0, 0)] * len(views)  # under a budget a group is one task
-            plan = plan_task(budget, sizes, cfg.guesses == "writeup", start)
+            plan = plan_task(budget, group, len(views), cfg.guesses == "writeup", start)
             if plan is None:  # out of time: not predicted, not cached
                 cut += group
                 bar.update(len(group))
@@ -585,7 +584,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
                     if pending[p["task_id"]] == 0:
                         finish(p["task_id"], plan)
                 bar.set_postfix_str(f"{generated / (time.time() - t0):.0f} tok/s")
-            measure(budget, plan, sizes, time.time() - start, job.score_s)
+            measure(budget, plan, group, time.time() - start, job.score_s)
     bar.close()
     return generated, time.time() - t0, cut
 
