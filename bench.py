@@ -89,6 +89,8 @@ class Config:
     dfs_inputs: int = opt(20, "dfs", "test inputs searched: every 2nd of the smallest whose views all fit")
     dfs_views: int = opt(8, "dfs", "views searched per test input")
     dfs_min_prob: float = opt(0.1, "dfs", "--min-prob of the searches")
+    dfs_max_new_tokens: int = opt(0, "dfs", "tokens a searched answer may have, EOS included (0: infer.py's, a 30x30 "
+                                            "grid's; a briefly trained model may repeat rows with confidence)")
     vocab_models: list = opt(["smollm2", "llama3-8b-2l"], "vocab", "models timed: smollm2 and/or llama3-8b-2l (Llama-3-8B's "
                                                                    "vocabulary and width, 2 layers, random weights)")
     vocab_steps: list = opt(["15", "30", "60"], "vocab", "SmolLM2 LoRA runs on the synthetic family, one per step "
@@ -663,8 +665,8 @@ def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts):
     for k, perm, ids in views:
         ranked = [g for g, _ in sorted(found, key=lambda f: f[1])]
         given = infer.dfs_drafts(ranked if drafts else ranked[:1], task if drafts else None, test, k, perm, encode)
-        out, _, n = dfs_search(model, ids, eos, min(infer.answer_tokens(tokenizer, fmt), cfg.max_seq_len - len(ids)),
-                               cfg.dfs_min_prob, allowed, given)
+        out, _, n = dfs_search(model, ids, eos, min(cfg.dfs_max_new_tokens or infer.answer_tokens(tokenizer, fmt),
+                                                    cfg.max_seq_len - len(ids)), cfg.dfs_min_prob, allowed, given)
         per_view.append(out)
         forwards += n
         for tokens, nll in out:
@@ -709,8 +711,10 @@ def bench_dfs(cfg, setup):
         row["max_rel_diff"] = max([abs(a - b) / abs(b) for vb, va in zip(before, after) for (_, b), (_, a)
                                    in zip(vb, va)], default=0.0)
         rows.append(row)
-        print(f"  {tid}:{i} {row['shape']}: forwards {row['before_forwards']} -> {row['drafts_forwards']}, "
-              f"{row['before_s']:.1f} s -> {row['drafts_s']:.1f} s, {row['drafts_answers']} answers")
+        print(f"  {tid}:{i} {row['shape']}: forwards {row['before_forwards']} -> {row['drafts_forwards']}, tokens "
+              f"{row['before_tokens']} -> {row['drafts_tokens']}, {row['before_s']:.1f} s -> {row['drafts_s']:.1f} s, "
+              f"answers {row['before_answers']} -> {row['drafts_answers']}, largest difference "
+              f"{row['max_rel_diff']:.1e}{'' if row['same_answers'] else ', NOT the same answers'}")
     return dfs_table(cfg, setup, rows)
 
 
@@ -723,7 +727,8 @@ def dfs_table(cfg, setup, rows):
     worst = max(r["max_rel_diff"] for r in rows)
     print(f"\ndfs: {cfg.dfs_run or f'SmolLM2 trained {cfg.dfs_train_steps} steps'} (float32) on {device_name(setup)}, "
           f"{n} {cfg.dataset} {cfg.split} test inputs (answers {', '.join(sorted({r['shape'] for r in rows}))}), "
-          f"{views} views, --min-prob {cfg.dfs_min_prob}")
+          f"{views} views, --min-prob {cfg.dfs_min_prob}"
+          + (f", answers of at most {cfg.dfs_max_new_tokens} tokens" if cfg.dfs_max_new_tokens else ""))
     print("| search | forward passes / view | tokens forwarded / view | s / test input | answers found | "
           "largest relative nll difference |")
     print("|---|---|---|---|---|---|")
