@@ -6,6 +6,7 @@ measured side by side in the same run; all of them go to one JSON record with th
     python bench.py --sections modes                   # writeup / vote / poe / dfs, with and without TTT, side by side
     python bench.py --sections scoring                 # candidates scored by full forwards vs one prefill per view
     python bench.py --sections dfsbatch                # dfs's decode step: 1 view a forward vs 2 and 4 views batched
+    python bench.py --sections dfs --max-seq-len 1024  # dfs with drafts verified in one pass vs without (SmolLM2)
     python bench.py --sections vocab --train-batch-size 2 --train-batches 4 --max-seq-len 512   # --vocab arc vs full
     python bench.py --sections loss                    # --loss answer vs outputs on the family, 3 seeds
 """
@@ -28,7 +29,7 @@ from cli import (OneLineError, check_writable, line_buffered, opt, parse_config,
                  read_json, run_command, shared, versions, write_json)
 from models import (LOSSES, count_params, encode_completion, encode_prompt, llama3_hf_tokenizer, load_base, make_setup,
                     pad_id)
-from decode import completion_logprobs, generate, logits_kept
+from decode import answer_tokens, completion_logprobs, generate, logits_kept
 
 # Published shapes as LlamaConfig fields, built with random weights: speed and memory depend on the shape only, so
 # an 8B can be timed where its weights cannot be downloaded. "tokenizer": what turns the ARC text into tokens.
@@ -51,7 +52,8 @@ class Config:
                          "figures of the other three, so it comes last), modes (a few minutes more), vocab (--vocab full "
                          "against arc, about 15 minutes), loss (--loss answer against outputs), scoring (full "
                          "forward against prefix-cached scoring, SmolLM2), dfsbatch (dfs's one-token step for one view "
-                         "against several views in one batch, SmolLM2)")
+                         "against several views in one batch, SmolLM2), dfs (the search with drafts against without, SmolLM2 "
+                         "trained briefly)")
     out: str = opt("bench.json", "benchmark", "JSON record: machine, package versions and every figure")
     dataset: str = opt("arc1", "data", "tasks measured (see infer.py --dataset)")
     split: str = opt("eval", "data", "split whose prompts generate measures")
@@ -83,6 +85,13 @@ class Config:
     dfsbatch_inputs: int = opt(3, "dfsbatch", "test inputs, from the smallest tasks whose views all fit")
     dfsbatch_rows: list = opt(["2", "4"], "dfsbatch", "batch sizes compared with one view a forward: views per batch")
     dfsbatch_steps: int = opt(20, "dfsbatch", "one-token steps timed per view after its prompt")
+    dfs_run: str = opt("", "dfs", "run folder the dfs section searches with (default: SmolLM2 trained briefly here)")
+    dfs_train_steps: int = opt(60, "dfs", "training steps of that SmolLM2 on --dataset's train split")
+    dfs_inputs: int = opt(20, "dfs", "test inputs searched: every 2nd of the smallest whose views all fit")
+    dfs_views: int = opt(8, "dfs", "views searched per test input")
+    dfs_min_prob: float = opt(0.1, "dfs", "--min-prob of the searches")
+    dfs_max_new_tokens: int = opt(0, "dfs", "tokens a searched answer may have, EOS included (0: infer.py's, a 30x30 "
+                                            "grid's; a briefly trained model may repeat rows with confidence)")
     vocab_models: list = opt(["smollm2", "llama3-8b-2l"], "vocab", "models timed: smollm2 and/or llama3-8b-2l (Llama-3-8B's "
                                                                    "vocabulary and width, 2 layers, random weights)")
     vocab_steps: list = opt(["15", "30", "60"], "vocab", "SmolLM2 LoRA runs on the synthetic family, one per step "
@@ -663,6 +672,112 @@ def bench_dfsbatch(cfg, setup):
 
 
 # ----------------------------------------------------------------------------
+# dfs: the depth-first search of every view with drafts against the search with only the best answer so far known
+
+def dfs_run(cfg, tmp):
+    """--dfs-run, or SmolLM2 trained for --dfs-train-steps on --dataset's train split into `tmp` (LoRA, lr 1e-3,
+    prompts cut to --max-seq-len): a model that writes grids, so the search follows answers, not noise."""
+    if cfg.dfs_run:
+        return cfg.dfs_run
+    train.main(["--model", "smollm2", "--dataset", cfg.dataset, "--max-steps", str(cfg.dfs_train_steps),
+                "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--max-seq-len", str(cfg.max_seq_len),
+                "--seed", str(cfg.seed), "--out", str(tmp), "--logging-steps", "20"])
+    return str(tmp)
+
+
+def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts):
+    """Each view's dfs_search of one test input as infer's dfs runs them, with every draft (infer.dfs_drafts) or,
+    as before drafts, only the best answer found so far known: (per view [(tokens, nll)], forward passes)."""
+    from decode import answer_ids, dfs_search
+    allowed, eos = answer_ids(tokenizer, fmt), tokenizer.eos_token_id
+    encode = lambda g: encode_completion(tokenizer, data.format_completion(g, fmt))  # noqa: E731
+    found, per_view, forwards = [], [], 0
+    for k, perm, ids in views:
+        ranked = [g for g, _ in sorted(found, key=lambda f: f[1])]
+        given = infer.dfs_drafts(ranked if drafts else ranked[:1], task if drafts else None, test, k, perm, encode)
+        out, _, n = dfs_search(model, ids, eos, min(cfg.dfs_max_new_tokens or answer_tokens(tokenizer, fmt),
+                                                    cfg.max_seq_len - len(ids)), cfg.dfs_min_prob, allowed, given)
+        per_view.append(out)
+        forwards += n
+        for tokens, nll in out:
+            grid = data.parse_output(tokenizer.decode(tokens), fmt)
+            if grid is not None:
+                found.append((data.undo_view(grid, k, perm), nll))
+    return per_view, forwards
+
+
+def bench_dfs(cfg, setup):
+    """infer's dfs on --dfs-inputs test inputs of mixed sizes (every 2nd of the smallest --dataset --split ones
+    whose --dfs-views views fit --max-seq-len), each searched before (only the best answer so far known, one
+    prefill) and with drafts (the answers of earlier views, the test input, the demonstration outputs), in turn,
+    the order alternating (other work on the machine slows both alike): forward passes, tokens forwarded (every
+    position of every pass, prompts included), seconds, answers found and the largest relative nll difference."""
+    import tempfile
+    from runs import read_run
+    from models import load_model
+    forwarded, rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        run = read_run(dfs_run(cfg, Path(tmp) / "run"))
+        model, tokenizer = load_model(run, setup)
+    model = model.float().eval()
+    model.register_forward_pre_hook(lambda m, args, kw: forwarded.append(kw["input_ids"].numel()), with_kwargs=True)
+    fmt, tasks = run.format, data.load_tasks(cfg.dataset, cfg.split)[0]
+    views = data.views(cfg.dfs_views)
+    chosen = smallest_view_prompts(cfg, tokenizer, cfg.dfs_views, 2 * cfg.dfs_inputs)[::2][:cfg.dfs_inputs]
+    for n, (tid, i, pairs) in enumerate(chosen):
+        shown = [(k, p, ids) for (k, p), (ids, _) in zip(views, pairs)]
+        answer = tasks[tid]["test"][i]["output"]
+        row = dict(task=tid, test=i, shape=f"{len(answer)}x{len(answer[0])}",
+                   prompt_tokens=int(statistics.median(len(ids) for _, _, ids in shown)))
+        for name in ("before", "drafts")[::1 if n % 2 == 0 else -1]:
+            forwarded.clear()
+            t0 = time.perf_counter()
+            row[name], row[f"{name}_forwards"] = searched_views(model, tokenizer, fmt, tasks[tid], i, shown, cfg,
+                                                                name == "drafts")
+            row[f"{name}_s"], row[f"{name}_tokens"] = time.perf_counter() - t0, sum(forwarded)
+            row[f"{name}_answers"] = sum(map(len, row[name]))
+        before, after = row.pop("before"), row.pop("drafts")
+        row["same_answers"] = [[c for c, _ in v] for v in before] == [[c for c, _ in v] for v in after]
+        row["max_rel_diff"] = max([abs(a - b) / abs(b) for vb, va in zip(before, after) for (_, b), (_, a)
+                                   in zip(vb, va)], default=0.0)
+        rows.append(row)
+        print(f"  {tid}:{i} {row['shape']}: forwards {row['before_forwards']} -> {row['drafts_forwards']}, tokens "
+              f"{row['before_tokens']} -> {row['drafts_tokens']}, {row['before_s']:.1f} s -> {row['drafts_s']:.1f} s, "
+              f"answers {row['before_answers']} -> {row['drafts_answers']}, largest difference "
+              f"{row['max_rel_diff']:.1e}{'' if row['same_answers'] else ', NOT the same answers'}")
+    return dfs_table(cfg, setup, rows)
+
+
+def dfs_table(cfg, setup, rows):
+    """bench_dfs's table: per test input and per view, before drafts against with them."""
+    n, views = len(rows), cfg.dfs_views
+    total = {k: sum(r[k] for r in rows) for k in ("before_forwards", "drafts_forwards", "before_tokens",
+                                                   "drafts_tokens", "before_s", "drafts_s", "before_answers",
+                                                   "drafts_answers")}
+    worst = max(r["max_rel_diff"] for r in rows)
+    print(f"\ndfs: {cfg.dfs_run or f'SmolLM2 trained {cfg.dfs_train_steps} steps'} (float32) on {device_name(setup)}, "
+          f"{n} {cfg.dataset} {cfg.split} test inputs (answers {', '.join(sorted({r['shape'] for r in rows}))}), "
+          f"{views} views, --min-prob {cfg.dfs_min_prob}"
+          + (f", answers of at most {cfg.dfs_max_new_tokens} tokens" if cfg.dfs_max_new_tokens else ""))
+    print("| search | forward passes / view | tokens forwarded / view | s / test input | answers found | "
+          "largest relative nll difference |")
+    print("|---|---|---|---|---|---|")
+    for name, label in (("before", "best answer so far known (before)"), ("drafts", "drafts verified in one pass")):
+        print(f"| {label} | {total[f'{name}_forwards'] / n / views:.1f} | {total[f'{name}_tokens'] / n / views:,.0f} | "
+              f"{total[f'{name}_s'] / n:.2f} | {total[f'{name}_answers']} | "
+              f"{'(reference)' if name == 'before' else f'{worst:.1e}'} |")
+    same = all(r["same_answers"] for r in rows)
+    print(f"  {total['before_forwards'] / max(total['drafts_forwards'], 1):.1f}x fewer forward passes, "
+          f"{total['before_s'] / total['drafts_s']:.1f}x less time, "
+          f"{'the same' if same else 'NOT the same'} answers{busy_note()}")
+    return dict(device=device_name(setup), views=views, min_prob=cfg.dfs_min_prob, same_answers=same,
+                forwards_ratio=round(total["before_forwards"] / max(total["drafts_forwards"], 1), 2),
+                time_ratio=round(total["before_s"] / total["drafts_s"], 2), max_rel_diff=worst,
+                rows=[{k: (round(v, 3) if isinstance(v, float) and k != "max_rel_diff" else v) for k, v in r.items()}
+                      for r in rows])
+
+
+# ----------------------------------------------------------------------------
 # vocab: train.py --vocab full against --vocab arc
 
 def vocab_models(name, seed, setup, vocabs=train.VOCABS):
@@ -865,7 +980,7 @@ def bench_loss(cfg, setup):
 
 SECTIONS = {"data": bench_data, "train": bench_train, "generate": bench_generate, "estimate": bench_estimate,
             "modes": bench_modes, "vocab": bench_vocab, "loss": bench_loss, "scoring": bench_scoring,
-            "dfsbatch": bench_dfsbatch}
+            "dfsbatch": bench_dfsbatch, "dfs": bench_dfs}
 
 
 def main(argv=None):

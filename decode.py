@@ -223,50 +223,81 @@ def stacked_prefix(rows):
     return cache
 
 
-def dfs(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None):
+def forward_rates(model, prompt_ids, steps=4):
+    """(seconds per prompt token, seconds per answer token) of `model`: one forward pass over `prompt_ids` (its
+    prefill), then `steps` one-token passes on its cache, as a search or a sampler writes an answer."""
+    import torch
+    from transformers import DynamicCache
+    sync = torch.cuda.synchronize if next(model.parameters()).device.type == "cuda" else lambda: None
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits, cache = dfs_prefill(model, prompt_ids, [], DynamicCache())
+        sync()
+        t1 = time.perf_counter()
+        for step in range(steps):
+            logits, cache = dfs_step(model, [int(logits[-1].argmax())], cache, len(prompt_ids) + step)
+        sync()
+    return (t1 - t0) / len(prompt_ids), (time.perf_counter() - t1) / steps
+
+
+def dfs(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, drafts=()):
     """Every completion of `prompt_ids` whose probability under the model is above `min_prob`, as
     [(completion ids without EOS, summed nll including EOS), ...] sorted by nll. See dfs_search."""
-    return dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids, first)[0]
+    return dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids, drafts)[0]
 
 
-def dfs_options(logits, nll, depth, on_first, allowed, eos_id, limit, max_new_tokens, first):
+def draft_trie(drafts):
+    """The root of a trie of the draft token paths; a node is [log-probs after its path (None until a forward pass
+    gives them), {token: child node}, the index of the first draft through it]."""
+    root = [None, {}, 0]
+    for d, tokens in enumerate(drafts):
+        node = root
+        for token in tokens:
+            node = node[1].setdefault(token, [None, {}, d])
+    return root
+
+
+def remember(trie, tokens, lps):
+    """Write the log-probs of a forward pass into the draft trie: lps[j] follows the last len(lps) tokens' j-th, on
+    the path `tokens` (a draft's prefix)."""
+    node = trie
+    for j, token in enumerate(tokens):
+        node = node[1][token]
+        if j >= len(tokens) - len(lps):
+            node[0] = lps[j - len(tokens) + len(lps)]
+
+
+def dfs_options(lp, nll, depth, node, ids, eos_id, limit, max_new_tokens):
     """dfs_search's next tokens worth trying after a branch of `depth` tokens and summed `nll`, as (nll, token), in
-    the order to pop them: the known completion's token last (popped first), then the most likely."""
-    import torch
-    lp = logits.float().log_softmax(-1).double()
-    ids = allowed if allowed is not None else torch.arange(lp.numel(), device=lp.device)
-    costs = (nll - lp[ids]).tolist()
-    out = sorted(((c, t) for c, t in zip(costs, ids.tolist()) if c < limit and
+    the order to pop them: the tokens a draft goes on with last (popped first), then the most likely. `lp`: the
+    log-probs of the tokens `ids` after the branch; `node`: the branch's node in the draft trie, or None."""
+    out = sorted(((c, t) for c, t in zip((nll - lp).tolist(), ids) if c < limit and
                   (t == eos_id or depth + 2 <= max_new_tokens)), reverse=True)  # room left for EOS
-    if on_first and depth < len(first):
-        out.sort(key=lambda o: o[1] == first[depth])
+    if node is not None and node[1]:
+        out.sort(key=lambda o: o[1] in node[1])
     return out
 
 
 def dfs_prefill(model, prompt_ids, first, cache, keep=None):
     """(the logits after the prompt + first[:d] for every d, the cache) from one forward pass on the empty `cache`;
     `keep` (a dict) receives the prompt's own prefix for scoring (see dfs_search)."""
-    import inspect
     import torch
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    trim = dict(logits_to_keep=len(first) + 1) if "logits_to_keep" in inspect.signature(base.forward).parameters \
-        else {}
     out = model(input_ids=torch.tensor([list(prompt_ids) + first], device=next(model.parameters()).device),
-                past_key_values=cache, use_cache=True, return_dict=True, **trim)
+                past_key_values=cache, use_cache=True, return_dict=True, **logits_kept(model, len(first) + 1))
     known = out.logits[0, out.logits.shape[1] - len(first) - 1:]  # known[d]: the logits after the prompt + first[:d]
     if keep is not None:  # the prompt's positions only: neither backend writes into these tensors later (dfs_step)
         keep[tuple(prompt_ids)] = (kv_tensors(out.past_key_values, len(prompt_ids)), known[0].float().log_softmax(-1))
     return known, out.past_key_values
 
 
-def dfs_step(model, token, cache, length):
-    """(the logits after `token`, the cache) from one forward pass of `token` at position `length`, on the first
-    `length` positions of `cache`: a transformers Cache, cropped and grown in place by torch.cat, or the (keys,
-    values) per layer that Unsloth's forward returns instead (it never writes into a Cache given to it), sliced.
-    Unsloth takes one token on a cache as a decoding step: it needs the position, and it reads the positions
-    before it from buffers of its own, copied from the cache at its first step after a longer pass (which drops
-    them) and then written one position a step; a depth-first search only returns to a prefix of the branch
-    written last, whose positions those buffers hold."""
+def dfs_step(model, tokens, cache, length):
+    """(the logits after each of `tokens`, the cache) from one forward pass of `tokens` from position `length`, on
+    the first `length` positions of `cache`: a transformers Cache, cropped and grown in place by torch.cat, or the
+    (keys, values) per layer that Unsloth's forward returns instead (it never writes into a Cache given to it),
+    sliced. Unsloth takes one token on a cache as a decoding step: it needs the position, and it reads the
+    positions before it from buffers of its own, copied from the cache at its first step after a longer pass
+    (which drops them) and then written one position a step; a depth-first search only returns to a prefix of the
+    branch written last, whose positions those buffers hold."""
     import torch
     if hasattr(cache, "crop"):
         excess = cache.get_seq_length() - length
@@ -275,45 +306,59 @@ def dfs_step(model, token, cache, length):
     else:
         cache = tuple(kv_tensors(cache, length))
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True,
-                position_ids=torch.tensor([[length]], device=device), return_dict=True)
-    return out.logits[0, -1], out.past_key_values
+    out = model(input_ids=torch.tensor([list(tokens)], device=device), past_key_values=cache, use_cache=True,
+                position_ids=torch.arange(length, length + len(tokens), device=device)[None], return_dict=True)
+    return out.logits[0, -len(tokens):], out.past_key_values
 
 
-def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None,
+def shared_length(a, b, most):
+    """How many leading tokens `a` and `b` share, at most `most`."""
+    n = 0
+    while n < most and n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, drafts=(), deadline=None,
                keep=None):
     """(found, finished, forwards): dfs()'s completions, False when time.time() passed `deadline` first (what was
-    found so far is kept), and the one-token forward passes made. A branch grows while its summed negative
+    found so far is kept), and the forward passes made after the prompt's. A branch grows while its summed negative
     log-likelihood stays below -log(min_prob); one reaching EOS (within max_new_tokens, EOS counted) is a
     completion, so at most 1/min_prob exist. One KV cache serves the whole search: a new branch crops it back to
-    where it leaves the current one (dfs_step), so memory is one branch's, not a beam's. `first`, a
-    known completion (without EOS), is prefilled with the prompt in one forward pass and explored first, so it
-    costs no decoding. `allowed_ids` (EOS is always allowed) limits the tokens searched, e.g. to those the text
-    format can write; their log-probs are NOT renormalised over the allowed tokens: every nll is the model's own,
-    the one a teacher-forced pass (completion_logprobs) gives, so min_prob means the model's probability. `keep`, a
-    dict, receives the prompt's prefix (prompt_prefix's form) under tuple(prompt_ids): scoring then starts from the
-    search's own prefill instead of forwarding the prompt again."""
+    where it leaves the branch the cache holds (dfs_step), so memory is one branch's, not a beam's.
+    `drafts`: token paths (without EOS) that may be answers, verified in one forward pass each instead of one per
+    token: the first runs with the prompt; another runs whole, from where it leaves the cached branch, when the
+    search first reaches a branch of it that no pass computed yet. Every position's log-probs are kept in a trie of
+    the drafts, whose nodes the search then expands with no forward pass; it forwards only where it leaves every
+    draft or a draft ends. A draft changes what a search costs, never what it finds. `allowed_ids` (EOS is always
+    allowed) limits the tokens searched, e.g. to those the text format can write; their log-probs are NOT
+    renormalised over the allowed tokens: every nll is the model's own, the one a teacher-forced pass
+    (completion_logprobs) gives, so min_prob means the model's probability. `keep`, a dict, receives the prompt's
+    prefix (prompt_prefix's form) under tuple(prompt_ids): scoring then starts from the search's own prefill
+    instead of forwarding the prompt again."""
     import math
     import torch
     from transformers import DynamicCache
-    limit, device = -math.log(min_prob), next(model.parameters()).device
-    allowed = None if allowed_ids is None else torch.tensor(sorted({*allowed_ids, eos_id}), device=device)
-    first = list(first or [])[:max(max_new_tokens - 1, 0)]
-    cache, n = DynamicCache(), len(prompt_ids)
+    device = next(model.parameters()).device
+    ids = None if allowed_ids is None else torch.tensor(sorted({*allowed_ids, eos_id}), device=device)
+    drafts = [list(d)[:max(max_new_tokens - 1, 0)] for d in drafts]
     if deadline is not None and time.time() > deadline:  # not even the prefill
         return [], False, 0
-
-    options = functools.partial(dfs_options, allowed=allowed, eos_id=eos_id, limit=limit,
-                                max_new_tokens=max_new_tokens, first=first)
-
+    log_probs = lambda logits: logits.float().log_softmax(-1).double()[..., slice(None) if ids is None else ids]  # noqa: E731
     with torch.inference_mode():
-        known, cache = dfs_prefill(model, prompt_ids, first, cache, keep)
+        trie, n = draft_trie(drafts), len(prompt_ids)
+        held = drafts[0] if drafts else []  # the branch the cache holds after the prompt
+        known, cache = dfs_prefill(model, prompt_ids, held, DynamicCache(), keep)
+        trie[0], known = log_probs(known[0]), log_probs(known[1:])
+        remember(trie, held, known)
+        options = functools.partial(dfs_options, ids=list(range(known.shape[-1])) if ids is None else ids.tolist(),
+                                    eos_id=eos_id, limit=-math.log(min_prob), max_new_tokens=max_new_tokens)
         found, path, forwards = [], [], 0
-        stack = [(options(known[0], 0.0, 0, True), True)]  # per depth: (tokens still to try, on `first`?)
+        stack = [(options(trie[0], 0.0, 0, trie), trie)]  # per depth: (tokens still to try, its trie node or None)
         while stack:
             if deadline is not None and time.time() > deadline:
                 return sorted(found, key=lambda f: f[1]), False, forwards
-            todo, on_first = stack[-1]
+            todo, node = stack[-1]
             if not todo:
                 stack.pop()
                 if path:
@@ -323,13 +368,14 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
             if token == eos_id:
                 found.append((list(path), nll))
                 continue
-            depth = len(path)
-            follows = on_first and depth < len(first) and token == first[depth]
-            if follows:
-                logits = known[depth + 1]
-            else:  # the cache's first n + depth positions hold the prompt and this branch: keep those only
-                logits, cache = dfs_step(model, token, cache, n + depth)
-                forwards += 1
             path.append(token)
-            stack.append((options(logits, nll, depth + 1, follows), follows))
+            child = node[1].get(token) if node is not None else None
+            if child is None or child[0] is None:  # one pass: a whole draft when on one, else the branch's new tokens
+                goal = drafts[child[2]] if child is not None else path
+                start = shared_length(held, goal, len(path) - 1)
+                logits, cache = dfs_step(model, goal[start:], cache, n + start)
+                forwards, held, lps = forwards + 1, list(goal), log_probs(logits)
+                if child is not None:
+                    remember(trie, goal, lps)
+            stack.append((options(child[0] if child is not None else lps[-1], nll, len(path), child), child))
     return sorted(found, key=lambda f: f[1]), True, forwards

@@ -21,7 +21,8 @@ from cli import (AUTO, OneLineError, Stopped, TINY_NOTE, check_ranges, check_wri
 from data import seen_in_training, task_fingerprint
 from models import adapter_loader, encode_completion, encode_prompt, load_model, make_setup
 from runs import check_ttt_base, find_run, missing_adapters, model_key, model_name, weights_fingerprint
-from decode import answer_ids, answer_tokens, completion_logprobs, dfs_search, generate_halving, parse_guess, row_seed
+from decode import (answer_ids, answer_tokens, completion_logprobs, dfs_search, forward_rates, generate_halving,
+                    parse_guess, row_seed)
 from submit import (MAX_PLOTS, NEAR_MISS, Record, TABLE, TABLE_KEYS, WRITEUP_SCORES, answers_of, coverage,
                     read_submission, save_submission, score, submission_of, submission_path)
 
@@ -187,8 +188,8 @@ def poe_ranking(grids, prompts, encode, logprobs):
 class Job:
     """What a mode's guess function may use. encode(grid as a view writes it) -> completion ids with EOS;
     decode(ids) -> text; logprobs(prompt ids list, completion ids list) -> summed log-probs, batched;
-    search(prompt ids, first completion ids or None) -> dfs_search's (found, finished, forwards) under --min-prob
-    and the task's `deadline`. A guess function adds what the user must hear to `notes` and its one-token forward
+    search(prompt ids, drafts: completion ids lists) -> dfs_search's (found, finished, forwards) under --min-prob
+    and the task's `deadline`; `task` and `test`: the task and test input being decided. A guess function adds what the user must hear to `notes` and its one-token forward
     passes to `forwards`. `prefixes`: the prompt caches a search built, which logprobs scores on; they live while
     one test input is decided."""
     cfg: Config
@@ -204,6 +205,8 @@ class Job:
     limit: str = ""        # what set `deadline`, for the notes of a search out of time
     rescore: bool = True   # False: logprobs scores nothing and decide ranks the candidates by votes only
     score_s: float = 0.0   # seconds spent in logprobs, for the --time-budget planner
+    task: dict = None
+    test: int = 0
 
 
 @dataclass(frozen=True)
@@ -257,25 +260,38 @@ def guess_nvarc(samples, prompts, job):
     return top_two(sorted(ranked, key=lambda r: -r[1]))  # stable: equal counts stay in poe's order
 
 
+def dfs_drafts(found, task, test, k, perm, encode):
+    """The token paths (without EOS) a view's search verifies in one forward pass each, in view (k, perm): the
+    answers earlier views found (grids in the task's frame, best first), the test input (many outputs are the input
+    with a few cells changed), the demonstration outputs of its shape; each path once."""
+    test_input = task["test"][test]["input"] if task else None
+    shape = lambda g: (len(g), len(g[0]))  # noqa: E731
+    grids = found + ([test_input] if test_input else []) + \
+        [ex["output"] for ex in (task or {}).get("train", []) if shape(ex["output"]) == shape(test_input)]
+    paths = dict.fromkeys(tuple(encode(data.apply_view(g, k, perm))[:-1]) for g in grids)
+    return [list(p) for p in paths]
+
+
 def guess_dfs(samples, prompts, job):
-    """Every answer above --min-prob in each view (dfs_search), the best found so far searched first in the next
-    view (its branch costs one prefill); the grids found, pooled over the views, ranked as poe ranks them (votes:
-    the views that found a grid). Out of time, the views searched so far give the guesses."""
-    found, best = [], None  # best: (grid in the task's frame, its nll in the view that found it)
+    """Every answer above --min-prob in each view (dfs_search), given as drafts (dfs_drafts) the answers found so
+    far, best first, then the test input and the demonstration outputs of its shape; the grids found, pooled over
+    the views, ranked as poe ranks them (votes: the views that found a grid). Out of time, the views searched so
+    far give the guesses."""
+    found = []  # (grid in the task's frame, its nll in the view that found it)
     for searched, (k, perm, ids) in enumerate(prompts.values()):
-        first = job.encode(data.apply_view(best[0], k, perm))[:-1] if best else None
-        completions, finished, forwards = job.search(ids, first)
+        ranked = [g for g, _ in sorted(found, key=lambda f: f[1])]
+        completions, finished, forwards = job.search(ids, dfs_drafts(ranked, job.task, job.test, k, perm,
+                                                                     job.encode))
         job.forwards += forwards
         for tokens, nll in completions:
             grid = data.parse_output(job.decode(tokens), job.fmt)
             if grid is not None:
-                found.append(data.undo_view(grid, k, perm))
-                best = (found[-1], nll) if best is None or nll < best[1] else best
+                found.append((data.undo_view(grid, k, perm), nll))
         if not finished:
             job.notes.append(f"out of time ({job.limit}) in view {searched + 1} of {len(prompts)}: {len(found)} "
                              "answers found so far are ranked")
             break
-    return top_two(poe_ranking(found, list(prompts.values()), job.encode, job.logprobs))
+    return top_two(poe_ranking([g for g, _ in found], list(prompts.values()), job.encode, job.logprobs))
 
 
 def sampled_views(cfg):
@@ -358,9 +374,9 @@ def make_job(cfg, model, tokenizer, fmt):
         return out
     job = Job(cfg, fmt, encode=lambda grid: encode_completion(tokenizer, data.format_completion(grid, fmt)),
               decode=tokenizer.decode, logprobs=logprobs,
-              search=lambda ids, first: dfs_search(model, ids, tokenizer.eos_token_id,
-                                                   min(cfg.max_new_tokens, cfg.max_seq_len - len(ids)), cfg.min_prob,
-                                                   allowed, first, job.deadline, keep=job.prefixes))
+              search=lambda ids, drafts: dfs_search(model, ids, tokenizer.eos_token_id,
+                                                    min(cfg.max_new_tokens, cfg.max_seq_len - len(ids)),
+                                                    cfg.min_prob, allowed, drafts, job.deadline, keep=job.prefixes))
     return job
 
 
@@ -375,7 +391,7 @@ def decide(rec, mode, job, samples, shown, plan):
         job.deadline, job.limit = plan.until, f"its --time-budget share of {plan.share:.1f} s"
     job.forwards, job.rescore, rec.degraded, ranked = 0, plan.rescore, plan.lost, []
     for i in range(len(rec.guesses)):
-        job.notes, job.prefixes = [], {}  # a view's cache lives while its test input is decided
+        job.notes, job.prefixes, job.test = [], {}, i  # a view's cache lives while its test input is decided
         views = {v: view for v, view in shown[i].items() if v < plan.views}
         rec.guesses[i], rec.status[i], found = mode.guess(samples[i], views, job)
         if found is not None and not plan.rescore:  # stable: equal votes stay in the order proposed
@@ -401,14 +417,16 @@ class Plan:
 
 @dataclass
 class Budget:
-    """--time-budget's planner state: when the whole command's time ends, the tasks not planned yet, and what the
-    tasks run so far measured: view prompts (views x test inputs) run and rescored, seconds without rescoring and
-    seconds of rescoring."""
+    """--time-budget's planner state: when the whole command's time ends, the tasks not planned yet, each task's
+    tokens per view, the seconds per prompt token and per answer token one forward pass took before the first task
+    (forward_rates), and what the tasks run so far measured against what those rates predicted, rescoring apart."""
     end: float
     tasks_left: int
-    units: int = 0
-    scored_units: int = 0
+    sizes: dict = field(default_factory=dict)  # task id -> task_load
+    rates: tuple = (0.0, 0.0)
+    predicted_s: float = 0.0
     work_s: float = 0.0
+    predicted_score_s: float = 0.0
     score_s: float = 0.0
 
 
@@ -417,26 +435,47 @@ def budget_share(budget, now):
     return (budget.end - now) / budget.tasks_left
 
 
-def plan_task(budget, n_views, n_tests, writeup, now):
-    """The next task's Plan (all `n_views` views, rescored) cut to fit its share of `budget` at the seconds per view
-    prompt the tasks before it took: fewer views first, down to 1 (writeup keeps its 2: one per guess), then no
-    rescoring; None (the task is cut) when the time left would not cover even that. Before anything is measured,
-    the full plan; without a budget, the full plan with no share. Counts the task as planned."""
+def task_load(task, shown, n_views, samples, count):
+    """[(prompt tokens, answer tokens)] per view of a task whose test input i shows `shown[i]` (view -> (k, perm,
+    prompt ids)), each prompt `samples` times (a search: once), and per prompt an answer the size of the largest of
+    its test input and demonstration outputs (count(grid): its answer's tokens), EOS included."""
+    load = [[0, 0] for _ in range(n_views)]
+    for i, views in shown.items():
+        grids = [ex["output"] for ex in task["train"]] + [task["test"][i]["input"]]
+        h, w = max(((len(g), len(g[0])) for g in grids), key=lambda s: s[0] * s[1])
+        for v, (_, _, ids) in views.items():
+            load[v][0] += len(ids) * max(samples, 1)
+            load[v][1] += (count(data.zero_grid(h, w)) + 1) * max(samples, 1)
+    return [tuple(v) for v in load]
+
+
+def view_costs(budget, load, learned=True):
+    """(seconds without rescoring, seconds of rescoring) per view of a task of `load` (task_load): forward_rates'
+    prediction, scaled (`learned`) by what the tasks run so far took against their prediction."""
+    per_prompt, per_answer = budget.rates
+    work_k = budget.work_s / budget.predicted_s if learned and budget.predicted_s else 1.0
+    score_k = budget.score_s / budget.predicted_score_s if learned and budget.predicted_score_s else 1.0
+    return [(work_k * (per_prompt * p + per_answer * a), score_k * per_prompt * (p + a)) for p, a in load]
+
+
+def plan_task(budget, group, n_views, writeup, now):
+    """The next task's Plan (all `n_views` views, rescored) cut to fit its share of `budget` at the cost its tokens
+    per view predict (view_costs; under a budget `group` is that one task): fewer views first, down to 1 (writeup
+    keeps its 2: one per guess), then no rescoring; None (the task is cut) when the time left would not cover even
+    that. Without a budget, the full plan with no share. Counts the task as planned."""
     if budget is None:
         return Plan(n_views)
     share, left = budget_share(budget, now), budget.end - now
     budget.tasks_left -= 1
     plan = Plan(n_views, share=share, until=now + share)
-    if not budget.units:
-        return plan if left > 0 else None
-    work, score = budget.work_s / budget.units, budget.score_s / max(budget.scored_units, 1)
-    cost = lambda views, rescore: views * n_tests * (work + score * rescore)  # noqa: E731
+    costs = view_costs(budget, budget.sizes[next(iter(group))])
+    cost = lambda views, rescore: sum(w + s * rescore for w, s in costs[:views])  # noqa: E731
     least = n_views if writeup else 1
     if left <= 0 or cost(least, False) > left:
         return None
     if writeup or cost(n_views, True) <= share:
         return plan
-    plan.views = min(n_views, max(least, int(share / cost(1, True))))
+    plan.views = max([v for v in range(least, n_views + 1) if cost(v, True) <= share], default=least)
     plan.rescore = cost(plan.views, True) <= share
     plan.lost = ", ".join([f"{plan.views} of {n_views} views"] * (plan.views < n_views)
                           + ["no rescoring (candidates ranked by votes)"] * (not plan.rescore)) + \
@@ -444,13 +483,29 @@ def plan_task(budget, n_views, n_tests, writeup, now):
     return plan
 
 
-def measure(budget, plan, n_tests, seconds, score_s):
-    """Count a task run under `plan` in `budget`'s rates (seconds per view prompt, rescoring apart)."""
+def measure(budget, plan, group, seconds, score_s):
+    """Count the task of `group` run under `plan` in `budget`: its seconds against what the rates predicted."""
     if budget is not None:
-        budget.units += plan.views * n_tests
-        budget.scored_units += plan.views * n_tests * plan.rescore
+        costs = view_costs(budget, budget.sizes[next(iter(group))], learned=False)[:plan.views]
+        budget.predicted_s += sum(w for w, _ in costs)
+        budget.predicted_score_s += sum(s for _, s in costs) * plan.rescore
         budget.work_s += seconds - score_s
         budget.score_s += score_s
+
+
+def size_task(budget, model, group, shown, n_views, samples, tokenizer, fmt):
+    """Under a --time-budget: the tokens per view of the task of `group` (task_load; `shown`: see sampled_prompts);
+    before the first task, the rates one forward pass of its first prompt measures."""
+    count = lambda grid: len(tokenizer.encode(data.format_completion(grid, fmt), add_special_tokens=False))  # noqa: E731
+    for tid, task in group.items():
+        budget.sizes[tid] = task_load(task, {i: shown.get((tid, i), {}) for i in range(len(task["test"]))}, n_views,
+                                      samples, count)
+    first = next((ids for views in shown.values() for _, _, ids in views.values()), None)
+    if budget.rates == (0.0, 0.0) and first is not None:
+        budget.rates = forward_rates(model, first)
+        print(f"time budget: a forward pass takes {1000 * budget.rates[0]:.2f} ms per prompt token, "
+              f"{1000 * budget.rates[1]:.1f} ms per answer token: the first task is planned at those rates, each "
+              "later one as the tasks before it measured against them")
 
 
 def sampled_prompts(tasks, tokenizer, fmt, cfg, views, say=True):
@@ -487,7 +542,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
                 use_adapter(tid)
         def finish(tid, plan):
             nonlocal generated
-            rec = records[tid]
+            rec, job.task = records[tid], tasks[tid]
             load(tid)  # a mode that searches (dfs) uses the task's adapter here, after no generation
             decide(rec, mode, job, samples[tid], {i: shown.get((tid, i), {}) for i in range(len(rec.guesses))}, plan)
             rec.tokens["generated"] += job.forwards
@@ -498,13 +553,18 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
             bar.update(1)
         for group in [tasks] if budget is None else [{tid: task} for tid, task in tasks.items()]:
-            start, job.score_s, n_tests = time.time(), 0.0, sum(len(task["test"]) for task in group.values())
-            plan = plan_task(budget, len(views), n_tests, cfg.guesses == "writeup", start)
+            start, job.score_s = time.time(), 0.0
+            # out of time (spent, or a task before cut): the rest are cut too, building no prompt
+            spent = budget is not None and (budget.end <= start or bool(cut))
+            if not spent:
+                by_task, group_records, group_shown = sampled_prompts(group, tokenizer, fmt, cfg, views, budget is None)
+                if budget is not None:
+                    size_task(budget, model, group, group_shown, len(views), mode.samples(cfg), tokenizer, fmt)
+            plan = None if spent else plan_task(budget, group, len(views), cfg.guesses == "writeup", start)
             if plan is None:  # out of time: not predicted, not cached
                 cut += group
                 bar.update(len(group))
                 continue
-            by_task, group_records, group_shown = sampled_prompts(group, tokenizer, fmt, cfg, views, budget is None)
             records.update(group_records)
             shown.update(group_shown)
             todo = [p for tid in group for p in by_task.get(tid, []) if p["view"] < plan.views]
@@ -525,7 +585,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
                     if pending[p["task_id"]] == 0:
                         finish(p["task_id"], plan)
                 bar.set_postfix_str(f"{generated / (time.time() - t0):.0f} tok/s")
-            measure(budget, plan, n_tests, time.time() - start, job.score_s)
+            measure(budget, plan, group, time.time() - start, job.score_s)
     return generated, time.time() - t0, cut
 
 

@@ -19,9 +19,11 @@ from conftest import FMT, fake_model, mirror_task, read, write_run, write_tasks
 
 
 def slow_model(monkeypatch, tokenizer, seconds):
-    """The fake model answering [[5]] everywhere, each generate() call (a batch) made slow on purpose by `seconds`;
-    returns the batches it was given."""
+    """The fake model answering [[5]] everywhere, each generate() call (a batch) made slow on purpose by `seconds`,
+    its forward pass timed as half that per prompt (a task's 2 guesses: one batch); returns the batches it was
+    given."""
     calls = fake_model(monkeypatch, tokenizer, lambda ids: data.format_completion([[5]], FMT))
+    monkeypatch.setattr(infer, "forward_rates", lambda model, ids: (seconds / 2 / len(ids), 0.0))
     fast = decode.generate
 
     def generate(*args, **kw):
@@ -57,7 +59,9 @@ def test_budget_cuts_what_it_cannot_fit_names_it_and_a_rerun_predicts_only_that(
     submit.check_submission(sub, tasks, "submission")  # every task, the cut ones too
     cut = r["cut_by_budget"]
     assert 1 <= len(calls) and cut and len(calls) + len(cut) == len(tasks)  # one batch per task predicted
-    assert sorted(built) == sorted(set(tasks) - set(cut))  # a task cut costs no prompt
+    # a task cut costs no prompt, but the first: its prompt's tokens priced it out of the time left (the cost model
+    # reads them), and every task after it is cut at once
+    assert sorted(built) == sorted(set(tasks) - set(cut[1:]))
     assert f"cut by --time-budget: {len(cut)} tasks, first: {', '.join(cut[:5])}:" in out
     assert all((sub[tid][0]["attempt_1"] == [[0]]) == (tid in cut) for tid in tasks)  # cut: the placeholder
     assert r["guess_status"]["cut_by_budget"] == 2 * len(cut) and r["time_budget"] == "2"
@@ -75,15 +79,29 @@ def test_budget_cuts_what_it_cannot_fit_names_it_and_a_rerun_predicts_only_that(
     assert "note: --time-budget 2: not used by --score (nothing is predicted)" in capsys.readouterr().out
 
 
+def fake_rates(monkeypatch, tokenizer, view_s, score_s):
+    """forward_rates replaced by rates at which a view of a 2 x 2 task costs `view_s` seconds and rescoring it
+    `score_s` (task_load: the prompt's tokens, and an answer of the task's largest grid, 2 x 2, EOS included)."""
+    answer = len(tokenizer.encode(data.format_completion([[0, 0], [0, 0]], FMT), add_special_tokens=False)) + 1
+
+    def rates(model, ids):
+        per_prompt = score_s / (len(ids) + answer)
+        return per_prompt, (view_s - per_prompt * len(ids)) / answer
+    monkeypatch.setattr(infer, "forward_rates", rates)
+
+
 def test_a_short_share_costs_views_then_rescoring_task_by_task_and_each_says_so(tmp_path, monkeypatch, tokenizer,
                                                                                capsys):
-    """poe, 8 views: a sample takes 1 s, scoring a (view, candidate) pair 0.5 s, so a task's full plan is 12 s.
-    In 18 s for 6 tasks the first runs in full (nothing measured yet), the next three get 1.2-1.3 s: one view, no
-    rescoring; the last two get 1.5 s, exactly one rescored view. The command ends at the budget."""
+    """poe, 8 views: a sample takes 1 s, scoring a (view, candidate) pair 0.5 s, so a task's full plan is 12 s; the
+    forward pass measured before the first task says half that. In 9.3 s for 6 tasks the first is planned at those
+    rates like the others: 2 views rescored fit its 1.55 s share (it takes 3 s); from then on the cost model has
+    learned the real cost: the next three get 1.26-1.43 s, one view with no rescoring, the last two 1.65 s and 1.8 s,
+    one rescored view. The command ends within the budget."""
     tasks = {f"d{i}": mirror_task(random.Random(i), 2, 2) for i in range(6)}
     folder, run = write_tasks(tmp_path / "tasks", tasks), write_run(tmp_path / "run")
     advance = fake_clock(monkeypatch)
     calls = fake_model(monkeypatch, tokenizer, lambda ids: (advance(1.0), data.format_completion([[0]], FMT))[1])
+    fake_rates(monkeypatch, tokenizer, 0.5, 0.25)
     scored = []
 
     def logprobs(model, tok, prompts, completions, batch_size=8):
@@ -91,43 +109,50 @@ def test_a_short_share_costs_views_then_rescoring_task_by_task_and_each_says_so(
         advance(0.5 * len(prompts))
         return [-1.0] * len(prompts)
     monkeypatch.setattr(infer, "completion_logprobs", logprobs)
-    infer.main(["--dataset", folder, "--model", run, "--guesses", "poe", "--time-budget", "18s"])
+    infer.main(["--dataset", folder, "--model", run, "--guesses", "poe", "--time-budget", "9.3s"])
     printed = capsys.readouterr()
     r = read(Path(run) / "results.poe.json")
-    assert [len(batch) for batch in calls] == [8, 1, 1, 1, 1, 1] and scored == [8, 1, 1]
-    lost = {tid: "1 of 8 views" + ", no rescoring (candidates ranked by votes)" * (tid in ("d1", "d2", "d3"))
-            + f": its share of --time-budget is {share} s, its full plan about 12.0 s"
-            for tid, share in zip(["d1", "d2", "d3", "d4", "d5"], ["1.2", "1.2", "1.3", "1.5", "1.5"])}
-    assert r["degraded"] == lost and r["cut_by_budget"] == [] and r["time_s"] == 18.0
+    assert [len(batch) for batch in calls] == [2, 1, 1, 1, 1, 1] and scored == [2, 1, 1]
+    end = 1000.0 + 9.3  # the fake clock's start + the budget
+    shares = [(end - now) / left for now, left in ((1000.0, 6), (1003.0, 5), (1004.0, 4), (1005.0, 3), (1006.0, 2),
+                                                   (1007.5, 1))]
+    lost = {f"d{i}": f"{2 if i == 0 else 1} of 8 views" + ", no rescoring (candidates ranked by votes)" * (i in (1, 2, 3))
+            + f": its share of --time-budget is {share:.1f} s, its full plan about {6.0 if i == 0 else 12.0} s"
+            for i, share in enumerate(shares)}
+    assert r["degraded"] == lost and r["cut_by_budget"] == [] and r["time_s"] == 9.0
     assert all(f"task {tid} degraded: {note}" in printed.out + printed.err for tid, note in lost.items())
+    assert "time budget: a forward pass takes" in printed.out
     cached = infer.read_cache(Path(run) / "submission.poe.cache.jsonl")
-    assert cached["d0"].candidates == [[[[[0]], 8, -8.0]]] and cached["d0"].degraded == ""
+    assert cached["d0"].candidates == [[[[[0]], 2, -2.0]]] and cached["d0"].degraded == lost["d0"]
     assert cached["d1"].candidates == [[[[[0]], 1, None]]] and cached["d1"].degraded == lost["d1"]  # votes only
     assert cached["d5"].candidates == [[[[[0]], 1, -1.0]]]
     assert all(read(Path(run) / "submission.poe.json")[tid][0]["attempt_1"] == [[0]] for tid in tasks)
 
 
 def test_dfs_searches_stop_at_their_share_of_the_budget(tmp_path, monkeypatch, tokenizer, capsys):
-    """Each view's search takes 1 s; 2 tasks in 8 s: the first task's searches end at its share (4 s), not at the
-    --max-task-seconds of 30, and the note says which limit stopped them."""
+    """Each view's search takes 1 s, the forward pass measured says 0.25 s; 2 tasks in 8.5 s: the first task, planned
+    at 2 s for its 8 views, runs its searches up to its share (4.25 s), not to the --max-task-seconds of 30, and
+    the note says which limit stopped them; the second is planned at the cost the first measured over the 8 views
+    it planned (5 s: 0.625 s a view), 5 views."""
     tasks = {f"s{i}": mirror_task(random.Random(i), 2, 2) for i in range(2)}
     folder, run = write_tasks(tmp_path / "tasks", tasks), write_run(tmp_path / "run")
     advance, deadlines = fake_clock(monkeypatch), []
+    fake_rates(monkeypatch, tokenizer, 0.25, 0.1)
 
-    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None, keep=None):
+    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, drafts=(), deadline=None, keep=None):
         deadlines.append(deadline)
         advance(1.0)
         return [], infer.time.time() <= deadline, 1
     monkeypatch.setattr(infer, "dfs_search", search)
     fake_model(monkeypatch, tokenizer, lambda ids: pytest.fail("dfs generates nothing"))
     infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--max-task-seconds", "30",
-                "--time-budget", "8"])
+                "--time-budget", "8.5"])
     printed = capsys.readouterr().out
-    assert deadlines[:5] == [1004.0] * 5  # out of time in its 5th view
-    assert "task s0 test 0: out of time (its --time-budget share of 4.0 s) in view 5 of 8" in printed
+    assert deadlines[:5] == [1004.25] * 5  # out of time in its 5th view
+    assert "task s0 test 0: out of time (its --time-budget share of 4.2 s) in view 5 of 8" in printed
     r = read(Path(run) / "results.dfs.json")
-    assert set(deadlines[5:]) == {1008.0} and r["degraded"]["s1"].startswith("4 of 8 views:")
-    assert r["cut_by_budget"] == [] and r["time_s"] == 9.0  # the budget and one view: within one task's share
+    assert set(deadlines[5:]) == {1008.5} and r["degraded"]["s1"].startswith("5 of 8 views:")
+    assert r["cut_by_budget"] == [] and r["time_s"] == 9.0 and "s0" not in r["degraded"]  # s1 ran out in view 4
 
 
 @pytest.mark.parametrize("text, seconds", [("11h", 39600), ("90m", 5400), ("600s", 600), ("600", 600),

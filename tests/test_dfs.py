@@ -114,7 +114,7 @@ def test_each_dfs_nll_is_a_teacher_forced_pass_and_a_known_first_branch_changes_
     forced = decode.completion_logprobs(model, tokenizer, [prompt] * len(found), [c + [eos] for c, _ in found])
     assert [nll for _, nll in found] == pytest.approx([-lp for lp in forced], abs=1e-4)
     for known, _ in (found[-1], found[0]):
-        again, finished, fewer = decode.dfs_search(model, prompt, eos, 8, 0.005, first=known)
+        again, finished, fewer = decode.dfs_search(model, prompt, eos, 8, 0.005, drafts=[known])
         assert finished and [c for c, _ in again] == [c for c, _ in found]
         assert [nll for _, nll in again] == pytest.approx([nll for _, nll in found], abs=1e-5)
         assert fewer <= forwards - len(known)  # the known branch was prefilled, not decoded
@@ -145,3 +145,43 @@ def test_bench_times_views_searched_one_a_batch_against_several_and_their_log_pr
         assert row["prefill_ratio"] > 0
         assert row["max_abs_diff"] < 1e-4 and row["max_rel_diff"] < 1e-4
     assert len(section["inputs"]) == 1 and section["steps"] == 2
+
+
+@pytest.mark.parametrize("seed, eos, min_prob, allowed", [(0, 3, 0.02, None), (1, 2, 0.015, None),
+                                                          (0, 3, 0.012, [0, 2, 3])])
+def test_drafts_change_what_a_search_costs_never_what_it_finds(seed, eos, min_prob, allowed):
+    """Against brute-force enumeration, the search given drafts finds the same completions at the same nll: drafts
+    that are answers (the most and the least likely), a wrong draft, one longer than any answer (past
+    max_new_tokens), one that leaves the searched tokens (`allowed`) and comes back, an answer's tokens reversed
+    (another shape's rows), several at once and sharing prefixes. An answer as a draft saves one-token passes."""
+    model, max_new = small_model(seed), 5
+    prompt = [0, 4, 2, 5, 3, 1]
+    every = brute_force(model, prompt, eos, max_new, allowed)
+    expected = {c: nll for c, nll in every.items() if nll < -math.log(min_prob)}
+    plain, _, forwards = decode.dfs_search(model, prompt, eos, max_new, min_prob, allowed)
+    assert {tuple(c): nll for c, nll in plain} == pytest.approx(expected, abs=1e-5) and len(expected) >= 2
+    best, worst = (list(c) for c in sorted(expected, key=expected.get)[::len(expected) - 1])
+    outside = next(t for t in range(VOCAB) if allowed is not None and t not in allowed and t != eos) \
+        if allowed else eos
+    cases = [[best], [worst], [[t for t in range(VOCAB) if t != eos] * 2], [best + best + best],
+             [best[:1] + [outside] + best[1:]], [worst[::-1]], [worst, best, worst + best, best[:-1], [], worst[:1]]]
+    for drafts in cases:
+        found, finished, spent = decode.dfs_search(model, prompt, eos, max_new, min_prob, allowed, drafts=drafts)
+        assert finished and [c for c, _ in found] == [c for c, _ in plain]
+        assert [nll for _, nll in found] == pytest.approx([nll for _, nll in plain], rel=1e-4, abs=1e-5)
+        if drafts[0] in (best, worst) and len(drafts[0]) > 1:
+            assert spent < forwards  # the answer's own tokens were verified in one pass
+
+
+def test_bench_dfs_section_searches_with_and_without_drafts_and_finds_the_same(tmp_path, capsys):
+    """bench.py --sections dfs on a run folder (the tiny model here): each test input searched both ways, the same
+    answers at the same nll, and its table printed."""
+    import bench
+    from conftest import tiny_run
+    out = tmp_path / "bench.json"
+    bench.main(["--sections", "dfs", "--dfs-run", tiny_run(tmp_path / "run"), "--dfs-inputs", "2", "--dfs-views", "2",
+                "--dfs-min-prob", "0.01", "--out", str(out)])
+    section = json.loads(out.read_text())["dfs"]
+    assert len(section["rows"]) == 2 and section["same_answers"] and section["max_rel_diff"] <= 1e-4
+    assert all(r["before_forwards"] > 0 and r["drafts_tokens"] > 0 for r in section["rows"])
+    assert "| drafts verified in one pass |" in capsys.readouterr().out

@@ -408,13 +408,13 @@ def test_guard_warns_with_counts_when_scored_tasks_were_trained_on(tmp_path, mon
 # dfs: every answer above --min-prob in each view, pooled and ranked by product of experts; the modes table
 
 def fake_search(monkeypatch, answers):
-    """Replace dfs_search by answers(prompt ids, first) -> ([(completion ids, nll)], finished); returns the calls,
-    each as dict(ids, first, deadline, allowed)."""
+    """Replace dfs_search by answers(prompt ids, drafts) -> ([(completion ids, nll)], finished); returns the calls,
+    each as dict(ids, drafts, deadline, allowed)."""
     calls = []
 
-    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, first=None, deadline=None, keep=None):
-        calls.append(dict(ids=tuple(ids), first=first, deadline=deadline, allowed=allowed_ids, min_prob=min_prob))
-        found, finished = answers(tuple(ids), first)
+    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, drafts=(), deadline=None, keep=None):
+        calls.append(dict(ids=tuple(ids), drafts=drafts, deadline=deadline, allowed=allowed_ids, min_prob=min_prob))
+        found, finished = answers(tuple(ids), drafts)
         return sorted(found, key=lambda f: f[1]), finished, 3
     monkeypatch.setattr(infer, "dfs_search", search)
     return calls
@@ -423,8 +423,8 @@ def fake_search(monkeypatch, answers):
 def test_dfs_pools_every_view_mapped_back_ranks_by_poe_and_a_resumed_run_reuses_it(tmp_path, monkeypatch, tokenizer):
     """Each view's search finds the truth (in its own frame); views 0 and 1 also find a wrong grid W, more likely
     there than the truth, and one completion that is no grid. Pooled over the 8 views and scored under every view,
-    the truth ranks first. Every view after the first starts its search from W (the lowest nll found so far),
-    written in that view's frame."""
+    the truth ranks first. Every view's search is given as drafts, written in its frame: the answers found so far,
+    best first (W, then the truth), then the test input and the demonstration outputs of its shape."""
     task = mirror_task(random.Random(5), 3, 4)
     truth, w = task["test"][0]["output"], [[1, 2, 3, 4], [5, 6, 7, 8], [9, 0, 1, 2]]
     folder, run = write_tasks(tmp_path / "tasks", {"t": task}), write_run(tmp_path / "run")
@@ -433,7 +433,7 @@ def test_dfs_pools_every_view_mapped_back_ranks_by_poe_and_a_resumed_run_reuses_
     written = lambda grid, v: models.encode_completion(tokenizer, data.format_completion(  # noqa: E731
         data.apply_view(grid, *views[v]), FMT))[:-1]
 
-    def answers(ids, first):
+    def answers(ids, drafts):
         v = prompt_view[ids]
         found = [(written(truth, v), 1.0), (tokenizer.encode("12\n3\nend", add_special_tokens=False), 0.1)]
         return found + ([(written(w, v), 0.5)] if v < 2 else []), True
@@ -443,8 +443,10 @@ def test_dfs_pools_every_view_mapped_back_ranks_by_poe_and_a_resumed_run_reuses_
     monkeypatch.setattr(infer, "completion_logprobs", lambda model, tok, prompts, completions, batch_size=8:
                         [-1.0 if tuple(c) in truth_texts else -3.0 for c in completions])
     infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--min-prob", "0.2"])
-    assert [prompt_view[c["ids"]] for c in calls] == list(range(8)) and calls[0]["first"] is None
-    assert all(c["first"] == written(w, v) for v, c in enumerate(calls) if v >= 1)  # W: the lowest nll so far
+    assert [prompt_view[c["ids"]] for c in calls] == list(range(8))
+    given = [task["test"][0]["input"]] + [ex["output"] for ex in task["train"]]  # all of the test input's shape
+    assert calls[0]["drafts"] == [written(g, 0) for g in given]
+    assert all(c["drafts"] == [written(g, v) for g in [w, truth] + given] for v, c in enumerate(calls) if v >= 1)
     answer_words = {tokenizer.convert_tokens_to_ids(t) for t in [*"0123456789", "\n", data.END, "</s>"]}
     assert set(calls[0]["allowed"]) == answer_words and calls[0]["min_prob"] == 0.2
     sub_path = Path(run) / "submission.dfs.json"
@@ -455,7 +457,7 @@ def test_dfs_pools_every_view_mapped_back_ranks_by_poe_and_a_resumed_run_reuses_
     assert cached.candidates == [[[truth, 8, -8.0], [w, 2, -24.0]]]  # votes: the views that found it
 
     before = sub_path.read_bytes()
-    fake_search(monkeypatch, lambda ids, first: pytest.fail("a finished task is searched again"))
+    fake_search(monkeypatch, lambda ids, drafts: pytest.fail("a finished task is searched again"))
     infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--min-prob", "0.2"])
     assert sub_path.read_bytes() == before
 
@@ -472,7 +474,7 @@ def test_dfs_task_out_of_time_keeps_its_answers_and_says_so(tmp_path, monkeypatc
         truth.update(dict.fromkeys(shown, tasks[tid]["test"][i]["output"]))
     slow_ids = {ids for ids in prompt_view if ids not in view_prompts(tokenizer, tasks["quick"], views)}
 
-    def answers(ids, first):  # the slow task runs out of time in its third view
+    def answers(ids, drafts):  # the slow task runs out of time in its third view
         k, perm = views[prompt_view[ids]]
         found = [(models.encode_completion(tokenizer, data.format_completion(data.apply_view(truth[ids], k, perm),
                                                                            FMT))[:-1], 1.0)]

@@ -203,7 +203,8 @@ def test_unsloth_scores_on_a_shared_prefix_and_dfs_nlls_equal_full_forward_ones(
     """Unsloth's forward returns its cache instead of filling the one given, and takes one token on a cache as a
     decoding step (its position needed): infer.py's cached scores of real prompts' candidates, in 2 views, equal a
     full forward per pair and rank alike; dfs finds each completion at the nll a full forward gives, the same ones
-    with its longest known first, and the scores from the caches it kept are the full forward ones."""
+    with its longest as a draft (fewer passes) and with other drafts (wrong, too long, off the format, every
+    answer), and the scores from the caches it kept are the full forward ones."""
     r = predicted[1]
     assert r["dtype"] == "torch.float16"
     assert 2 in r["lengths"] and min(r["lengths"]) == 2 < max(r["lengths"])  # one completion token fed, and many
@@ -218,6 +219,9 @@ def test_unsloth_scores_on_a_shared_prefix_and_dfs_nlls_equal_full_forward_ones(
     assert search["from_search"] == pytest.approx(search["full"], rel=SCORES_REL)
     assert [t for t, _ in search["again"]] == tokens and search["again_forwards"] < search["forwards"]
     assert [nll for _, nll in search["again"]] == pytest.approx(nll, rel=SCORES_REL)
+    for drafted in search["drafted"]:  # drafts verified in one pass each: the same answers at the same nll
+        assert [t for t, _ in drafted] == tokens
+        assert [nll for _, nll in drafted] == pytest.approx(nll, rel=SCORES_REL)
 
 
 def test_unsloth_merge_of_a_tied_base_keeps_the_trained_head(trained):

@@ -244,7 +244,8 @@ def scores(out, run_folder, dataset, *flags):
     near miss, and a two-token completion) of its --split eval tasks under 2 views with the prefix cache
     (decode.completion_logprobs) and with a full forward per pair (bench.full_forward_logprobs); and
     decode.dfs_search on one prompt, each completion's nll beside its full-forward score, the scores from the caches
-    the search kept, and the search again with its longest completion known (`first`). Written as json."""
+    the search kept, the search again with its longest completion as a draft, and with wrong drafts, drafts longer
+    than any answer or off the format, and every answer as a draft. Written as json."""
     import json
     import random
     import bench
@@ -278,9 +279,14 @@ def scores(out, run_folder, dataset, *flags):
     ids, prefixes = prompts[0]["ids"], {}
     found, finished, forwards = decode.dfs_search(model, ids, eos, 12, DFS_MIN_PROB, allowed, keep=prefixes)
     completions = [tokens + [eos] for tokens, _ in found]
-    again = decode.dfs_search(model, ids, eos, 12, DFS_MIN_PROB, allowed, first=max((t for t, _ in found), key=len))
+    longest = max((t for t, _ in found), key=len)
+    outside = next(t for t in range(len(tokenizer)) if t not in allowed)  # a token the format never writes
+    again = decode.dfs_search(model, ids, eos, 12, DFS_MIN_PROB, allowed, drafts=[longest])
+    drafted = [decode.dfs_search(model, ids, eos, 12, DFS_MIN_PROB, allowed, drafts=d) for d in (
+        [longest[::-1] + longest * 3, [outside] + longest],  # wrong, longer than any answer, off the format
+        [longest[:1] + [outside] + longest[1:], *[t for t, _ in found][::-1]])]  # every answer, shortest first
     result["dfs"] = dict(found=found, finished=finished, forwards=forwards, kept=len(prefixes), again=again[0],
-                         again_forwards=again[2],
+                         again_forwards=again[2], drafted=[d[0] for d in drafted],
                          full=bench.full_forward_logprobs(model, tokenizer, [ids] * len(found), completions, 4),
                          from_search=decode.completion_logprobs(model, tokenizer, [ids] * len(found), completions, 4,
                                                                prefixes=prefixes))
