@@ -76,8 +76,10 @@ class Config:
                                           "votes), a dfs search stops at its share, and says so; tasks left when it "
                                           "runs out get [[0]] and are not cached. Not a cache setting: the same "
                                           "command with a longer budget (or none) predicts the tasks cut")
-    out: str = opt("", "output", "submission file, or a folder to write submission.json in (default: the run folder, "
-                                 "or the --adapter folder); a .cache.jsonl beside it lets a killed run resume")
+    out: str = opt("", "output", "submission file, or a folder to write submission.json in, so named whatever "
+                                 "--guesses (default: the run folder, or the --adapter folder, where each mode but "
+                                 "writeup is in the names: submission.dfs.json); a .cache.jsonl beside it lets a "
+                                 "killed run resume")
     score: str = opt("", "output", "score this submission file's attempts against --dataset/--split and exit (no "
                                    "model); results.<its name>.json beside it (submission.X.json -> results.X.json)")
     merge: bool = opt(False, "output", "join the --shard slices beside --out into the full submission and score it")
@@ -533,20 +535,31 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
 # ----------------------------------------------------------------------------
 # files: cache, submission, shards
 
-def paths(out, shard="", limit=0, mode="writeup"):
-    """(submission, cache, results, plots folder) for a submission path, a guess mode (each mode but the default
-    writeup named so: modes tried side by side keep their own files and cache), an optional shard "i/n" and --limit
-    N (a partial submission named so, never the full one)."""
+def paths(out, shard="", limit=0, mode="writeup", by_mode=True):
+    """(submission, cache, results, plots folder) for a submission path, a guess mode, an optional shard "i/n" and
+    --limit N (a partial submission named so, never the full one). With `by_mode` (the default output, in the run
+    folder) each mode but writeup is in the names, so modes tried side by side keep their own files and cache; an
+    --out the user gave is written as spelled, whatever the mode (check_mode keeps another mode's files safe)."""
     out = Path(out)
-    suffix = "" if mode == "writeup" else f".{mode}"
+    suffix = f".{mode}" if by_mode and mode != "writeup" else ""
+    plots = out.parent / f"plots{suffix}"
     if shard:
         i, n = shard.split("/")
         suffix += f".shard-{i}-of-{n}"
     if limit:
         suffix += f".limit-{limit}"
     sub = out.with_name(out.stem + suffix + ".json")
-    plots = out.parent / ("plots" if mode == "writeup" else f"plots.{mode}")
     return sub, sub.with_suffix(".cache.jsonl"), out.with_name(f"results{suffix}.json"), plots
+
+
+def check_mode(flag, sub_path, results_path, mode):
+    """Refuse, in one line, to write a --guesses `mode` submission over one that another mode wrote (its results
+    file names the mode): the first mode's files stay as they are. Its cache refuses a second mode by itself
+    (read_cache: other settings)."""
+    written = read_json(results_path).get("mode") if results_path.is_file() else None
+    if written is not None and written != mode:
+        raise OneLineError(f"{flag}: {sub_path} is the --guesses {written} submission ({results_path} says so); "
+                           f"--guesses {mode} would write over it: give another {flag}, or move those files away")
 
 
 def read_cache(path, settings=None, repair=False):
@@ -672,12 +685,12 @@ def shard_tasks(tasks, shard):
     return {tid: tasks[tid] for j, tid in enumerate(sorted(tasks)) if j % n == i}
 
 
-def merge_shards(out, tasks, limit=0, mode="writeup"):
+def merge_shards(out, tasks, limit=0, mode="writeup", by_mode=True):
     """(submission, guesses or None) joined from the shard files beside `out` that predicting with the same --limit
     and --guesses wrote (paths() names them); raises OneLineError naming what is missing, or shards predicted with
     other settings than each other (another model's weights, another mode or sampling). Guesses come from the
     shard caches when all of them are there."""
-    named = paths(out, "0/1", limit, mode)[0].name  # e.g. submission.vote.shard-0-of-1.limit-3.json
+    named = paths(out, "0/1", limit, mode, by_mode)[0].name  # e.g. submission.vote.shard-0-of-1.limit-3.json
     folder = Path(out).parent
     pattern = re.escape(named).replace(re.escape(".shard-0-of-1"), r"\.shard-(\d+)-of-(\d+)")
     found = {}  # n -> {i: path}
@@ -698,7 +711,7 @@ def merge_shards(out, tasks, limit=0, mode="writeup"):
         part = shard_tasks(tasks, f"{i}/{n}")
         sub.update(read_submission(files[i], part))
         cache = read_cache(files[i].with_suffix(".cache.jsonl"))
-        written[i] = shard_settings(cache, paths(out, f"{i}/{n}", limit, mode)[2])
+        written[i] = shard_settings(cache, paths(out, f"{i}/{n}", limit, mode, by_mode)[2])
         done = answered(cache, part)
         if guesses is not None and len(done) == len(part):
             guesses.update({tid: done[tid].guesses for tid in part})
@@ -880,9 +893,10 @@ def merge(cfg, tasks, unreadable):
     out = Path(cfg.out) if cfg.out else \
         find_run(cfg.model, cfg.adapter, cfg.max_seq_len, cfg.base_model).folder / "submission.json"
     out = submission_path(out)
-    sub, guesses = merge_shards(out, tasks, cfg.limit, cfg.guesses)
+    sub_path, _, results_path, plots = paths(out, "", cfg.limit, cfg.guesses, by_mode=not cfg.out)
+    check_mode("--out", sub_path, results_path, cfg.guesses)
+    sub, guesses = merge_shards(out, tasks, cfg.limit, cfg.guesses, by_mode=not cfg.out)
     sub = dict(sorted({**sub, **submission_of({}, {}, unreadable)}.items()))
-    sub_path, _, results_path, plots = paths(out, "", cfg.limit, cfg.guesses)
     save_submission(sub, tasks, unreadable, sub_path)
     _, files = report(cfg, tasks, sub, guesses, sub_path, results_path, plots, f"{out} (merged shards)",
                       dict(mode=cfg.guesses))
@@ -990,7 +1004,8 @@ def predict_all(cfg, tasks, unreadable, t0):
     out = submission_path(Path(cfg.out) if cfg.out else run.folder / "submission.json")
     if cfg.shard:  # unreadable tasks join the submission at --merge
         tasks, unreadable = shard_tasks(tasks, cfg.shard), {}
-    sub_path, cache_path, results_path, plots = paths(out, cfg.shard, cfg.limit, cfg.guesses)
+    sub_path, cache_path, results_path, plots = paths(out, cfg.shard, cfg.limit, cfg.guesses, by_mode=not cfg.out)
+    check_mode("--out", sub_path, results_path, cfg.guesses)
     check_outputs("--out", dict(submission=sub_path, cache=cache_path, results=results_path,
                                 lock=cache_path.with_name(cache_path.name + ".lock")), input_files(cfg, run),
                   dataset_folders(cfg))
