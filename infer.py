@@ -13,8 +13,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import data
+import workers
 from cli import (AUTO, BACKENDS, DEVICES, OneLineError, TINY_NOTE, check_ranges, check_writable, line_buffered,
                  lock_file, opt, parse_config, peak_memory_gb, quiet_libraries, read_json, safe_name, write_atomic,
                  write_failure, write_json)
@@ -50,6 +52,7 @@ class Config:
     max_seq_len: int = opt(AUTO, "model", "prompt + answer token limit; longer tasks lose their largest train "
                                           "examples (auto: the run's max_seq_len, 8192 for a base model)")
     batch_size: int = opt(16, "model", "prompts per forward pass (sorted by length)")
+    gpus: str = workers.gpus_opt()
     temperature: float = opt(1.0, "sampling", "sampling temperature (0 = greedy)")
     top_k: int = opt(50, "sampling", "top-k sampling, the write-up's k=50")
     max_new_tokens: int = opt(AUTO, "sampling", "answer token limit (auto: the largest possible answer: 30x30 "
@@ -97,7 +100,8 @@ CHECKS = [("limit", lambda x: x >= 0, ">= 0 (0 = all)"),
           ("max_task_seconds", lambda x: x >= 0, ">= 0 (0 = none)"),
           ("time_budget", lambda x: budget_seconds(x) is not None, "a duration such as 11h, 90m, 600s, 1h30m or "
                                                                    "seconds (0 = none)"),
-          ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295")]
+          ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295"),
+          ("gpus", workers.check_gpus, "auto, all or a number of processes >= 1")]
 # (flag, ok, requirement): checked before any model loads
 
 
@@ -471,16 +475,16 @@ def sampled_prompts(tasks, tokenizer, fmt, cfg, views):
     return by_task, records, shown
 
 
-def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None, end=None):
+def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None, budget=None):
     """Generate every guess of `tasks`, appending each task's Record to the `cache` file as soon as its guesses are
     chosen. use_adapter(task_id), when given, loads that task's test-time-trained adapter before its prompts. With
-    `end` (--time-budget, a time.time()), tasks run one at a time, each as plan_task fits it into its share; those
-    it cuts are neither predicted nor cached. Returns (generated tokens, seconds, ids of the tasks cut)."""
+    a `budget` (--time-budget), tasks run one at a time, each as plan_task fits it into its share; those it cuts
+    are neither predicted nor cached. Returns (generated tokens, seconds, ids of the tasks cut)."""
     from tqdm import tqdm
     mode, views = MODES[cfg.guesses], view_list(cfg)
     by_task, records, shown = sampled_prompts(tasks, tokenizer, fmt, cfg, views)
     samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
-    job, budget = make_job(cfg, model, tokenizer, fmt), Budget(end, len(tasks)) if end else None
+    job = make_job(cfg, model, tokenizer, fmt)
     bar = tqdm(total=len(tasks), unit="task", desc="tasks")
     t0, generated, current, cut = time.time(), 0, None, []
     with open(cache, "a", encoding="utf-8") as f:
@@ -499,8 +503,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             for note in rec.timed_out + ([f"degraded: {rec.degraded}"] if rec.degraded else []):
                 bar.write(f"task {tid} {note}")
             rec.settings, rec.fingerprint = settings, data.task_fingerprint(tasks[tid])
-            f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
-            f.flush()
+            append_line(f, json.dumps(dataclasses.asdict(rec)))
             bar.update(1)
         for group in [tasks] if budget is None else [{tid: task} for tid, task in tasks.items()]:
             start, job.score_s, n_tests = time.time(), 0.0, sum(len(task["test"]) for task in group.values())
@@ -560,6 +563,17 @@ def check_mode(flag, sub_path, results_path, mode):
     if written is not None and written != mode:
         raise OneLineError(f"{flag}: {sub_path} is the --guesses {written} submission ({results_path} says so); "
                            f"--guesses {mode} would write over it: give another {flag}, or move those files away")
+
+
+def append_line(f, line):
+    """One line appended to the open cache file whole: workers on one --out append to it side by side."""
+    import fcntl
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        f.write(line + "\n")
+        f.flush()
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_cache(path, settings=None, repair=False):
@@ -939,9 +953,94 @@ def cut_records(cut, tasks, cache_path):
     return {tid: Record.empty(tid, len(tasks[tid]["test"]), "cut_by_budget") for tid in cut}
 
 
-def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
-    """(records, generated tokens, seconds, ids cut by --time-budget): every task's Record, from the cache,
-    predicted now, or a placeholder where predicting it would pass `end` (cut_records)."""
+def load_predictor(cfg, run, setup, todo):
+    """(model, tokenizer, format, cfg with the run's lengths, use_adapter or None): the model loaded on `setup`'s
+    device, its sampling or search and guess mode said; use_adapter(task_id) puts on a task's test-time adapter."""
+    import torch
+    model, tokenizer = load_model(run, setup)
+    torch.manual_seed(cfg.seed)
+    fmt = run.format or data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    cfg = replace(cfg, max_seq_len=run.max_seq_len, max_new_tokens=cfg.max_new_tokens or answer_tokens(tokenizer, fmt))
+    if MODES[cfg.guesses].samples(cfg):
+        print(f"sampling: top_k {cfg.top_k}, temperature {cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, "
+              f"batch_size {cfg.batch_size}, seed {cfg.seed}, format {fmt}")
+    else:
+        print(f"search: min_prob {cfg.min_prob} (at most {int(1 / cfg.min_prob)} answers per view), "
+              f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}")
+    print(f"guesses: {describe_mode(cfg)}")
+    use_adapter = adapter_loader(model, run, todo) if run.ttt_mode == "per-task" and run.ttt_adapters() else None
+    return model, tokenizer, fmt, cfg, use_adapter
+
+
+def predict_here(cfg, run, setup, todo, cache_path, settings, end):
+    """(generated tokens, seconds, ids cut, {}): `todo` predicted in this process (predict)."""
+    model, tokenizer, fmt, cfg, use_adapter = load_predictor(cfg, run, setup, todo)
+    if end:
+        print(f"time budget: --time-budget {cfg.time_budget}, " + (
+            f"{end - time.time():.0f} s left after loading: each of the {len(todo)} tasks in turn gets the time "
+            "left / the tasks left" if end > time.time() else "all spent before predicting: every task is cut"))
+    budget = Budget(end, len(todo)) if end else None
+    return (*predict(todo, model, tokenizer, fmt, cfg, cache_path, settings, use_adapter, budget), {})
+
+
+def start_worker(slot, cfg, run, todo, cache_path, settings, end, n):
+    """A worker process's start (workers.serve): its device (the GPU it is pinned to), the model, once."""
+    quiet_libraries()
+    setup = make_setup(cfg.device, cfg.backend, trained_with=run.backend, ttt=bool(run.ttt_mode))
+    model, tokenizer, fmt, cfg, use_adapter = load_predictor(cfg, run, setup, todo)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, fmt=fmt, cfg=cfg, use_adapter=use_adapter, todo=todo,
+                           cache_path=cache_path, settings=settings, n=n, budget=Budget(end, len(todo)) if end else None)
+
+
+def worker_task(w, tid, waiting):
+    """One task predicted in a worker, its Record appended to the shared cache: (generated tokens, seconds, cut).
+    Under --time-budget its share is the time left x the workers / the tasks not taken yet (`waiting`)."""
+    if w.budget:
+        w.budget.tasks_left = -(-waiting // w.n)
+    generated, seconds, cut = predict({tid: w.todo[tid]}, w.model, w.tokenizer, w.fmt, w.cfg, w.cache_path,
+                                      w.settings, w.use_adapter, w.budget)
+    return generated, seconds, bool(cut)
+
+
+def task_size(task):
+    """A task's cells, every grid counted: the queue's order, longest first."""
+    return sum(len(row) for pair in task["train"] + task["test"] for grid in pair.values() for row in grid)
+
+
+def predict_on_workers(cfg, n, pinned, run, todo, cache_path, settings, end):
+    """(generated tokens, seconds, ids cut, {id: why} of tasks given up): `todo` over `n` worker processes
+    (workers.run), the longest task first, each task's Record in the cache as it finishes."""
+    from tqdm import tqdm
+    order = sorted(todo, key=lambda tid: -task_size(todo[tid]))
+    if end:
+        print(f"time budget: --time-budget {cfg.time_budget}, shared by the {n} workers: each task in turn gets the "
+              "time left x the workers / the tasks left")
+    bar, t0, got = tqdm(total=len(order), unit="task", desc=f"tasks on {n} workers"), time.time(), [0, set()]
+
+    def on_done(tid, result):
+        generated, _, cut = result
+        got[0] += generated
+        if cut:
+            got[1].add(tid)
+        bar.update(1)
+    lost = workers.run(n, pinned, start_worker, worker_task, (cfg, run, todo, cache_path, settings, end, n), order,
+                       on_done)
+    bar.close()
+    return got[0], time.time() - t0, [tid for tid in todo if tid in got[1]], lost
+
+
+def lost_records(lost, tasks):
+    """Placeholder Records ([[0]] attempts, status worker_died) of the tasks whose worker died twice, said in one line."""
+    if lost:
+        print(f"given up: {len(lost)} tasks whose worker died twice, first: {', '.join(list(lost)[:5])}: [[0]] in the "
+              "submission and not cached; the same command again predicts them")
+    return {tid: Record.empty(tid, len(tasks[tid]["test"]), "worker_died") for tid in lost}
+
+
+def predict_missing(cfg, run, tasks, cache_path, settings, setup, n, end=None):
+    """(records, generated tokens, seconds, ids cut by --time-budget, {id: why} given up): every task's Record,
+    from the cache, predicted now (here, or over `n` workers), or a placeholder where predicting it would pass
+    `end` (cut_records) or its worker died twice (lost_records)."""
     cached = read_cache(cache_path, settings, repair=True)
     done = answered(cached, tasks)
     changed = sorted(tid for tid in cached if tid in tasks and tid not in done)
@@ -952,29 +1051,15 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
     todo = {tid: task for tid, task in tasks.items() if tid not in done}
     print(f"tasks: {len(tasks)} of {cfg.dataset} {cfg.split}" + (f" (shard {cfg.shard})" if cfg.shard else "")
           + f", {len(done)} already done in {cache_path}, {len(todo)} to do")
-    generated, seconds, cut = 0, 0.0, []
+    generated, seconds, cut, lost = 0, 0.0, [], {}
     if todo:
-        import torch
-        model, tokenizer = load_model(run, setup)
-        torch.manual_seed(cfg.seed)
-        fmt = run.format or data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
-        cfg = replace(cfg, max_seq_len=run.max_seq_len,
-                      max_new_tokens=cfg.max_new_tokens or answer_tokens(tokenizer, fmt))
-        if MODES[cfg.guesses].samples(cfg):
-            print(f"sampling: top_k {cfg.top_k}, temperature {cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, "
-                  f"batch_size {cfg.batch_size}, seed {cfg.seed}, format {fmt}")
-        else:
-            print(f"search: min_prob {cfg.min_prob} (at most {int(1 / cfg.min_prob)} answers per view), "
-                  f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}")
-        print(f"guesses: {describe_mode(cfg)}")
-        if end:
-            print(f"time budget: --time-budget {cfg.time_budget}, " + (
-                f"{end - time.time():.0f} s left after loading: each of the {len(todo)} tasks in turn gets the time "
-                "left / the tasks left" if end > time.time() else "all spent before predicting: every task is cut"))
         try:
-            use_adapter = adapter_loader(model, run, todo) if run.ttt_mode == "per-task" and run.ttt_adapters() \
-                else None
-            generated, seconds, cut = predict(todo, model, tokenizer, fmt, cfg, cache_path, settings, use_adapter, end)
+            if min(n, len(todo)) > 1:  # no more workers than tasks
+                n = min(n, len(todo))
+                generated, seconds, cut, lost = predict_on_workers(cfg, n, workers.pins(n, setup), run, todo,
+                                                                   cache_path, settings, end)
+            else:
+                generated, seconds, cut, lost = predict_here(cfg, run, setup, todo, cache_path, settings, end)
         except KeyboardInterrupt:
             n = len(read_cache(cache_path))
             sys.exit(f"\ninterrupted: {n} finished tasks are saved in {cache_path}; rerun the same command to resume")
@@ -983,7 +1068,8 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
                                "command again resumes")
         done.update(read_cache(cache_path, settings))
         done.update(cut_records(cut, tasks, cache_path))
-    return {tid: done[tid] for tid in tasks}, generated, seconds, cut
+        done.update(lost_records(lost, tasks))
+    return {tid: done[tid] for tid in tasks}, generated, seconds, cut, lost
 
 
 def budget_results(cfg, records, cut):
@@ -1001,6 +1087,10 @@ def predict_all(cfg, tasks, unreadable, t0):
     # before any output: a GPU that torch cannot use stops here; `import unsloth` comes before transformers
     setup = make_setup(cfg.device, cfg.backend, trained_with=run.backend,
                              ttt=bool(run.ttt_mode))
+    n = workers.worker_count(cfg.gpus, setup)
+    if n > 1:
+        print(f"workers: {n} processes, " + (f"one per GPU ({', '.join(setup.gpus[:n])})" if setup.device == "cuda"
+                                            else f"on the CPU (--gpus {cfg.gpus})") + ", one shared queue of tasks")
     out = submission_path(Path(cfg.out) if cfg.out else run.folder / "submission.json")
     if cfg.shard:  # unreadable tasks join the submission at --merge
         tasks, unreadable = shard_tasks(tasks, cfg.shard), {}
@@ -1026,17 +1116,17 @@ def predict_all(cfg, tasks, unreadable, t0):
     no_adapter = missing_adapters(run, tasks)
     with lock(cache_path):
         end = t0 + budget if (budget := budget_seconds(cfg.time_budget)) else None
-        records, generated, seconds, cut = predict_missing(cfg, run, tasks, cache_path, settings, setup, end)
+        records, generated, seconds, cut, lost = predict_missing(cfg, run, tasks, cache_path, settings, setup, n, end)
         status = [s for rec in records.values() for pair in rec.status for s in pair]
         skipped = [f"task {tid} {note}" for tid, rec in records.items() for note in rec.skipped]
         extra = dict(time_s=round(time.time() - t0, 1), generate_s=round(seconds, 1), generated_tokens=generated,
-                     tokens_per_s=round(generated / seconds, 1) if seconds else None, shard=cfg.shard or None,
+                     tokens_per_s=round(generated / seconds, 1) if seconds else None, shard=cfg.shard or None, workers=n,
                      guess_status={s: status.count(s) for s in sorted(set(status))}, skipped=skipped,
                      timed_out={tid: rec.timed_out for tid, rec in records.items() if rec.timed_out},
                      trimmed_examples=sum(rec.trimmed for rec in records.values()), settings=settings,
                      unreadable={tid: reason for tid, (reason, _) in unreadable.items()}, mode=cfg.guesses,
                      seen_in_training=seen, no_adapter=no_adapter, **coverage(tasks, records),
-                     **budget_results(cfg, records, cut))
+                     **budget_results(cfg, records, cut), **(dict(worker_died=lost) if lost else {}))
         sub = submission_of(tasks, records, unreadable)
         save_submission(sub, tasks, unreadable, sub_path)
         _, files = report(cfg, tasks, sub, {tid: rec.guesses for tid, rec in records.items()},

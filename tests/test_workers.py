@@ -1,0 +1,99 @@
+"""infer.py --gpus N: N worker processes (on the CPU here, the code path of one process per GPU) taking tasks from one
+queue give the submission and results of one process; a worker killed mid-task costs only that task's retry (or the
+task, named, when it dies twice), nothing finished; one --time-budget holds across the workers.
+
+    python -m pytest tests/test_workers.py -q
+"""
+from pathlib import Path
+
+import pytest
+
+import infer
+import workers
+from conftest import read, tiny_run, write_family
+
+TIMING = ("time_s", "generate_s", "tokens_per_s", "workers", "submission")  # what differs between two runs
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """A tiny model, 6 family tasks and their submission predicted by one process: (argv, folder of the outputs)."""
+    root = tmp_path_factory.mktemp("workers")
+    run, tasks = tiny_run(root / "run"), write_family(root / "family", n_train=0, n_eval=6)
+    given = ["--model", run, "--dataset", str(tasks), "--split", "eval", "--max-new-tokens", "24"]
+    infer.main(given + ["--out", str(root / "one" / "submission.json")])
+    return given, root / "one"
+
+
+def outputs(folder):
+    """(submission, results without timings, cached Records by task) of an --out folder."""
+    results = {k: v for k, v in read(folder / "results.json").items() if k not in TIMING}
+    cached = {tid: (rec.guesses, rec.status) for tid, rec in infer.read_cache(folder / "submission.cache.jsonl").items()}
+    return read(folder / "submission.json"), results, cached
+
+
+def test_three_workers_give_one_process_outputs_and_a_killed_worker_loses_nothing(one, tmp_path, monkeypatch, capfd):
+    given, reference = one
+    submission = read(reference / "submission.json")
+    victim = sorted(submission)[2]
+    monkeypatch.setenv(workers.KILL_HOOK, f"{victim}:{tmp_path / 'killed'}")  # SIGKILL as it takes victim, once
+    out = tmp_path / "three" / "submission.json"
+    infer.main(given + ["--gpus", "3", "--device", "cpu", "--out", str(out)])
+    said = capfd.readouterr()
+    assert "workers: 3 processes, on the CPU (--gpus 3)" in said.out
+    assert f"its worker died (killed by signal 9) on task {victim}: back to the queue" in said.err, said.err
+    assert (tmp_path / "killed").exists()
+    assert outputs(out.parent) == outputs(reference)
+    assert read(out.parent / "results.json")["workers"] == 3
+
+
+def test_a_task_whose_worker_dies_twice_is_named_and_the_same_command_resumes_it(one, tmp_path, monkeypatch, capfd):
+    given, reference = one
+    submission = read(reference / "submission.json")
+    victim = sorted(submission)[0]
+    monkeypatch.setenv(workers.KILL_HOOK, victim)  # every worker that takes it dies
+    out = tmp_path / "two" / "submission.json"
+    argv = given + ["--gpus", "2", "--device", "cpu", "--out", str(out)]
+    infer.main(argv)
+    said = capfd.readouterr()
+    assert f"on task {victim}: back to the queue" in said.err and \
+        f"on task {victim}: given up, [[0]] in the submission" in said.err, said.err
+    assert f"given up: 1 tasks whose worker died twice, first: {victim}" in said.out
+    sub, r = read(out), read(out.parent / "results.json")
+    assert sub[victim] == [{"attempt_1": [[0]], "attempt_2": [[0]]}] * len(submission[victim])
+    assert {t: a for t, a in sub.items() if t != victim} == {t: a for t, a in submission.items() if t != victim}
+    assert list(r["worker_died"]) == [victim] and r["guess_status"]["worker_died"] == 2 * len(submission[victim])
+    assert sorted(infer.read_cache(out.with_name("submission.cache.jsonl"))) == sorted(set(submission) - {victim})
+
+    monkeypatch.delenv(workers.KILL_HOOK)
+    infer.main(argv)  # the same command again: only the task given up is predicted, in this process (1 task)
+    assert f"{len(submission) - 1} already done in" in capfd.readouterr().out
+    (sub, r, cached), (sub1, r1, cached1) = outputs(out.parent), outputs(reference)
+    assert (sub, cached) == (sub1, cached1) and r["per_task"] == r1["per_task"]
+
+
+def test_one_time_budget_holds_across_the_workers(one, tmp_path, capfd):
+    given, reference = one
+    tasks = sorted(read(reference / "submission.json"))
+    out = tmp_path / "budget" / "submission.json"
+    # a second is spent before any worker has its model (a new process imports torch): the workers read the
+    # command's deadline, so every task is cut, none predicted or cached, and the run still ends with a submission
+    infer.main(given + ["--gpus", "2", "--device", "cpu", "--time-budget", "1", "--out", str(out)])
+    said = capfd.readouterr().out
+    r = read(out.parent / "results.json")
+    assert "shared by the 2 workers" in said and f"cut by --time-budget: {len(tasks)} tasks" in said
+    assert sorted(r["cut_by_budget"]) == tasks and r["generated_tokens"] == 0
+    assert all(a == {"attempt_1": [[0]], "attempt_2": [[0]]} for t in tasks for a in read(out)[t])
+    assert infer.read_cache(out.with_name("submission.cache.jsonl")) == {}
+    infer.main(given + ["--out", str(out)])  # more time: the same outputs as one process given it all
+    (sub, r, cached), (sub1, r1, cached1) = outputs(out.parent), outputs(reference)
+    assert (sub, cached) == (sub1, cached1) and r["per_task"] == r1["per_task"]
+
+
+def test_gpus_flag_values(one, tmp_path):
+    given, _ = one
+    for value in ("0", "two", "-1"):
+        with pytest.raises(SystemExit) as e:
+            infer.main(given + ["--gpus", value, "--out", str(tmp_path / "x.json")])
+        assert f"--gpus {value}: must be auto, all or a number of processes >= 1" in str(e.value.code)
+    assert not (tmp_path / "x.json").exists()
