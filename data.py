@@ -644,6 +644,11 @@ def _grid_json(grid):
     return json.dumps(grid, separators=(",", ":"))
 
 
+def task_size(task):
+    """A task's cells, every grid counted: how long it takes, for work queues that start with the longest."""
+    return sum(len(row) for pair in task["train"] + task["test"] for grid in pair.values() for row in grid)
+
+
 def task_fingerprint(task):
     """16 hex digits of sha1 over the task's grids, independent of ids and example order: the sorted train pairs
     and the sorted test inputs. Test outputs never count (a challenge file has none)."""

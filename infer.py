@@ -989,7 +989,8 @@ def start_worker(slot, cfg, run, todo, cache_path, settings, end, n):
     setup = make_setup(cfg.device, cfg.backend, trained_with=run.backend, ttt=bool(run.ttt_mode))
     model, tokenizer, fmt, cfg, use_adapter = load_predictor(cfg, run, setup, todo)
     return SimpleNamespace(model=model, tokenizer=tokenizer, fmt=fmt, cfg=cfg, use_adapter=use_adapter, todo=todo,
-                           cache_path=cache_path, settings=settings, n=n, budget=Budget(end, len(todo)) if end else None)
+                           cache_path=cache_path, settings=settings, n=n,
+                           budget=Budget(end, len(todo)) if end else None)
 
 
 def worker_task(w, tid, waiting):
@@ -1002,16 +1003,11 @@ def worker_task(w, tid, waiting):
     return generated, seconds, bool(cut)
 
 
-def task_size(task):
-    """A task's cells, every grid counted: the queue's order, longest first."""
-    return sum(len(row) for pair in task["train"] + task["test"] for grid in pair.values() for row in grid)
-
-
 def predict_on_workers(cfg, n, pinned, run, todo, cache_path, settings, end):
     """(generated tokens, seconds, ids cut, {id: why} of tasks given up): `todo` over `n` worker processes
     (workers.run), the longest task first, each task's Record in the cache as it finishes."""
     from tqdm import tqdm
-    order = sorted(todo, key=lambda tid: -task_size(todo[tid]))
+    order = sorted(todo, key=lambda tid: -data.task_size(todo[tid]))
     if end:
         print(f"time budget: --time-budget {cfg.time_budget}, shared by the {n} workers: each task in turn gets the "
               "time left x the workers / the tasks left")
@@ -1030,7 +1026,8 @@ def predict_on_workers(cfg, n, pinned, run, todo, cache_path, settings, end):
 
 
 def lost_records(lost, tasks):
-    """Placeholder Records ([[0]] attempts, status worker_died) of the tasks whose worker died twice, said in one line."""
+    """Placeholder Records ([[0]] attempts, status worker_died) of the tasks whose worker died twice, said in one
+    line."""
     if lost:
         print(f"given up: {len(lost)} tasks whose worker died twice, first: {', '.join(list(lost)[:5])}: [[0]] in the "
               "submission and not cached; the same command again predicts them")
@@ -1085,12 +1082,8 @@ def predict_all(cfg, tasks, unreadable, t0):
     run = find_run(cfg.model, cfg.adapter, cfg.max_seq_len, cfg.base_model)
     check_ttt_base(run)
     # before any output: a GPU that torch cannot use stops here; `import unsloth` comes before transformers
-    setup = make_setup(cfg.device, cfg.backend, trained_with=run.backend,
-                             ttt=bool(run.ttt_mode))
+    setup = make_setup(cfg.device, cfg.backend, trained_with=run.backend, ttt=bool(run.ttt_mode))
     n = workers.worker_count(cfg.gpus, setup)
-    if n > 1:
-        print(f"workers: {n} processes, " + (f"one per GPU ({', '.join(setup.gpus[:n])})" if setup.device == "cuda"
-                                            else f"on the CPU (--gpus {cfg.gpus})") + ", one shared queue of tasks")
     out = submission_path(Path(cfg.out) if cfg.out else run.folder / "submission.json")
     if cfg.shard:  # unreadable tasks join the submission at --merge
         tasks, unreadable = shard_tasks(tasks, cfg.shard), {}
@@ -1106,8 +1099,7 @@ def predict_all(cfg, tasks, unreadable, t0):
     settings = dict(model=model_key(run), weights=weights_fingerprint(run), dataset=cfg.dataset, split=cfg.split,
                     max_seq_len=run.max_seq_len, temperature=cfg.temperature, top_k=cfg.top_k,
                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    mode = MODES[cfg.guesses]
-    settings.update(guesses=cfg.guesses, **{f: getattr(cfg, f) for f in mode.flags})
+    settings.update(guesses=cfg.guesses, **{f: getattr(cfg, f) for f in MODES[cfg.guesses].flags})
     for flag in unused_flags(cfg):
         print(f"note: {flag}: not used by --guesses {cfg.guesses}")
     print(f"model: {model_name(run)} (format {run.format or 'from the tokenizer'}, max_seq_len {run.max_seq_len})"
@@ -1120,7 +1112,8 @@ def predict_all(cfg, tasks, unreadable, t0):
         status = [s for rec in records.values() for pair in rec.status for s in pair]
         skipped = [f"task {tid} {note}" for tid, rec in records.items() for note in rec.skipped]
         extra = dict(time_s=round(time.time() - t0, 1), generate_s=round(seconds, 1), generated_tokens=generated,
-                     tokens_per_s=round(generated / seconds, 1) if seconds else None, shard=cfg.shard or None, workers=n,
+                     tokens_per_s=round(generated / seconds, 1) if seconds else None, shard=cfg.shard or None,
+                     workers=n,
                      guess_status={s: status.count(s) for s in sorted(set(status))}, skipped=skipped,
                      timed_out={tid: rec.timed_out for tid, rec in records.items() if rec.timed_out},
                      trimmed_examples=sum(rec.trimmed for rec in records.values()), settings=settings,

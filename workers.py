@@ -31,15 +31,17 @@ def check_gpus(text):
 
 
 def worker_count(gpus, setup):
-    """How many workers --gpus asks for on `setup`'s device: every GPU for auto and all (1 on a CPU); N itself,
-    which on a GPU may not pass the GPUs torch sees."""
+    """How many workers --gpus asks for on `setup`'s device, said when more than one: every GPU for auto and all
+    (1 on a CPU); N itself, which on a GPU may not pass the GPUs torch sees."""
     seen = len(setup.gpus) if setup.device == "cuda" else 0
-    if gpus in (AUTO, "auto", "all"):
-        return max(seen, 1)
-    if seen and int(gpus) > seen:
+    if seen and gpus not in (AUTO, "auto", "all") and int(gpus) > seen:
         raise OneLineError(f"--gpus {gpus}: torch sees {seen} GPUs ({', '.join(setup.gpus)}); give at most {seen}, "
                            "or all")
-    return int(gpus)
+    n = max(seen, 1) if gpus in (AUTO, "auto", "all") else int(gpus)
+    if n > 1:
+        print(f"workers: {n} processes, " + (f"one per GPU ({', '.join(setup.gpus[:n])})" if seen
+                                            else f"on the CPU (--gpus {gpus})") + ", one shared queue of tasks")
+    return n
 
 
 def pins(n, setup):

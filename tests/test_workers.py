@@ -28,7 +28,8 @@ def one(tmp_path_factory):
 def outputs(folder):
     """(submission, results without timings, cached Records by task) of an --out folder."""
     results = {k: v for k, v in read(folder / "results.json").items() if k not in TIMING}
-    cached = {tid: (rec.guesses, rec.status) for tid, rec in infer.read_cache(folder / "submission.cache.jsonl").items()}
+    cache = infer.read_cache(folder / "submission.cache.jsonl")
+    cached = {tid: (rec.guesses, rec.status) for tid, rec in cache.items()}
     return read(folder / "submission.json"), results, cached
 
 
