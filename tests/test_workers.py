@@ -1,6 +1,7 @@
-"""infer.py --gpus N: N worker processes (on the CPU here, the code path of one process per GPU) taking tasks from one
-queue give the submission and results of one process; a worker killed mid-task costs only that task's retry (or the
-task, named, when it dies twice), nothing finished; one --time-budget holds across the workers.
+"""infer.py and train.py --ttt with --gpus N: N worker processes (on the CPU here, the code path of one process per
+GPU) taking tasks from one queue give the submission, results and adapters of one process; a worker killed mid-task
+costs only that task's retry (or the task, named, when it dies twice), nothing finished; one --time-budget holds
+across the workers.
 
     python -m pytest tests/test_workers.py -q
 """
@@ -8,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+import cli
 import infer
+import runs
+import train
 import workers
 from conftest import read, tiny_run, write_family
 
@@ -98,3 +102,42 @@ def test_gpus_flag_values(one, tmp_path):
             infer.main(given + ["--gpus", value, "--out", str(tmp_path / "x.json")])
         assert f"--gpus {value}: must be auto, all or a number of processes >= 1" in str(e.value.code)
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.fixture(scope="module")
+def ttt_runs(one):
+    """Per-task adapters of 3 tasks on the tiny run, trained by one process and by 2 workers: (argv, the two runs)."""
+    given, reference = one
+    base = Path(given[1])
+    path = runs.run_config_path(base)  # the tiny run marked finished, as train.py leaves a run
+    cli.write_json(path, dict(read(path), summary=dict(steps=1, interrupted=False)))
+    ttt = ["--ttt", "--model", str(base), "--dataset", given[3], "--split", "eval", "--limit-tasks", "3",
+           "--epochs", "1", "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1"]
+    alone, split = reference.parent / "ttt-one", reference.parent / "ttt-two"
+    train.main(ttt + ["--out", str(alone)])
+    train.main(ttt + ["--gpus", "2", "--device", "cpu", "--out", str(split)])
+    return given, alone, split
+
+
+def test_ttt_over_two_workers_trains_the_adapters_of_one_process(ttt_runs):
+    import safetensors.torch
+    _, alone, split = ttt_runs
+    summary = read(runs.run_config_path(split))["summary"]
+    assert summary["trained"] == 3 and summary["workers"] == 2 and summary["worker_died"] == {}
+    folders = sorted(p.name for p in (alone / runs.TTT).iterdir())
+    assert len(folders) == 3 and sorted(p.name for p in (split / runs.TTT).iterdir()) == folders
+    for name in folders:
+        a, b = (safetensors.torch.load_file(str(r / runs.TTT / name / "adapter_model.safetensors"))
+                for r in (alone, split))
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), name
+    assert {k: v["last_loss"] for k, v in summary["per_task"].items()} == \
+        {k: v["last_loss"] for k, v in read(runs.run_config_path(alone))["summary"]["per_task"].items()}
+
+
+def test_infer_over_two_workers_puts_each_tasks_adapter_on(ttt_runs):
+    given, alone, split = ttt_runs
+    argv = given[2:] + ["--limit", "3"]
+    infer.main(["--model", str(alone)] + argv)
+    infer.main(["--model", str(split), "--gpus", "2", "--device", "cpu"] + argv)
+    assert read(split / "submission.limit-3.json") == read(alone / "submission.limit-3.json")
+    assert read(split / "results.limit-3.json")["no_adapter"] == []
