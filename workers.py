@@ -106,97 +106,112 @@ def serve(slot, quiet, start, work, args, conn):
         return
 
 
-def run(n, pinned, start, work, args, items, on_done):
-    """Run work() on every item over `n` spawned workers (serve), each pinned to pinned[slot]. This process is the
-    queue: a worker that is free gets the next item, in the order given (longest first is the caller's), and
-    on_done(item, result) runs here as each finishes. A worker that dies (a signal, an error) is said in one line
-    with its GPU and task and replaced; its task goes first in the queue again, once. Returns {item: why} of the
-    items given up."""
-    from multiprocessing.connection import wait
-    ctx = multiprocessing.get_context("spawn")
-    pending, left, deaths, lost = deque(items), set(items), Counter(), {}
-    procs, current, idle, wids = {}, {}, set(), iter(range(1 << 30))  # procs: wid -> (slot, process, conn)
+class Pool:
+    """The parent's side of the workers: this process is the queue. A worker that is free gets the next item, in
+    the order given (longest first is the caller's); on_done(item, result) runs here as each finishes. A worker that
+    dies (a signal, an error) is said in one line with its GPU and task and replaced; its task goes first in the
+    queue again, once, then is given up (`lost`: item -> why)."""
 
-    def spawn(slot):
-        conn, child = ctx.Pipe()
-        p = ctx.Process(target=serve, args=(slot, slot > 0 or bool(procs), start, work, args, child), daemon=True)
-        gpu = dict(CUDA_VISIBLE_DEVICES=pinned[slot]) if pinned[slot] is not None else {}
+    def __init__(self, pinned, start, work, args, items, on_done):
+        self.ctx = multiprocessing.get_context("spawn")
+        self.pinned, self.job, self.on_done = pinned, (start, work, args), on_done
+        self.pending, self.left, self.deaths, self.lost = deque(items), set(items), Counter(), {}
+        self.procs, self.current, self.idle, self.wids = {}, {}, set(), iter(range(1 << 30))  # wid: (slot, p, conn)
+
+    def spawn(self, slot):
+        conn, child = self.ctx.Pipe()
+        quiet = slot > 0 or bool(self.procs)
+        p = self.ctx.Process(target=serve, args=(slot, quiet, *self.job, child), daemon=True)
+        gpu = dict(CUDA_VISIBLE_DEVICES=self.pinned[slot]) if self.pinned[slot] is not None else {}
         with environment(TQDM_DISABLE="1", **gpu):
             p.start()
         child.close()  # only the worker writes there: its death ends the pipe
-        procs[next(wids)] = (slot, p, conn)
+        self.procs[next(self.wids)] = (slot, p, conn)
 
-    def give(wid):
-        if pending:
-            current[wid] = pending.popleft()
-            procs[wid][2].send((current[wid], len(pending) + 1))
+    def give(self, wid):
+        if self.pending:
+            self.current[wid] = self.pending.popleft()
+            self.procs[wid][2].send((self.current[wid], len(self.pending) + 1))
         else:
-            idle.add(wid)
+            self.idle.add(wid)
 
-    def died(wid, why):
-        slot, p, conn = procs.pop(wid)
+    def died(self, wid, why):
+        slot, p, conn = self.procs.pop(wid)
         conn.close()
         p.join(5)
-        idle.discard(wid)
-        item, name = current.pop(wid, None), worker_name(slot, pinned[slot])
+        self.idle.discard(wid)
+        item, name = self.current.pop(wid, None), worker_name(slot, self.pinned[slot])
         if item is None:  # it never took a task: its start failed, and each new one's would
             raise OneLineError(f"{name}: its worker died before taking a task ({why})")
-        deaths[item] += 1
-        again = deaths[item] <= RETRIES
+        self.deaths[item] += 1
+        again = self.deaths[item] <= RETRIES
         print(f"{name}: its worker died ({why}) on task {item}: "
               + ("back to the queue" if again else "given up, [[0]] in the submission"), file=sys.stderr)
         if again:
-            pending.appendleft(item)
+            self.pending.appendleft(item)
         else:
-            lost[item] = f"its worker on {name} died twice ({why})"
-            left.discard(item)
-        if left:
-            spawn(slot)
-        while idle and pending:
-            give(idle.pop())
+            self.lost[item] = f"its worker on {name} died twice ({why})"
+            self.left.discard(item)
+        if self.left:
+            self.spawn(slot)
+        while self.idle and self.pending:
+            self.give(self.idle.pop())
 
-    def handle(wid, message):
+    def handle(self, wid, message):
         kind, payload = message
         if kind == "fatal":
-            slot = procs[wid][0]
-            raise OneLineError(f"{worker_name(slot, pinned[slot])}: {payload}")
+            slot = self.procs[wid][0]
+            raise OneLineError(f"{worker_name(slot, self.pinned[slot])}: {payload}")
         if kind == "failed":
-            return died(wid, payload)
+            return self.died(wid, payload)
         if kind == "done":
-            item = current.pop(wid)
-            left.discard(item)
-            on_done(item, payload)
-        give(wid)
+            item = self.current.pop(wid)
+            self.left.discard(item)
+            self.on_done(item, payload)
+        self.give(wid)
 
-    for slot in range(n):
-        spawn(slot)
-    try:
-        while left:
-            by_object = {}
-            for wid, (_, p, conn) in procs.items():
-                by_object[conn], by_object[p.sentinel] = wid, wid
-            for ready in wait(list(by_object), timeout=5):
-                wid = by_object[ready]
-                if wid not in procs:
-                    continue
-                conn, p = procs[wid][2], procs[wid][1]
-                try:
-                    while wid in procs and conn.poll():  # what it sent before dying counts first
-                        handle(wid, conn.recv())
-                except EOFError:
-                    pass
-                if wid in procs and not p.is_alive():
-                    p.join(5)
-                    code = p.exitcode
-                    died(wid, f"killed by signal {-code}" if code and code < 0 else f"exit code {code}")
-    finally:
-        for _, p, conn in procs.values():
+    def step(self):
+        """Wait for a message or a death, and deal with it: what a worker sent before dying counts first."""
+        from multiprocessing.connection import wait
+        by_object = {}
+        for wid, (_, p, conn) in self.procs.items():
+            by_object[conn], by_object[p.sentinel] = wid, wid
+        for ready in wait(list(by_object), timeout=5):
+            wid = by_object[ready]
+            if wid not in self.procs:
+                continue
+            _, p, conn = self.procs[wid]
+            try:
+                while wid in self.procs and conn.poll():
+                    self.handle(wid, conn.recv())
+            except EOFError:
+                pass
+            if wid in self.procs and not p.is_alive():
+                p.join(5)
+                code = p.exitcode
+                self.died(wid, f"killed by signal {-code}" if code and code < 0 else f"exit code {code}")
+
+    def close(self):
+        for _, p, conn in self.procs.values():
             try:
                 conn.send(None)
             except OSError:
                 pass
-        for _, p, _ in procs.values():  # what a worker finished is in the cache already: nothing left to save
+        for _, p, _ in self.procs.values():  # what a worker finished is in the cache already: nothing left to save
             p.join(2)
             if p.is_alive():
                 p.terminate()
-    return lost
+
+
+def run(n, pinned, start, work, args, items, on_done):
+    """Run work() on every item over `n` spawned workers (serve), each pinned to pinned[slot], as Pool says.
+    Returns {item: why} of the items given up."""
+    pool = Pool(pinned, start, work, args, items, on_done)
+    for slot in range(n):
+        pool.spawn(slot)
+    try:
+        while pool.left:
+            pool.step()
+    finally:
+        pool.close()
+    return pool.lost
