@@ -5,6 +5,7 @@ across the workers.
 
     python -m pytest tests/test_workers.py -q
 """
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,48 @@ from conftest import read, tiny_run, write_family
 
 TIMING = ("time_s", "generate_s", "tokens_per_s", "workers", "submission")  # what differs between two runs
 
+
+# ----------------------------------------------------------------------------
+# the queue itself, with jobs that need no model: a worker's start and its work, top-level so spawn can import them
+
+def start_plain(slot, fail_on):
+    if fail_on == "start":
+        raise cli.OneLineError("no model here")
+    return fail_on
+
+
+def work_plain(fail_on, item, waiting):
+    if item == fail_on:
+        raise ValueError(f"cannot do {item}\nsecond line")
+    return item, waiting, os.getpid()
+
+
+def test_the_queue_hands_out_items_in_order_and_says_how_many_wait():
+    done = []
+    lost = workers.run(1, [None], start_plain, work_plain, (None,), ["d", "c", "b", "a"],
+                       lambda item, result: done.append(result))
+    assert lost == {} and [(item, waiting) for item, waiting, _ in done] == [("d", 4), ("c", 3), ("b", 2), ("a", 1)]
+    assert len({pid for _, _, pid in done}) == 1 and done[0][2] != os.getpid()  # one process of its own
+
+
+def test_a_worker_error_is_one_line_its_task_retried_once_then_given_up_and_the_rest_done(capfd):
+    done = []
+    lost = workers.run(2, [None, None], start_plain, work_plain, ("b",), ["a", "b", "c", "d"],
+                       lambda item, result: done.append(item))
+    err = capfd.readouterr().err
+    assert sorted(done) == ["a", "c", "d"] and list(lost) == ["b"] and "cannot do b" in lost["b"]
+    assert err.count("its worker died (cannot do b) on task b:") == 2 and "second line" not in err
+    assert "back to the queue" in err and "given up, [[0]] in the submission" in err
+
+
+def test_a_worker_that_cannot_start_stops_the_run_in_one_line():
+    with pytest.raises(cli.OneLineError) as e:
+        workers.run(2, [None, None], start_plain, work_plain, ("start",), ["a", "b"], lambda item, result: None)
+    assert str(e.value).startswith("CPU worker ") and str(e.value).endswith(": no model here")
+
+
+# ----------------------------------------------------------------------------
+# infer.py and train.py --ttt over workers, on the tiny model
 
 @pytest.fixture(scope="module")
 def one(tmp_path_factory):
