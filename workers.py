@@ -58,16 +58,18 @@ def worker_name(slot, pin):
 
 @contextmanager
 def environment(**values):
-    """os.environ with `values` set (None: removed) while a worker process starts: spawn hands it the environment
-    as it is then, so its torch never sees another GPU."""
+    """os.environ with `values` set while a worker process starts: spawn hands it the environment as it is then,
+    so its torch never sees another GPU."""
     saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
-        for k, v in values.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         yield
     finally:
         for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def kill_hook(item):
