@@ -6,7 +6,11 @@ across the workers.
     python -m pytest tests/test_workers.py -q
 """
 import os
+import random
+import time
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,7 +19,8 @@ import infer
 import runs
 import train
 import workers
-from conftest import read, tiny_run, write_family
+import data
+from conftest import FMT, fake_model, mirror_task, read, tiny_run, write_family
 
 TIMING = ("time_s", "generate_s", "tokens_per_s", "workers", "submission")  # what differs between two runs
 
@@ -184,3 +189,21 @@ def test_infer_over_two_workers_puts_each_tasks_adapter_on(ttt_runs):
     infer.main(["--model", str(split), "--gpus", "2", "--device", "cpu"] + argv)
     assert read(split / "submission.limit-3.json") == read(alone / "submission.limit-3.json")
     assert read(split / "results.limit-3.json")["no_adapter"] == []
+
+
+def test_a_workers_share_of_the_budget_is_the_time_left_times_the_workers_over_the_tasks_waiting(monkeypatch, tmp_path,
+                                                                                               tokenizer):
+    tasks = {f"t{i}": mirror_task(random.Random(i), 2, 3) for i in range(2)}
+    fake_model(monkeypatch, tokenizer, lambda ids: data.format_completion([[5]], FMT))
+    seen, plan = [], infer.plan_task
+    monkeypatch.setattr(infer, "plan_task", lambda budget, *a: seen.append((budget.end - a[-1], budget.tasks_left))
+                        or plan(budget, *a))
+    cfg = replace(infer.Config(), max_seq_len=2048, max_new_tokens=16)
+    end = time.time() + 1000
+    w = SimpleNamespace(model=None, tokenizer=tokenizer, fmt=FMT, cfg=cfg, use_adapter=None, todo=tasks,
+                        cache_path=tmp_path / "submission.cache.jsonl", settings={}, n=2, budget=infer.Budget(end, 2))
+    assert infer.worker_task(w, "t0", 5)[2] is False  # 5 tasks wait for 2 workers: predicted, not cut
+    assert infer.worker_task(w, "t1", 1)[2] is False  # the last one
+    (left0, shares0), (left1, shares1) = seen
+    assert 990 < left1 <= left0 <= 1000 and (shares0, shares1) == (3, 1)  # its share: left / ceil(waiting / workers)
+    assert sorted(infer.read_cache(w.cache_path)) == ["t0", "t1"]
