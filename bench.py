@@ -427,7 +427,7 @@ def bench_modes(cfg, setup):
                 infer.main(["--model", str(run), "--dataset", str(family), "--split", "eval", "--guesses",
                             name.split()[0], "--seed", str(cfg.seed), "--out", str(out)] + flags)
                 seconds = time.time() - t0
-                _, cache, results, _ = infer.paths(out, mode=name.split()[0])  # each mode's files are named by it
+                _, cache, results, _ = infer.paths(out, by_mode=False)  # each mode in a folder of its own
                 r = json.loads(results.read_text())
                 cached = infer.read_cache(cache)
                 candidates = [len(c) for rec in cached.values() for c in rec.candidates]

@@ -608,6 +608,11 @@ def path_exists(name):
         return False
 
 
+def task_size(task):
+    """A task's cells, every grid counted: how long it takes, for work queues that start with the longest."""
+    return sum(len(row) for pair in task["train"] + task["test"] for grid in pair.values() for row in grid)
+
+
 def weighted_dataset(spec):
     """(dataset, repeat) of a --dataset value: NAME:N repeats its sequences N times per epoch (N >= 1), a plain
     NAME once. A path that exists is a name, even with a colon in it."""

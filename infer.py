@@ -13,6 +13,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
+
+import workers
 
 import data
 from cli import (AUTO, OneLineError, Stopped, TINY_NOTE, check_ranges, check_writable, line_buffered, lock_file, opt,
@@ -49,6 +52,7 @@ class Config:
     max_seq_len: int = opt(AUTO, "model", "prompt + answer token limit; longer tasks lose their largest train "
                                           "examples (auto: the run's max_seq_len, 8192 for a base model)")
     batch_size: int = opt(16, "model", "prompts per forward pass (sorted by length)")
+    gpus: str = workers.gpus_opt()
     temperature: float = opt(1.0, "sampling", "sampling temperature (0 = greedy)")
     top_k: int = opt(50, "sampling", "top-k sampling, the write-up's k=50")
     max_new_tokens: int = opt(AUTO, "sampling", "answer token limit (auto: the largest possible answer: 30x30 "
@@ -74,8 +78,10 @@ class Config:
                                           "votes), a dfs search stops at its share, and says so; tasks left when it "
                                           "runs out get [[0]] and are not cached. Not a cache setting: the same "
                                           "command with a longer budget (or none) predicts the tasks cut")
-    out: str = opt("", "output", "submission file, or a folder to write submission.json in (default: the run folder, "
-                                 "or the --adapter folder); a .cache.jsonl beside it lets a killed run resume")
+    out: str = opt("", "output", "submission file, or a folder to write submission.json in, so named whatever "
+                                 "--guesses (default: the run folder, or the --adapter folder, where each mode but "
+                                 "writeup is in the names: submission.dfs.json); a .cache.jsonl beside it lets a "
+                                 "killed run resume")
     score: str = opt("", "output", "score this submission file's attempts against --dataset/--split and exit (no "
                                    "model); results.<its name>.json beside it (submission.X.json -> results.X.json)")
     join_shards: bool = opt(False, "output", "join the --shard slices beside --out into the full submission and score "
@@ -94,7 +100,8 @@ CHECKS = [("limit", lambda x: x >= 0, ">= 0 (0 = all)"),
           ("max_task_seconds", lambda x: x >= 0, ">= 0 (0 = none)"),
           ("time_budget", lambda x: budget_seconds(x) is not None, "a duration such as 11h, 90m, 600s, 1h30m or "
                                                                    "seconds (0 = none)"),
-          ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295")]
+          ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295"),
+          ("gpus", workers.check_gpus, "auto, all or a number of processes >= 1")]
 # (flag, ok, requirement): checked before any model loads
 
 
@@ -523,15 +530,15 @@ def sampled_prompts(tasks, tokenizer, fmt, cfg, views, say=True):
     return by_task, records, shown
 
 
-def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None, end=None):
-    """Generate every guess of `tasks`, appending each task's Record to the `cache` file once its guesses are chosen;
-    use_adapter(task_id), when given, loads a task's test-time adapter before its prompts. With `end` (--time-budget,
-    a time.time()) tasks run one at a time, each fitted into its share by plan_task; those it cuts are neither
-    prompted, predicted nor cached. Returns (generated tokens, seconds, ids of the tasks cut)."""
+def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None, budget=None):
+    """Generate every guess of `tasks`, appending each task's Record to the `cache` file as soon as its guesses are
+    chosen. use_adapter(task_id), when given, loads that task's test-time-trained adapter before its prompts. With
+    a `budget` (--time-budget), tasks run one at a time, each as plan_task fits it into its share; those it cuts
+    are neither prompted, predicted nor cached. Returns (generated tokens, seconds, ids of the tasks cut)."""
     from tqdm import tqdm
     mode, views, records, shown = MODES[cfg.guesses], view_list(cfg), {}, {}
     samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
-    job, budget = make_job(cfg, model, tokenizer, fmt), Budget(end, len(tasks)) if end else None
+    job = make_job(cfg, model, tokenizer, fmt)
     t0, generated, current, cut = time.time(), 0, None, []
     # the bar closed however predicting ends (a signal's line comes after it); each task's line on disk at once
     with tqdm(total=len(tasks), unit="task", desc="tasks") as bar, open(cache, "a", encoding="utf-8", buffering=1) as f:
@@ -550,7 +557,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             for note in rec.timed_out + ([f"degraded: {rec.degraded}"] if rec.degraded else []):
                 bar.write(f"task {tid} {note}")
             rec.settings, rec.fingerprint = settings, task_fingerprint(tasks[tid])
-            f.write(json.dumps(dataclasses.asdict(rec)) + "\n")
+            append_line(f, json.dumps(dataclasses.asdict(rec)))
             bar.update(1)
         for group in [tasks] if budget is None else [{tid: task} for tid, task in tasks.items()]:
             start, job.score_s = time.time(), 0.0
@@ -592,20 +599,42 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
 # ----------------------------------------------------------------------------
 # files: cache, submission, shards
 
-def paths(out, shard="", limit=0, mode="writeup"):
-    """(submission, cache, results, plots folder) for a submission path, a guess mode (each mode but the default
-    writeup named so: modes tried side by side keep their own files and cache), an optional shard "i/n" and --limit
-    N (a partial submission named so, never the full one)."""
+def paths(out, shard="", limit=0, mode="writeup", by_mode=True):
+    """(submission, cache, results, plots folder) for a submission path, a guess mode, an optional shard "i/n" and
+    --limit N (a partial submission named so, never the full one). With `by_mode` (the default output, in the run
+    folder) each mode but writeup is in the names, so modes tried side by side keep their own files and cache; an
+    --out the user gave is written as spelled, whatever the mode (check_mode keeps another mode's files safe)."""
     out = Path(out)
-    suffix = "" if mode == "writeup" else f".{mode}"
+    suffix = f".{mode}" if by_mode and mode != "writeup" else ""
+    plots = out.parent / f"plots{suffix}"
     if shard:
         i, n = shard.split("/")
         suffix += f".shard-{i}-of-{n}"
     if limit:
         suffix += f".limit-{limit}"
     sub = out.with_name(out.stem + suffix + ".json")
-    plots = out.parent / ("plots" if mode == "writeup" else f"plots.{mode}")
     return sub, sub.with_suffix(".cache.jsonl"), out.with_name(f"results{suffix}.json"), plots
+
+
+def check_mode(flag, sub_path, results_path, mode):
+    """Refuse, in one line, to write a --guesses `mode` submission over one that another mode wrote (its results
+    file names the mode): the first mode's files stay as they are. Its cache refuses a second mode by itself
+    (read_cache: other settings)."""
+    written = read_json(results_path).get("mode") if results_path.is_file() else None
+    if written is not None and written != mode:
+        raise OneLineError(f"{flag}: {sub_path} is the --guesses {written} submission ({results_path} says so); "
+                           f"--guesses {mode} would write over it: give another {flag}, or move those files away")
+
+
+def append_line(f, line):
+    """One line appended to the open cache file whole: workers on one --out append to it side by side."""
+    import fcntl
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        f.write(line + "\n")
+        f.flush()
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_cache(path, settings=None, repair=False):
@@ -731,12 +760,12 @@ def shard_tasks(tasks, shard):
     return {tid: tasks[tid] for j, tid in enumerate(sorted(tasks)) if j % n == i}
 
 
-def merge_shards(out, tasks, limit=0, mode="writeup"):
+def merge_shards(out, tasks, limit=0, mode="writeup", by_mode=True):
     """(submission, guesses or None) joined from the shard files beside `out` that predicting with the same --limit
     and --guesses wrote (paths() names them); raises OneLineError naming what is missing, or shards predicted with
     other settings than each other (another model's weights, another mode or sampling). Guesses come from the
     shard caches when all of them are there."""
-    named = paths(out, "0/1", limit, mode)[0].name  # e.g. submission.vote.shard-0-of-1.limit-3.json
+    named = paths(out, "0/1", limit, mode, by_mode)[0].name  # e.g. submission.vote.shard-0-of-1.limit-3.json
     folder = Path(out).parent
     pattern = re.escape(named).replace(re.escape(".shard-0-of-1"), r"\.shard-(\d+)-of-(\d+)")
     found = {}  # n -> {i: path}
@@ -757,7 +786,7 @@ def merge_shards(out, tasks, limit=0, mode="writeup"):
         part = shard_tasks(tasks, f"{i}/{n}")
         sub.update(read_submission(files[i], part))
         cache = read_cache(files[i].with_suffix(".cache.jsonl"))
-        written[i] = shard_settings(cache, paths(out, f"{i}/{n}", limit, mode)[2])
+        written[i] = shard_settings(cache, paths(out, f"{i}/{n}", limit, mode, by_mode)[2])
         done = answered(cache, part)
         if guesses is not None and len(done) == len(part):
             guesses.update({tid: done[tid].guesses for tid in part})
@@ -942,9 +971,10 @@ def merge(cfg, tasks, unreadable):
     out = Path(cfg.out) if cfg.out else \
         find_run(cfg.model, cfg.adapter, cfg.max_seq_len, cfg.base_model).folder / "submission.json"
     out = submission_path(out)
-    sub, guesses = merge_shards(out, tasks, cfg.limit, cfg.guesses)
+    sub_path, _, results_path, plots = paths(out, "", cfg.limit, cfg.guesses, by_mode=not cfg.out)
+    check_mode("--out", sub_path, results_path, cfg.guesses)
+    sub, guesses = merge_shards(out, tasks, cfg.limit, cfg.guesses, by_mode=not cfg.out)
     sub = dict(sorted({**sub, **submission_of({}, {}, unreadable)}.items()))
-    sub_path, _, results_path, plots = paths(out, "", cfg.limit, cfg.guesses)
     save_submission(sub, tasks, unreadable, sub_path)
     _, files = report(cfg, tasks, sub, guesses, sub_path, results_path, plots, f"{out} (merged shards)",
                       dict(mode=cfg.guesses))
@@ -987,9 +1017,91 @@ def cut_records(cut, tasks, cache_path):
     return {tid: Record.empty(tid, len(tasks[tid]["test"]), "cut_by_budget") for tid in cut}
 
 
-def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
-    """(records, generated tokens, seconds, ids cut by --time-budget): every task's Record, from the cache,
-    predicted now, or a placeholder where predicting it would pass `end` (cut_records)."""
+def load_predictor(cfg, run, setup, todo):
+    """(model, tokenizer, format, cfg with the run's lengths, use_adapter or None): the model loaded on `setup`'s
+    device, its sampling or search and guess mode said; use_adapter(task_id) puts on a task's test-time adapter."""
+    import torch
+    model, tokenizer = load_model(run, setup)
+    torch.manual_seed(cfg.seed)
+    fmt = run.format or data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    cfg = replace(cfg, max_seq_len=run.max_seq_len, max_new_tokens=cfg.max_new_tokens or answer_tokens(tokenizer, fmt))
+    if MODES[cfg.guesses].samples(cfg):
+        print(f"sampling: top_k {cfg.top_k}, temperature {cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, "
+              f"batch_size {cfg.batch_size}, seed {cfg.seed}, format {fmt}")
+    else:
+        print(f"search: min_prob {cfg.min_prob} (at most {int(1 / cfg.min_prob)} answers per view), "
+              f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}")
+    print(f"guesses: {describe_mode(cfg)}")
+    use_adapter = adapter_loader(model, run, todo) if run.ttt_mode == "per-task" and run.ttt_adapters() else None
+    return model, tokenizer, fmt, cfg, use_adapter
+
+
+def predict_here(cfg, run, setup, todo, cache_path, settings, end):
+    """(generated tokens, seconds, ids cut, {}): `todo` predicted in this process (predict)."""
+    model, tokenizer, fmt, cfg, use_adapter = load_predictor(cfg, run, setup, todo)
+    if end:
+        print(f"time budget: --time-budget {cfg.time_budget}, " + (
+            f"{end - time.time():.0f} s left after loading: each of the {len(todo)} tasks in turn gets the time "
+            "left / the tasks left" if end > time.time() else "all spent before predicting: every task is cut"))
+    budget = Budget(end, len(todo)) if end else None
+    return (*predict(todo, model, tokenizer, fmt, cfg, cache_path, settings, use_adapter, budget), {})
+
+
+def start_worker(slot, cfg, run, todo, cache_path, settings, end, n):
+    """A worker process's start (workers.serve): its device (the GPU it is pinned to), the model, once."""
+    quiet_libraries()
+    setup = make_setup(cfg.device, cfg.backend, trained_with=run.backend, ttt=bool(run.ttt_mode))
+    model, tokenizer, fmt, cfg, use_adapter = load_predictor(cfg, run, setup, todo)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, fmt=fmt, cfg=cfg, use_adapter=use_adapter, todo=todo,
+                           cache_path=cache_path, settings=settings, n=n,
+                           budget=Budget(end, len(todo)) if end else None)
+
+
+def worker_task(w, tid, waiting):
+    """One task predicted in a worker, its Record appended to the shared cache: (generated tokens, seconds, cut).
+    Under --time-budget its share is the time left x the workers / the tasks not taken yet (`waiting`)."""
+    if w.budget:
+        w.budget.tasks_left = -(-waiting // w.n)
+    generated, seconds, cut = predict({tid: w.todo[tid]}, w.model, w.tokenizer, w.fmt, w.cfg, w.cache_path,
+                                      w.settings, w.use_adapter, w.budget)
+    return generated, seconds, bool(cut)
+
+
+def predict_on_workers(cfg, n, pinned, run, todo, cache_path, settings, end):
+    """(generated tokens, seconds, ids cut, {id: why} of tasks given up): `todo` over `n` worker processes
+    (workers.run), the longest task first, each task's Record in the cache as it finishes."""
+    from tqdm import tqdm
+    order = sorted(todo, key=lambda tid: -data.task_size(todo[tid]))
+    if end:
+        print(f"time budget: --time-budget {cfg.time_budget}, shared by the {n} workers: each task in turn gets the "
+              "time left x the workers / the tasks left")
+    bar, t0, got = tqdm(total=len(order), unit="task", desc=f"tasks on {n} workers"), time.time(), [0, set()]
+
+    def on_done(tid, result):
+        generated, _, cut = result
+        got[0] += generated
+        if cut:
+            got[1].add(tid)
+        bar.update(1)
+    lost = workers.run(n, pinned, start_worker, worker_task, (cfg, run, todo, cache_path, settings, end, n), order,
+                       on_done)
+    bar.close()
+    return got[0], time.time() - t0, [tid for tid in todo if tid in got[1]], lost
+
+
+def lost_records(lost, tasks):
+    """Placeholder Records ([[0]] attempts, status worker_died) of the tasks whose worker died twice, said in one
+    line."""
+    if lost:
+        print(f"given up: {len(lost)} tasks whose worker died twice, first: {', '.join(list(lost)[:5])}: [[0]] in the "
+              "submission and not cached; the same command again predicts them")
+    return {tid: Record.empty(tid, len(tasks[tid]["test"]), "worker_died") for tid in lost}
+
+
+def predict_missing(cfg, run, tasks, cache_path, settings, setup, n, end=None):
+    """(records, generated tokens, seconds, ids cut by --time-budget, {id: why} given up): every task's Record,
+    from the cache, predicted now (here, or over `n` workers), or a placeholder where predicting it would pass
+    `end` (cut_records) or its worker died twice (lost_records)."""
     cached = read_cache(cache_path, settings, repair=True)
     done = answered(cached, tasks)
     changed = sorted(tid for tid in cached if tid in tasks and tid not in done)
@@ -1000,33 +1112,18 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
     todo = {tid: task for tid, task in tasks.items() if tid not in done}
     print(f"tasks: {len(tasks)} of {cfg.dataset} {cfg.split}" + (f" (shard {cfg.shard})" if cfg.shard else "")
           + f", {len(done)} already done in {cache_path}, {len(todo)} to do")
-    generated, seconds, cut = 0, 0.0, []
+    generated, seconds, cut, lost = 0, 0.0, [], {}
     if todo and end and time.time() >= end:  # spent reading the tasks: no model loaded, no prompt built
         print(f"time budget: --time-budget {cfg.time_budget} all spent before loading the model: every task is cut")
         cut = list(todo)
     elif todo:
-        import torch
-        model, tokenizer = load_model(run, setup)
-        torch.manual_seed(cfg.seed)
-        fmt = run.format or data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
-        cfg = replace(cfg, max_seq_len=run.max_seq_len,
-                      max_new_tokens=cfg.max_new_tokens or answer_tokens(tokenizer, fmt))
-        if MODES[cfg.guesses].samples(cfg):
-            print(f"sampling: top_k {cfg.top_k}, temperature {cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, "
-                  f"batch_size {cfg.batch_size}, seed {cfg.seed}, format {fmt}")
-        else:
-            print(f"search: min_prob {cfg.min_prob} (at most {int(1 / cfg.min_prob)} answers per view), "
-                  f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}")
-        print(f"guesses: {describe_mode(cfg)}")
-        if end:
-            print(f"time budget: --time-budget {cfg.time_budget}, " + (
-                f"{end - time.time():.0f} s left after loading: each of the {len(todo)} tasks in turn gets the time "
-                "left / the tasks left, its prompts built as it comes up" if end > time.time()
-                else "all spent before predicting: every task is cut"))
         try:
-            use_adapter = adapter_loader(model, run, todo) if run.ttt_mode == "per-task" and run.ttt_adapters() \
-                else None
-            generated, seconds, cut = predict(todo, model, tokenizer, fmt, cfg, cache_path, settings, use_adapter, end)
+            if min(n, len(todo)) > 1:  # no more workers than tasks
+                n = min(n, len(todo))
+                generated, seconds, cut, lost = predict_on_workers(cfg, n, workers.pins(n, setup), run, todo,
+                                                                   cache_path, settings, end)
+            else:
+                generated, seconds, cut, lost = predict_here(cfg, run, setup, todo, cache_path, settings, end)
         except (Stopped, KeyboardInterrupt) as e:  # KeyboardInterrupt: infer.main called from a program of its own
             n = len(read_cache(cache_path))
             said = f": {n} finished tasks are saved in {cache_path}; the same command again resumes"
@@ -1038,7 +1135,8 @@ def predict_missing(cfg, run, tasks, cache_path, settings, setup, end=None):
                                "command again resumes")
         done.update(read_cache(cache_path, settings))
     done.update(cut_records(cut, tasks, cache_path))
-    return {tid: done[tid] for tid in tasks}, generated, seconds, cut
+    done.update(lost_records(lost, tasks))
+    return {tid: done[tid] for tid in tasks}, generated, seconds, cut, lost
 
 
 def budget_results(cfg, records, cut):
@@ -1054,12 +1152,13 @@ def predict_all(cfg, tasks, unreadable, t0):
     run = find_run(cfg.model, cfg.adapter, cfg.max_seq_len, cfg.base_model)
     check_ttt_base(run)
     # before any output: a GPU that torch cannot use stops here; `import unsloth` comes before transformers
-    setup = make_setup(cfg.device, cfg.backend, trained_with=run.backend,
-                             ttt=bool(run.ttt_mode))
+    setup = make_setup(cfg.device, cfg.backend, trained_with=run.backend, ttt=bool(run.ttt_mode))
+    n = workers.worker_count(cfg.gpus, setup)
     out = submission_path(Path(cfg.out) if cfg.out else run.folder / "submission.json")
     if cfg.shard:  # unreadable tasks join the submission at --join-shards
         tasks, unreadable = shard_tasks(tasks, cfg.shard), {}
-    sub_path, cache_path, results_path, plots = paths(out, cfg.shard, cfg.limit, cfg.guesses)
+    sub_path, cache_path, results_path, plots = paths(out, cfg.shard, cfg.limit, cfg.guesses, by_mode=not cfg.out)
+    check_mode("--out", sub_path, results_path, cfg.guesses)
     check_outputs("--out", dict(submission=sub_path, cache=cache_path, results=results_path,
                                 lock=cache_path.with_name(cache_path.name + ".lock")), input_files(cfg, run),
                   dataset_folders(cfg))
@@ -1070,8 +1169,7 @@ def predict_all(cfg, tasks, unreadable, t0):
     settings = dict(model=model_key(run), weights=weights_fingerprint(run), dataset=cfg.dataset, split=cfg.split,
                     max_seq_len=run.max_seq_len, temperature=cfg.temperature, top_k=cfg.top_k,
                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    mode = MODES[cfg.guesses]
-    settings.update(guesses=cfg.guesses, **{f: getattr(cfg, f) for f in mode.flags})
+    settings.update(guesses=cfg.guesses, **{f: getattr(cfg, f) for f in MODES[cfg.guesses].flags})
     for flag in unused_flags(cfg):
         print(f"note: {flag}: not used by --guesses {cfg.guesses}")
     print(f"model: {model_name(run)} (format {run.format or 'from the tokenizer'}, max_seq_len {run.max_seq_len})"
@@ -1080,17 +1178,18 @@ def predict_all(cfg, tasks, unreadable, t0):
     no_adapter = missing_adapters(run, tasks)
     with lock(cache_path):
         end = t0 + budget if (budget := budget_seconds(cfg.time_budget)) else None
-        records, generated, seconds, cut = predict_missing(cfg, run, tasks, cache_path, settings, setup, end)
+        records, generated, seconds, cut, lost = predict_missing(cfg, run, tasks, cache_path, settings, setup, n, end)
         status = [s for rec in records.values() for pair in rec.status for s in pair]
         skipped = [f"task {tid} {note}" for tid, rec in records.items() for note in rec.skipped]
         extra = dict(generate_s=round(seconds, 1), generated_tokens=generated,
                      tokens_per_s=round(generated / seconds, 1) if seconds else None, shard=cfg.shard or None,
+                     workers=n,
                      guess_status={s: status.count(s) for s in sorted(set(status))}, skipped=skipped,
                      timed_out={tid: rec.timed_out for tid, rec in records.items() if rec.timed_out},
                      trimmed_examples=sum(rec.trimmed for rec in records.values()), settings=settings,
                      unreadable={tid: reason for tid, (reason, _) in unreadable.items()}, mode=cfg.guesses,
                      seen_in_training=seen, no_adapter=no_adapter, **coverage(tasks, records),
-                     **budget_results(cfg, records, cut))
+                     **budget_results(cfg, records, cut), **(dict(worker_died=lost) if lost else {}))
         sub = submission_of(tasks, records, unreadable)
         save_submission(sub, tasks, unreadable, sub_path)
         r, files = report(cfg, tasks, sub, {tid: rec.guesses for tid, rec in records.items()},

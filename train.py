@@ -13,12 +13,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+
+import workers
 
 from cli import (AUTO, OneLineError, Stopped, TINY_NOTE, check_ranges, check_writable, file_mode, given_flags,
                  line_buffered, lock_file, opt, parse_config, peak_memory_gb, quiet_libraries, run_command, shared,
                  signals_held, write_failure, write_json)
 from data import (POOL_EXAMPLES, build_dataset, choose_format, count_tokens, path_exists, read_sets, task_folder,
-                  training_fingerprint, ttt_dataset, views, weighted_dataset)
+                  task_size, training_fingerprint, ttt_dataset, views, weighted_dataset)
 from hub import GPU_MODEL, SMOLLM2
 from recipes import WRITEUP_FLAGS, WRITEUP_RECIPE, auto_help, recipe, shown
 from models import (EMBEDDINGS, LOSSES, PROJECTIONS, add_lora, arc_vocabulary, count_params, encode_example,
@@ -125,6 +128,7 @@ class Config:
                                                           "all the tasks", choices=list(TTT_MODES))
     ttt_views: int = opt(8, "test-time training", "views of each leave-one-out task: the 8 symmetries, beyond "
                                                   "that each symmetry again with a colour permutation keeping 0")
+    gpus: str = workers.gpus_opt()
 
 
 # ----------------------------------------------------------------------------
@@ -250,6 +254,7 @@ def checks():
             ("weight_decay", lambda x: x >= 0, ">= 0"),
             ("save_steps", positive, ">= 1"), ("logging_steps", positive, ">= 1"), ("eval_steps", positive, ">= 1"),
             ("val_limit", lambda x: x >= 0, ">= 0 (0 = all)"), ("ttt_views", positive, ">= 1"),
+            ("gpus", workers.check_gpus, "auto, all or a number of processes >= 1"),
             ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295 (numpy's seed range)")]
 
 
@@ -891,6 +896,10 @@ def summarize(trainer, result, progress, seconds, train_ds, report, trainable):
 # ----------------------------------------------------------------------------
 
 
+def trainable_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def reset_weights(model, start):
     """Put the trainable weights back to `start` (name -> tensor) in place: a fresh adapter without reloading."""
     import torch
@@ -900,11 +909,12 @@ def reset_weights(model, start):
                 p.copy_(start[name])
 
 
-def train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup):
-    """A fresh LoRA per task, reset in memory between tasks, trained on that task's demonstrations only and saved
-    to out/ttt/<task>/ (written whole, then renamed: a folder that exists is complete). Tasks whose folder exists
-    are skipped, so rerunning the same command resumes. Returns the summary."""
-    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup, start=None):
+    """A fresh LoRA per task, reset in memory between tasks (to `start`, name -> tensor: the model's trainable
+    weights as given, by default), trained on that task's demonstrations only and saved to out/ttt/<task>/
+    (written whole, then renamed: a folder that exists is complete). Tasks whose folder exists are skipped, so
+    rerunning the same command resumes. Returns the summary."""
+    start = start or trainable_weights(model)
     t0, per_task, done, empty = time.time(), {}, 0, []
     STEPPING["since"] = t0  # a signal now stops between tasks, each finished adapter saved
     for i, tid in enumerate(sorted(tasks), 1):
@@ -957,6 +967,9 @@ def settings(cfg, given):
     if cfg.backend != "transformers" and not cfg.ttt and cfg.model != "tiny":
         import_unsloth(device[0])  # before checks() imports transformers: Unsloth's patches hold only then
     check_ranges(cfg, checks())  # the flags as given: values resolved from them are ours, a resumed run's were checked
+    if cfg.gpus not in (AUTO, "auto", "1") and not (cfg.ttt and cfg.ttt_mode == "per-task"):
+        raise OneLineError(f"--gpus {cfg.gpus}: splits --ttt's tasks (per-task) over GPUs; one training run on several "
+                           "GPUs is torchrun (README: Several GPUs)")
     cfg = resolve(cfg, given, device[0] == "cuda")
     check_out_is_no_input(cfg)
     steps = already_finished(cfg) if cfg.resume else None
@@ -1034,6 +1047,9 @@ def prepare_model(cfg, setup, model, tokenizer, fmt, keep=None):
             from peft import prepare_model_for_kbit_training
             # QLoRA's preparation: the base frozen, its 16-bit rest in fp32; checkpointing is the Trainer's choice
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if cfg.ttt:  # each task's LoRA starts the same in every process: --gpus workers train what one process does
+            import torch
+            torch.manual_seed(cfg.seed)
         model = add_lora(model, cfg, setup.backend, embeddings=not cfg.ttt)
     return model, tokenizer, keep
 
@@ -1067,6 +1083,10 @@ def train(cfg, given=frozenset()):
     if setup is None:  # a finished run that --resume would not train further
         return None, Path(cfg.out)
     tasks, sources, val_tasks = read_data(cfg)  # before the model: a data error should not wait for 8B weights
+    n = workers.worker_count(cfg.gpus, setup) if cfg.ttt and cfg.ttt_mode == "per-task" else 1
+    if n > 1:
+        train_on_workers(cfg, setup, tasks, sources, ttt_key, n)
+        return None, Path(cfg.out)
     model, tokenizer, fmt, keep = training_model(cfg, setup, checkpoint)
     info = run_info(cfg, fmt, setup, run_base(cfg), *seen_answers(cfg, tasks, sources, ttt_key, checkpoint), keep)
     if cfg.ttt and cfg.ttt_mode == "per-task":
@@ -1080,7 +1100,12 @@ def train_each_task(cfg, model, tokenizer, fmt, tasks, setup, info):
     """Per-task test-time training: a fresh LoRA per task (train_per_task), then the run marked finished."""
     out = Path(cfg.out)
     write_json(run_config_path(out), info)
-    summary = train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup)
+    finish_per_task(cfg, tokenizer, info, train_per_task(cfg, model, tokenizer, fmt, tasks, out, setup))
+
+
+def finish_per_task(cfg, tokenizer, info, summary):
+    """A per-task test-time run's end: the tokenizer, config.json with its summary, then what it printed."""
+    out = Path(cfg.out)
     tokenizer.save_pretrained(str(out / FINAL))  # written last, as for every run: the run is finished
     write_json(run_config_path(out), dict(info, summary=summary))
     if not summary["interrupted"]:
@@ -1090,6 +1115,57 @@ def train_each_task(cfg, model, tokenizer, fmt, tasks, setup, info):
           f"{summary['seconds'] / 60:.1f} min, peak {summary['peak_memory_kind']} {summary['peak_memory_gb']:.2f} GB")
     print(f"saved: {out / TTT}/<task>/ (adapters), {run_config_path(out)}; next: python infer.py --model {out} "
           f"--dataset {' '.join(cfg.dataset)} --split {' '.join(cfg.split)}")
+
+
+def start_ttt_worker(slot, cfg, tasks):
+    """A worker process's start (workers.serve): its device (the GPU it is pinned to), the base run's model with a
+    fresh LoRA, once."""
+    quiet_libraries()
+    setup = make_setup(cfg.device, cfg.backend, cfg.model, ttt=True)
+    model, tokenizer, fmt, _ = training_model(cfg, setup, None)
+    return SimpleNamespace(cfg=cfg, setup=setup, model=model, tokenizer=tokenizer, fmt=fmt, tasks=tasks,
+                           start=trainable_weights(model))
+
+
+def ttt_task(w, tid, waiting):
+    """One task's adapter trained in a worker (train_per_task): its summary."""
+    return train_per_task(w.cfg, w.model, w.tokenizer, w.fmt, {tid: w.tasks[tid]}, Path(w.cfg.out), w.setup, w.start)
+
+
+def train_on_workers(cfg, setup, tasks, sources, ttt_key, n):
+    """Per-task test-time training over `n` worker processes (workers.run), the longest task first, each adapter
+    saved by the worker that trained it; one config.json and summary, as one process writes them."""
+    from transformers import AutoTokenizer
+    out, t0 = Path(cfg.out), time.time()
+    tokenizer = AutoTokenizer.from_pretrained(str(read_run(cfg.model).final))  # the format, without the weights
+    fmt = choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
+    if cfg.overwrite:
+        clear_run(out)
+    info = run_info(cfg, fmt, setup, run_base(cfg), *seen_answers(cfg, tasks, sources, ttt_key, None))
+    write_json(run_config_path(out), info)
+    parts = []
+
+    def on_done(tid, part):
+        parts.append(part)
+        t = part["per_task"].get(tid)
+        print(f"ttt {len(parts)}/{len(tasks)} {tid}: " + (f"{t['sequences']} sequences, {t['steps']} steps, loss "
+              f"{t['first_loss']:.3f} -> {t['last_loss']:.3f}, {t['seconds']} s" if t else "already there"
+              if part["already_done"] else "no leave-one-out sequence: predicted by the run's model as it is"))
+    order = sorted(tasks, key=lambda tid: -task_size(tasks[tid]))
+    lost = workers.run(n, workers.pins(n, setup), start_ttt_worker, ttt_task,
+                       (dataclasses.replace(cfg, overwrite=False), tasks), order, on_done)
+    if lost:
+        print(f"given up: {len(lost)} tasks whose worker died twice, first: {', '.join(list(lost)[:5])}: no adapter "
+              "(infer.py predicts them with the run's model and names them); the same command again trains them")
+    per_task = {tid: t for part in parts for tid, t in part["per_task"].items()}
+    mem_kind, mem = max((p["peak_memory_kind"], p["peak_memory_gb"]) for p in parts) if parts else peak_memory_gb()
+    summary = dict(mode="per-task", tasks=len(tasks), trained=len(per_task),
+                   already_done=sum(p["already_done"] for p in parts),
+                   no_sequences=sorted(t for p in parts for t in p["no_sequences"]), interrupted=False,
+                   steps=sum(t["steps"] for t in per_task.values()), seconds=round(time.time() - t0, 1),
+                   peak_memory_gb=round(mem, 2), peak_memory_kind=mem_kind, per_task=dict(sorted(per_task.items())),
+                   workers=n, worker_died=lost)
+    finish_per_task(cfg, tokenizer, info, summary)
 
 
 def train_once(cfg, given, model, tokenizer, fmt, read, setup, info, checkpoint, t0):

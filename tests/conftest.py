@@ -18,8 +18,9 @@ import models
 import runs
 
 
-LONGEST_FIRST = ("test_smollm2.py", "test_faults.py", "test_unsloth.py", "test_vocab.py", "test_train.py",
-                 "test_fourbit.py", "test_scoring.py", "test_e2e.py", "test_learning.py")  # the files that take longest, longest first
+LONGEST_FIRST = ("test_smollm2.py", "test_faults.py", "test_workers.py", "test_unsloth.py", "test_vocab.py",
+                 "test_train.py", "test_fourbit.py", "test_scoring.py", "test_e2e.py",
+                 "test_learning.py")  # the files that take longest, longest first
 
 
 def pytest_collection_modifyitems(items):

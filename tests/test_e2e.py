@@ -31,8 +31,8 @@ def test_tiny_model_learns_a_task_family_and_solves_held_out_tasks(tmp_path, cap
     with capsys.disabled():
         infer.main(["--model", str(run), "--dataset", "family", "--split", "eval", "--guesses", "dfs", "--views", "4",
                     "--out", str(out)])
-    results = json.loads(out.with_name("results.dfs.json").read_text())
-    submission = json.loads(out.with_name("submission.dfs.json").read_text())
+    results = json.loads(out.with_name("results.json").read_text())  # an --out given is written as spelled
+    submission = json.loads(out.read_text())
     submit.check_submission(submission, data.load_tasks("family", "eval")[0], "dfs submission")  # every task
     assert results["mode"] == "dfs" and results["tasks"] == 30 == len(submission)
     assert results["score"] >= 0.9 * 30, results["score"]

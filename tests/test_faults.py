@@ -909,6 +909,31 @@ def test_a_second_guess_mode_on_a_predicted_run_keeps_both(mirror, monkeypatch, 
     assert all((run / f"submission{m}.cache.jsonl").exists() for m in ("", ".vote", ".poe"))
 
 
+def test_an_out_given_is_written_as_spelled_and_a_second_mode_never_overwrites_it(mirror, monkeypatch, tokenizer,
+                                                                                   tmp_path):
+    tasks, folder, run = mirror
+    fake_model(monkeypatch, tokenizer, right_answer(tasks, tokenizer))
+    monkeypatch.setattr(infer, "completion_logprobs", lambda model, tok, p, c, batch_size=8: [-1.0] * len(p))
+    given = ["--dataset", folder, "--model", str(run)]
+    out = tmp_path / "working" / "submission.json"
+    infer.main(given + ["--guesses", "poe", "--views", "2", "--out", str(out)])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["results.json", "submission.cache.jsonl",
+                                                            "submission.json"]
+    assert read(out.parent / "results.json")["mode"] == "poe" and read(out.parent / "results.json")["score"] == 4
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    message = error_of(infer.main, given + ["--guesses", "vote", "--views", "2", "--out", str(out)])
+    assert "is the --guesses poe submission" in message and "\n" not in message, message
+    (out.parent / "results.json").unlink()  # the cache alone still refuses the second mode
+    message = error_of(infer.main, given + ["--guesses", "vote", "--views", "2", "--out", str(out)])
+    assert "guesses 'poe' now 'vote'" in message and "\n" not in message, message
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == {k: v for k, v in before.items()
+                                                                       if k != "results.json"}
+    infer.main(given + ["--guesses", "poe", "--views", "2", "--out", str(out)])  # the same mode resumes
+    assert read(out.parent / "results.json")["score"] == 4
+    infer.main(given + ["--guesses", "vote", "--views", "2"])  # the default output keeps naming each mode
+    assert read(run / "results.vote.json")["mode"] == "vote" and not (run / "submission.json").exists()
+
+
 # ----------------------------------------------------------------------------
 # test-time adapters belong to a task's grids; tasks without one are named
 
