@@ -1,6 +1,6 @@
 """decode.dfs, the depth-first search for every answer above a probability: exact against brute-force enumeration of
 every sequence, at most the greedy answer above 0.5, and each nll the one a teacher-forced pass gives (the cache
-cropped on backtracking is right), with or without a known first branch.
+cropped on backtracking is right), with or without drafts: wrong, too long, off the searched tokens or right ones.
 
     python -m pytest tests/test_dfs.py -q
 """
