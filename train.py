@@ -950,7 +950,6 @@ def settings(cfg, given):
         import_unsloth(device[0])  # before checks() imports transformers: Unsloth's patches hold only then
     check_ranges(cfg, checks())  # the flags as given: values resolved from them are ours, a resumed run's were checked
     cfg = resolve(cfg, given, device[0] == "cuda")
-    check_out_is_no_input(cfg)
     steps = already_finished(cfg) if cfg.resume else None
     if steps is not None:
         print(f"--resume {cfg.out}: already finished at step {steps}; nothing to do (a larger --max-steps or more "
@@ -959,6 +958,7 @@ def settings(cfg, given):
     setup = make_setup(cfg.device, cfg.backend, cfg.model, ttt=cfg.ttt, found=device)
     if not cfg.ttt:
         cfg = fit_positions(cfg, given, setup.backend)
+    check_out_is_no_input(cfg)  # before anything is written in --out or moved from it
     out = Path(cfg.out)
     checkpoint = resume_checkpoint(out) if cfg.resume else None
     if checkpoint:
