@@ -971,7 +971,6 @@ def settings(cfg, given):
         raise OneLineError(f"--gpus {cfg.gpus}: splits --ttt's tasks (per-task) over GPUs; one training run on several "
                            "GPUs is torchrun (README: Several GPUs)")
     cfg = resolve(cfg, given, device[0] == "cuda")
-    check_out_is_no_input(cfg)
     steps = already_finished(cfg) if cfg.resume else None
     if steps is not None:
         print(f"--resume {cfg.out}: already finished at step {steps}; nothing to do (a larger --max-steps or more "
@@ -980,6 +979,7 @@ def settings(cfg, given):
     setup = make_setup(cfg.device, cfg.backend, cfg.model, ttt=cfg.ttt, found=device)
     if not cfg.ttt:
         cfg = fit_positions(cfg, given, setup.backend)
+    check_out_is_no_input(cfg)  # before anything is written in --out or moved from it
     out = Path(cfg.out)
     checkpoint = resume_checkpoint(out) if cfg.resume else None
     if checkpoint:

@@ -115,12 +115,12 @@ def test_merged_model_predicts_like_base_plus_adapter(lora_run):
     from transformers import AutoModelForCausalLM
     model, run = lora_run
     merged = AutoModelForCausalLM.from_pretrained(run / "merged")
-    assert next(merged.parameters()).dtype == torch.bfloat16
+    assert next(merged.parameters()).dtype == torch.float32  # the dtype this CPU run computed in
     x = torch.tensor([[1, 15, 14, 4, 5, 14, 16, 14]])
     model.eval()
     with torch.no_grad():
-        assert torch.allclose(model(x).logits, merged.float()(x).logits, atol=0.05)
-        assert torch.equal(model(x).logits.argmax(-1), merged.float()(x).logits.argmax(-1))
+        assert torch.allclose(model(x).logits, merged(x).logits, atol=1e-4)
+        assert torch.equal(model(x).logits.argmax(-1), merged(x).logits.argmax(-1))
 
 
 def test_resume_continues_at_the_right_step(family, tmp_path):
