@@ -338,6 +338,9 @@ SHARED = dict(
     views=(8, "data", "views of each task: up to 8 symmetries (rotations and transpositions), beyond that each "
                       "symmetry again under a fixed colour permutation keeping 0 (train.py trains on them; infer.py's "
                       "vote, poe, nvarc and dfs prompt them)", {}),
+    gpus=(AUTO, "model", "worker processes, one per GPU, each pinned to its own and taking tasks from one shared queue: "
+                         "N, all, or auto (every GPU torch can see; on a CPU one process, and --gpus N runs N "
+                         "processes there, as a test of the same code)", {}),
 )
 
 

@@ -703,45 +703,6 @@ class Config:
 # ----------------------------------------------------------------------------
 # pictures
 
-ARC_COLOURS = ["#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00",
-               "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25"]
-
-
-def draw_grid(ax, grid, title=""):
-    from matplotlib.colors import ListedColormap
-    a = np.asarray(grid)
-    ax.imshow(a, cmap=ListedColormap(ARC_COLOURS), vmin=0, vmax=9, interpolation="nearest")
-    ax.set_xticks(np.arange(-0.5, a.shape[1]), minor=True)
-    ax.set_yticks(np.arange(-0.5, a.shape[0]), minor=True)
-    ax.grid(which="minor", color="#555555", linewidth=0.5)
-    ax.tick_params(which="both", length=0, labelbottom=False, labelleft=False)
-    ax.set_title(title, fontsize=8)
-
-
-def show_task(task, tid, path):
-    """PNG: one row per symmetry k, columns are the train pairs then the test pair."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    pairs = task["train"] + task["test"]
-    cols = 2 * len(pairs)
-    fig, axes = plt.subplots(8, cols, figsize=(1.3 * cols, 1.3 * 8), squeeze=False)
-    for k in range(8):
-        view = view_task(task, k)
-        for j, ex in enumerate(view["train"] + view["test"]):
-            test = j >= len(view["train"])
-            label = f"test{j - len(view['train'])}" if test else f"ex{j}"
-            draw_grid(axes[k, 2 * j], ex["input"], f"k={k} {label} in")
-            if "output" in ex:
-                draw_grid(axes[k, 2 * j + 1], ex["output"], "out")
-            else:
-                axes[k, 2 * j + 1].axis("off")
-    fig.suptitle(f"task {tid}: the 8 symmetries (rows) of every example (columns)")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
 
 # ----------------------------------------------------------------------------
 # the command line
@@ -783,6 +744,7 @@ def main(argv=None):
         if cfg.show:
             check_writable(cfg.out)
             path = os.path.join(cfg.out, f"{safe_name(cfg.show)}.png")
+            from plots import show_task  # matplotlib only for a picture
             show_task(found[cfg.show], cfg.show, path)
             print(f"wrote {path}")
         if cfg.print:
@@ -796,10 +758,8 @@ if __name__ == "__main__":
     main()
 
 
-
 def _grid_json(grid):
     return json.dumps(grid, separators=(",", ":"))
-
 
 
 def task_fingerprint(task):
@@ -810,12 +770,10 @@ def task_fingerprint(task):
     return hashlib.sha1(json.dumps([train, test]).encode()).hexdigest()[:16]
 
 
-
 def training_fingerprint(tid, task):
     """What a run records of a task it trained on: its grids' fingerprint; for a pool task (whose generated pairs
     are not the ARC task's own) "id:" and its task id, as pools name their files after the task they generate."""
     return f"id:{tid}" if task.get("pool") else task_fingerprint(task)
-
 
 
 def seen_in_training(tasks, fingerprints):

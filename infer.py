@@ -15,9 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
-import workers
-
 import data
+import workers
 from cli import (AUTO, OneLineError, Stopped, TINY_NOTE, check_ranges, check_writable, line_buffered, lock_file, opt,
                  parse_config, peak_memory_gb, quiet_libraries, read_json, run_command, safe_name, shared,
                  write_atomic, write_failure, write_json)
@@ -26,8 +25,10 @@ from models import adapter_loader, encode_completion, encode_prompt, load_model,
 from runs import check_ttt_base, find_run, missing_adapters, model_key, model_name, weights_fingerprint
 from decode import (answer_ids, answer_tokens, completion_logprobs, dfs_search, forward_rates, generate_halving,
                     parse_guess, row_seed)
-from submit import (MAX_PLOTS, NEAR_MISS, Record, TABLE, TABLE_KEYS, WRITEUP_SCORES, answers_of, coverage,
-                    read_submission, save_submission, score, submission_of, submission_path)
+from submit import (Record, TABLE_KEYS, WRITEUP_SCORES, answers_of, coverage, read_submission, save_submission, score,
+                    submission_of, submission_path, table_columns)
+from plots import plot_results
+from budget import Budget, budget_seconds, measure, plan_task, task_load
 
 GUESSES = (0, 4)  # data.dihedral k of guess 1 (the task as given) and guess 2 (the transposed task)
 MODES = {}  # --guesses name -> Mode: the table beside the mode functions below (filled there)
@@ -52,7 +53,7 @@ class Config:
     max_seq_len: int = opt(AUTO, "model", "prompt + answer token limit; longer tasks lose their largest train "
                                           "examples (auto: the run's max_seq_len, 8192 for a base model)")
     batch_size: int = opt(16, "model", "prompts per forward pass (sorted by length)")
-    gpus: str = workers.gpus_opt()
+    gpus: str = shared("gpus")
     temperature: float = opt(1.0, "sampling", "sampling temperature (0 = greedy)")
     top_k: int = opt(50, "sampling", "top-k sampling, the write-up's k=50")
     max_new_tokens: int = opt(AUTO, "sampling", "answer token limit (auto: the largest possible answer: 30x30 "
@@ -103,19 +104,6 @@ CHECKS = [("limit", lambda x: x >= 0, ">= 0 (0 = all)"),
           ("seed", lambda x: 0 <= x < 2**32, "in 0..4294967295"),
           ("gpus", workers.check_gpus, "auto, all or a number of processes >= 1")]
 # (flag, ok, requirement): checked before any model loads
-
-
-def budget_seconds(text):
-    """Seconds of a --time-budget: 11h, 90m, 600s, 1h30m or a bare number of seconds; 0 for none ("" or 0), None
-    for anything else (negative, no number, an unknown unit)."""
-    text = text.strip().lower()
-    number = r"(\d+(?:\.\d*)?|\.\d+)"
-    if re.fullmatch(number, text or "0"):
-        return float(text or 0)
-    parts = re.fullmatch(f"(?:{number}h)?(?:{number}m)?(?:{number}s)?", text)
-    if not parts or not any(parts.groups()):
-        return None
-    return sum(float(n or 0) * unit for n, unit in zip(parts.groups(), (3600, 60, 1)))
 
 
 # ----------------------------------------------------------------------------
@@ -334,10 +322,6 @@ def guess_names(mode):
     return MODES[mode].guess_names if mode in MODES else ("first", "second")
 
 
-def table_columns(mode):
-    return TABLE + tuple(f"Solved by {name} Guess" for name in guess_names(mode))
-
-
 def batches(prompts, size, by_task):
     """Batches of prompts, longest first (an out-of-memory batch size shows at once); with by_task, each batch
     holds one task's prompts only and a task's batches come one after another (its adapter is loaded once)."""
@@ -411,95 +395,6 @@ def decide(rec, mode, job, samples, shown, plan):
         rec.candidates = ranked
 
 
-@dataclass
-class Plan:
-    """What one task runs: its first `views` views, rescored or not, and under --time-budget its share (seconds)
-    and when that ends (time.time()), and what it gave up to fit it."""
-    views: int
-    rescore: bool = True
-    share: float = None
-    until: float = None
-    lost: str = ""
-
-
-@dataclass
-class Budget:
-    """--time-budget's planner state: when the whole command's time ends, the tasks not planned yet, each task's
-    tokens per view, the seconds per prompt token and per answer token one forward pass took before the first task
-    (forward_rates), and what the tasks run so far measured against what those rates predicted, rescoring apart."""
-    end: float
-    tasks_left: int
-    sizes: dict = field(default_factory=dict)  # task id -> task_load
-    rates: tuple = (0.0, 0.0)
-    predicted_s: float = 0.0
-    work_s: float = 0.0
-    predicted_score_s: float = 0.0
-    score_s: float = 0.0
-
-
-def budget_share(budget, now):
-    """The next task's share: the time left, spread evenly over the tasks left (a fast task leaves more to the rest)."""
-    return (budget.end - now) / budget.tasks_left
-
-
-def task_load(task, shown, n_views, samples, count):
-    """[(prompt tokens, answer tokens)] per view of a task whose test input i shows `shown[i]` (view -> (k, perm,
-    prompt ids)), each prompt `samples` times (a search: once), and per prompt an answer the size of the largest of
-    its test input and demonstration outputs (count(grid): its answer's tokens), EOS included."""
-    load = [[0, 0] for _ in range(n_views)]
-    for i, views in shown.items():
-        grids = [ex["output"] for ex in task["train"]] + [task["test"][i]["input"]]
-        h, w = max(((len(g), len(g[0])) for g in grids), key=lambda s: s[0] * s[1])
-        for v, (_, _, ids) in views.items():
-            load[v][0] += len(ids) * max(samples, 1)
-            load[v][1] += (count(data.zero_grid(h, w)) + 1) * max(samples, 1)
-    return [tuple(v) for v in load]
-
-
-def view_costs(budget, load, learned=True):
-    """(seconds without rescoring, seconds of rescoring) per view of a task of `load` (task_load): forward_rates'
-    prediction, scaled (`learned`) by what the tasks run so far took against their prediction."""
-    per_prompt, per_answer = budget.rates
-    work_k = budget.work_s / budget.predicted_s if learned and budget.predicted_s else 1.0
-    score_k = budget.score_s / budget.predicted_score_s if learned and budget.predicted_score_s else 1.0
-    return [(work_k * (per_prompt * p + per_answer * a), score_k * per_prompt * (p + a)) for p, a in load]
-
-
-def plan_task(budget, group, n_views, writeup, now):
-    """The next task's Plan (all `n_views` views, rescored) cut to fit its share of `budget` at the cost its tokens
-    per view predict (view_costs; under a budget `group` is that one task): fewer views first, down to 1 (writeup
-    keeps its 2: one per guess), then no rescoring; None (the task is cut) when the time left would not cover even
-    that. Without a budget, the full plan with no share. Counts the task as planned."""
-    if budget is None:
-        return Plan(n_views)
-    share, left = budget_share(budget, now), budget.end - now
-    budget.tasks_left -= 1
-    plan = Plan(n_views, share=share, until=now + share)
-    costs = view_costs(budget, budget.sizes[next(iter(group))])
-    cost = lambda views, rescore: sum(w + s * rescore for w, s in costs[:views])  # noqa: E731
-    least = n_views if writeup else 1
-    if left <= 0 or cost(least, False) > left:
-        return None
-    if writeup or cost(n_views, True) <= share:
-        return plan
-    plan.views = max([v for v in range(least, n_views + 1) if cost(v, True) <= share], default=least)
-    plan.rescore = cost(plan.views, True) <= share
-    plan.lost = ", ".join([f"{plan.views} of {n_views} views"] * (plan.views < n_views)
-                          + ["no rescoring (candidates ranked by votes)"] * (not plan.rescore)) + \
-        f": its share of --time-budget is {share:.1f} s, its full plan about {cost(n_views, True):.1f} s"
-    return plan
-
-
-def measure(budget, plan, group, seconds, score_s):
-    """Count the task of `group` run under `plan` in `budget`: its seconds against what the rates predicted."""
-    if budget is not None:
-        costs = view_costs(budget, budget.sizes[next(iter(group))], learned=False)[:plan.views]
-        budget.predicted_s += sum(w for w, _ in costs)
-        budget.predicted_score_s += sum(s for _, s in costs) * plan.rescore
-        budget.work_s += seconds - score_s
-        budget.score_s += score_s
-
-
 def size_task(budget, model, group, shown, n_views, samples, tokenizer, fmt):
     """Under a --time-budget: the tokens per view of the task of `group` (task_load; `shown`: see sampled_prompts);
     before the first task, the rates one forward pass of its first prompt measures."""
@@ -530,13 +425,26 @@ def sampled_prompts(tasks, tokenizer, fmt, cfg, views, say=True):
     return by_task, records, shown
 
 
+def planned(budget, group, cut, model, tokenizer, fmt, cfg, now):
+    """(Plan, or None where the group is cut; its prompts by task, Records and shown: see sampled_prompts). Under a
+    budget the group is one task, its prompts built and sized (size_task) before it is planned; once out of time
+    (spent, or a task before it cut) none is built: the rest are cut too."""
+    if budget is not None and (budget.end <= now or cut):
+        return None, {}, {}, {}
+    views = view_list(cfg)
+    by_task, records, shown = sampled_prompts(group, tokenizer, fmt, cfg, views, budget is None)
+    if budget is not None:
+        size_task(budget, model, group, shown, len(views), MODES[cfg.guesses].samples(cfg), tokenizer, fmt)
+    return plan_task(budget, group, len(views), cfg.guesses == "writeup", now), by_task, records, shown
+
+
 def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None, budget=None):
     """Generate every guess of `tasks`, appending each task's Record to the `cache` file as soon as its guesses are
     chosen. use_adapter(task_id), when given, loads that task's test-time-trained adapter before its prompts. With
     a `budget` (--time-budget), tasks run one at a time, each as plan_task fits it into its share; those it cuts
     are neither prompted, predicted nor cached. Returns (generated tokens, seconds, ids of the tasks cut)."""
     from tqdm import tqdm
-    mode, views, records, shown = MODES[cfg.guesses], view_list(cfg), {}, {}
+    mode, records, shown = MODES[cfg.guesses], {}, {}
     samples = {tid: [[] for _ in task["test"]] for tid, task in tasks.items()}  # (view, grid as written, status)
     job = make_job(cfg, model, tokenizer, fmt)
     t0, generated, current, cut = time.time(), 0, None, []
@@ -561,13 +469,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             bar.update(1)
         for group in [tasks] if budget is None else [{tid: task} for tid, task in tasks.items()]:
             start, job.score_s = time.time(), 0.0
-            # out of time (spent, or a task before cut): the rest are cut too, building no prompt
-            spent = budget is not None and (budget.end <= start or bool(cut))
-            if not spent:
-                by_task, group_records, group_shown = sampled_prompts(group, tokenizer, fmt, cfg, views, budget is None)
-                if budget is not None:
-                    size_task(budget, model, group, group_shown, len(views), mode.samples(cfg), tokenizer, fmt)
-            plan = None if spent else plan_task(budget, group, len(views), cfg.guesses == "writeup", start)
+            plan, by_task, group_records, group_shown = planned(budget, group, cut, model, tokenizer, fmt, cfg, start)
             if plan is None:  # out of time: not predicted, not cached
                 cut += group
                 bar.update(len(group))
@@ -834,7 +736,7 @@ def print_results(r, reference=False):
     """The write-up's table, one row per mode: the mode's name first (- when unknown), the guess columns named as
     the mode names its guesses; the write-up's own row below it when asked."""
     found = ("Found",) if r.get("found") is not None else ()  # known where the candidates are (a predicted run)
-    columns = table_columns(r.get("mode")) + found
+    columns = table_columns(guess_names(r.get("mode"))) + found
     print(f"\n| Guesses | {' | '.join(columns)} |\n|---|{'|'.join('---' for _ in columns)}|")
     print(f"| {r.get('mode') or '-'} | {' | '.join(str(r[k]) for k in TABLE_KEYS + ('found',) * bool(found))} |")
     if reference:
@@ -855,63 +757,6 @@ def print_results(r, reference=False):
 # ----------------------------------------------------------------------------
 # pictures
 
-def plot_results(tasks, guesses, r, folder, title):
-    """PNGs: each solved task and near miss (test input, expected, guess 1, guess 2) and summary.png.
-    Returns the files written."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    per_task = r["per_task"]
-    solved = [tid for tid, t in per_task.items() if t["score"] > 0]
-    best = {tid: max((p or 0.0) for pair in t["pixels"] for p in pair) for tid, t in per_task.items()}
-    near = sorted((tid for tid in per_task if tid not in solved and best[tid] >= NEAR_MISS), key=lambda t: -best[t])
-    written = []
-    for tid in (solved + near)[:MAX_PLOTS]:
-        task, t = tasks[tid], per_task[tid]
-        fig, axes = plt.subplots(len(task["test"]), 4, figsize=(8, 2.2 * len(task["test"])), squeeze=False)
-        for i, test in enumerate(task["test"]):
-            data.draw_grid(axes[i, 0], test["input"], f"test {i} input")
-            data.draw_grid(axes[i, 1], test["output"], "expected")
-            for g in range(2):
-                ax, grid, pixels = axes[i, 2 + g], guesses[tid][i][g], t["pixels"][i][g]
-                word = guess_names(r.get("mode"))[g]
-                name = f"guess {g + 1}" + (f" ({word})" if word not in ("first", "second") else "")
-                if grid is None:
-                    ax.axis("off")
-                    ax.set_title(f"{name}: no answer", fontsize=8)
-                    continue
-                verdict = "right" if [t["first"], t["second"]][g][i] else \
-                    f"{pixels:.0%} pixels" if pixels is not None else "wrong size"
-                data.draw_grid(ax, grid, f"{name}: {verdict}")
-        fig.suptitle(f"task {tid}: {'solved' if tid in solved else 'near miss'} ({title})", fontsize=9)
-        fig.tight_layout()
-        written.append(folder / f"{safe_name(tid)}.png")
-        fig.savefig(written[-1], dpi=80)
-        plt.close(fig)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))
-    values = [r[k] for k in TABLE_KEYS]
-    a.bar(range(5), values, color="#0074D9")
-    a.set_xticks(range(5), [label.replace(" by ", "\nby ") for label in table_columns(r.get("mode"))], fontsize=7)
-    for x, v in enumerate(values):
-        a.text(x, v, str(v), ha="center", va="bottom", fontsize=8)
-    a.set_title(f"tasks (score {r['score']:.2f} / {r['tasks']} = {r['score_pct']:.1f}%)", fontsize=9)
-    pixels = [p for t in per_task.values() for pair in t["pixels"] for p in pair]
-    right = sum(x for t in per_task.values() for x in t["first"] + t["second"])
-    kinds = dict(right=right, **{"right size only": sum(p is not None for p in pixels) - right,
-                                 "wrong size": len(pixels) - r["unanswered"] - sum(p is not None for p in pixels),
-                                 "no answer": r["unanswered"]})
-    b.bar(range(4), list(kinds.values()), color=["#2ECC40", "#FFDC00", "#FF851B", "#AAAAAA"])
-    b.set_xticks(range(4), list(kinds))
-    b.set_title(f"all {r['guesses']} guesses", fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    written.append(folder / "summary.png")
-    fig.savefig(written[-1], dpi=80)
-    plt.close(fig)
-    return written
-
 
 # ----------------------------------------------------------------------------
 # the three commands: --score a file, --join-shards, predict (the default)
@@ -931,7 +776,7 @@ def report(cfg, tasks, sub, guesses, sub_path, results_path, plots, title, extra
     write_json(results_path, r, indent=1)
     files = [sub_path, results_path]
     if cfg.plot and r["solutions"]:
-        files += plot_results(tasks, guesses or answers_of(sub), r, plots, title)
+        files += plot_results(tasks, guesses or answers_of(sub), r, plots, title, guess_names(r.get("mode")))
     elif cfg.plot:
         print("--plot: no solutions to compare with, no pictures")
     return r, files

@@ -3,13 +3,15 @@ writer beside reader."""
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli import AUTO, OneLineError, read_json, safe_name, versions
-from data import task_fingerprint
+from cli import AUTO, OneLineError, file_mode, read_json, safe_name, signals_held, versions
+from data import path_exists, task_fingerprint, task_folder, weighted_dataset
 from hub import check_model_name, is_4bit, model_source
 
 
@@ -405,3 +407,100 @@ def check_ttt_base(run):
                            "--overwrite")
 
 
+def check_out_is_free(cfg, out, ttt_key=None):
+    """Refuse to train over a run already in `out` unless --resume or --overwrite says so. A per-task test-time
+    run is the exception: the same command again (same base weights, tasks and settings) trains the tasks it lacks."""
+    status = run_status(out)
+    if status is None and (out / REPLACED).is_dir() and not cfg.overwrite:  # a --resume finds no checkpoint first
+        raise OneLineError(f"--out {out}: no run of its own" + replaced_note(out) + "; or --overwrite replaces it")
+    if status is None or cfg.resume or cfg.overwrite:
+        return
+    saved = read_run(out, finished=False).ttt_key
+    if cfg.ttt and cfg.ttt_mode == "per-task" and saved == ttt_key:
+        return
+    if cfg.ttt and isinstance(saved, dict):
+        differ = [k for k in ttt_key if saved.get(k) != ttt_key[k]]
+        raise OneLineError(f"--out {out}: its test-time adapters were trained with another "
+                           f"{', '.join(d.replace('_', ' ') for d in differ)}: --overwrite trains them again, or give "
+                           "another --out")
+    further = " with a larger --max-steps or more --epochs" if status == "finished" else ""
+    raise OneLineError(f"--out {out}: a {status} run is already there: --resume{further} continues it, --overwrite "
+                       "replaces it, or give another --out" + replaced_note(out))
+
+
+def input_paths(cfg):
+    """(flag, path) of every file or folder train.py reads that exists here: --model (a run or model folder),
+    each --dataset and --val-dataset."""
+    named = [("--model", cfg.model)] + [("--dataset", weighted_dataset(d)[0]) for d in cfg.dataset] \
+        + [("--val-dataset", d) for d in cfg.val_dataset or []]
+    return [(flag, Path(name).resolve()) for flag, name in named if name and path_exists(name)]
+
+
+def check_out_is_no_input(cfg):
+    """Refuse an --out that is, or is inside, the --model folder, or that is a dataset's file, folder or task folder,
+    before anything is written or moved: --overwrite would move the input aside, and a dataset would read the run's
+    config.json as a task."""
+    out = Path(cfg.out).resolve()
+    for flag, path in input_paths(cfg):
+        task_folders = {task_folder(path, split) for split in cfg.split + cfg.val_split} if path.is_dir() else set()
+        if out == path or flag == "--model" and out.is_relative_to(path) or out in task_folders:
+            where = "is" if out == path else "is inside" if out.is_relative_to(path) else "is the task folder of"
+            raise OneLineError(f"--out {cfg.out}: {where} {flag} {path}, which train.py reads; give another --out "
+                               "(nothing was written or moved)")
+
+
+def already_finished(cfg):
+    """The steps of the finished run in cfg.out when --resume would train nothing past them (no larger --max-steps,
+    or no more --epochs, than it finished with), else None."""
+    run = read_run(cfg.out, finished=False) if is_run_folder(cfg.out) else None
+    if cfg.ttt or run is None or run.status != "finished":
+        return None
+    saved, steps = run.flags, run.summary.get("steps", 0)
+    if cfg.max_steps > 0:
+        return steps if cfg.max_steps <= steps else None
+    return steps if saved.get("max_steps") == -1 and cfg.epochs <= saved.get("epochs", cfg.epochs) else None
+
+
+def with_earlier_data(out, trained_on, fingerprints):
+    """(trained_on, fingerprints) of a resumed run: the sets it was trained on before and this session's, so that
+    infer.py's contamination guard sees every task whose answers the weights have seen."""
+    run = read_run(out, finished=False)
+    read = {(s["dataset"], s["split"]) for s in run.trained_on}
+    return (run.trained_on + [s for s in trained_on if (s["dataset"], s["split"]) not in read],
+            sorted(set(run.fingerprints) | set(fingerprints)))
+
+
+def saved_anything(out):
+    """True once a run in `out` has something of its own: final/, a checkpoint or a test-time adapter."""
+    adapters = (out / TTT).is_dir() and any(not p.name.startswith(".") for p in (out / TTT).iterdir())
+    return (out / FINAL).exists() or bool(checkpoints(out)) or adapters
+
+
+def put_back(out):
+    """A replacement that ended (an error, a signal) before it saved anything of its own gives `out` back to the
+    finished run it was replacing (clear_run): what it wrote so far goes, the run in .replaced/ returns."""
+    replaced = out / REPLACED
+    if not replaced.is_dir() or saved_anything(out):
+        return
+    with signals_held():
+        for p in (out / n for n in TRAIN_OUTPUTS):
+            if p.exists():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for p in replaced.iterdir():
+            os.rename(p, out / p.name)
+        replaced.rmdir()
+    print(f"overwrite: stopped before the new run saved anything: the finished run is back in {out}", flush=True)
+
+
+def drop_replaced(out):
+    """The run is finished: the one it replaced (clear_run) goes."""
+    if (out / REPLACED).is_dir():
+        shutil.rmtree(out / REPLACED)
+        print(f"overwrite: {out / REPLACED} (the finished run this one replaced) deleted")
+
+
+def readable(folder):
+    """Give every file in `folder` the mode open() would (0644 under umask 022): some libraries write 0600."""
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            f.chmod(file_mode())

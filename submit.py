@@ -196,3 +196,8 @@ def pixel_accuracy(grid, solution):
     if grid is None or len(grid) != len(solution) or len(grid[0]) != len(solution[0]):
         return None
     return sum(a == b for row, sol in zip(grid, solution) for a, b in zip(row, sol)) / (len(grid) * len(grid[0]))
+
+
+def table_columns(names):
+    """The results table's columns, the last two naming guess 1 and guess 2 as the mode does."""
+    return TABLE + tuple(f"Solved by {name} Guess" for name in names)

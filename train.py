@@ -16,21 +16,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import workers
-
-from cli import (AUTO, OneLineError, Stopped, TINY_NOTE, check_ranges, check_writable, file_mode, given_flags,
-                 line_buffered, lock_file, opt, parse_config, peak_memory_gb, quiet_libraries, run_command, shared,
-                 signals_held, write_failure, write_json)
-from data import (POOL_EXAMPLES, build_dataset, choose_format, count_tokens, path_exists, read_sets, task_folder,
-                  task_size, training_fingerprint, ttt_dataset, views, weighted_dataset)
+from cli import (AUTO, OneLineError, Stopped, TINY_NOTE, check_ranges, check_writable, given_flags, line_buffered,
+                 lock_file, opt, parse_config, peak_memory_gb, quiet_libraries, run_command, shared, signals_held,
+                 write_failure, write_json)
+from data import (POOL_EXAMPLES, build_dataset, choose_format, count_tokens, read_sets, task_size,
+                  training_fingerprint, ttt_dataset, views)
 from hub import GPU_MODEL, SMOLLM2
 from recipes import WRITEUP_FLAGS, WRITEUP_RECIPE, auto_help, recipe, shown
 from models import (EMBEDDINGS, LOSSES, PROJECTIONS, add_lora, arc_vocabulary, count_params, encode_example,
                     find_device, import_unsloth, is_embedding, load_base, load_run_model, make_setup, pad_id,
                     quantized_layers, save_merged, untie_embeddings, weights_kind, world_size)
 from runs import (BASE, CHECKPOINTS, FINAL, LOCK, LOSS_PLOT, MERGED, REPLACED, RUN_CONFIG, TRAIN_OUTPUTS, TTT,
-                  checkpoints, is_run_folder, latest_run, model_positions, newest_complete_checkpoint, read_run,
-                  replaced_note, resume_checkpoint, rope_scaling, run_config_path, run_info, run_status, test_time_key,
-                  ttt_folder)
+                  already_finished, check_out_is_free, check_out_is_no_input, checkpoints, drop_replaced, latest_run,
+                  model_positions, newest_complete_checkpoint, put_back, read_run, readable, resume_checkpoint,
+                  rope_scaling, run_config_path, run_info, run_status, test_time_key, ttt_folder, with_earlier_data)
+from plots import plot_losses
 
 HEARTBEAT_S = 30  # the longest silence while training: a progress line at least this often
 TTT_MODES = ("per-task", "shared")
@@ -128,7 +128,7 @@ class Config:
                                                           "all the tasks", choices=list(TTT_MODES))
     ttt_views: int = opt(8, "test-time training", "views of each leave-one-out task: the 8 symmetries, beyond "
                                                   "that each symmetry again with a colour permutation keeping 0")
-    gpus: str = workers.gpus_opt()
+    gpus: str = shared("gpus")
 
 
 # ----------------------------------------------------------------------------
@@ -693,69 +693,6 @@ def lock_run(out):
                                       "wait for it to finish or give another --out"))
 
 
-def check_out_is_free(cfg, out, ttt_key=None):
-    """Refuse to train over a run already in `out` unless --resume or --overwrite says so. A per-task test-time
-    run is the exception: the same command again (same base weights, tasks and settings) trains the tasks it lacks."""
-    status = run_status(out)
-    if status is None and (out / REPLACED).is_dir() and not cfg.overwrite:  # a --resume finds no checkpoint first
-        raise OneLineError(f"--out {out}: no run of its own" + replaced_note(out) + "; or --overwrite replaces it")
-    if status is None or cfg.resume or cfg.overwrite:
-        return
-    saved = read_run(out, finished=False).ttt_key
-    if cfg.ttt and cfg.ttt_mode == "per-task" and saved == ttt_key:
-        return
-    if cfg.ttt and isinstance(saved, dict):
-        differ = [k for k in ttt_key if saved.get(k) != ttt_key[k]]
-        raise OneLineError(f"--out {out}: its test-time adapters were trained with another "
-                           f"{', '.join(d.replace('_', ' ') for d in differ)}: --overwrite trains them again, or give "
-                           "another --out")
-    further = " with a larger --max-steps or more --epochs" if status == "finished" else ""
-    raise OneLineError(f"--out {out}: a {status} run is already there: --resume{further} continues it, --overwrite "
-                       "replaces it, or give another --out" + replaced_note(out))
-
-
-def input_paths(cfg):
-    """(flag, path) of every file or folder train.py reads that exists here: --model (a run or model folder),
-    each --dataset and --val-dataset."""
-    named = [("--model", cfg.model)] + [("--dataset", weighted_dataset(d)[0]) for d in cfg.dataset] \
-        + [("--val-dataset", d) for d in cfg.val_dataset or []]
-    return [(flag, Path(name).resolve()) for flag, name in named if name and path_exists(name)]
-
-
-def check_out_is_no_input(cfg):
-    """Refuse an --out that is, or is inside, the --model folder, or that is a dataset's file, folder or task folder,
-    before anything is written or moved: --overwrite would move the input aside, and a dataset would read the run's
-    config.json as a task."""
-    out = Path(cfg.out).resolve()
-    for flag, path in input_paths(cfg):
-        task_folders = {task_folder(path, split) for split in cfg.split + cfg.val_split} if path.is_dir() else set()
-        if out == path or flag == "--model" and out.is_relative_to(path) or out in task_folders:
-            where = "is" if out == path else "is inside" if out.is_relative_to(path) else "is the task folder of"
-            raise OneLineError(f"--out {cfg.out}: {where} {flag} {path}, which train.py reads; give another --out "
-                               "(nothing was written or moved)")
-
-
-def already_finished(cfg):
-    """The steps of the finished run in cfg.out when --resume would train nothing past them (no larger --max-steps,
-    or no more --epochs, than it finished with), else None."""
-    run = read_run(cfg.out, finished=False) if is_run_folder(cfg.out) else None
-    if cfg.ttt or run is None or run.status != "finished":
-        return None
-    saved, steps = run.flags, run.summary.get("steps", 0)
-    if cfg.max_steps > 0:
-        return steps if cfg.max_steps <= steps else None
-    return steps if saved.get("max_steps") == -1 and cfg.epochs <= saved.get("epochs", cfg.epochs) else None
-
-
-def with_earlier_data(out, trained_on, fingerprints):
-    """(trained_on, fingerprints) of a resumed run: the sets it was trained on before and this session's, so that
-    infer.py's contamination guard sees every task whose answers the weights have seen."""
-    run = read_run(out, finished=False)
-    read = {(s["dataset"], s["split"]) for s in run.trained_on}
-    return (run.trained_on + [s for s in trained_on if (s["dataset"], s["split"]) not in read],
-            sorted(set(run.fingerprints) | set(fingerprints)))
-
-
 def fit_context(cfg, given, lengths):
     """cfg with an automatic --max-seq-len cut to what the data needs, its longest sequence rounded up to a power of
     two: a longer context buys these sequences nothing and costs on a CPU (gradient checkpointing past 2048)."""
@@ -786,63 +723,6 @@ def smollm2_cost(tasks, views, epochs):
             f"idle cores, about {took}: an estimate; a GPU takes minutes")
 
 
-def clear_run(out):
-    """--overwrite: take away what train.py wrote in `out` (infer.py's files stay: its cache notices new weights). A
-    finished run is moved to out/.replaced/, deleted only when the run replacing it finishes (drop_replaced), put
-    back when it ends before saving anything (put_back)."""
-    gone = [out / n for n in TRAIN_OUTPUTS if (out / n).exists()]
-    if gone and run_status(out) == "finished":
-        with signals_held():
-            shutil.rmtree(out / REPLACED, ignore_errors=True)
-            (out / REPLACED).mkdir()
-            REPLACING.append(out)
-            for p in gone:
-                os.rename(p, out / REPLACED / p.name)
-        print(f"overwrite: the finished run in {out} moved to {out / REPLACED} ({', '.join(p.name for p in gone)}), "
-              "deleted when this run finishes")
-        return
-    for p in gone:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if gone:
-        print(f"overwrite: removed the run in {out} ({', '.join(p.name for p in gone)})")
-
-
-def saved_anything(out):
-    """True once a run in `out` has something of its own: final/, a checkpoint or a test-time adapter."""
-    adapters = (out / TTT).is_dir() and any(not p.name.startswith(".") for p in (out / TTT).iterdir())
-    return (out / FINAL).exists() or bool(checkpoints(out)) or adapters
-
-
-def put_back(out):
-    """A replacement that ended (an error, a signal) before it saved anything of its own gives `out` back to the
-    finished run it was replacing (clear_run): what it wrote so far goes, the run in .replaced/ returns."""
-    replaced = out / REPLACED
-    if not replaced.is_dir() or saved_anything(out):
-        return
-    with signals_held():
-        for p in (out / n for n in TRAIN_OUTPUTS):
-            if p.exists():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        for p in replaced.iterdir():
-            os.rename(p, out / p.name)
-        replaced.rmdir()
-    print(f"overwrite: stopped before the new run saved anything: the finished run is back in {out}", flush=True)
-
-
-def drop_replaced(out):
-    """The run is finished: the one it replaced (clear_run) goes."""
-    if (out / REPLACED).is_dir():
-        shutil.rmtree(out / REPLACED)
-        print(f"overwrite: {out / REPLACED} (the finished run this one replaced) deleted")
-
-
-def readable(folder):
-    """Give every file in `folder` the mode open() would (0644 under umask 022): some libraries write 0600."""
-    for f in Path(folder).iterdir():
-        if f.is_file():
-            f.chmod(file_mode())
-
-
 # ----------------------------------------------------------------------------
 # outputs
 
@@ -856,26 +736,6 @@ def run_loss(losses, resumed_from, training_loss, steps):
         if step <= resumed_from:
             total, covered = total + loss * (step - covered), step
     return (total + training_loss * steps) / max(covered + steps - resumed_from, 1)
-
-
-def plot_losses(losses, path, title, val_losses=None):
-    """loss.png: every logged training loss against its step, and the validation losses when there are."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display on a training machine
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.plot([step for step, _ in losses], [loss for _, loss in losses], marker="." if len(losses) < 50 else None,
-            label="training loss")
-    if val_losses:
-        ax.plot([step for step, _ in val_losses], [loss for _, loss in val_losses], marker="o", label="validation loss")
-        ax.legend()
-    ax.set(xlabel="step", ylabel="loss", title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def summarize(trainer, result, progress, seconds, train_ds, report, trainable):
@@ -1290,3 +1150,25 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_command(main, save_first)
+
+
+
+def clear_run(out):
+    """--overwrite: take away what train.py wrote in `out` (infer.py's files stay: its cache notices new weights). A
+    finished run is moved to out/.replaced/, deleted only when the run replacing it finishes (drop_replaced), put
+    back when it ends before saving anything (put_back)."""
+    gone = [out / n for n in TRAIN_OUTPUTS if (out / n).exists()]
+    if gone and run_status(out) == "finished":
+        with signals_held():
+            shutil.rmtree(out / REPLACED, ignore_errors=True)
+            (out / REPLACED).mkdir()
+            REPLACING.append(out)
+            for p in gone:
+                os.rename(p, out / REPLACED / p.name)
+        print(f"overwrite: the finished run in {out} moved to {out / REPLACED} ({', '.join(p.name for p in gone)}), "
+              "deleted when this run finishes")
+        return
+    for p in gone:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if gone:
+        print(f"overwrite: removed the run in {out} ({', '.join(p.name for p in gone)})")

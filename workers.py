@@ -12,17 +12,10 @@ import sys
 from collections import Counter, deque
 from contextlib import contextmanager
 
-from cli import AUTO, OneLineError, first_line, opt
+from cli import AUTO, OneLineError, first_line
 
 RETRIES = 1  # a task whose worker dies goes back to the queue this many times, then is given up
 KILL_HOOK = "WORKERS_KILL_ON"  # tests: "TASK" kills (SIGKILL) the worker taking TASK, "TASK:FILE" only once
-
-
-def gpus_opt():
-    """The --gpus flag, one text for every script that takes it."""
-    return opt(AUTO, "model", "worker processes, one per GPU, each pinned to its own and taking tasks from one "
-                              "shared queue: N, all, or auto (every GPU torch can see; on a CPU one process, and "
-                              "--gpus N runs N processes there, as a test of the same code)")
 
 
 def check_gpus(text):

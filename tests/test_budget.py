@@ -14,6 +14,7 @@ import pytest
 import data
 import decode
 import infer
+import budget
 import submit
 from conftest import FMT, fake_model, mirror_task, read, write_run, write_tasks
 
@@ -158,7 +159,7 @@ def test_dfs_searches_stop_at_their_share_of_the_budget(tmp_path, monkeypatch, t
 @pytest.mark.parametrize("text, seconds", [("11h", 39600), ("90m", 5400), ("600s", 600), ("600", 600),
                                            ("1h30m", 5400), ("0", 0), ("", 0)])
 def test_budget_reads_hours_minutes_and_seconds(text, seconds):
-    assert infer.budget_seconds(text) == seconds
+    assert budget.budget_seconds(text) == seconds
 
 
 @pytest.mark.parametrize("value", ["-5", "abc", "1h30", "inf"])
@@ -179,7 +180,7 @@ def test_a_budget_spent_before_predicting_cuts_every_task_at_once_and_counts_the
     tasks = {f"c{i}": mirror_task(random.Random(i), 2, 2) for i in range(4)}
     folder, run = write_tasks(tmp_path / "tasks", tasks), write_run(tmp_path / "run")
     advance, built = fake_clock(monkeypatch), []
-    read_tasks, save = data.load_tasks, infer.save_submission
+    read_tasks, save = data.load_tasks, submit.save_submission
     if spent == "reading":
         monkeypatch.setattr(data, "load_tasks", lambda *a, **k: (advance(6.0), read_tasks(*a, **k))[1])
         monkeypatch.setattr(infer, "load_model", lambda run, setup: pytest.fail("a model was loaded"))

@@ -85,7 +85,7 @@ def test_a_flag_the_scripts_share_has_one_help_text_and_one_default():
                 seen.setdefault(f.name, set()).add((f.default, f.metadata["help"], tuple(f.metadata.get("old", ()))))
     assert set(seen) == set(cli.SHARED), seen
     assert all(len(declared) == 1 for declared in seen.values()), seen
-    assert {name for name, declared in seen.items()} >= {"device", "backend", "limit", "views"}
+    assert {name for name, declared in seen.items()} >= {"device", "backend", "limit", "views", "gpus"}
 
 
 @pytest.mark.parametrize("script, old, new, value", [("train.py", "--limit-tasks", "--limit", "3"),

@@ -20,6 +20,7 @@ import runs
 import train
 import workers
 import data
+import budget
 from conftest import FMT, fake_model, mirror_task, read, tiny_run, write_family
 
 TIMING = ("time_s", "generate_s", "tokens_per_s", "workers", "submission")  # what differs between two runs
@@ -196,13 +197,13 @@ def test_a_workers_share_of_the_budget_is_the_time_left_times_the_workers_over_t
     tasks = {f"t{i}": mirror_task(random.Random(i), 2, 3) for i in range(2)}
     fake_model(monkeypatch, tokenizer, lambda ids: data.format_completion([[5]], FMT))
     monkeypatch.setattr(infer, "forward_rates", lambda model, ids: (1e-4, 1e-3))  # the fake model has no forward pass
-    seen, plan = [], infer.plan_task
+    seen, plan = [], budget.plan_task
     monkeypatch.setattr(infer, "plan_task", lambda budget, *a: seen.append((budget.end - a[-1], budget.tasks_left))
                         or plan(budget, *a))
     cfg = replace(infer.Config(), max_seq_len=2048, max_new_tokens=16)
     end = time.time() + 1000
     w = SimpleNamespace(model=None, tokenizer=tokenizer, fmt=FMT, cfg=cfg, use_adapter=None, todo=tasks,
-                        cache_path=tmp_path / "submission.cache.jsonl", settings={}, n=2, budget=infer.Budget(end, 2))
+                        cache_path=tmp_path / "submission.cache.jsonl", settings={}, n=2, budget=budget.Budget(end, 2))
     assert infer.worker_task(w, "t0", 5)[2] is False  # 5 tasks wait for 2 workers: predicted, not cut
     assert infer.worker_task(w, "t1", 1)[2] is False  # the last one
     (left0, shares0), (left1, shares1) = seen
