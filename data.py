@@ -599,6 +599,30 @@ def ttt_dataset(tasks, fmt, view_list, max_tokens=None, count_tokens=None, seed=
 # the same task under another id: fingerprints of grids, for de-duplication and the contamination guard
 
 
+def _grid_json(grid):
+    return json.dumps(grid, separators=(",", ":"))
+
+
+def task_fingerprint(task):
+    """16 hex digits of sha1 over the task's grids, independent of ids and example order: the sorted train pairs
+    and the sorted test inputs. Test outputs never count (a challenge file has none)."""
+    train = sorted(_grid_json(ex["input"]) + "=>" + _grid_json(ex["output"]) for ex in task["train"])
+    test = sorted(_grid_json(t["input"]) for t in task["test"])
+    return hashlib.sha1(json.dumps([train, test]).encode()).hexdigest()[:16]
+
+
+def training_fingerprint(tid, task):
+    """What a run records of a task it trained on: its grids' fingerprint; for a pool task (whose generated pairs
+    are not the ARC task's own) "id:" and its task id, as pools name their files after the task they generate."""
+    return f"id:{tid}" if task.get("pool") else task_fingerprint(task)
+
+
+def seen_in_training(tasks, fingerprints):
+    """Ids of `tasks` whose fingerprint, or id (a pool trained on), is among `fingerprints` (a run's), sorted."""
+    known = set(fingerprints)
+    return sorted(tid for tid, task in tasks.items() if task_fingerprint(task) in known or f"id:{tid}" in known)
+
+
 def path_exists(name):
     """True when a file or folder `name` is here; False also for a name the system cannot hold (over its length
     limit), which raw_tasks says in one line."""
@@ -756,27 +780,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-
-
-def _grid_json(grid):
-    return json.dumps(grid, separators=(",", ":"))
-
-
-def task_fingerprint(task):
-    """16 hex digits of sha1 over the task's grids, independent of ids and example order: the sorted train pairs
-    and the sorted test inputs. Test outputs never count (a challenge file has none)."""
-    train = sorted(_grid_json(ex["input"]) + "=>" + _grid_json(ex["output"]) for ex in task["train"])
-    test = sorted(_grid_json(t["input"]) for t in task["test"])
-    return hashlib.sha1(json.dumps([train, test]).encode()).hexdigest()[:16]
-
-
-def training_fingerprint(tid, task):
-    """What a run records of a task it trained on: its grids' fingerprint; for a pool task (whose generated pairs
-    are not the ARC task's own) "id:" and its task id, as pools name their files after the task they generate."""
-    return f"id:{tid}" if task.get("pool") else task_fingerprint(task)
-
-
-def seen_in_training(tasks, fingerprints):
-    """Ids of `tasks` whose fingerprint, or id (a pool trained on), is among `fingerprints` (a run's), sorted."""
-    known = set(fingerprints)
-    return sorted(tid for tid, task in tasks.items() if task_fingerprint(task) in known or f"id:{tid}" in known)

@@ -1127,6 +1127,27 @@ def report_run(cfg, info, summary, interrupted):
              if interrupted else f"next: python infer.py --model {out} --split eval"))
 
 
+def clear_run(out):
+    """--overwrite: take away what train.py wrote in `out` (infer.py's files stay: its cache notices new weights). A
+    finished run is moved to out/.replaced/, deleted only when the run replacing it finishes (drop_replaced), put
+    back when it ends before saving anything (put_back)."""
+    gone = [out / n for n in TRAIN_OUTPUTS if (out / n).exists()]
+    if gone and run_status(out) == "finished":
+        with signals_held():
+            shutil.rmtree(out / REPLACED, ignore_errors=True)
+            (out / REPLACED).mkdir()
+            REPLACING.append(out)
+            for p in gone:
+                os.rename(p, out / REPLACED / p.name)
+        print(f"overwrite: the finished run in {out} moved to {out / REPLACED} ({', '.join(p.name for p in gone)}), "
+              "deleted when this run finishes")
+        return
+    for p in gone:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if gone:
+        print(f"overwrite: removed the run in {out} ({', '.join(p.name for p in gone)})")
+
+
 def main(argv=None):
     cfg = parse_config(Config, "Fine-tune a model on ARC tasks with rsLoRA.", argv)
     quiet_libraries()
@@ -1150,25 +1171,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_command(main, save_first)
-
-
-
-def clear_run(out):
-    """--overwrite: take away what train.py wrote in `out` (infer.py's files stay: its cache notices new weights). A
-    finished run is moved to out/.replaced/, deleted only when the run replacing it finishes (drop_replaced), put
-    back when it ends before saving anything (put_back)."""
-    gone = [out / n for n in TRAIN_OUTPUTS if (out / n).exists()]
-    if gone and run_status(out) == "finished":
-        with signals_held():
-            shutil.rmtree(out / REPLACED, ignore_errors=True)
-            (out / REPLACED).mkdir()
-            REPLACING.append(out)
-            for p in gone:
-                os.rename(p, out / REPLACED / p.name)
-        print(f"overwrite: the finished run in {out} moved to {out / REPLACED} ({', '.join(p.name for p in gone)}), "
-              "deleted when this run finishes")
-        return
-    for p in gone:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if gone:
-        print(f"overwrite: removed the run in {out} ({', '.join(p.name for p in gone)})")
