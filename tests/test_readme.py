@@ -97,3 +97,13 @@ def test_an_old_spelling_still_works_and_names_the_new_one(script, old, new, val
     field = new[2:].replace("-", "_")
     assert getattr(cfg, field) == (int(value) if value else True)
     assert f"note: {old} is now {new}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", sorted(p.name for p in ROOT.glob("*.py")))
+def test_nothing_is_defined_after_the_main_block(module):
+    """A script run as a command stops at `if __name__ == "__main__":`: a function defined below it does not exist
+    then (a name error only a run as a script shows)."""
+    import ast
+    body = ast.parse((ROOT / module).read_text()).body
+    mains = [i for i, node in enumerate(body) if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    assert not mains or mains == [len(body) - 1], module
