@@ -59,14 +59,14 @@ def budget_share(budget, now):
 def task_load(task, shown, n_views, samples, count):
     """[(prompt tokens, answer tokens)] per view of a task whose test input i shows `shown[i]` (view -> (k, perm,
     prompt ids)), each prompt `samples` times (a search: once), and per prompt an answer the size of the largest of
-    its test input and demonstration outputs (count(grid): its answer's tokens), EOS included."""
+    its test input and demonstration outputs (count(grid): its answer's tokens, EOS included)."""
     load = [[0, 0] for _ in range(n_views)]
     for i, views in shown.items():
         grids = [ex["output"] for ex in task["train"]] + [task["test"][i]["input"]]
         h, w = max(((len(g), len(g[0])) for g in grids), key=lambda s: s[0] * s[1])
         for v, (_, _, ids) in views.items():
             load[v][0] += len(ids) * max(samples, 1)
-            load[v][1] += (count(data.zero_grid(h, w)) + 1) * max(samples, 1)
+            load[v][1] += count(data.zero_grid(h, w)) * max(samples, 1)
     return [tuple(v) for v in load]
 
 

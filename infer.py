@@ -398,7 +398,7 @@ def decide(rec, mode, job, samples, shown, plan):
 def size_task(budget, model, group, shown, n_views, samples, tokenizer, fmt):
     """Under a --time-budget: the tokens per view of the task of `group` (task_load; `shown`: see sampled_prompts);
     before the first task, the rates one forward pass of its first prompt measures."""
-    count = lambda grid: len(tokenizer.encode(data.format_completion(grid, fmt), add_special_tokens=False))  # noqa: E731
+    count = lambda grid: len(encode_completion(tokenizer, data.format_completion(grid, fmt)))  # noqa: E731
     for tid, task in group.items():
         budget.sizes[tid] = task_load(task, {i: shown.get((tid, i), {}) for i in range(len(task["test"]))}, n_views,
                                       samples, count)

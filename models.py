@@ -655,7 +655,6 @@ def encode_completion(tokenizer, text):
     return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
-
 # what a training sequence's loss covers: "answer" the test output only (the write-up); "outputs" every output grid
 # but the first, train outputs included (the ARChitects' mask_first_n_examples=1): each is an answer the examples
 # before it teach

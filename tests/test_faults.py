@@ -946,9 +946,17 @@ def ttt_run(four_steps, family, tmp_path_factory):
     return out
 
 
+def adapter_loads(monkeypatch):
+    """The folder names of the adapters infer.py loads, in order (safetensors' load_file watched)."""
+    import safetensors.torch
+    loaded, real = [], safetensors.torch.load_file
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, *a, **k: (loaded.append(Path(path).parent.name),
+                                                                             real(path, *a, **k))[1])
+    return loaded
+
+
 def test_a_task_with_other_grids_or_no_adapter_is_named_and_never_gets_another_tasks(ttt_run, family, tmp_path,
                                                                                     monkeypatch, capsys):
-    import safetensors.torch
     run, tasks = tmp_path / "run", tmp_path / "tasks"
     shutil.copytree(ttt_run, run)
     files = sorted((family / "training").glob("*.json"))[:3]
@@ -960,10 +968,7 @@ def test_a_task_with_other_grids_or_no_adapter_is_named_and_never_gets_another_t
     changed["train"][0] = {"input": [[1]], "output": [[2]]}  # other grids under the same id and path
     (tasks / files[0].name).write_text(json.dumps(changed))
     shutil.rmtree(next((run / runs.TTT).glob(f"{ids[1]}*")))  # as after a SIGTERM before its task
-    loaded = []
-    real = safetensors.torch.load_file
-    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, *a, **k: (loaded.append(Path(path).parent.name),
-                                                                             real(path, *a, **k))[1])
+    loaded = adapter_loads(monkeypatch)
     capsys.readouterr()
     infer.main(["--model", str(run), "--dataset", str(tasks), "--max-new-tokens", "4"])
     out = capsys.readouterr().out
@@ -975,7 +980,6 @@ def test_a_task_with_other_grids_or_no_adapter_is_named_and_never_gets_another_t
 def test_identical_grids_under_two_ids_use_the_same_test_time_adapter(four_steps, family, tmp_path, monkeypatch,
                                                                        capsys):
     """train.py keeps identical grids once (the second id is an exact duplicate): its adapter serves both ids."""
-    import safetensors.torch
     first, other = [json.loads(f.read_text()) for f in sorted((family / "training").glob("*.json"))[:2]]
     challenges = tmp_path / "twins_challenges.json"
     challenges.write_text(json.dumps({"twin-a": first, "twin-b": first, "other": other}))
@@ -983,10 +987,7 @@ def test_identical_grids_under_two_ids_use_the_same_test_time_adapter(four_steps
     train.main(["--ttt", "--model", str(four_steps), "--dataset", str(challenges), "--out", str(run), "--epochs", "1",
                 "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1"])
     assert len(list((run / runs.TTT).iterdir())) == 2  # one adapter per distinct grids
-    loaded = []
-    real = safetensors.torch.load_file
-    monkeypatch.setattr(safetensors.torch, "load_file", lambda path, *a, **k: (loaded.append(Path(path).parent.name),
-                                                                             real(path, *a, **k))[1])
+    loaded = adapter_loads(monkeypatch)
     capsys.readouterr()
     infer.main(["--model", str(run), "--dataset", str(challenges), "--max-new-tokens", "4"])
     assert "no test-time adapter" not in capsys.readouterr().out
