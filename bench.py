@@ -29,7 +29,7 @@ from cli import (OneLineError, check_writable, line_buffered, opt, parse_config,
                  read_json, run_command, shared, versions, write_json)
 from models import (LOSSES, count_params, encode_completion, encode_prompt, llama3_hf_tokenizer, load_base, make_setup,
                     pad_id)
-from decode import answer_tokens, completion_logprobs, generate, logits_kept
+from decode import SPECULATE, answer_tokens, completion_logprobs, generate, logits_kept
 
 # Published shapes as LlamaConfig fields, built with random weights: speed and memory depend on the shape only, so
 # an 8B can be timed where its weights cannot be downloaded. "tokenizer": what turns the ARC text into tokens.
@@ -685,9 +685,15 @@ def dfs_run(cfg, tmp):
     return str(tmp)
 
 
-def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts):
+DFS_SEARCHES = (("before", "best answer so far known (before)", False, 0),
+                ("drafts", "drafts verified in one pass", True, 0),
+                ("speculate", "drafts, and tokens speculated where a branch leaves them", True, None))
+
+
+def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts, speculate):
     """Each view's dfs_search of one test input as infer's dfs runs them, with every draft (infer.dfs_drafts) or,
-    as before drafts, only the best answer found so far known: (per view [(tokens, nll)], forward passes)."""
+    as before drafts, only the best answer found so far known, `speculate` tokens run on where a branch leaves
+    them (None: decode.SPECULATE, as infer.py): (per view [(tokens, nll)], forward passes)."""
     from decode import answer_ids, dfs_search
     allowed, eos = answer_ids(tokenizer, fmt), tokenizer.eos_token_id
     encode = lambda g: encode_completion(tokenizer, data.format_completion(g, fmt))  # noqa: E731
@@ -696,7 +702,8 @@ def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts):
         ranked = [g for g, _ in sorted(found, key=lambda f: f[1])]
         given = infer.dfs_drafts(ranked if drafts else ranked[:1], task if drafts else None, test, k, perm, encode)
         out, _, n = dfs_search(model, ids, eos, min(cfg.dfs_max_new_tokens or answer_tokens(tokenizer, fmt),
-                                                    cfg.max_seq_len - len(ids)), cfg.dfs_min_prob, allowed, given)
+                                                    cfg.max_seq_len - len(ids)), cfg.dfs_min_prob, allowed, given,
+                               speculate=speculate)
         per_view.append(out)
         forwards += n
         for tokens, nll in out:
@@ -708,10 +715,11 @@ def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts):
 
 def bench_dfs(cfg, setup):
     """infer's dfs on --dfs-inputs test inputs of mixed sizes (every 2nd of the smallest --dataset --split ones
-    whose --dfs-views views fit --max-seq-len), each searched before (only the best answer so far known, one
-    prefill) and with drafts (the answers of earlier views, the test input, the demonstration outputs), in turn,
-    the order alternating (other work on the machine slows both alike): forward passes, tokens forwarded (every
-    position of every pass, prompts included), seconds, answers found and the largest relative nll difference."""
+    whose --dfs-views views fit --max-seq-len), each searched each way of DFS_SEARCHES: before (only the best
+    answer so far known, one prefill), with drafts (the answers of earlier views, the test input, the
+    demonstration outputs), and with drafts and speculated tokens, in turn, the order reversed every other input
+    (other work on the machine slows all alike): forward passes, tokens forwarded (every position of every pass,
+    prompts included), seconds, answers found and the largest relative nll difference against before."""
     import tempfile
     from runs import read_run
     from models import load_model
@@ -729,31 +737,32 @@ def bench_dfs(cfg, setup):
         answer = tasks[tid]["test"][i]["output"]
         row = dict(task=tid, test=i, shape=f"{len(answer)}x{len(answer[0])}",
                    prompt_tokens=int(statistics.median(len(ids) for _, _, ids in shown)))
-        for name in ("before", "drafts")[::1 if n % 2 == 0 else -1]:
+        for name, _, drafts, speculate in DFS_SEARCHES[::1 if n % 2 == 0 else -1]:
             forwarded.clear()
             t0 = time.perf_counter()
             row[name], row[f"{name}_forwards"] = searched_views(model, tokenizer, fmt, tasks[tid], i, shown, cfg,
-                                                                name == "drafts")
+                                                                drafts, speculate)
             row[f"{name}_s"], row[f"{name}_tokens"] = time.perf_counter() - t0, sum(forwarded)
             row[f"{name}_answers"] = sum(map(len, row[name]))
-        before, after = row.pop("before"), row.pop("drafts")
-        row["same_answers"] = [[c for c, _ in v] for v in before] == [[c for c, _ in v] for v in after]
-        row["max_rel_diff"] = max([abs(a - b) / abs(b) for vb, va in zip(before, after) for (_, b), (_, a)
-                                   in zip(vb, va)], default=0.0)
+        before, others = row.pop("before"), [row.pop(name) for name, *_ in DFS_SEARCHES[1:]]
+        row["same_answers"] = all([[c for c, _ in v] for v in before] == [[c for c, _ in v] for v in after]
+                                  for after in others)
+        row["max_rel_diff"] = max([abs(a - b) / abs(b) for after in others for vb, va in zip(before, after)
+                                   for (_, b), (_, a) in zip(vb, va)], default=0.0)
         rows.append(row)
-        print(f"  {tid}:{i} {row['shape']}: forwards {row['before_forwards']} -> {row['drafts_forwards']}, tokens "
-              f"{row['before_tokens']} -> {row['drafts_tokens']}, {row['before_s']:.1f} s -> {row['drafts_s']:.1f} s, "
-              f"answers {row['before_answers']} -> {row['drafts_answers']}, largest difference "
-              f"{row['max_rel_diff']:.1e}{'' if row['same_answers'] else ', NOT the same answers'}")
+        print(f"  {tid}:{i} {row['shape']}: " + ", ".join(
+            f"{what} {' -> '.join(str(round(row[f'{name}_{what}'], 1)) for name, *_ in DFS_SEARCHES)}"
+            for what in ("forwards", "tokens", "s", "answers"))
+            + f", largest difference {row['max_rel_diff']:.1e}"
+            + ("" if row["same_answers"] else ", NOT the same answers"))
     return dfs_table(cfg, setup, rows)
 
 
 def dfs_table(cfg, setup, rows):
     """bench_dfs's table: per test input and per view, before drafts against with them."""
     n, views = len(rows), cfg.dfs_views
-    total = {k: sum(r[k] for r in rows) for k in ("before_forwards", "drafts_forwards", "before_tokens",
-                                                   "drafts_tokens", "before_s", "drafts_s", "before_answers",
-                                                   "drafts_answers")}
+    total = {f"{name}_{what}": sum(r[f"{name}_{what}"] for r in rows) for name, *_ in DFS_SEARCHES
+             for what in ("forwards", "tokens", "s", "answers")}
     worst = max(r["max_rel_diff"] for r in rows)
     print(f"\ndfs: {cfg.dfs_run or f'SmolLM2 trained {cfg.dfs_train_steps} steps'} (float32) on {device_name(setup)}, "
           f"{n} {cfg.dataset} {cfg.split} test inputs (answers {', '.join(sorted({r['shape'] for r in rows}))}), "
@@ -762,17 +771,20 @@ def dfs_table(cfg, setup, rows):
     print("| search | forward passes / view | tokens forwarded / view | s / test input | answers found | "
           "largest relative nll difference |")
     print("|---|---|---|---|---|---|")
-    for name, label in (("before", "best answer so far known (before)"), ("drafts", "drafts verified in one pass")):
+    for name, label, *_ in DFS_SEARCHES:
         print(f"| {label} | {total[f'{name}_forwards'] / n / views:.1f} | {total[f'{name}_tokens'] / n / views:,.0f} | "
               f"{total[f'{name}_s'] / n:.2f} | {total[f'{name}_answers']} | "
               f"{'(reference)' if name == 'before' else f'{worst:.1e}'} |")
     same = all(r["same_answers"] for r in rows)
-    print(f"  {total['before_forwards'] / max(total['drafts_forwards'], 1):.1f}x fewer forward passes, "
-          f"{total['before_s'] / total['drafts_s']:.1f}x less time, "
-          f"{'the same' if same else 'NOT the same'} answers{busy_note()}")
+    ratios = {name: (total["before_forwards"] / max(total[f"{name}_forwards"], 1),
+                     total["before_s"] / total[f"{name}_s"]) for name, *_ in DFS_SEARCHES[1:]}
+    print("  against before: " + "; ".join(f"{name}: {f:.1f}x fewer forward passes, {t:.1f}x less time"
+                                           for name, (f, t) in ratios.items())
+          + f"; {'the same' if same else 'NOT the same'} answers{busy_note()}")
     return dict(device=device_name(setup), views=views, min_prob=cfg.dfs_min_prob, same_answers=same,
-                forwards_ratio=round(total["before_forwards"] / max(total["drafts_forwards"], 1), 2),
-                time_ratio=round(total["before_s"] / total["drafts_s"], 2), max_rel_diff=worst,
+                speculate=SPECULATE, forwards_ratio=round(ratios["speculate"][0], 2),
+                time_ratio=round(ratios["speculate"][1], 2), max_rel_diff=worst,
+                ratios={name: [round(f, 2), round(t, 2)] for name, (f, t) in ratios.items()},
                 rows=[{k: (round(v, 3) if isinstance(v, float) and k != "max_rel_diff" else v) for k, v in r.items()}
                       for r in rows])
 

@@ -240,6 +240,9 @@ def forward_rates(model, prompt_ids, steps=4):
     return (t1 - t0) / len(prompt_ids), (time.perf_counter() - t1) / steps
 
 
+SPECULATE = 4  # dfs_search's tokens run on where a branch leaves every draft, at first (docs/modes.md: measured)
+
+
 def dfs(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, drafts=()):
     """Every completion of `prompt_ids` whose probability under the model is above `min_prob`, as
     [(completion ids without EOS, summed nll including EOS), ...] sorted by nll. See dfs_search."""
@@ -311,6 +314,18 @@ def dfs_step(model, tokens, cache, length):
     return out.logits[0, -len(tokens):], out.past_key_values
 
 
+def speculation(drafts, path, most):
+    """Up to `most` tokens that may follow `path`: those at the same positions of the draft longer than `path`
+    that agrees with it at the most positions (the first such draft on a tie), none if no draft agrees anywhere."""
+    best, agree = None, 0
+    for draft in drafts:
+        if len(draft) > len(path):
+            same = sum(a == b for a, b in zip(draft, path))
+            if same > agree:
+                best, agree = draft, same
+    return [] if best is None or most <= 0 else list(best[len(path):len(path) + most])
+
+
 def shared_length(a, b, most):
     """How many leading tokens `a` and `b` share, at most `most`."""
     n = 0
@@ -320,7 +335,7 @@ def shared_length(a, b, most):
 
 
 def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=None, drafts=(), deadline=None,
-               keep=None):
+               keep=None, speculate=None):
     """(found, finished, forwards): dfs()'s completions, False when time.time() passed `deadline` first (what was
     found so far is kept), and the forward passes made after the prompt's. A branch grows while its summed negative
     log-likelihood stays below -log(min_prob); one reaching EOS (within max_new_tokens, EOS counted) is a
@@ -330,10 +345,14 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
     token: the first runs with the prompt; another runs whole, from where it leaves the cached branch, when the
     search first reaches a branch of it that no pass computed yet. Every position's log-probs are kept in a trie of
     the drafts, whose nodes the search then expands with no forward pass; it forwards only where it leaves every
-    draft or a draft ends. A draft changes what a search costs, never what it finds. `allowed_ids` (EOS is always
-    allowed) limits the tokens searched, e.g. to those the text format can write; their log-probs are NOT
-    renormalised over the allowed tokens: every nll is the model's own, the one a teacher-forced pass
-    (completion_logprobs) gives, so min_prob means the model's probability. `keep`, a dict, receives the prompt's
+    draft or a draft ends. Where it leaves them, a pass also runs up to `speculate` (default SPECULATE) tokens on,
+    twice as many each time the search followed the last ones to their end: those at the same positions of the
+    draft that agrees most with the branch (an ARC answer is often a draft with a few cells changed; after a
+    changed cell the draft goes on as before), then followed as a draft is. A draft
+    changes what a search costs, never what it finds. `allowed_ids` (EOS is always allowed) limits the tokens
+    searched, e.g. to those the text format can write; their log-probs are NOT renormalised over the allowed
+    tokens: every nll is the model's own, the one a teacher-forced pass (completion_logprobs) gives, so min_prob
+    means the model's probability. `keep`, a dict, receives the prompt's
     prefix (prompt_prefix's form) under tuple(prompt_ids): scoring then starts from the search's own prefill
     instead of forwarding the prompt again."""
     import math
@@ -354,6 +373,7 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
         options = functools.partial(dfs_options, ids=list(range(known.shape[-1])) if ids is None else ids.tolist(),
                                     eos_id=eos_id, limit=-math.log(min_prob), max_new_tokens=max_new_tokens)
         found, path, forwards = [], [], 0
+        base = run = SPECULATE if speculate is None else speculate
         stack = [(options(trie[0], 0.0, 0, trie), trie)]  # per depth: (tokens still to try, its trie node or None)
         while stack:
             if deadline is not None and time.time() > deadline:
@@ -371,11 +391,18 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
             path.append(token)
             child = node[1].get(token) if node is not None else None
             if child is None or child[0] is None:  # one pass: a whole draft when on one, else the branch's new tokens
-                goal = drafts[child[2]] if child is not None else path
+                if child is None:  # twice as far when the last speculation was followed to its end, as far as a draft
+                    run = 2 * run if len(path) == len(held) + 1 and path[:-1] == held else base
+                ahead = [] if child is not None else speculation(drafts, path, min(run, max_new_tokens - len(path) - 1))
+                goal = drafts[child[2]] if child is not None else path + ahead
                 start = shared_length(held, goal, len(path) - 1)
                 logits, cache = dfs_step(model, goal[start:], cache, n + start)
                 forwards, held, lps = forwards + 1, list(goal), log_probs(logits)
                 if child is not None:
                     remember(trie, goal, lps)
-            stack.append((options(child[0] if child is not None else lps[-1], nll, len(path), child), child))
+                else:  # the branch's node and the speculated tokens after it, as a draft's nodes
+                    child = node = [lps[len(path) - start - 1], {}, None]
+                    for j, token in enumerate(ahead):
+                        node = node[1].setdefault(token, [lps[len(path) - start + j], {}, None])
+            stack.append((options(child[0], nll, len(path), child), child))
     return sorted(found, key=lambda f: f[1]), True, forwards

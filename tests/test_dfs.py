@@ -185,3 +185,23 @@ def test_bench_dfs_section_searches_with_and_without_drafts_and_finds_the_same(t
     assert len(section["rows"]) == 2 and section["same_answers"] and section["max_rel_diff"] <= 1e-4
     assert all(r["before_forwards"] > 0 and r["drafts_tokens"] > 0 for r in section["rows"])
     assert "| drafts verified in one pass |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed, eos, min_prob", [(0, 2, 0.005), (2, 3, 0.01)])
+def test_speculated_tokens_after_a_branch_leaves_a_draft_save_passes_never_change_what_is_found(seed, eos, min_prob):
+    """A draft that is an answer with its first token changed: the search leaves it at once, and its pass runs on
+    with the draft's later tokens (an answer with a few cells changed goes on as the draft did), so fewer passes
+    than without speculation (speculate=0); any speculation length finds what brute force finds, at the same nll."""
+    model, max_new = small_model(seed), 6
+    prompt = [0, 4, 2, 5, 3, 1]
+    every = brute_force(model, prompt, eos, max_new)
+    expected = {c: nll for c, nll in every.items() if nll < -math.log(min_prob)}
+    longest = list(max(expected, key=len))
+    assert len(longest) >= 3
+    changed = [next(t for t in range(VOCAB) if t not in (eos, longest[0]))] + longest[1:]
+    spent = {}
+    for speculate in (0, 1, 2, 16):
+        found, finished, spent[speculate] = decode.dfs_search(model, prompt, eos, max_new, min_prob,
+                                                              drafts=[changed], speculate=speculate)
+        assert finished and {tuple(c): nll for c, nll in found} == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert spent[16] < spent[0], spent
