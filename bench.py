@@ -10,6 +10,9 @@ measured side by side in the same run; all of them go to one JSON record with th
     python bench.py --sections vocab --train-batch-size 2 --train-batches 4 --max-seq-len 512   # --vocab arc vs full
     python bench.py --sections loss                    # --loss answer vs outputs on the family, 3 seeds
 """
+import cli  # first: a Ctrl-C while the imports below load (torch takes seconds) ends in one line too
+if __name__ == "__main__":
+    cli.stop_while_loading()
 import dataclasses
 import json
 import math

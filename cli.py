@@ -46,6 +46,19 @@ def stop_on_signals(asked=None):
         signal.signal(signum, handler)
 
 
+def stop_while_loading():
+    """Before a script's own imports: Ctrl-C or SIGTERM while they load ends the process with one line and
+    128 + the signal, as run_command does later (it replaces this handler); nothing is written yet, so nothing is
+    lost. os.write and os._exit: safe wherever an import was interrupted."""
+    import signal
+
+    def handler(signum, _):
+        os.write(1, f"\n{'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}: stopped\n".encode())
+        os._exit(128 + signum)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
 @contextlib.contextmanager
 def signals_held():
     """Ctrl-C and SIGTERM wait until the block ends (then arrive as usual): a run's folder is never left half

@@ -4,6 +4,9 @@ submission and score it.
     python infer.py --split eval                          # latest runs/*/ -> its submission.json and results.json
     python infer.py --score runs/my-run/submission.json   # score an existing submission, no model loaded
 """
+import cli  # first: a Ctrl-C while the imports below load (torch takes seconds) ends in one line too
+if __name__ == "__main__":
+    cli.stop_while_loading()
 import dataclasses
 import json
 import re

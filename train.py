@@ -4,6 +4,9 @@
     python train.py --model ./Meta-Llama-3-8B --epochs 3 --out runs/llama3-8b
     python train.py --ttt --model runs/llama3-8b --split eval       # test-time training, one adapter per task
 """
+import cli  # first: a Ctrl-C while the imports below load (torch takes seconds) ends in one line too
+if __name__ == "__main__":
+    cli.stop_while_loading()
 import dataclasses
 import math
 import os

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -1197,6 +1198,28 @@ def test_a_signal_before_the_first_step_ends_the_run_at_once(family, tmp_path, s
     said = "".join(said) + proc.communicate(timeout=120)[0]
     assert proc.returncode == code and "nothing to save" in said and "Traceback" not in said, said
     assert not any(line.startswith("step ") for line in said.splitlines()) and not (out / "checkpoints").exists()
+
+
+def catches(pid, signum):
+    """Whether process `pid` has a handler of its own for `signum` (/proc/PID/status's SigCgt mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return bool(int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.parametrize("name, signum", [("train.py", signal.SIGINT), ("infer.py", signal.SIGTERM),
+                                          ("bench.py", signal.SIGINT)])
+def test_a_signal_while_a_script_imports_its_modules_is_one_line(tmp_path, name, signum):
+    """Ctrl-C or SIGTERM while a script's own imports load (numpy here, made to hang: a numpy.py that sleeps comes
+    first on the path) ends with one line and 128 + the signal, not a KeyboardInterrupt traceback."""
+    (tmp_path / "numpy.py").write_text("import time\ntime.sleep(120)\n")
+    proc = script(name, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    deadline = time.monotonic() + 60
+    while not catches(proc.pid, signal.SIGTERM) and time.monotonic() < deadline:  # its own handler is in place
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    said = proc.communicate(timeout=60)[0]
+    stopped = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    assert proc.returncode == 128 + signum and said.strip() == f"{stopped}: stopped", said
 
 
 def read_until(proc, start):
