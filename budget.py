@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 import data
 
 
-
-
 def budget_seconds(text):
     """Seconds of a --time-budget: 11h, 90m, 600s, 1h30m or a bare number of seconds; 0 for none ("" or 0), None
     for anything else (negative, no number, an unknown unit)."""
@@ -21,7 +19,6 @@ def budget_seconds(text):
     return sum(float(n or 0) * unit for n, unit in zip(parts.groups(), (3600, 60, 1)))
 
 
-
 @dataclass
 class Plan:
     """What one task runs: its first `views` views, rescored or not, and under --time-budget its share (seconds)
@@ -31,7 +28,6 @@ class Plan:
     share: float = None
     until: float = None
     lost: str = ""
-
 
 
 @dataclass
@@ -49,11 +45,9 @@ class Budget:
     score_s: float = 0.0
 
 
-
 def budget_share(budget, now):
     """The next task's share: the time left, spread evenly over the tasks left (a fast task leaves more to the rest)."""
     return (budget.end - now) / budget.tasks_left
-
 
 
 def task_load(task, shown, n_views, samples, count):
@@ -70,7 +64,6 @@ def task_load(task, shown, n_views, samples, count):
     return [tuple(v) for v in load]
 
 
-
 def view_costs(budget, load, learned=True):
     """(seconds without rescoring, seconds of rescoring) per view of a task of `load` (task_load): forward_rates'
     prediction, scaled (`learned`) by what the tasks run so far took against their prediction."""
@@ -78,7 +71,6 @@ def view_costs(budget, load, learned=True):
     work_k = budget.work_s / budget.predicted_s if learned and budget.predicted_s else 1.0
     score_k = budget.score_s / budget.predicted_score_s if learned and budget.predicted_score_s else 1.0
     return [(work_k * (per_prompt * p + per_answer * a), score_k * per_prompt * (p + a)) for p, a in load]
-
 
 
 def plan_task(budget, group, n_views, writeup, now):
@@ -106,12 +98,14 @@ def plan_task(budget, group, n_views, writeup, now):
     return plan
 
 
-
-def measure(budget, plan, group, seconds, score_s):
-    """Count the task of `group` run under `plan` in `budget`: its seconds against what the rates predicted."""
+def measure(budget, plan, group, seconds, score_s, unsearched=0):
+    """Count the task of `group` run under `plan` in `budget`: its seconds against what the rates predicted for
+    what ran, less the share of `unsearched` views (searches that ran out of time before them) of its test inputs'
+    planned ones."""
     if budget is not None:
         costs = view_costs(budget, budget.sizes[next(iter(group))], learned=False)[:plan.views]
-        budget.predicted_s += sum(w for w, _ in costs)
+        planned = plan.views * sum(len(task["test"]) for task in group.values())
+        budget.predicted_s += sum(w for w, _ in costs) * (1 - unsearched / planned if planned else 1)
         budget.predicted_score_s += sum(s for _, s in costs) * plan.rescore
         budget.work_s += seconds - score_s
         budget.score_s += score_s

@@ -203,6 +203,7 @@ class Job:
     limit: str = ""        # what set `deadline`, for the notes of a search out of time
     rescore: bool = True   # False: logprobs scores nothing and decide ranks the candidates by votes only
     score_s: float = 0.0   # seconds spent in logprobs, for the --time-budget planner
+    unsearched: int = 0    # views a search ran out of time before, for the planner too
     task: dict = None
     test: int = 0
 
@@ -286,6 +287,7 @@ def guess_dfs(samples, prompts, job):
             if grid is not None:
                 found.append((data.undo_view(grid, k, perm), nll))
         if not finished:
+            job.unsearched += len(prompts) - searched - 1
             job.notes.append(f"out of time ({job.limit}) in view {searched + 1} of {len(prompts)}: {len(found)} "
                              "answers found so far are ranked")
             break
@@ -471,7 +473,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
             append_line(f, json.dumps(dataclasses.asdict(rec)))
             bar.update(1)
         for group in [tasks] if budget is None else [{tid: task} for tid, task in tasks.items()]:
-            start, job.score_s = time.time(), 0.0
+            start, job.score_s, job.unsearched = time.time(), 0.0, 0
             plan, by_task, group_records, group_shown = planned(budget, group, cut, model, tokenizer, fmt, cfg, start)
             if plan is None:  # out of time: not predicted, not cached
                 cut += group
@@ -497,7 +499,7 @@ def predict(tasks, model, tokenizer, fmt, cfg, cache, settings, use_adapter=None
                     if pending[p["task_id"]] == 0:
                         finish(p["task_id"], plan)
                 bar.set_postfix_str(f"{generated / (time.time() - t0):.0f} tok/s")
-            measure(budget, plan, group, time.time() - start, job.score_s)
+            measure(budget, plan, group, time.time() - start, job.score_s, job.unsearched)
     return generated, time.time() - t0, cut
 
 
