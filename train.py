@@ -24,7 +24,7 @@ from cli import (AUTO, OneLineError, Stopped, TINY_NOTE, check_ranges, check_wri
                  write_failure, write_json)
 from data import (POOL_EXAMPLES, build_dataset, choose_format, count_tokens, read_sets, task_size,
                   training_fingerprint, ttt_dataset, views)
-from hub import GPU_MODEL, SMOLLM2
+from hub import GPU_MODEL, SMOLLM2, is_4bit
 from recipes import WRITEUP_FLAGS, WRITEUP_RECIPE, auto_help, recipe, shown
 from models import (EMBEDDINGS, LOSSES, PROJECTIONS, add_lora, arc_vocabulary, count_params, encode_example,
                     find_device, import_unsloth, is_embedding, load_base, load_run_model, make_setup, pad_id,
@@ -222,10 +222,21 @@ def auto_settings(cfg, gpu):
 def four_bits(cfg, decided):
     """cfg with --load-in-4bit checked: 4 bits hold a loaded base under a LoRA; the tiny model (built from a
     config), a full fine-tune (it trains the weights themselves) and --ttt (its run's model, merged in 16 bits)
-    train in the device's dtype: on auto they stay there, and asking for 4 bits is a OneLineError."""
+    train in the device's dtype: on auto they stay there, and asking for 4 bits is a OneLineError. A base saved in
+    4 bits (unsloth/*-bnb-4bit) loads in 4 bits on auto, on a CPU too; --no-load-in-4bit or a full fine-tune of it
+    is a OneLineError naming its 16-bit base."""
     against = ("the tiny model is built from a config" if cfg.model == "tiny" else
                "a full fine-tune trains every weight itself" if cfg.full_finetune else
                "--ttt trains on its run's model, merged in 16 bits" if cfg.ttt else None)
+    if cfg.model != "tiny" and not cfg.ttt and is_4bit(cfg.model) and (against or "load_in_4bit" not in decided
+                                                                        and not cfg.load_in_4bit):
+        raise OneLineError(f"--model {cfg.model} is saved in 4 bits: " + (
+            f"{against}" if against else "--no-load-in-4bit cannot load it in 16 (transformers loads 4 bits "
+            "whatever the flag; Unsloth would fetch another repo)") + "; name its 16-bit base instead (e.g. "
+            "unsloth/llama-3-8b for unsloth/llama-3-8b-bnb-4bit)")
+    if "load_in_4bit" in decided and is_4bit(cfg.model) and not against:  # a 4-bit base loads in 4 bits, say so
+        decided["load_in_4bit"] = True
+        return dataclasses.replace(cfg, load_in_4bit=True)
     if against and "load_in_4bit" in decided:
         decided["load_in_4bit"] = False
         return dataclasses.replace(cfg, load_in_4bit=False)

@@ -172,3 +172,34 @@ def test_test_time_training_starts_from_the_4bit_run_merged_into_its_dequantized
     with pytest.raises(SystemExit, match="--load-in-4bit: --ttt trains on its run's model, merged in 16 bits"):
         train.main(["--ttt", "--model", str(out), "--dataset", str(family), "--split", "eval", "--load-in-4bit",
                     "--out", str(tmp_path / "refused")])
+
+
+@pytest.fixture(scope="module")
+def saved_in_4bit(base, tmp_path_factory):
+    """The base as unsloth/*-bnb-4bit repos are: saved in 4 bits, its config.json naming the quantization."""
+    folder = tmp_path_factory.mktemp("base-bnb-4bit")
+    model, tokenizer = models.load_base(str(base), cpu_setup(), load_in_4bit=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+    return folder
+
+
+def test_a_base_saved_in_4bits_loads_in_4bits_on_auto_and_no_load_in_4bit_is_refused(saved_in_4bit, family,
+                                                                                    tmp_path):
+    """On a CPU the recipe's auto is 16 bits, but a base saved in 4 bits loads only so (transformers): auto says 4
+    bits and the run records them; --no-load-in-4bit, or a full fine-tune of it, stops in one line naming the
+    16-bit base, before anything is trained or written."""
+    out = tmp_path / "r"
+    common = ["--model", str(saved_in_4bit), "--dataset", str(family), "--vocab", "arc", "--max-seq-len", "512",
+              "--batch-size", "4", "--grad-accum", "1"]
+    (model, _), lines = printed(train.main, common + ["--max-steps", "1", "--out", str(out)])
+    assert "load_in_4bit True" in lines and "4-bit (bitsandbytes" in lines, lines
+    assert projections(model) and all(isinstance(m.base_layer, bitsandbytes.nn.Linear4bit)
+                                      for m in projections(model))
+    assert runs.read_run(out).load_in_4bit
+    for flags in (["--no-load-in-4bit"], ["--full-finetune"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(common + flags + ["--out", str(tmp_path / "refused")])
+        assert str(e.value).startswith(f"error: --model {saved_in_4bit} is saved in 4 bits: ") and \
+            "name its 16-bit base instead" in str(e.value) and not (tmp_path / "refused").exists(), str(e.value)
