@@ -401,8 +401,8 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
                 if child is not None:
                     remember(trie, goal, lps)
                 else:  # the branch's node and the speculated tokens after it, as a draft's nodes
-                    child = node = [lps[len(path) - start - 1], {}, None]
-                    for j, token in enumerate(ahead):
-                        node = node[1].setdefault(token, [lps[len(path) - start + j], {}, None])
+                    child = tip = [lps[len(path) - start - 1], {}, None]
+                    for j, t in enumerate(ahead):
+                        tip = tip[1].setdefault(t, [lps[len(path) - start + j], {}, None])
             stack.append((options(child[0], nll, len(path), child), child))
     return sorted(found, key=lambda f: f[1]), True, forwards
