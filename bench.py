@@ -6,7 +6,7 @@ measured side by side in the same run; all of them go to one JSON record with th
     python bench.py --sections modes                   # writeup / vote / poe / dfs, with and without TTT, side by side
     python bench.py --sections scoring                 # candidates scored by full forwards vs one prefill per view
     python bench.py --sections dfsbatch                # dfs's decode step: 1 view a forward vs 2 and 4 views batched
-    python bench.py --sections dfs --max-seq-len 1024  # dfs with drafts verified in one pass vs without (SmolLM2)
+    python bench.py --sections dfs --max-seq-len 1024  # dfs before drafts, with drafts, with speculation (SmolLM2)
     python bench.py --sections vocab --train-batch-size 2 --train-batches 4 --max-seq-len 512   # --vocab arc vs full
     python bench.py --sections loss                    # --loss answer vs outputs on the family, 3 seeds
 """
