@@ -101,8 +101,9 @@ def is_4bit(name):
     """True for a base saved in 4 bits (unsloth/*-bnb-4bit, or a folder whose config says so): loading it in 16 bits
     would make Unsloth fetch the 16-bit repo instead."""
     config = Path(name) / "config.json"
-    quantized = (read_json(config).get("quantization_config") or {}) if config.is_file() else {}
-    return name.rstrip("/").endswith("bnb-4bit") or bool(quantized.get("load_in_4bit"))
+    read = read_json(config) if config.is_file() else {}  # not an object: check_model_name says so
+    quantized = (read.get("quantization_config") or {}) if isinstance(read, dict) else {}
+    return name.rstrip("/").endswith("bnb-4bit") or isinstance(quantized, dict) and bool(quantized.get("load_in_4bit"))
 
 
 def check_model_name(name):
