@@ -314,6 +314,30 @@ def dfs_step(model, tokens, cache, length):
     return out.logits[0, -len(tokens):], out.past_key_values
 
 
+def dfs_start(model, prompt_ids, eos_id, allowed_ids, drafts, keep):
+    """dfs_search's start, under inference_mode: (log_probs(logits) -> the searched tokens' log-probs, the searched
+    token ids, the draft trie holding the log-probs of one prefill of the prompt + the first draft, that draft: the
+    branch the cache holds, the cache)."""
+    import torch
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    ids = None if allowed_ids is None else torch.tensor(sorted({*allowed_ids, eos_id}), device=device)
+    log_probs = lambda logits: logits.float().log_softmax(-1).double()[..., slice(None) if ids is None else ids]  # noqa: E731
+    trie, held = draft_trie(drafts), drafts[0] if drafts else []
+    known, cache = dfs_prefill(model, prompt_ids, held, DynamicCache(), keep)
+    trie[0], known = log_probs(known[0]), log_probs(known[1:])
+    remember(trie, held, known)
+    return log_probs, list(range(known.shape[-1])) if ids is None else ids.tolist(), trie, held, cache
+
+
+def chain(tokens, lps):
+    """A trie node whose log-probs are lps[0], and below it the path `tokens`, the j-th node holding lps[j + 1]."""
+    node = top = [lps[0], {}, None]
+    for j, token in enumerate(tokens):
+        node = node[1].setdefault(token, [lps[j + 1], {}, None])
+    return top
+
+
 def speculation(drafts, path, most):
     """Up to `most` tokens that may follow `path`: those at the same positions of the draft longer than `path`
     that agrees with it at the most positions (the first such draft on a tie), none if no draft agrees anywhere."""
@@ -348,30 +372,21 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
     draft or a draft ends. Where it leaves them, a pass also runs up to `speculate` (default SPECULATE) tokens on,
     twice as many each time the search followed the last ones to their end: those at the same positions of the
     draft that agrees most with the branch (an ARC answer is often a draft with a few cells changed; after a
-    changed cell the draft goes on as before), then followed as a draft is. A draft
-    changes what a search costs, never what it finds. `allowed_ids` (EOS is always allowed) limits the tokens
-    searched, e.g. to those the text format can write; their log-probs are NOT renormalised over the allowed
-    tokens: every nll is the model's own, the one a teacher-forced pass (completion_logprobs) gives, so min_prob
-    means the model's probability. `keep`, a dict, receives the prompt's
-    prefix (prompt_prefix's form) under tuple(prompt_ids): scoring then starts from the search's own prefill
-    instead of forwarding the prompt again."""
+    changed cell the draft goes on as before), then followed as a draft is. A draft changes what a search costs,
+    never what it finds. `allowed_ids` (EOS is always allowed) limits the tokens searched, e.g. to those the text
+    format can write; their log-probs are NOT renormalised over the allowed tokens: every nll is the model's own,
+    the one a teacher-forced pass (completion_logprobs) gives, so min_prob means the model's probability. `keep`, a
+    dict, receives the prompt's prefix (prompt_prefix's form) under tuple(prompt_ids): scoring then starts from the
+    search's own prefill instead of forwarding the prompt again."""
     import math
     import torch
-    from transformers import DynamicCache
-    device = next(model.parameters()).device
-    ids = None if allowed_ids is None else torch.tensor(sorted({*allowed_ids, eos_id}), device=device)
     drafts = [list(d)[:max(max_new_tokens - 1, 0)] for d in drafts]
     if deadline is not None and time.time() > deadline:  # not even the prefill
         return [], False, 0
-    log_probs = lambda logits: logits.float().log_softmax(-1).double()[..., slice(None) if ids is None else ids]  # noqa: E731
     with torch.inference_mode():
-        trie, n = draft_trie(drafts), len(prompt_ids)
-        held = drafts[0] if drafts else []  # the branch the cache holds after the prompt
-        known, cache = dfs_prefill(model, prompt_ids, held, DynamicCache(), keep)
-        trie[0], known = log_probs(known[0]), log_probs(known[1:])
-        remember(trie, held, known)
-        options = functools.partial(dfs_options, ids=list(range(known.shape[-1])) if ids is None else ids.tolist(),
-                                    eos_id=eos_id, limit=-math.log(min_prob), max_new_tokens=max_new_tokens)
+        log_probs, searched, trie, held, cache = dfs_start(model, prompt_ids, eos_id, allowed_ids, drafts, keep)
+        n, options = len(prompt_ids), functools.partial(dfs_options, ids=searched, eos_id=eos_id,
+                                                        limit=-math.log(min_prob), max_new_tokens=max_new_tokens)
         found, path, forwards = [], [], 0
         base = run = SPECULATE if speculate is None else speculate
         stack = [(options(trie[0], 0.0, 0, trie), trie)]  # per depth: (tokens still to try, its trie node or None)
@@ -381,8 +396,7 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
             todo, node = stack[-1]
             if not todo:
                 stack.pop()
-                if path:
-                    path.pop()
+                del path[-1:]  # the root's entry has no token
                 continue
             nll, token = todo.pop()
             if token == eos_id:
@@ -393,16 +407,14 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
             if child is None or child[0] is None:  # one pass: a whole draft when on one, else the branch's new tokens
                 if child is None:  # twice as far when the last speculation was followed to its end, as far as a draft
                     run = 2 * run if len(path) == len(held) + 1 and path[:-1] == held else base
-                ahead = [] if child is not None else speculation(drafts, path, min(run, max_new_tokens - len(path) - 1))
-                goal = drafts[child[2]] if child is not None else path + ahead
+                goal = drafts[child[2]] if child is not None else \
+                    path + speculation(drafts, path, min(run, max_new_tokens - len(path) - 1))
                 start = shared_length(held, goal, len(path) - 1)
                 logits, cache = dfs_step(model, goal[start:], cache, n + start)
                 forwards, held, lps = forwards + 1, list(goal), log_probs(logits)
                 if child is not None:
                     remember(trie, goal, lps)
                 else:  # the branch's node and the speculated tokens after it, as a draft's nodes
-                    child = tip = [lps[len(path) - start - 1], {}, None]
-                    for j, t in enumerate(ahead):
-                        tip = tip[1].setdefault(t, [lps[len(path) - start + j], {}, None])
+                    child = chain(goal[len(path):], lps[len(path) - start - 1:])
             stack.append((options(child[0], nll, len(path), child), child))
     return sorted(found, key=lambda f: f[1]), True, forwards
