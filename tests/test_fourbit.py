@@ -6,6 +6,7 @@ and infer.py on the adapter and on the merged folder. A 16-bit load where 4 bits
     python -m pytest tests/test_fourbit.py -q
 """
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import cli
+import hub
 import infer
 import models
 import runs
@@ -203,3 +205,13 @@ def test_a_base_saved_in_4bits_loads_in_4bits_on_auto_and_no_load_in_4bit_is_ref
             train.main(common + flags + ["--out", str(tmp_path / "refused")])
         assert str(e.value).startswith(f"error: --model {saved_in_4bit} is saved in 4 bits: ") and \
             "name its 16-bit base instead" in str(e.value) and not (tmp_path / "refused").exists(), str(e.value)
+
+
+@pytest.mark.parametrize("flags, model, four", [([], hub.GPU_MODEL, True), (["--full-finetune"], hub.GPU_MODEL_16BIT,
+                                                                              False)])
+def test_the_auto_gpu_model_is_the_4bit_one_and_a_full_finetune_takes_its_16bit_repo(flags, model, four, capsys):
+    """On a GPU, auto picks the write-up's Llama-3-8B saved in 4 bits for a LoRA, and its 16-bit repo for a full
+    fine-tune (4-bit weights cannot be trained themselves): no refusal for a command that names no model."""
+    cfg = train.resolve(dataclasses.replace(cli.parse_config(train.Config, "", flags), out="x"), set(), gpu=True)
+    assert (cfg.model, cfg.load_in_4bit) == (model, four)
+    assert f"auto: model {model} (GPU found)" in capsys.readouterr().out
