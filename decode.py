@@ -273,10 +273,11 @@ def remember(trie, tokens, lps):
 def dfs_options(lp, nll, depth, node, ids, eos_id, limit, max_new_tokens):
     """dfs_search's next tokens worth trying after a branch of `depth` tokens and summed `nll`, as (nll, token), in
     the order to pop them: the tokens a draft goes on with last (popped first), then the most likely. `lp`: the
-    log-probs of the tokens `ids` after the branch; `node`: the branch's node in the draft trie, or None."""
+    log-probs of the tokens `ids` after the branch; `node`: the branch's node in the trie (a draft's or a speculated
+    chain's)."""
     out = sorted(((c, t) for c, t in zip((nll - lp).tolist(), ids) if c < limit and
                   (t == eos_id or depth + 2 <= max_new_tokens)), reverse=True)  # room left for EOS
-    if node is not None and node[1]:
+    if node[1]:
         out.sort(key=lambda o: o[1] in node[1])
     return out
 
@@ -389,7 +390,7 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
                                                         limit=-math.log(min_prob), max_new_tokens=max_new_tokens)
         found, path, forwards = [], [], 0
         base = run = SPECULATE if speculate is None else speculate
-        stack = [(options(trie[0], 0.0, 0, trie), trie)]  # per depth: (tokens still to try, its trie node or None)
+        stack = [(options(trie[0], 0.0, 0, trie), trie)]  # per depth: (tokens still to try, its trie node)
         while stack:
             if deadline is not None and time.time() > deadline:
                 return sorted(found, key=lambda f: f[1]), False, forwards
@@ -403,7 +404,7 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
                 found.append((list(path), nll))
                 continue
             path.append(token)
-            child = node[1].get(token) if node is not None else None
+            child = node[1].get(token)
             if child is None or child[0] is None:  # one pass: a whole draft when on one, else the branch's new tokens
                 if child is None:  # twice as far when the last speculation was followed to its end, as far as a draft
                     run = 2 * run if len(path) == len(held) + 1 and path[:-1] == held else base
