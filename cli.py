@@ -53,7 +53,7 @@ def stop_while_loading():
     import signal
 
     def handler(signum, _):
-        os.write(1, f"\n{'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}: stopped\n".encode())
+        os.write(1, f"\n{Stopped(signum)}\n".encode())  # the line run_command ends with: "Ctrl-C: stopped"
         os._exit(128 + signum)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handler)
