@@ -229,13 +229,13 @@ def four_bits(cfg, decided):
     against = ("the tiny model is built from a config" if cfg.model == "tiny" else
                "a full fine-tune trains every weight itself" if cfg.full_finetune else
                "--ttt trains on its run's model, merged in 16 bits" if cfg.ttt else None)
-    if cfg.model != "tiny" and not cfg.ttt and is_4bit(cfg.model) and (against or "load_in_4bit" not in decided
-                                                                        and not cfg.load_in_4bit):
+    saved_in_4bit = cfg.model != "tiny" and not cfg.ttt and is_4bit(cfg.model)
+    if saved_in_4bit and (against or "load_in_4bit" not in decided and not cfg.load_in_4bit):
         raise OneLineError(f"--model {cfg.model} is saved in 4 bits: " + (
             f"{against}" if against else "--no-load-in-4bit cannot load it in 16 (transformers loads 4 bits "
             "whatever the flag; Unsloth would fetch another repo)") + "; name its 16-bit base instead (e.g. "
             f"{GPU_MODEL_16BIT} for {GPU_MODEL})")
-    if "load_in_4bit" in decided and is_4bit(cfg.model) and not against:  # a 4-bit base loads in 4 bits, say so
+    if saved_in_4bit and "load_in_4bit" in decided:  # auto: a 4-bit base loads in 4 bits, said with the rest
         decided["load_in_4bit"] = True
         return dataclasses.replace(cfg, load_in_4bit=True)
     if against and "load_in_4bit" in decided:
