@@ -760,10 +760,6 @@ def print_results(r, reference=False):
 
 
 # ----------------------------------------------------------------------------
-# pictures
-
-
-# ----------------------------------------------------------------------------
 # the three commands: --score a file, --join-shards, predict (the default)
 
 def report(cfg, tasks, sub, guesses, sub_path, results_path, plots, title, extra=None, t0=None):

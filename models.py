@@ -642,12 +642,10 @@ def load_weights(run, setup):
     return model, tokenizer
 
 
-
 def encode_prompt(tokenizer, text):
     """Token ids of a prompt: BOS (when the tokenizer has one) + the text, never anything else added."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer.encode(text, add_special_tokens=False)
-
 
 
 def encode_completion(tokenizer, text):
@@ -659,7 +657,6 @@ def encode_completion(tokenizer, text):
 # but the first, train outputs included (the ARChitects' mask_first_n_examples=1): each is an answer the examples
 # before it teach
 LOSSES = ("answer", "outputs")
-
 
 
 def output_spans(prompt):
@@ -676,7 +673,6 @@ def output_spans(prompt):
     return spans
 
 
-
 def prompt_labels(tokenizer, prompt, spans):
     """Labels of a prompt's tokens (BOS first when the tokenizer has one): the token's id where the token lies
     inside one of `spans` (character ranges), -100 elsewhere. The offsets come from the same encoding as
@@ -687,7 +683,6 @@ def prompt_labels(tokenizer, prompt, spans):
     return [-100] * int(tokenizer.bos_token_id is not None) + labels
 
 
-
 def encode_example(tokenizer, prompt, completion, loss="answer"):
     """(input_ids, labels) of one training sequence: BOS + prompt + completion + EOS. The loss is on the answer and
     its EOS; with loss "outputs" also on every output grid of the prompt but the first (its end marker included),
@@ -696,7 +691,6 @@ def encode_example(tokenizer, prompt, completion, loss="answer"):
     if loss == "outputs":
         return p + c, prompt_labels(tokenizer, prompt, output_spans(prompt)[1:]) + c
     return p + c, [-100] * len(p) + c
-
 
 
 def pad_id(tokenizer):

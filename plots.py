@@ -6,14 +6,14 @@ import numpy as np
 
 from cli import safe_name
 from data import view_task
-from submit import MAX_PLOTS, NEAR_MISS, TABLE_KEYS, table_columns
+from submit import TABLE_KEYS, table_columns
 
 
-
+NEAR_MISS = 0.8  # a wrong guess of the right size with at least this fraction of right pixels gets a picture
+MAX_PLOTS = 24
 
 ARC_COLOURS = ["#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00",
                "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25"]
-
 
 
 def draw_grid(ax, grid, title=""):
@@ -25,7 +25,6 @@ def draw_grid(ax, grid, title=""):
     ax.grid(which="minor", color="#555555", linewidth=0.5)
     ax.tick_params(which="both", length=0, labelbottom=False, labelleft=False)
     ax.set_title(title, fontsize=8)
-
 
 
 def show_task(task, tid, path):
@@ -51,7 +50,6 @@ def show_task(task, tid, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
 
 
 def plot_results(tasks, guesses, r, folder, title, names):
@@ -110,7 +108,6 @@ def plot_results(tasks, guesses, r, folder, title, names):
     fig.savefig(written[-1], dpi=80)
     plt.close(fig)
     return written
-
 
 
 def plot_losses(losses, path, title, val_losses=None):

@@ -16,10 +16,6 @@ TABLE = ("Num Problems", "Predictions", "Solved by any Guess")  # then a column 
 
 TABLE_KEYS = ("tasks", "predicted", "solved_any", "solved_first", "solved_second")
 
-NEAR_MISS = 0.8  # a wrong guess of the right size with at least this fraction of right pixels gets a picture
-
-MAX_PLOTS = 24
-
 
 @dataclass
 class Record:
