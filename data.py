@@ -708,7 +708,7 @@ def stats(tasks, tokenizer, fmts):
 
 
 # ----------------------------------------------------------------------------
-# CLI config shared by the three scripts: a dataclass whose fields are exactly the flags
+# data.py's own command line: a dataclass whose fields are exactly the flags
 
 
 @dataclass
@@ -722,10 +722,6 @@ class Config:
     format: str = opt("llama3", "output", "text format for --print", choices=["llama3", "digits"])
     print: str = opt("", "actions", "task id whose training text (k=0, first test input) to print")
     out: str = opt("show", "output", "folder for --show pictures")
-
-
-# ----------------------------------------------------------------------------
-# pictures
 
 
 # ----------------------------------------------------------------------------

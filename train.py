@@ -45,7 +45,7 @@ STOP = {}  # the signal that asked training to stop: set by save_first, which on
 STEPPING = {}  # set once training steps begin: from then a signal saves a checkpoint first, before it ends at once
 LAUNCH = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # torchrun and accelerate launch set them with MASTER_ADDR/MASTER_PORT
 # SmolLM2-135M LoRA training on 2 idle CPU cores: sequences up to 2048 tokens, and longer ones (with gradient
-# checkpointing), README's Measured
+# checkpointing), docs/measured.md
 SMOLLM2_CPU_TOK_S = {"short": 250, "long": 158}
 VOCABS = ("arc", "full")
 
@@ -84,8 +84,8 @@ class Config:
     device: str = shared("device")
     full_finetune: bool = opt(AUTO, "model", f"train every weight instead of a LoRA ({auto_help('full_finetune')})")
     vocab: str = opt("arc", "model", "arc: the tokenizer and embed_tokens/lm_head cut to the tokens the text format "
-                                     "writes (a few dozen; the same text, a smaller model: see README); full: the "
-                                     "whole vocabulary (the write-up's recipe)", choices=list(VOCABS))
+                                     "writes (a few dozen; the same text, a smaller model: see docs/modes.md); full: "
+                                     "the whole vocabulary (the write-up's recipe)", choices=list(VOCABS))
     # lora
     lora_r: int = opt(16, "lora", "LoRA rank")
     lora_alpha: int = opt(16, "lora", "LoRA alpha (rank-stabilized: scaling alpha/sqrt(r))")
@@ -108,7 +108,7 @@ class Config:
     seed: int = opt(1212, "training", "random seed (the write-up's random_state)")
     loss: str = opt("outputs", "training", "outputs: the loss on every output grid but the first, train outputs "
                                            "included (the ARChitects'; the default: more learnt per step, see "
-                                           "README); answer: on the test output only (the write-up's)",
+                                           "docs/modes.md); answer: on the test output only (the write-up's)",
                     choices=list(LOSSES))
     writeup: bool = opt(False, "training", "the write-up's recipe exactly, where our defaults differ from it: "
                                            + WRITEUP_FLAGS)
@@ -844,7 +844,7 @@ def settings(cfg, given):
     check_ranges(cfg, checks())  # the flags as given: values resolved from them are ours, a resumed run's were checked
     if cfg.gpus not in (AUTO, "auto", "1") and not (cfg.ttt and cfg.ttt_mode == "per-task"):
         raise OneLineError(f"--gpus {cfg.gpus}: splits --ttt's tasks (per-task) over GPUs; one training run on several "
-                           "GPUs is torchrun (README: Several GPUs)")
+                           "GPUs is torchrun (README: Flags by task, Several GPUs)")
     cfg = resolve(cfg, given, device[0] == "cuda")
     steps = already_finished(cfg) if cfg.resume else None
     if steps is not None:
