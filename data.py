@@ -128,10 +128,10 @@ def raw_tasks(source, split, strict_solutions=True, split_flag="--split"):
     path = Path(source)
     try:
         path.stat()
-    except FileNotFoundError:
-        pass  # said below, with the embedded sets' names
-    except OSError as e:  # a name over the system's limit (ENAMETOOLONG), a loop of links: no file can be there
+    except OSError as e:  # missing; or a name over the system's limit (ENAMETOOLONG), a loop of links
         known = ", ".join([*EMBEDDED, FAMILY])
+        if isinstance(e, FileNotFoundError):
+            raise OneLineError(f"{source}: no such file or folder, and not an embedded dataset ({known})")
         raise OneLineError(f"{source[:60]}{'...' * (len(source) > 60)} ({len(source)} characters): not a file or "
                            f"folder here ({e.strerror}), and not an embedded dataset ({known})")
     if path.is_dir() and kaggle_files(path):
@@ -142,9 +142,6 @@ def raw_tasks(source, split, strict_solutions=True, split_flag="--split"):
         if not files:
             raise OneLineError(f"{path}: no *.json task files in this folder")
         return [(f.stem, read_task_file(f), str(f)) for f in files]
-    if not path.exists():
-        known = ", ".join([*EMBEDDED, FAMILY])
-        raise OneLineError(f"{source}: no such file or folder, and not an embedded dataset ({known})")
     data = read_json(path)
     if isinstance(data, dict) and ("train" in data or "test" in data):  # one task in a file of its own
         return [(path.stem, data, str(path))]
