@@ -521,6 +521,7 @@ def bench_scoring(cfg, setup):
             t0 = time.perf_counter()
             row[name] = scorer(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], cfg.batch_size)
             row[f"{name}_s"], row[f"{name}_tokens"] = time.perf_counter() - t0, sum(forwarded)
+            row[f"{name}_asked"], row[f"{name}_forwards"] = row[f"{name}_forwards"], len(forwarded) - len(shown)
         row["max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(row.pop("cached"), row.pop("full")))
         rows.append(row)
     n = len(rows)
@@ -688,31 +689,37 @@ def dfs_run(cfg, tmp):
     return str(tmp)
 
 
-DFS_SEARCHES = (("before", "best answer so far known (before)", False, 0),
-                ("drafts", "drafts verified in one pass", True, 0),
-                ("speculate", "drafts, and tokens speculated where a branch leaves them", True, None))
+DFS_SEARCHES = (("before", "best answer so far known (before)", False, 0, 1),
+                ("drafts", "drafts verified in one pass", True, 0, 1),
+                ("speculate", "drafts, and tokens speculated where a branch leaves them", True, None, 1),
+                ("batched", "and the views after the first in one batch (default)", True, None, 8))
 
 
-def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts, speculate):
-    """Each view's dfs_search of one test input as infer's dfs runs them, with every draft (infer.dfs_drafts) or,
+def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts, speculate, together):
+    """Each view's dfs search of one test input as infer's dfs runs them, with every draft (infer.dfs_drafts) or,
     as before drafts, only the best answer found so far known, `speculate` tokens run on where a branch leaves
-    them (None: decode.SPECULATE, as infer.py): (per view [(tokens, nll)], forward passes)."""
-    from decode import answer_ids, dfs_search
+    them (None: decode.SPECULATE, as infer.py), `together` views in one batch after the first (infer.view_groups):
+    (per view [(tokens, nll)], forward passes asked for)."""
+    from decode import answer_ids, dfs_batch, dfs_search
     allowed, eos = answer_ids(tokenizer, fmt), tokenizer.eos_token_id
     encode = lambda g: encode_completion(tokenizer, data.format_completion(g, fmt))  # noqa: E731
+    longest = lambda ids: min(cfg.dfs_max_new_tokens or answer_tokens(tokenizer, fmt),  # noqa: E731
+                              cfg.max_seq_len - len(ids))
     found, per_view, forwards = [], [], 0
-    for k, perm, ids in views:
+    for group in infer.view_groups(views, together):
         ranked = [g for g, _ in sorted(found, key=lambda f: f[1])]
-        given = infer.dfs_drafts(ranked if drafts else ranked[:1], task if drafts else None, test, k, perm, encode)
-        out, _, n = dfs_search(model, ids, eos, min(cfg.dfs_max_new_tokens or answer_tokens(tokenizer, fmt),
-                                                    cfg.max_seq_len - len(ids)), cfg.dfs_min_prob, allowed, given,
-                               speculate=speculate)
-        per_view.append(out)
-        forwards += n
-        for tokens, nll in out:
-            grid = data.parse_output(tokenizer.decode(tokens), fmt)
-            if grid is not None:
-                found.append((data.undo_view(grid, k, perm), nll))
+        searches = [(ids, longest(ids), infer.dfs_drafts(ranked if drafts else ranked[:1], task if drafts else None,
+                                                         test, k, perm, encode)) for k, perm, ids in group]
+        results = dfs_batch(model, searches, eos, cfg.dfs_min_prob, allowed, speculate=speculate) \
+            if len(group) > 1 else [dfs_search(model, searches[0][0], eos, *searches[0][1:2], cfg.dfs_min_prob,
+                                               allowed, searches[0][2], speculate=speculate)]
+        for (k, perm, _), (out, _, n) in zip(group, results):
+            per_view.append(out)
+            forwards += n
+            for tokens, nll in out:
+                grid = data.parse_output(tokenizer.decode(tokens), fmt)
+                if grid is not None:
+                    found.append((data.undo_view(grid, k, perm), nll))
     return per_view, forwards
 
 
@@ -740,12 +747,13 @@ def bench_dfs(cfg, setup):
         answer = tasks[tid]["test"][i]["output"]
         row = dict(task=tid, test=i, shape=f"{len(answer)}x{len(answer[0])}",
                    prompt_tokens=int(statistics.median(len(ids) for _, _, ids in shown)))
-        for name, _, drafts, speculate in DFS_SEARCHES[::1 if n % 2 == 0 else -1]:
+        for name, _, drafts, speculate, together in DFS_SEARCHES[::1 if n % 2 == 0 else -1]:
             forwarded.clear()
             t0 = time.perf_counter()
             row[name], row[f"{name}_forwards"] = searched_views(model, tokenizer, fmt, tasks[tid], i, shown, cfg,
-                                                                drafts, speculate)
+                                                                drafts, speculate, together)
             row[f"{name}_s"], row[f"{name}_tokens"] = time.perf_counter() - t0, sum(forwarded)
+            row[f"{name}_asked"], row[f"{name}_forwards"] = row[f"{name}_forwards"], len(forwarded) - len(shown)
             row[f"{name}_answers"] = sum(map(len, row[name]))
         before, others = row.pop("before"), [row.pop(name) for name, *_ in DFS_SEARCHES[1:]]
         row["same_answers"] = all([[c for c, _ in v] for v in before] == [[c for c, _ in v] for v in after]
@@ -785,8 +793,8 @@ def dfs_table(cfg, setup, rows):
                                            for name, (f, t) in ratios.items())
           + f"; {'the same' if same else 'NOT the same'} answers{busy_note()}")
     return dict(device=device_name(setup), views=views, min_prob=cfg.dfs_min_prob, same_answers=same,
-                speculate=SPECULATE, forwards_ratio=round(ratios["speculate"][0], 2),
-                time_ratio=round(ratios["speculate"][1], 2), max_rel_diff=worst,
+                speculate=SPECULATE, forwards_ratio=round(ratios[DFS_SEARCHES[-1][0]][0], 2),
+                time_ratio=round(ratios[DFS_SEARCHES[-1][0]][1], 2), max_rel_diff=worst,
                 ratios={name: [round(f, 2), round(t, 2)] for name, (f, t) in ratios.items()},
                 rows=[{k: (round(v, 3) if isinstance(v, float) and k != "max_rel_diff" else v) for k, v in r.items()}
                       for r in rows])

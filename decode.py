@@ -379,43 +379,174 @@ def dfs_search(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids=
     the one a teacher-forced pass (completion_logprobs) gives, so min_prob means the model's probability. `keep`, a
     dict, receives the prompt's prefix (prompt_prefix's form) under tuple(prompt_ids): scoring then starts from the
     search's own prefill instead of forwarding the prompt again."""
-    import math
     import torch
-    drafts = [list(d)[:max(max_new_tokens - 1, 0)] for d in drafts]
     if deadline is not None and time.time() > deadline:  # not even the prefill
         return [], False, 0
     with torch.inference_mode():
-        log_probs, searched, trie, held, cache = dfs_start(model, prompt_ids, eos_id, allowed_ids, drafts, keep)
-        n, options = len(prompt_ids), functools.partial(dfs_options, ids=searched, eos_id=eos_id,
-                                                        limit=-math.log(min_prob), max_new_tokens=max_new_tokens)
-        found, path, forwards = [], [], 0
-        base = run = SPECULATE if speculate is None else speculate
-        stack = [(options(trie[0], 0.0, 0, trie), trie)]  # per depth: (tokens still to try, its trie node)
-        while stack:
-            if deadline is not None and time.time() > deadline:
-                return sorted(found, key=lambda f: f[1]), False, forwards
-            todo, node = stack[-1]
-            if not todo:
-                stack.pop()
-                del path[-1:]  # the root's entry has no token
-                continue
-            nll, token = todo.pop()
-            if token == eos_id:
-                found.append((list(path), nll))
-                continue
-            path.append(token)
-            child = node[1].get(token)
-            if child is None or child[0] is None:  # one pass: a whole draft when on one, else the branch's new tokens
-                if child is None:  # twice as far when the last speculation was followed to its end, as far as a draft
-                    run = 2 * run if len(path) == len(held) + 1 and path[:-1] == held else base
-                goal = drafts[child[2]] if child is not None else \
-                    path + speculation(drafts, path, min(run, max_new_tokens - len(path) - 1))
-                start = shared_length(held, goal, len(path) - 1)
-                logits, cache = dfs_step(model, goal[start:], cache, n + start)
-                forwards, held, lps = forwards + 1, list(goal), log_probs(logits)
-                if child is not None:
-                    remember(trie, goal, lps)
-                else:  # the branch's node and the speculated tokens after it, as a draft's nodes
-                    child = chain(goal[len(path):], lps[len(path) - start - 1:])
-            stack.append((options(child[0], nll, len(path), child), child))
+        walk, cache = dfs_walk(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids, drafts, deadline,
+                               keep, speculate)
+        try:
+            tokens, length, _ = next(walk)
+            while True:
+                logits, cache = dfs_step(model, tokens, cache, length)
+                tokens, length, _ = walk.send(logits)
+        except StopIteration as stop:
+            return stop.value
+
+
+def dfs_walk(model, prompt_ids, eos_id, max_new_tokens, min_prob, allowed_ids, drafts, deadline, keep, speculate):
+    """(dfs_search's search after its prefill, as a generator, the prefill's cache): the generator yields each
+    forward pass it needs as (tokens, length, needed), the tokens to run from position `length` on the first
+    `length` positions of the branch the pass before ran, is sent back the logits after each of them, or after
+    the first `needed` at least (the rest are a draft's or speculated: a later pass runs them when the search
+    gets there), and returns dfs_search's (found, finished, forwards). Whoever runs the passes owns the cache:
+    dfs_search one search's, dfs_batch several in one batch."""
+    drafts = [list(d)[:max(max_new_tokens - 1, 0)] for d in drafts]
+    log_probs, searched, trie, held, cache = dfs_start(model, prompt_ids, eos_id, allowed_ids, drafts, keep)
+    options = functools.partial(dfs_options, ids=searched, eos_id=eos_id, limit=-math.log(min_prob),
+                                max_new_tokens=max_new_tokens)
+    return dfs_walking(len(prompt_ids), eos_id, max_new_tokens, log_probs, options, trie, held, drafts, deadline,
+                       SPECULATE if speculate is None else speculate), cache
+
+
+def dfs_walking(n, eos_id, max_new_tokens, log_probs, options, trie, held, drafts, deadline, base):
+    """dfs_walk's generator: the search of dfs_search's docstring over a prompt of `n` tokens whose prefill gave
+    `trie` (dfs_start)."""
+    found, path, forwards, run = [], [], 0, base
+    stack = [(options(trie[0], 0.0, 0, trie), trie)]  # per depth: (tokens still to try, its trie node)
+    while stack:
+        if deadline is not None and time.time() > deadline:
+            return sorted(found, key=lambda f: f[1]), False, forwards
+        todo, node = stack[-1]
+        if not todo:
+            stack.pop()
+            del path[-1:]  # the root's entry has no token
+            continue
+        nll, token = todo.pop()
+        if token == eos_id:
+            found.append((list(path), nll))
+            continue
+        path.append(token)
+        child = node[1].get(token)
+        if child is None or child[0] is None:  # one pass: a whole draft when on one, else the branch's new tokens
+            if child is None:  # twice as far when the last speculation was followed to its end, as far as a draft
+                run = 2 * run if len(path) == len(held) + 1 and path[:-1] == held else base
+            goal = drafts[child[2]] if child is not None else \
+                path + speculation(drafts, path, min(run, max_new_tokens - len(path) - 1))
+            start = shared_length(held, goal, len(path) - 1)
+            logits = yield goal[start:], n + start, len(path) - start  # the logits of all, or of the first needed
+            goal = goal[:start + len(logits)]
+            forwards, held, lps = forwards + 1, list(goal), log_probs(logits)
+            if child is not None:
+                remember(trie, goal, lps)
+            else:  # the branch's node and the speculated tokens after it, as a draft's nodes
+                child = chain(goal[len(path):], lps[len(path) - start - 1:])
+        stack.append((options(child[0], nll, len(path), child), child))
     return sorted(found, key=lambda f: f[1]), True, forwards
+
+
+def dfs_batch(model, searches, eos_id, min_prob, allowed_ids=None, deadline=None, keep=None, speculate=None):
+    """dfs_search of several prompts, [(prompt ids, max_new_tokens, drafts)], at once: each prefilled alone, then
+    one forward pass a round serves every search still running, its tokens a row of one batch (Slots): a search
+    costs the round's one weight read, not its own. Per search, dfs_search's (found, finished, forwards): the same
+    completions at the same nll (to float rounding), forwards the passes it asked for (a few more than alone where
+    a round ran a draft's or speculated tokens only part of the way: see Slots.step). Through transformers' forward
+    only: it reads a 4-D attention mask, which Unsloth's does not."""
+    import torch
+    if deadline is not None and time.time() > deadline:
+        return [([], False, 0) for _ in searches]
+    out, asked = [None] * len(searches), {}
+
+    def advance(s, logits=None):
+        try:
+            asked[s] = next(walks[s]) if logits is None else walks[s].send(logits)
+        except StopIteration as stop:
+            out[s] = stop.value
+            asked.pop(s, None)
+    with torch.inference_mode():
+        walks, caches = map(list, zip(*(dfs_walk(model, ids, eos_id, max_new, min_prob, allowed_ids, drafts, deadline,
+                                                 keep, speculate) for ids, max_new, drafts in searches)))
+        slots = Slots(caches, next(model.parameters()).device)
+        del caches  # Slots holds them copied into one batch: the prefills' own are freed
+        for s in range(len(walks)):
+            advance(s)
+        while asked:
+            for s, logits in slots.step(model, asked).items():
+                advance(s, logits)
+    return out
+
+
+class Slots:
+    """The KV caches of several searches in one batch, a row each. A search's branch is the list of slots its row
+    holds it in, in order; a pass writes each row's new tokens into slots at the end, new to every row, and a
+    4-D attention mask lets each new token see only its own row's listed slots and its own tokens before it, at
+    its own positions (position_ids): a search that crops its branch lists fewer slots, and the others never see
+    a slot of its. Rows of searches that ended, and slots no branch lists, are dropped when they are half the
+    cache (one copy)."""
+
+    def __init__(self, caches, device):
+        import torch
+        layers = [kv_tensors(c) for c in caches]
+        self.device, self.rows = device, list(range(len(caches)))  # rows[i]: the search in batch row i
+        self.slots = {s: list(range(t[0][0].shape[-2])) for s, t in enumerate(layers)}
+        width = max(map(len, self.slots.values()))
+        pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[-2]))  # noqa: E731
+        self.cache = fresh_cache([[torch.cat([pad(t[layer][i]) for t in layers]) for i in (0, 1)]
+                                  for layer in range(len(layers[0]))])
+
+    def step(self, model, asked):
+        """{search: the logits after each of its tokens run} of one forward pass of every search in `asked`,
+        {search: (tokens, length, needed)} as dfs_walk yields them: each runs its first `most` tokens (all when
+        fewer), `most` the longest run that fills at least half the batch's cells with tokens, or the most any
+        search needs: the rest would be padding in the other rows, costing as many tokens as they fill."""
+        import torch
+        for s, (_, length, _) in asked.items():
+            self.slots[s] = self.slots[s][:length]
+        self.compact(asked)
+        lengths = sorted(len(tokens) for tokens, _, _ in asked.values())
+        most = max([needed for _, _, needed in asked.values()] +
+                   [k for k in lengths if 2 * sum(min(n, k) for n in lengths) >= len(lengths) * k])
+        asked = {s: (tokens[:most], length, needed) for s, (tokens, length, needed) in asked.items()}
+        width = self.cache.get_seq_length()
+        ids = torch.zeros(len(self.rows), most, dtype=torch.long)
+        positions = torch.zeros(len(self.rows), most, dtype=torch.long)
+        mask = torch.zeros(len(self.rows), 1, most, width + most, dtype=torch.bool)
+        mask[:, 0, :, width:] = torch.ones(most, most, dtype=torch.bool).tril()
+        for row, s in enumerate(self.rows):
+            tokens, length, _ = asked[s]
+            ids[row, :len(tokens)] = torch.tensor(tokens)
+            positions[row] = torch.arange(length, length + most)
+            mask[row, 0, :, self.slots[s]] = True
+        out = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                    position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
+                    return_dict=True)
+        got = {}
+        for row, s in enumerate(self.rows):
+            n = len(asked[s][0])
+            self.slots[s] += range(width, width + n)
+            got[s] = out.logits[row, :n]
+        return got
+
+    def compact(self, asked):
+        """Drop the rows of searches not in `asked` (ended), and the slots no branch lists once they are half the
+        cache."""
+        import torch
+        rows = [row for row, s in enumerate(self.rows) if s in asked]
+        width = max(len(self.slots[self.rows[row]]) for row in rows)
+        if len(rows) == len(self.rows) and 2 * len(rows) * width > len(self.rows) * self.cache.get_seq_length():
+            return
+        index = torch.tensor([(self.slots[self.rows[r]] + [0] * width)[:width] for r in rows], device=self.device)
+        pick = lambda x: x[rows].gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))  # noqa
+        self.cache = fresh_cache([[pick(x) for x in kv] for kv in kv_tensors(self.cache)])
+        self.rows = [self.rows[r] for r in rows]
+        for s in self.rows:
+            self.slots[s] = list(range(len(self.slots[s])))
+
+
+def fresh_cache(layers):
+    """A transformers DynamicCache holding [(keys, values)] per layer."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    for layer, (keys, values) in enumerate(layers):
+        cache.update(keys, values, layer)
+    return cache

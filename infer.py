@@ -26,8 +26,8 @@ from cli import (AUTO, OneLineError, Stopped, TINY_NOTE, check_ranges, check_wri
 from data import seen_in_training, task_fingerprint
 from models import adapter_loader, encode_completion, encode_prompt, load_model, make_setup
 from runs import check_ttt_base, find_run, missing_adapters, model_key, model_name, weights_fingerprint
-from decode import (answer_ids, answer_tokens, completion_logprobs, dfs_search, forward_rates, generate_halving,
-                    parse_guess, row_seed)
+from decode import (answer_ids, answer_tokens, completion_logprobs, dfs_batch, dfs_search, forward_rates,
+                    generate_halving, parse_guess, row_seed)
 from submit import (Record, TABLE_KEYS, WRITEUP_SCORES, answers_of, coverage, read_submission, save_submission, score,
                     submission_of, submission_path, table_columns)
 from plots import plot_results
@@ -73,6 +73,10 @@ class Config:
     samples: int = opt(1, "guesses", "samples per view for vote, poe and nvarc")
     min_prob: float = opt(0.1, "guesses", "dfs: every answer whose probability under the model is above this, in "
                                           "each view (at most 1/P per view)")
+    dfs_batch: int = opt(8, "guesses", "dfs: after the first view, whose answers are the others' drafts, this many "
+                                       "views searched in one batch, one forward pass a round for all of them "
+                                       "(--backend transformers only: Unsloth searches one view at a time); 1: "
+                                       "one at a time, each given every earlier view's answers")
     max_task_seconds: float = opt(0.0, "guesses", "dfs: time budget of one task; a task out of time keeps the "
                                                   "answers found so far and says so (0 = none)")
     time_budget: str = opt("0", "guesses", "time for the whole command, model load included (11h, 90m, 600s, 1h30m "
@@ -100,7 +104,7 @@ CHECKS = [("limit", lambda x: x >= 0, ">= 0 (0 = all)"),
           ("top_k", lambda x: x >= 0, ">= 0 (0 = no top-k cut)"),
           ("max_new_tokens", lambda x: x >= 1, ">= 1"),
           ("views", lambda x: x >= 1, ">= 1"), ("samples", lambda x: x >= 1, ">= 1"),
-          ("min_prob", lambda x: 0 < x < 1, "between 0 and 1"),
+          ("min_prob", lambda x: 0 < x < 1, "between 0 and 1"), ("dfs_batch", lambda x: x >= 1, ">= 1"),
           ("max_task_seconds", lambda x: x >= 0, ">= 0 (0 = none)"),
           ("time_budget", lambda x: budget_seconds(x) is not None, "a duration such as 11h, 90m, 600s, 1h30m or "
                                                                    "seconds (0 = none)"),
@@ -186,10 +190,11 @@ def poe_ranking(grids, prompts, encode, logprobs):
 class Job:
     """What a mode's guess function may use. encode(grid as a view writes it) -> completion ids with EOS;
     decode(ids) -> text; logprobs(prompt ids list, completion ids list) -> summed log-probs, batched;
-    search(prompt ids, drafts: completion ids lists) -> dfs_search's (found, finished, forwards) under --min-prob
-    and the task's `deadline`; `task` and `test`: the task and test input being decided. A guess function adds what the user must hear to `notes` and its one-token forward
-    passes to `forwards`. `prefixes`: the prompt caches a search built, which logprobs scores on; they live while
-    one test input is decided."""
+    search([(prompt ids, drafts: completion ids lists)]) -> dfs_search's (found, finished, forwards) of each under
+    --min-prob and the task's `deadline`, in one batch when several (`together` at most: view_groups); `task` and
+    `test`: the task and test input being decided. A guess function adds what the user must hear to `notes` and
+    its forward passes to `forwards`. `prefixes`: the prompt caches a search built, which logprobs scores on; they
+    live while one test input is decided."""
     cfg: Config
     fmt: str
     encode: object
@@ -204,6 +209,7 @@ class Job:
     rescore: bool = True   # False: logprobs scores nothing and decide ranks the candidates by votes only
     score_s: float = 0.0   # seconds spent in logprobs, for the --time-budget planner
     unsearched: int = 0    # views a search ran out of time before, for the planner too
+    together: int = 1      # views a dfs batch searches at most (--dfs-batch)
     task: dict = None
     test: int = 0
 
@@ -271,24 +277,33 @@ def dfs_drafts(found, task, test, k, perm, encode):
     return [list(p) for p in paths]
 
 
+def view_groups(views, together):
+    """The views of a test input as dfs searches them: the first alone (its answers are drafts of the others),
+    then `together` at a time in one batch (decode.dfs_batch); 1: each alone, each given every earlier one's."""
+    return [views[:1]] + [views[i:i + together] for i in range(1, len(views), together)] if views else []
+
+
 def guess_dfs(samples, prompts, job):
     """Every answer above --min-prob in each view (dfs_search), given as drafts (dfs_drafts) the answers found so
-    far, best first, then the test input and the demonstration outputs of its shape; the grids found, pooled over
-    the views, ranked as poe ranks them (votes: the views that found a grid). Out of time, the views searched so
-    far give the guesses."""
-    found = []  # (grid in the task's frame, its nll in the view that found it)
-    for searched, (k, perm, ids) in enumerate(prompts.values()):
+    far, best first, then the test input and the demonstration outputs of its shape; the first view alone, the
+    others --dfs-batch at a time in one batch (view_groups); the grids found, pooled over the views, ranked as poe
+    ranks them (votes: the views that found a grid). Out of time, the views searched so far give the guesses."""
+    found, views = [], list(prompts.values())  # found: (grid in the task's frame, its nll in the view that found it)
+    for group in view_groups(views, job.together):
         ranked = [g for g, _ in sorted(found, key=lambda f: f[1])]
-        completions, finished, forwards = job.search(ids, dfs_drafts(ranked, job.task, job.test, k, perm,
-                                                                     job.encode))
-        job.forwards += forwards
-        for tokens, nll in completions:
-            grid = data.parse_output(job.decode(tokens), job.fmt)
-            if grid is not None:
-                found.append((data.undo_view(grid, k, perm), nll))
-        if not finished:
-            job.unsearched += len(prompts) - searched - 1
-            job.notes.append(f"out of time ({job.limit}) in view {searched + 1} of {len(prompts)}: {len(found)} "
+        results = job.search([(ids, dfs_drafts(ranked, job.task, job.test, k, perm, job.encode))
+                              for k, perm, ids in group])
+        for (k, perm, _), (completions, _, forwards) in zip(group, results):
+            job.forwards += forwards
+            for tokens, nll in completions:
+                grid = data.parse_output(job.decode(tokens), job.fmt)
+                if grid is not None:
+                    found.append((data.undo_view(grid, k, perm), nll))
+        late = [views.index(v) + 1 for v, (_, finished, _) in zip(group, results) if not finished]
+        if late or len(results) < len(group):
+            job.unsearched += len(views) - views.index(group[0]) - len(results)
+            job.notes.append(f"out of time ({job.limit}) in view{'s' if len(late) > 1 else ''} "
+                             f"{late[0]}{f'-{late[-1]}' if len(late) > 1 else ''} of {len(views)}: {len(found)} "
                              "answers found so far are ranked")
             break
     return top_two(poe_ranking([g for g, _ in found], list(prompts.values()), job.encode, job.logprobs))
@@ -357,8 +372,17 @@ def describe_prompts(cfg, tasks, prompts, records, n_views, n_samples):
 
 
 def make_job(cfg, model, tokenizer, fmt):
-    """The Job the modes decide with: the model's scoring (on the prefixes a test input's search kept) and search."""
-    allowed = answer_ids(tokenizer, fmt)
+    """The Job the modes decide with: the model's scoring (on the prefixes a test input's search kept) and search,
+    --dfs-batch views a batch (load_predictor sets 1 for Unsloth)."""
+    allowed, eos = answer_ids(tokenizer, fmt), tokenizer.eos_token_id
+    longest = lambda ids: min(cfg.max_new_tokens, cfg.max_seq_len - len(ids))  # noqa: E731
+
+    def search(searches, deadline, keep):
+        if len(searches) > 1:
+            return dfs_batch(model, [(ids, longest(ids), drafts) for ids, drafts in searches], eos, cfg.min_prob,
+                             allowed, deadline, keep)
+        ids, drafts = searches[0]
+        return [dfs_search(model, ids, eos, longest(ids), cfg.min_prob, allowed, drafts, deadline, keep=keep)]
 
     def logprobs(p, c):
         if not job.rescore:
@@ -370,9 +394,8 @@ def make_job(cfg, model, tokenizer, fmt):
         return out
     job = Job(cfg, fmt, encode=lambda grid: encode_completion(tokenizer, data.format_completion(grid, fmt)),
               decode=tokenizer.decode, logprobs=logprobs,
-              search=lambda ids, drafts: dfs_search(model, ids, tokenizer.eos_token_id,
-                                                    min(cfg.max_new_tokens, cfg.max_seq_len - len(ids)),
-                                                    cfg.min_prob, allowed, drafts, job.deadline, keep=job.prefixes))
+              search=lambda searches: search(searches, job.deadline, job.prefixes),
+              together=cfg.dfs_batch)
     return job
 
 
@@ -870,13 +893,16 @@ def load_predictor(cfg, run, setup, todo):
     model, tokenizer = load_model(run, setup)
     torch.manual_seed(cfg.seed)
     fmt = run.format or data.choose_format(lambda s: tokenizer.encode(s, add_special_tokens=False))
-    cfg = replace(cfg, max_seq_len=run.max_seq_len, max_new_tokens=cfg.max_new_tokens or answer_tokens(tokenizer, fmt))
+    cfg = replace(cfg, max_seq_len=run.max_seq_len, max_new_tokens=cfg.max_new_tokens or answer_tokens(tokenizer, fmt),
+                  dfs_batch=cfg.dfs_batch if setup.backend == "transformers" else 1)  # dfs_batch: a 4-D mask
     if MODES[cfg.guesses].samples(cfg):
         print(f"sampling: top_k {cfg.top_k}, temperature {cfg.temperature}, max_new_tokens {cfg.max_new_tokens}, "
               f"batch_size {cfg.batch_size}, seed {cfg.seed}, format {fmt}")
     else:
         print(f"search: min_prob {cfg.min_prob} (at most {int(1 / cfg.min_prob)} answers per view), "
-              f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}")
+              f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}, views "
+              + (f"after the first {cfg.dfs_batch} a batch" if cfg.dfs_batch > 1 else "one at a time")
+              + (" (Unsloth's forward takes no 4-D attention mask)" if setup.backend != "transformers" else ""))
     print(f"guesses: {describe_mode(cfg)}")
     use_adapter = adapter_loader(model, run, todo) if run.ttt_mode == "per-task" and run.ttt_adapters() else None
     return model, tokenizer, fmt, cfg, use_adapter

@@ -144,7 +144,16 @@ def test_dfs_searches_stop_at_their_share_of_the_budget(tmp_path, monkeypatch, t
         deadlines.append(deadline)
         advance(1.0)
         return [], infer.time.time() <= deadline, 1
+
+    def batch(model, searches, eos, min_prob, allowed, deadline, keep):  # in turn, to the first out of time
+        out = []
+        for ids, new, drafts in searches:
+            out.append(search(model, ids, eos, new, min_prob, allowed, drafts, deadline, keep))
+            if not out[-1][1]:
+                return out
+        return out
     monkeypatch.setattr(infer, "dfs_search", search)
+    monkeypatch.setattr(infer, "dfs_batch", batch)
     fake_model(monkeypatch, tokenizer, lambda ids: pytest.fail("dfs generates nothing"))
     infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--max-task-seconds", "30",
                 "--time-budget", "8.5"])

@@ -205,3 +205,38 @@ def test_speculated_tokens_after_a_branch_leaves_a_draft_save_passes_never_chang
                                                               drafts=[changed], speculate=speculate)
         assert finished and {tuple(c): nll for c, nll in found} == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert spent[16] < spent[0], spent
+
+
+@pytest.mark.parametrize("seed, eos, min_prob", [(0, 3, 0.01), (1, 2, 0.005)])
+def test_searches_in_one_batch_find_what_each_finds_alone(seed, eos, min_prob, monkeypatch):
+    """dfs_batch: prompts of different lengths, each with its own drafts (none, a wrong one, an answer, one past
+    max_new_tokens) and its own max_new_tokens, one that needs no pass at all (max_new_tokens 1: EOS only), searched
+    in one batch a round: each finds what dfs_search finds alone and what brute force finds, at the same nll, in
+    fewer than half the passes the searches make one by one; the rows that end leave the batch, and the cache is
+    compacted on the way (its slots stay fewer than the tokens ever forwarded)."""
+    model = small_model(seed)
+    prompts = [[0, 4, 2, 5, 3, 1], [0, 5], [0, 1, 1, 4, 2, 2, 5, 3, 0, 4], [0, 2, 4], [0, 3, 3]]
+    news = [5, 6, 4, 1, 5]
+    alone = [decode.dfs_search(model, p, eos, n, min_prob) for p, n in zip(prompts, news)]
+    wrong = [t for t in range(VOCAB) if t != eos] * 3
+    drafts = [[], [wrong], [list(alone[2][0][0][0])], [wrong], [list(alone[4][0][-1][0]) * 3, wrong[:2]]]
+    shapes, step = [], decode.Slots.step  # (rows, cache slots) after each round
+
+    def watch(self, model, asked):
+        got = step(self, model, asked)
+        shapes.append((len(self.rows), self.cache.get_seq_length()))
+        return got
+    monkeypatch.setattr(decode.Slots, "step", watch)
+    together = decode.dfs_batch(model, list(zip(prompts, news, drafts)), eos, min_prob)
+    alone_spent = []
+    for p, n, d, (found, finished, spent), (plain, _, forwards) in zip(prompts, news, drafts, together, alone):
+        every = brute_force(model, p, eos, n)
+        expected = {c: nll for c, nll in every.items() if nll < -math.log(min_prob)}
+        assert finished and {tuple(c): nll for c, nll in found} == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        assert [c for c, _ in found] == [c for c, _ in plain]
+        alone_spent.append(decode.dfs_search(model, p, eos, n, min_prob, drafts=d)[2])
+    assert together[3] == ([], True, 0) or together[3][2] == 0
+    assert len(shapes) < sum(alone_spent) / 2  # one forward pass a round serves every search still running
+    assert shapes[0][0] == len(prompts) - 1 and shapes[-1][0] == 1  # the one needing no pass left at once
+    assert any(b[0] == a[0] and b[1] < a[1] for a, b in zip(shapes, shapes[1:]))  # slots dropped, same rows
+

@@ -2,6 +2,8 @@
 solves held-out tasks of that family and writes a valid, scored Kaggle submission."""
 import json
 
+import pytest
+
 import data
 import infer
 import submit
@@ -36,3 +38,15 @@ def test_tiny_model_learns_a_task_family_and_solves_held_out_tasks(tmp_path, cap
     submit.check_submission(submission, data.load_tasks("family", "eval")[0], "dfs submission")  # every task
     assert results["mode"] == "dfs" and results["tasks"] == 30 == len(submission)
     assert results["score"] >= 0.9 * 30, results["score"]
+
+    # the views after the first searched one at a time, not in one batch: the same answers, votes and scores
+    alone = run / "dfs-alone" / "submission.json"
+    infer.main(["--model", str(run), "--dataset", "family", "--split", "eval", "--guesses", "dfs", "--views", "4",
+                "--dfs-batch", "1", "--out", str(alone)])
+    assert alone.read_bytes() == out.read_bytes()
+    batched, one = (infer.read_cache(f.with_name("submission.cache.jsonl")) for f in (out, alone))
+    grids = lambda c: [[(g, v) for g, v, _ in test] for test in c.candidates]  # noqa: E731
+    assert all(grids(batched[tid]) == grids(one[tid]) for tid in submission)
+    assert [s for tid in submission for test in batched[tid].candidates for *_, s in test] == pytest.approx(
+        [s for tid in submission for test in one[tid].candidates for *_, s in test], rel=1e-4)
+    assert sum(len(test) for c in batched.values() for test in c.candidates) >= 30

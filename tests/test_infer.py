@@ -408,15 +408,28 @@ def test_guard_warns_with_counts_when_scored_tasks_were_trained_on(tmp_path, mon
 # dfs: every answer above --min-prob in each view, pooled and ranked by product of experts; the modes table
 
 def fake_search(monkeypatch, answers):
-    """Replace dfs_search by answers(prompt ids, drafts) -> ([(completion ids, nll)], finished); returns the calls,
-    each as dict(ids, drafts, deadline, allowed)."""
-    calls = []
+    """Replace dfs_search and dfs_batch by answers(prompt ids, drafts) -> ([(completion ids, nll)], finished);
+    returns the calls, each as dict(ids, drafts, deadline, allowed, batch: the search's dfs_batch call, or None).
+    The fake batch searches in turn and stops at the first out of time, as one at a time would."""
+    calls, batches = [], []
 
     def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, drafts=(), deadline=None, keep=None):
-        calls.append(dict(ids=tuple(ids), drafts=drafts, deadline=deadline, allowed=allowed_ids, min_prob=min_prob))
+        calls.append(dict(ids=tuple(ids), drafts=drafts, deadline=deadline, allowed=allowed_ids, min_prob=min_prob,
+                          batch=None))
         found, finished = answers(tuple(ids), drafts)
         return sorted(found, key=lambda f: f[1]), finished, 3
+
+    def batch(model, searches, eos, min_prob, allowed_ids=None, deadline=None, keep=None):
+        batches.append(len(searches))
+        out = []
+        for ids, max_new_tokens, drafts in searches:
+            out.append(search(model, ids, eos, max_new_tokens, min_prob, allowed_ids, drafts, deadline, keep))
+            calls[-1]["batch"] = len(batches)
+            if not out[-1][1]:
+                break
+        return out
     monkeypatch.setattr(infer, "dfs_search", search)
+    monkeypatch.setattr(infer, "dfs_batch", batch)
     return calls
 
 
@@ -444,6 +457,7 @@ def test_dfs_pools_every_view_mapped_back_ranks_by_poe_and_a_resumed_run_reuses_
                         [-1.0 if tuple(c) in truth_texts else -3.0 for c in completions])
     infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--min-prob", "0.2"])
     assert [prompt_view[c["ids"]] for c in calls] == list(range(8))
+    assert [c["batch"] for c in calls] == [None] + [1] * 7  # the first view alone, the other 7 in one batch
     given = [task["test"][0]["input"]] + [ex["output"] for ex in task["train"]]  # all of the test input's shape
     assert calls[0]["drafts"] == [written(g, 0) for g in given]
     assert all(c["drafts"] == [written(g, v) for g in [w, truth] + given] for v, c in enumerate(calls) if v >= 1)
