@@ -108,7 +108,8 @@ def test_merged_16bit_model_agrees_with_the_4bit_adapter(run, family):
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert models.quantized_layers(merged) == 0
     adapter, tokenizer = models.load_model(runs.read_run(out), cpu_setup())
-    assert models.quantized_layers(adapter) == 2 * len(models.PROJECTIONS)
+    assert models.quantized_layers(adapter) == 2 * len(models.PROJECTIONS)  # the LoRA stays on the 4 bits, unmerged
+    assert any("lora_" in name for name, _ in adapter.named_modules())
     for split in ("train", "eval"):  # the run's prompts and answers, and held-out ones
         ids, trained = answer_logits(adapter, tokenizer, family, split)
         merged_ids, reloaded = answer_logits(merged, AutoTokenizer.from_pretrained(out / "merged"), family, split)
@@ -126,6 +127,7 @@ def test_infer_predicts_from_the_adapter_on_4_bits_and_from_the_merged_folder(ru
                                     "--temperature", "0", "--max-new-tokens", "24", "--out", str(submission)])
     weights = next(line for line in lines.splitlines() if line.startswith("weights: "))
     assert ("4-bit (bitsandbytes, 14 Linear4bit layers" in weights) == (folder == "run"), weights
+    assert ", merged" not in weights  # a 4-bit base keeps its adapter on top
     results = json.loads(infer.paths(submission)[2].read_text())
     assert results["tasks"] == 3 and sum(results["guess_status"].values()) == 2 * 3
     assert len(json.loads(submission.read_text())) == 3

@@ -12,12 +12,13 @@ import torch
 
 import cli
 import data
+import decode
 import hub
 import models
 import recipes
 import runs
 import train
-from conftest import write_family
+from conftest import cpu_setup, write_family
 
 
 @pytest.mark.parametrize("make_tokenizer", [models.tiny_tokenizer, models.llama3_hf_tokenizer])
@@ -361,6 +362,8 @@ def test_test_time_training_shared_writes_one_adapter(ttt_family, tmp_path):
     assert info["ttt"]["mode"] == "shared" and info["summary"]["sequences"] == 9  # 3 tasks x 3 demonstrations
     assert (run / "final" / "adapter_model.safetensors").exists() and not (run / "ttt").exists()
     assert runs.read_run(run).adapter == run / "final"
+    model, _ = models.load_model(runs.read_run(run), cpu_setup())  # the test-time adapter stays on top, unmerged
+    assert lora_layers(model) and hasattr(model, "peft_config")
     import infer
     infer.main(["--model", str(run), "--dataset", str(ttt_family), "--split", "eval", "--max-new-tokens", "8",
                 "--guesses", "poe", "--views", "2"])
@@ -380,7 +383,7 @@ def test_every_load_of_a_trained_model_goes_through_the_one_builder(lora_run, fa
     monkeypatch.setattr(models, "build_model", counted)
     infer.main(["--model", str(run), "--dataset", str(family), "--split", "train", "--limit", "1",
                 "--max-new-tokens", "4", "--out", str(tmp_path / "predicted")])
-    assert calls == [("base", False)]
+    assert calls == [("base", True)]  # a LoRA run on the transformers path: merged for inference
     train.main(["--ttt", "--ttt-mode", "shared", "--model", str(run), "--dataset", str(family), "--limit", "1",
                 "--out", str(tmp_path / "ttt"), "--epochs", "1", "--ttt-views", "1", "--batch-size", "2"])
     assert calls[1:] == [("lora", False), ("base", True)]  # the run, built on its base and merged
@@ -390,6 +393,32 @@ def test_every_load_of_a_trained_model_goes_through_the_one_builder(lora_run, fa
     train.main(["--dataset", str(family), "--no-full-finetune", "--max-steps", "1", "--batch-size", "4", "--merge",
                 "--out", str(tmp_path / "merge")])
     assert calls[5:] == [("base", True)] and (tmp_path / "merge" / "merged" / "config.json").is_file()
+
+
+def lora_layers(model):
+    return [name for name, _ in model.named_modules() if "lora_" in name]
+
+
+def test_infer_merges_a_lora_run_and_scores_as_the_adapter_on_its_base(lora_run, family, capsys):
+    """load_model merges a LoRA run's adapter into its base (transformers, fp32, no test-time training): no LoRA
+    layer is left, the weights line says so, and every answer's log-prob is the unmerged model's within 1e-5
+    relative (while the base alone scores them otherwise: the adapter is in there)."""
+    _, folder = lora_run
+    run, setup = runs.read_run(folder), cpu_setup()
+    merged, tokenizer = models.load_model(run, setup)
+    assert f" + the adapter {run.adapter}, merged, cut to the run's {len(run.keep_ids)} tokens; base float32" \
+        in capsys.readouterr().out
+    assert lora_layers(merged) == [] and not hasattr(merged, "peft_config")
+    unmerged = models.build_model(run.base, setup, run.keep_ids, run.adapter, max_seq_len=run.max_seq_len).eval()
+    assert lora_layers(unmerged)
+    base = models.build_model(run.base, setup, run.keep_ids, max_seq_len=run.max_seq_len).eval()
+    tasks = data.load_tasks(str(family), "train")[0]
+    prompts = [models.encode_prompt(tokenizer, data.format_prompt(t, 0, run.format)) for t in tasks.values()]
+    answers = [models.encode_completion(tokenizer, data.format_completion(t["test"][0]["output"], run.format))
+               for t in tasks.values()]
+    got, want, alone = (decode.completion_logprobs(m, tokenizer, prompts, answers) for m in (merged, unmerged, base))
+    assert len(got) == 6 and all(abs(g - w) <= 1e-5 * abs(w) for g, w in zip(got, want)), (got, want)
+    assert all(abs(a - w) > 1e-3 * abs(w) for a, w in zip(alone, want)), (alone, want)
 
 
 def test_merge_of_a_full_fine_tune_records_the_backends_reason(family, tmp_path):

@@ -327,7 +327,7 @@ def test_unsloth_trains_resumes_and_predicts_on_a_4bit_base(four_bit):
     for key, value in final.items():  # the LoRA factors, embed_tokens and lm_head all moved in the resumed step
         assert not torch.equal(value, before[key]), key
     weights = next(line for line in predicted.splitlines() if line.startswith("weights: "))
-    assert "4-bit (bitsandbytes, 14 Linear4bit layers" in weights
+    assert "4-bit (bitsandbytes, 14 Linear4bit layers" in weights and ", merged" not in weights
     assert json.loads((out / "results.limit-1.json").read_text())["tasks"] == 1
 
 
