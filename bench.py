@@ -521,7 +521,6 @@ def bench_scoring(cfg, setup):
             t0 = time.perf_counter()
             row[name] = scorer(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], cfg.batch_size)
             row[f"{name}_s"], row[f"{name}_tokens"] = time.perf_counter() - t0, sum(forwarded)
-            row[f"{name}_asked"], row[f"{name}_forwards"] = row[f"{name}_forwards"], len(forwarded) - len(shown)
         row["max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(row.pop("cached"), row.pop("full")))
         rows.append(row)
     n = len(rows)
@@ -689,10 +688,13 @@ def dfs_run(cfg, tmp):
     return str(tmp)
 
 
-DFS_SEARCHES = (("before", "best answer so far known (before)", False, 0, 1),
-                ("drafts", "drafts verified in one pass", True, 0, 1),
-                ("speculate", "drafts, and tokens speculated where a branch leaves them", True, None, 1),
-                ("batched", "and the views after the first in one batch (default)", True, None, 8))
+# (name, label, drafts, tokens speculated (None: decode.SPECULATE), views a batch, the adapter merged (infer.py's
+# load_model) or on top of the base, as infer.py loaded a LoRA run before)
+DFS_SEARCHES = (("before", "best answer so far known, one view at a time (before)", False, 0, 1, False),
+                ("drafts", "drafts verified in one pass", True, 0, 1, False),
+                ("speculate", "drafts, and tokens speculated where a branch leaves them", True, None, 1, False),
+                ("batched", "and the views after the first in one batch", True, None, 8, False),
+                ("merged", "and the adapter merged into the base (infer.py's default)", True, None, 8, True))
 
 
 def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts, speculate, together):
@@ -725,20 +727,25 @@ def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts, specul
 
 def bench_dfs(cfg, setup):
     """infer's dfs on --dfs-inputs test inputs of mixed sizes (every 2nd of the smallest --dataset --split ones
-    whose --dfs-views views fit --max-seq-len), each searched each way of DFS_SEARCHES: before (only the best
-    answer so far known, one prefill), with drafts (the answers of earlier views, the test input, the
-    demonstration outputs), and with drafts and speculated tokens, in turn, the order reversed every other input
-    (other work on the machine slows all alike): forward passes, tokens forwarded (every position of every pass,
-    prompts included), seconds, answers found and the largest relative nll difference against before."""
+    whose --dfs-views views fit --max-seq-len), each searched each way of DFS_SEARCHES in turn, the order reversed
+    every other input (other work on the machine slows all alike): before (only the best answer so far known, one
+    view at a time, a LoRA run's adapter on top of its base as infer.py loaded it), with drafts (the answers of
+    earlier views, the test input, the demonstration outputs), with speculated tokens too, with the views after
+    the first in one batch, and with the adapter merged: forward passes (after the prefills, a batched one
+    counted once), tokens forwarded (every position of every pass, prompts and padding included), seconds,
+    answers found and the largest relative nll difference against before."""
     import tempfile
     from runs import read_run
-    from models import load_model
+    from models import build_model, load_model
     forwarded, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         run = read_run(dfs_run(cfg, Path(tmp) / "run"))
         model, tokenizer = load_model(run, setup)
-    model = model.float().eval()
-    model.register_forward_pre_hook(lambda m, args, kw: forwarded.append(kw["input_ids"].numel()), with_kwargs=True)
+        models = {True: model, False: build_model(run.base, setup, run.keep_ids, run.adapter, False, run.max_seq_len,
+                                                  run.load_in_4bit) if run.adapter else model}
+    for model in models.values():
+        model.float().eval().register_forward_pre_hook(
+            lambda m, args, kw: forwarded.append(kw["input_ids"].numel()), with_kwargs=True)
     fmt, tasks = run.format, data.load_tasks(cfg.dataset, cfg.split)[0]
     views = data.views(cfg.dfs_views)
     chosen = smallest_view_prompts(cfg, tokenizer, cfg.dfs_views, 2 * cfg.dfs_inputs)[::2][:cfg.dfs_inputs]
@@ -747,11 +754,11 @@ def bench_dfs(cfg, setup):
         answer = tasks[tid]["test"][i]["output"]
         row = dict(task=tid, test=i, shape=f"{len(answer)}x{len(answer[0])}",
                    prompt_tokens=int(statistics.median(len(ids) for _, _, ids in shown)))
-        for name, _, drafts, speculate, together in DFS_SEARCHES[::1 if n % 2 == 0 else -1]:
+        for name, _, drafts, speculate, together, merged in DFS_SEARCHES[::1 if n % 2 == 0 else -1]:
             forwarded.clear()
             t0 = time.perf_counter()
-            row[name], row[f"{name}_forwards"] = searched_views(model, tokenizer, fmt, tasks[tid], i, shown, cfg,
-                                                                drafts, speculate, together)
+            row[name], row[f"{name}_forwards"] = searched_views(models[merged], tokenizer, fmt, tasks[tid], i, shown,
+                                                                cfg, drafts, speculate, together)
             row[f"{name}_s"], row[f"{name}_tokens"] = time.perf_counter() - t0, sum(forwarded)
             row[f"{name}_asked"], row[f"{name}_forwards"] = row[f"{name}_forwards"], len(forwarded) - len(shown)
             row[f"{name}_answers"] = sum(map(len, row[name]))
@@ -770,7 +777,7 @@ def bench_dfs(cfg, setup):
 
 
 def dfs_table(cfg, setup, rows):
-    """bench_dfs's table: per test input and per view, before drafts against with them."""
+    """bench_dfs's table: per test input and per view, each search of DFS_SEARCHES against before."""
     n, views = len(rows), cfg.dfs_views
     total = {f"{name}_{what}": sum(r[f"{name}_{what}"] for r in rows) for name, *_ in DFS_SEARCHES
              for what in ("forwards", "tokens", "s", "answers")}

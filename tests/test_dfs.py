@@ -174,17 +174,18 @@ def test_drafts_change_what_a_search_costs_never_what_it_finds(seed, eos, min_pr
 
 
 def test_bench_dfs_section_searches_with_and_without_drafts_and_finds_the_same(tmp_path, capsys):
-    """bench.py --sections dfs on a run folder (the tiny model here): each test input searched both ways, the same
-    answers at the same nll, and its table printed."""
+    """bench.py --sections dfs on a run folder (the tiny model here): each test input searched every way (3 views:
+    the last 2 in one batch), the same answers at the same nll, and its table printed."""
     import bench
     from conftest import tiny_run
     out = tmp_path / "bench.json"
-    bench.main(["--sections", "dfs", "--dfs-run", tiny_run(tmp_path / "run"), "--dfs-inputs", "2", "--dfs-views", "2",
+    bench.main(["--sections", "dfs", "--dfs-run", tiny_run(tmp_path / "run"), "--dfs-inputs", "2", "--dfs-views", "3",
                 "--dfs-min-prob", "0.01", "--out", str(out)])
     section = json.loads(out.read_text())["dfs"]
     assert len(section["rows"]) == 2 and section["same_answers"] and section["max_rel_diff"] <= 1e-4
     assert all(r["before_forwards"] > 0 and r["drafts_tokens"] > 0 for r in section["rows"])
-    assert "| drafts verified in one pass |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| drafts verified in one pass |" in printed and "| and the views after the first in one batch |" in printed
 
 
 @pytest.mark.parametrize("seed, eos, min_prob", [(0, 2, 0.005), (2, 3, 0.01)])
