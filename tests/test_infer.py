@@ -584,3 +584,24 @@ def test_found_is_none_without_solutions_and_counts_only_right_grids(tmp_path, m
     assert submit.coverage(tasks, records) == dict(found=1, found_test_inputs=2)  # t0 has a second test input
     unsolved = {tid: dict(t, test=[{"input": x["input"]} for x in t["test"]]) for tid, t in tasks.items()}
     assert submit.coverage(unsolved, records) == dict(found=None, found_test_inputs=None)
+
+
+@pytest.mark.parametrize("together, groups, note, unsearched", [
+    (7, [1, 7], "in views 2-8 of 8", 0), (3, [1, 3], "in views 2-4 of 8", 4), (1, [1, 1], "in view 2 of 8", 6)])
+def test_a_dfs_batch_out_of_time_names_its_views_and_counts_the_views_never_searched(together, groups, note,
+                                                                                      unsearched):
+    """guess_dfs searches the first view alone, then --dfs-batch views a batch: a batch out of time says which views
+    it was searching, the views of the batches after it count as never searched (the planner learns from the
+    rest), and every search's passes are counted."""
+    task = mirror_task(random.Random(1), 2, 2)
+    prompts = {v: (k, p, (v,)) for v, (k, p) in enumerate(data.views(8))}
+    sizes = []
+
+    def search(searches):
+        sizes.append(len(searches))
+        return [([], len(sizes) == 1, 2) for _ in searches]
+    job = infer.Job(None, FMT, encode=lambda grid: [3, 4, 5], decode=str, logprobs=lambda p, c: [0.0] * len(p),
+                    search=search, together=together, task=task, limit="--max-task-seconds 5")
+    assert infer.guess_dfs([], prompts, job)[0] == [None, None]  # nothing found: no guess
+    assert sizes == groups and job.unsearched == unsearched and job.forwards == 2 * sum(groups)
+    assert job.notes == [f"out of time (--max-task-seconds 5) {note}: 0 answers found so far are ranked"]
