@@ -74,8 +74,9 @@ class Config:
     min_prob: float = opt(0.1, "guesses", "dfs: every answer whose probability under the model is above this, in "
                                           "each view (at most 1/P per view)")
     dfs_batch: int = opt(8, "guesses", "dfs: after the first view, whose answers are the others' drafts, this many "
-                                       "views searched in one batch, one forward pass a round for all of them "
-                                       "(--backend transformers only: Unsloth searches one view at a time); 1: "
+                                       "views searched in one batch, one forward pass a round for all of them, "
+                                       "each holding its prompt's KV cache (lower it where memory is short; "
+                                       "--backend transformers only: Unsloth searches one view at a time); 1: "
                                        "one at a time, each given every earlier view's answers")
     max_task_seconds: float = opt(0.0, "guesses", "dfs: time budget of one task; a task out of time keeps the "
                                                   "answers found so far and says so (0 = none)")

@@ -623,8 +623,8 @@ def adapter_loader(model, run, tasks):
 def merges_for_inference(run, setup):
     """Whether load_weights merges the run's adapter into its base (build_model's merge): on the transformers path
     over a 16-bit or fp32 base, where the merged model computes what base + LoRA does up to float rounding and a
-    forward pass skips peft's extra LoRA matmuls and Python (SmolLM2-135M on a CPU: one token 72 -> 50 ms, 16
-    tokens 160 -> 127 ms). A 4-bit base keeps its LoRA on top (merged, it would be dequantized to 16 bits: 2.8x the
+    forward pass skips peft's extra LoRA matmuls and Python (SmolLM2-135M on a CPU: a one-token pass
+    about 0.7x). A 4-bit base keeps its LoRA on top (merged, it would be dequantized to 16 bits: 2.8x the
     memory of Llama-3-8B's), as do Unsloth's path and a test-time run (its per-task adapters are swapped in place)."""
     return bool(run.adapter) and not run.ttt_mode and setup.backend == "transformers" and not run.load_in_4bit
 
