@@ -4,10 +4,12 @@ and a real tiny model runs end to end on CPU.
 
     python -m pytest tests/test_infer.py -q
 """
+import dataclasses
 import json
 import random
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -605,3 +607,17 @@ def test_a_dfs_batch_out_of_time_names_its_views_and_counts_the_views_never_sear
     assert infer.guess_dfs([], prompts, job)[0] == [None, None]  # nothing found: no guess
     assert sizes == groups and job.unsearched == unsearched and job.forwards == 2 * sum(groups)
     assert job.notes == [f"out of time (--max-task-seconds 5) {note}: 0 answers found so far are ranked"]
+
+
+@pytest.mark.parametrize("backend, batch, said", [
+    ("transformers", 8, "views after the first 8 a batch"),
+    ("unsloth", 1, "views one at a time (Unsloth's forward takes no 4-D attention mask)")])
+def test_dfs_searches_views_in_one_batch_through_transformers_only(monkeypatch, tokenizer, capsys, backend, batch,
+                                                                   said):
+    """dfs_batch reads a 4-D attention mask, which Unsloth's forward does not take: on Unsloth the loaded predictor
+    searches one view at a time, whatever --dfs-batch says, and its search line says why."""
+    monkeypatch.setattr(infer, "load_model", lambda run, setup: (object(), tokenizer))
+    run = types.SimpleNamespace(format=FMT, max_seq_len=512, ttt_mode=None)
+    cfg = dataclasses.replace(infer.Config(), guesses="dfs")
+    cfg = infer.load_predictor(cfg, run, types.SimpleNamespace(backend=backend), {})[3]
+    assert cfg.dfs_batch == batch and said in capsys.readouterr().out
