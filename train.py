@@ -959,7 +959,8 @@ def train(cfg, given=frozenset()):
         return None, Path(cfg.out)
     tasks, sources, val_tasks = read_data(cfg)  # before the model: a data error should not wait for 8B weights
     n = workers.worker_count(cfg.gpus, setup) if cfg.ttt and cfg.ttt_mode == "per-task" else 1
-    if n > 1:
+    if min(n, len(tasks)) > 1:  # no more workers than tasks; one task trains here, with no worker to start
+        n = min(n, len(tasks))
         train_on_workers(cfg, setup, tasks, sources, ttt_key, n)
         return None, Path(cfg.out)
     model, tokenizer, fmt, keep = training_model(cfg, setup, checkpoint)

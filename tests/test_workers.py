@@ -183,6 +183,22 @@ def test_ttt_over_two_workers_trains_the_adapters_of_one_process(ttt_runs):
         {k: v["last_loss"] for k, v in read(runs.run_config_path(alone))["summary"]["per_task"].items()}
 
 
+@pytest.mark.parametrize("limit, gpus, started", [("3", "5", 3), ("1", "2", None)])
+def test_ttt_starts_no_more_workers_than_tasks(ttt_runs, tmp_path, monkeypatch, limit, gpus, started):
+    """--gpus N over fewer tasks starts one worker a task (as infer.py does); over one task it starts none: the
+    task trains in this process, its adapter saved."""
+    given, _, _ = ttt_runs
+    asked = []
+    monkeypatch.setattr(train, "train_on_workers", lambda cfg, setup, tasks, sources, key, n: asked.append(n))
+    out = tmp_path / "ttt"
+    train.main(["--ttt", "--model", given[1], "--dataset", given[3], "--split", "eval", "--limit", limit, "--epochs",
+                "1", "--ttt-views", "1", "--batch-size", "4", "--max-steps", "1", "--gpus", gpus, "--device", "cpu",
+                "--out", str(out)])
+    assert asked == ([started] if started else [])
+    if not started:
+        assert len(list((out / runs.TTT).iterdir())) == 1
+
+
 def test_infer_over_two_workers_puts_each_tasks_adapter_on(ttt_runs):
     given, alone, split = ttt_runs
     argv = given[2:] + ["--limit", "3"]
