@@ -693,14 +693,14 @@ def dfs_run(cfg, tmp):
 DFS_SEARCHES = (("before", "best answer so far known, one view at a time (before)", False, 0, 1, False),
                 ("drafts", "drafts verified in one pass", True, 0, 1, False),
                 ("speculate", "drafts, and tokens speculated where a branch leaves them", True, None, 1, False),
-                ("batched", "and the views after the first in one batch", True, None, 8, False),
+                ("batched", "and the 8 views in one batch", True, None, 8, False),
                 ("merged", "and the adapter merged into the base (infer.py's default)", True, None, 8, True))
 
 
 def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts, speculate, together):
     """Each view's dfs search of one test input as infer's dfs runs them, with every draft (infer.dfs_drafts) or,
     as before drafts, only the best answer found so far known, `speculate` tokens run on where a branch leaves
-    them (None: decode.SPECULATE, as infer.py), `together` views in one batch after the first (infer.view_groups):
+    them (None: decode.SPECULATE, as infer.py), `together` views in one batch (infer.view_groups):
     (per view [(tokens, nll)], forward passes asked for)."""
     from decode import answer_ids, dfs_batch, dfs_search
     allowed, eos = answer_ids(tokenizer, fmt), tokenizer.eos_token_id

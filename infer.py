@@ -73,11 +73,11 @@ class Config:
     samples: int = opt(1, "guesses", "samples per view for vote, poe and nvarc")
     min_prob: float = opt(0.1, "guesses", "dfs: every answer whose probability under the model is above this, in "
                                           "each view (at most 1/P per view)")
-    dfs_batch: int = opt(8, "guesses", "dfs: after the first view, whose answers are the others' drafts, this many "
-                                       "views searched in one batch, one forward pass a round for all of them, "
-                                       "each holding its prompt's KV cache (lower it where memory is short; "
-                                       "--backend transformers only: Unsloth searches one view at a time); 1: "
-                                       "one at a time, each given every earlier view's answers")
+    dfs_batch: int = opt(8, "guesses", "dfs: views searched in one batch, one forward pass a round for all of "
+                                       "them, each batch given the answers of those before it as drafts, each view "
+                                       "holding its prompt's KV cache (lower it where memory is short; --backend "
+                                       "transformers only: Unsloth searches one view at a time); 1: one at a "
+                                       "time, each given every earlier view's answers")
     max_task_seconds: float = opt(0.0, "guesses", "dfs: time budget of one task; a task out of time keeps the "
                                                   "answers found so far and says so (0 = none)")
     time_budget: str = opt("0", "guesses", "time for the whole command, model load included (11h, 90m, 600s, 1h30m "
@@ -279,15 +279,16 @@ def dfs_drafts(found, task, test, k, perm, encode):
 
 
 def view_groups(views, together):
-    """The views of a test input as dfs searches them: the first alone (its answers are drafts of the others),
-    then `together` at a time in one batch (decode.dfs_batch); 1: each alone, each given every earlier one's."""
-    return [views[:1]] + [views[i:i + together] for i in range(1, len(views), together)] if views else []
+    """The views of a test input as dfs searches them: `together` at a time in one batch (decode.dfs_batch), each
+    batch given the answers of the batches before it as drafts; 1: each alone, given every earlier one's. All 8
+    in one batch was measured faster than the first alone for its answers, then the other 7 (docs/modes.md)."""
+    return [views[i:i + together] for i in range(0, len(views), together)]
 
 
 def guess_dfs(samples, prompts, job):
     """Every answer above --min-prob in each view (dfs_search), given as drafts (dfs_drafts) the answers found so
-    far, best first, then the test input and the demonstration outputs of its shape; the first view alone, the
-    others --dfs-batch at a time in one batch (view_groups); the grids found, pooled over the views, ranked as poe
+    far, best first, then the test input and the demonstration outputs of its shape; --dfs-batch views at a time
+    in one batch (view_groups); the grids found, pooled over the views, ranked as poe
     ranks them (votes: the views that found a grid). Out of time, the views searched so far give the guesses."""
     found, views = [], list(prompts.values())  # found: (grid in the task's frame, its nll in the view that found it)
     for group in view_groups(views, job.together):
@@ -902,7 +903,7 @@ def load_predictor(cfg, run, setup, todo):
     else:
         print(f"search: min_prob {cfg.min_prob} (at most {int(1 / cfg.min_prob)} answers per view), "
               f"max_new_tokens {cfg.max_new_tokens}, scoring batch_size {cfg.batch_size}, format {fmt}, views "
-              + (f"after the first {cfg.dfs_batch} a batch" if cfg.dfs_batch > 1 else "one at a time")
+              + (f"{cfg.dfs_batch} a batch" if cfg.dfs_batch > 1 else "one at a time")
               + (" (Unsloth's forward takes no 4-D attention mask)" if setup.backend != "transformers" else ""))
     print(f"guesses: {describe_mode(cfg)}")
     use_adapter = adapter_loader(model, run, todo) if run.ttt_mode == "per-task" and run.ttt_adapters() else None

@@ -39,7 +39,7 @@ def test_tiny_model_learns_a_task_family_and_solves_held_out_tasks(tmp_path, cap
     assert results["mode"] == "dfs" and results["tasks"] == 30 == len(submission)
     assert results["score"] >= 0.9 * 30, results["score"]
 
-    # the views after the first searched one at a time, not in one batch: the same answers, votes and scores
+    # the views searched one at a time, not in one batch: the same answers, votes and scores
     alone = run / "dfs-alone" / "submission.json"
     infer.main(["--model", str(run), "--dataset", "family", "--split", "eval", "--guesses", "dfs", "--views", "4",
                 "--dfs-batch", "1", "--out", str(alone)])

@@ -438,8 +438,9 @@ def fake_search(monkeypatch, answers):
 def test_dfs_pools_every_view_mapped_back_ranks_by_poe_and_a_resumed_run_reuses_it(tmp_path, monkeypatch, tokenizer):
     """Each view's search finds the truth (in its own frame); views 0 and 1 also find a wrong grid W, more likely
     there than the truth, and one completion that is no grid. Pooled over the 8 views and scored under every view,
-    the truth ranks first. Every view's search is given as drafts, written in its frame: the answers found so far,
-    best first (W, then the truth), then the test input and the demonstration outputs of its shape."""
+    the truth ranks first. Every view's search is given as drafts, written in its frame: the answers found so far
+    (none for the 8 views in one batch; with --dfs-batch 1, best first: W, then the truth), then the test input
+    and the demonstration outputs of its shape."""
     task = mirror_task(random.Random(5), 3, 4)
     truth, w = task["test"][0]["output"], [[1, 2, 3, 4], [5, 6, 7, 8], [9, 0, 1, 2]]
     folder, run = write_tasks(tmp_path / "tasks", {"t": task}), write_run(tmp_path / "run")
@@ -459,10 +460,9 @@ def test_dfs_pools_every_view_mapped_back_ranks_by_poe_and_a_resumed_run_reuses_
                         [-1.0 if tuple(c) in truth_texts else -3.0 for c in completions])
     infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--min-prob", "0.2"])
     assert [prompt_view[c["ids"]] for c in calls] == list(range(8))
-    assert [c["batch"] for c in calls] == [None] + [1] * 7  # the first view alone, the other 7 in one batch
+    assert [c["batch"] for c in calls] == [1] * 8  # the 8 views in one batch
     given = [task["test"][0]["input"]] + [ex["output"] for ex in task["train"]]  # all of the test input's shape
-    assert calls[0]["drafts"] == [written(g, 0) for g in given]
-    assert all(c["drafts"] == [written(g, v) for g in [w, truth] + given] for v, c in enumerate(calls) if v >= 1)
+    assert all(c["drafts"] == [written(g, v) for g in given] for v, c in enumerate(calls))  # no answer found yet
     answer_words = {tokenizer.convert_tokens_to_ids(t) for t in [*"0123456789", "\n", data.END, "</s>"]}
     assert set(calls[0]["allowed"]) == answer_words and calls[0]["min_prob"] == 0.2
     sub_path = Path(run) / "submission.dfs.json"
@@ -476,6 +476,14 @@ def test_dfs_pools_every_view_mapped_back_ranks_by_poe_and_a_resumed_run_reuses_
     fake_search(monkeypatch, lambda ids, drafts: pytest.fail("a finished task is searched again"))
     infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--min-prob", "0.2"])
     assert sub_path.read_bytes() == before
+
+    calls = fake_search(monkeypatch, answers)  # one view at a time: each given the answers of the views before it
+    alone = tmp_path / "alone" / "submission.json"
+    infer.main(["--dataset", folder, "--model", run, "--guesses", "dfs", "--min-prob", "0.2", "--dfs-batch", "1",
+                "--out", str(alone)])
+    assert [c["batch"] for c in calls] == [None] * 8 and alone.read_bytes() == before
+    assert calls[0]["drafts"] == [written(g, 0) for g in given]
+    assert all(c["drafts"] == [written(g, v) for g in [w, truth] + given] for v, c in enumerate(calls) if v >= 1)
 
 
 def test_dfs_task_out_of_time_keeps_its_answers_and_says_so(tmp_path, monkeypatch, tokenizer, capsys):
@@ -589,11 +597,11 @@ def test_found_is_none_without_solutions_and_counts_only_right_grids(tmp_path, m
 
 
 @pytest.mark.parametrize("together, groups, note, unsearched", [
-    (7, [1, 7], "in views 2-8 of 8", 0), (3, [1, 3], "in views 2-4 of 8", 4), (1, [1, 1], "in view 2 of 8", 6)])
+    (4, [4, 4], "in views 5-8 of 8", 0), (3, [3, 3], "in views 4-6 of 8", 2), (1, [1, 1], "in view 2 of 8", 6)])
 def test_a_dfs_batch_out_of_time_names_its_views_and_counts_the_views_never_searched(together, groups, note,
                                                                                       unsearched):
-    """guess_dfs searches the first view alone, then --dfs-batch views a batch: a batch out of time says which views
-    it was searching, the views of the batches after it count as never searched (the planner learns from the
+    """guess_dfs searches --dfs-batch views a batch, the first batch in time, the second not: a batch out of time
+    says which views it was searching, the views of the batches after it count as never searched (the planner learns from the
     rest), and every search's passes are counted."""
     task = mirror_task(random.Random(1), 2, 2)
     prompts = {v: (k, p, (v,)) for v, (k, p) in enumerate(data.views(8))}
@@ -610,7 +618,7 @@ def test_a_dfs_batch_out_of_time_names_its_views_and_counts_the_views_never_sear
 
 
 @pytest.mark.parametrize("backend, batch, said", [
-    ("transformers", 8, "views after the first 8 a batch"),
+    ("transformers", 8, "views 8 a batch"),
     ("unsloth", 1, "views one at a time (Unsloth's forward takes no 4-D attention mask)")])
 def test_dfs_searches_views_in_one_batch_through_transformers_only(monkeypatch, tokenizer, capsys, backend, batch,
                                                                    said):
