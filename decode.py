@@ -211,16 +211,12 @@ def stacked_prefix(rows):
     """A fresh DynamicCache holding row r's prefix (kv_tensors of one prompt, all of one length) in batch row r: a
     copy per row, made once per batch; the prefix tensors themselves are never written to, so they serve the next
     batch."""
-    from transformers import DynamicCache
     import torch
-    cache = DynamicCache()
-    for layer in range(len(rows[0])):
-        keys = [r[layer][0] for r in rows]
-        values = [r[layer][1] for r in rows]
-        same = all(k is keys[0] for k in keys)  # one prompt: an expanded view, copied once by the layer's update
-        cache.update(keys[0].expand(len(rows), *keys[0].shape[1:]) if same else torch.cat(keys),
-                     values[0].expand(len(rows), *values[0].shape[1:]) if same else torch.cat(values), layer)
-    return cache
+
+    def stacked(tensors):  # one prompt: an expanded view, copied once by the layer's update
+        same = all(t is tensors[0] for t in tensors)
+        return tensors[0].expand(len(tensors), *tensors[0].shape[1:]) if same else torch.cat(tensors)
+    return fresh_cache([[stacked([r[layer][i] for r in rows]) for i in (0, 1)] for layer in range(len(rows[0]))])
 
 
 def forward_rates(model, prompt_ids, steps=4):
