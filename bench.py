@@ -6,7 +6,7 @@ measured side by side in the same run; all of them go to one JSON record with th
     python bench.py --sections modes                   # writeup / vote / poe / dfs, with and without TTT, side by side
     python bench.py --sections scoring                 # candidates scored by full forwards vs one prefill per view
     python bench.py --sections dfsbatch                # dfs's decode step: 1 view a forward vs 2 and 4 views batched
-    python bench.py --sections dfs --max-seq-len 1024  # dfs before drafts, with drafts, with speculation (SmolLM2)
+    python bench.py --sections dfs --max-seq-len 1024  # dfs before, with drafts, speculation, views batched (SmolLM2)
     python bench.py --sections vocab --train-batch-size 2 --train-batches 4 --max-seq-len 512   # --vocab arc vs full
     python bench.py --sections loss                    # --loss answer vs outputs on the family, 3 seeds
 """
@@ -702,7 +702,7 @@ def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts, specul
     as before drafts, only the best answer found so far known, `speculate` tokens run on where a branch leaves
     them (None: decode.SPECULATE, as infer.py), `together` views in one batch (infer.view_groups):
     (per view [(tokens, nll)], forward passes asked for)."""
-    from decode import answer_ids, dfs_batch, dfs_search
+    from decode import answer_ids
     allowed, eos = answer_ids(tokenizer, fmt), tokenizer.eos_token_id
     encode = lambda g: encode_completion(tokenizer, data.format_completion(g, fmt))  # noqa: E731
     longest = lambda ids: min(cfg.dfs_max_new_tokens or answer_tokens(tokenizer, fmt),  # noqa: E731
@@ -712,10 +712,8 @@ def searched_views(model, tokenizer, fmt, task, test, views, cfg, drafts, specul
         ranked = [g for g, _ in sorted(found, key=lambda f: f[1])]
         searches = [(ids, longest(ids), infer.dfs_drafts(ranked if drafts else ranked[:1], task if drafts else None,
                                                          test, k, perm, encode)) for k, perm, ids in group]
-        results = dfs_batch(model, searches, eos, cfg.dfs_min_prob, allowed, speculate=speculate) \
-            if len(group) > 1 else [dfs_search(model, searches[0][0], eos, *searches[0][1:2], cfg.dfs_min_prob,
-                                               allowed, searches[0][2], speculate=speculate)]
-        for (k, perm, _), (out, _, n) in zip(group, results):
+        for (k, perm, _), (out, _, n) in zip(group, infer.dfs_views(model, searches, eos, cfg.dfs_min_prob, allowed,
+                                                                     speculate=speculate)):
             per_view.append(out)
             forwards += n
             for tokens, nll in out:
@@ -730,8 +728,8 @@ def bench_dfs(cfg, setup):
     whose --dfs-views views fit --max-seq-len), each searched each way of DFS_SEARCHES in turn, the order reversed
     every other input (other work on the machine slows all alike): before (only the best answer so far known, one
     view at a time, a LoRA run's adapter on top of its base as infer.py loaded it), with drafts (the answers of
-    earlier views, the test input, the demonstration outputs), with speculated tokens too, with the views after
-    the first in one batch, and with the adapter merged: forward passes (after the prefills, a batched one
+    earlier views, the test input, the demonstration outputs), with speculated tokens too, with the views in one
+    batch, and with the adapter merged: forward passes (after the prefills, a batched one
     counted once), tokens forwarded (every position of every pass, prompts and padding included), seconds,
     answers found and the largest relative nll difference against before."""
     import tempfile

@@ -288,9 +288,9 @@ def view_groups(views, together):
 def guess_dfs(samples, prompts, job):
     """Every answer above --min-prob in each view (dfs_search), given as drafts (dfs_drafts) the answers found so
     far, best first, then the test input and the demonstration outputs of its shape; --dfs-batch views at a time
-    in one batch (view_groups); the grids found, pooled over the views, ranked as poe
-    ranks them (votes: the views that found a grid). Out of time, the views searched so far give the guesses."""
-    found, views = [], list(prompts.values())  # found: (grid in the task's frame, its nll in the view that found it)
+    in one batch (view_groups); the grids found, pooled over the views, ranked as poe ranks them (votes: the views
+    that found a grid). Out of time, the views searched so far give the guesses."""
+    found, views, start = [], list(prompts.values()), 0  # found: (grid in the task's frame, its nll in its view)
     for group in view_groups(views, job.together):
         ranked = [g for g, _ in sorted(found, key=lambda f: f[1])]
         results = job.search([(ids, dfs_drafts(ranked, job.task, job.test, k, perm, job.encode))
@@ -301,13 +301,14 @@ def guess_dfs(samples, prompts, job):
                 grid = data.parse_output(job.decode(tokens), job.fmt)
                 if grid is not None:
                     found.append((data.undo_view(grid, k, perm), nll))
-        late = [views.index(v) + 1 for v, (_, finished, _) in zip(group, results) if not finished]
+        late = [start + v + 1 for v, (_, finished, _) in enumerate(results) if not finished]
         if late or len(results) < len(group):
-            job.unsearched += len(views) - views.index(group[0]) - len(results)
+            job.unsearched += len(views) - start - len(results)
             job.notes.append(f"out of time ({job.limit}) in view{'s' if len(late) > 1 else ''} "
                              f"{late[0]}{f'-{late[-1]}' if len(late) > 1 else ''} of {len(views)}: {len(found)} "
                              "answers found so far are ranked")
             break
+        start += len(group)
     return top_two(poe_ranking([g for g, _ in found], list(prompts.values()), job.encode, job.logprobs))
 
 
@@ -373,18 +374,23 @@ def describe_prompts(cfg, tasks, prompts, records, n_views, n_samples):
         print(f"  ... and {len(skipped) - 5} more, all listed under 'skipped' in results.json")
 
 
+def dfs_views(model, searches, eos, min_prob, allowed, deadline=None, keep=None, speculate=None):
+    """[dfs_search's (found, finished, forwards)] of [(prompt ids, max_new_tokens, drafts)]: one search alone
+    (dfs_search, on any backend), several in one batch (dfs_batch); guess_dfs's and bench.py's one way in."""
+    if len(searches) > 1:
+        return dfs_batch(model, searches, eos, min_prob, allowed, deadline, keep, speculate)
+    ids, max_new_tokens, drafts = searches[0]
+    return [dfs_search(model, ids, eos, max_new_tokens, min_prob, allowed, drafts, deadline, keep, speculate)]
+
+
 def make_job(cfg, model, tokenizer, fmt):
     """The Job the modes decide with: the model's scoring (on the prefixes a test input's search kept) and search,
     --dfs-batch views a batch (load_predictor sets 1 for Unsloth)."""
     allowed, eos = answer_ids(tokenizer, fmt), tokenizer.eos_token_id
-    longest = lambda ids: min(cfg.max_new_tokens, cfg.max_seq_len - len(ids))  # noqa: E731
 
-    def search(searches, deadline, keep):
-        if len(searches) > 1:
-            return dfs_batch(model, [(ids, longest(ids), drafts) for ids, drafts in searches], eos, cfg.min_prob,
-                             allowed, deadline, keep)
-        ids, drafts = searches[0]
-        return [dfs_search(model, ids, eos, longest(ids), cfg.min_prob, allowed, drafts, deadline, keep=keep)]
+    def search(searches):
+        return dfs_views(model, [(ids, min(cfg.max_new_tokens, cfg.max_seq_len - len(ids)), drafts)
+                                 for ids, drafts in searches], eos, cfg.min_prob, allowed, job.deadline, job.prefixes)
 
     def logprobs(p, c):
         if not job.rescore:
@@ -396,8 +402,7 @@ def make_job(cfg, model, tokenizer, fmt):
         return out
     job = Job(cfg, fmt, encode=lambda grid: encode_completion(tokenizer, data.format_completion(grid, fmt)),
               decode=tokenizer.decode, logprobs=logprobs,
-              search=lambda searches: search(searches, job.deadline, job.prefixes),
-              together=cfg.dfs_batch)
+              search=search, together=cfg.dfs_batch)
     return job
 
 

@@ -140,12 +140,13 @@ def test_dfs_searches_stop_at_their_share_of_the_budget(tmp_path, monkeypatch, t
     advance, deadlines = fake_clock(monkeypatch), []
     fake_rates(monkeypatch, tokenizer, 0.25, 0.1)
 
-    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, drafts=(), deadline=None, keep=None):
+    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, drafts=(), deadline=None, keep=None,
+               speculate=None):
         deadlines.append(deadline)
         advance(1.0)
         return [], infer.time.time() <= deadline, 1
 
-    def batch(model, searches, eos, min_prob, allowed, deadline, keep):  # in turn, to the first out of time
+    def batch(model, searches, eos, min_prob, allowed, deadline, keep, speculate):  # in turn, to the first out of time
         out = []
         for ids, new, drafts in searches:
             out.append(search(model, ids, eos, new, min_prob, allowed, drafts, deadline, keep))

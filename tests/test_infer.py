@@ -415,13 +415,14 @@ def fake_search(monkeypatch, answers):
     The fake batch searches in turn and stops at the first out of time, as one at a time would."""
     calls, batches = [], []
 
-    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, drafts=(), deadline=None, keep=None):
+    def search(model, ids, eos, max_new_tokens, min_prob, allowed_ids=None, drafts=(), deadline=None, keep=None,
+               speculate=None):
         calls.append(dict(ids=tuple(ids), drafts=drafts, deadline=deadline, allowed=allowed_ids, min_prob=min_prob,
                           batch=None))
         found, finished = answers(tuple(ids), drafts)
         return sorted(found, key=lambda f: f[1]), finished, 3
 
-    def batch(model, searches, eos, min_prob, allowed_ids=None, deadline=None, keep=None):
+    def batch(model, searches, eos, min_prob, allowed_ids=None, deadline=None, keep=None, speculate=None):
         batches.append(len(searches))
         out = []
         for ids, max_new_tokens, drafts in searches:
